@@ -1,0 +1,87 @@
+//! The FAT boot partition (`bootfs`), read and written through fatfs.
+
+use std::io::{self, Read, Seek, Write};
+
+use anyhow::{Context, Result};
+
+use super::slice::PartitionSlice;
+
+pub struct BootFs<D: Read + Write + Seek> {
+    fs: fatfs::FileSystem<PartitionSlice<D>>,
+}
+
+impl<D: Read + Write + Seek> BootFs<D> {
+    pub(super) fn open(slice: PartitionSlice<D>) -> io::Result<Self> {
+        let fs = fatfs::FileSystem::new(slice, fatfs::FsOptions::new())?;
+        Ok(Self { fs })
+    }
+
+    pub fn fat_type(&self) -> &'static str {
+        match self.fs.fat_type() {
+            fatfs::FatType::Fat12 => "FAT12",
+            fatfs::FatType::Fat16 => "FAT16",
+            fatfs::FatType::Fat32 => "FAT32",
+        }
+    }
+
+    pub fn volume_label(&self) -> String {
+        self.fs.volume_label().trim_end().to_string()
+    }
+
+    /// Reads a whole file; `None` when it does not exist.
+    pub fn read(&self, name: &str) -> Result<Option<Vec<u8>>> {
+        let mut file = match self.fs.root_dir().open_file(name) {
+            Ok(file) => file,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e).with_context(|| format!("opening {name} on the boot partition")),
+        };
+        let mut data = Vec::new();
+        file.read_to_end(&mut data)
+            .with_context(|| format!("reading {name} on the boot partition"))?;
+        Ok(Some(data))
+    }
+
+    /// Names of the files and directories at the top of the partition.
+    pub fn list_root(&self) -> Result<Vec<String>> {
+        self.fs
+            .root_dir()
+            .iter()
+            .map(|entry| {
+                entry
+                    .map(|e| e.file_name())
+                    .context("listing the boot partition's root directory")
+            })
+            .filter(|name| !matches!(name.as_deref(), Ok(".") | Ok("..")))
+            .collect()
+    }
+
+    /// Creates or replaces a file at the top level of the partition.
+    pub fn write(&self, name: &str, data: &[u8]) -> Result<()> {
+        let mut file = self
+            .fs
+            .root_dir()
+            .create_file(name)
+            .with_context(|| format!("creating {name} on the boot partition"))?;
+        // fatfs's create_file opens an existing file without truncating it.
+        file.truncate()
+            .and_then(|()| file.write_all(data))
+            .and_then(|()| file.flush())
+            .with_context(|| format!("writing {name} on the boot partition"))
+    }
+
+    /// Removes a file; succeeds when it is already absent.
+    pub fn remove(&self, name: &str) -> Result<()> {
+        match self.fs.root_dir().remove(name) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                Err(e).with_context(|| format!("removing {name} from the boot partition"))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Writes back the FS info and clears the dirty flag. Dropping without this
+    /// would only log a failure, so every writer must call it.
+    pub fn close(self) -> Result<()> {
+        self.fs.unmount().context("closing the boot partition's FAT filesystem")
+    }
+}

@@ -1,0 +1,155 @@
+//! The image model: a disk (image file, block device or memory buffer), its
+//! partition table, and the filesystems on it. No root and no mount needed.
+
+mod boot;
+mod cmdline;
+mod probe;
+mod rootfs;
+mod slice;
+mod table;
+
+use std::cell::RefCell;
+use std::fmt::Debug;
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::Path;
+use std::rc::Rc;
+
+use anyhow::{Context, Result, anyhow, bail};
+
+pub use boot::BootFs;
+pub use cmdline::Cmdline;
+pub use probe::FsKind;
+pub use rootfs::{Owner, RootFs};
+pub use slice::{PartitionSlice, SharedDisk};
+pub use table::{Partition, PartitionRole, PartitionTable, TableKind, read_table};
+
+pub struct Image<D> {
+    disk: SharedDisk<D>,
+    len: u64,
+    table: PartitionTable,
+}
+
+impl Image<File> {
+    /// Opens an image file or a block device read-only.
+    pub fn open(path: &Path) -> Result<Self> {
+        let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+        Self::from_disk(file).with_context(|| format!("reading {}", path.display()))
+    }
+
+    /// Opens an image file or a block device for reading and writing.
+    pub fn open_writable(path: &Path) -> Result<Self> {
+        let file = File::options()
+            .read(true)
+            .write(true)
+            .open(path)
+            .with_context(|| format!("opening {} for writing", path.display()))?;
+        Self::from_disk(file).with_context(|| format!("reading {}", path.display()))
+    }
+}
+
+impl<D: Read + Write + Seek + Debug + 'static> Image<D> {
+    pub fn from_disk(mut disk: D) -> Result<Self> {
+        let len = disk.seek(SeekFrom::End(0)).context("finding the disk's size")?;
+        let table = read_table(&mut disk, len)?;
+        Ok(Self {
+            disk: Rc::new(RefCell::new(disk)),
+            len,
+            table,
+        })
+    }
+
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn table(&self) -> &PartitionTable {
+        &self.table
+    }
+
+    pub fn slice(&self, partition: &Partition) -> PartitionSlice<D> {
+        PartitionSlice::new(self.disk.clone(), partition.start, partition.size)
+    }
+
+    pub fn probe(&self, partition: &Partition) -> FsKind {
+        probe::probe(&self.slice(partition))
+    }
+
+    /// The Pi firmware loads from the first FAT partition.
+    pub fn boot_partition(&self) -> Result<&Partition> {
+        self.table
+            .partitions
+            .iter()
+            .find(|p| p.role == PartitionRole::Fat)
+            .ok_or_else(|| {
+                anyhow!(
+                    "not a Raspberry Pi image: no FAT boot partition (partitions: {})",
+                    self.describe_partitions()
+                )
+            })
+    }
+
+    pub fn root_partition(&self) -> Result<&Partition> {
+        self.table
+            .partitions
+            .iter()
+            .find(|p| p.role == PartitionRole::Linux)
+            .ok_or_else(|| {
+                anyhow!(
+                    "not a Raspberry Pi image: no Linux root partition (partitions: {})",
+                    self.describe_partitions()
+                )
+            })
+    }
+
+    pub fn boot(&self) -> Result<BootFs<D>> {
+        let partition = self.boot_partition()?;
+        BootFs::open(self.slice(partition)).map_err(|e| {
+            anyhow!(
+                "partition {} (type {}) does not hold a readable FAT filesystem: {e}",
+                partition.number,
+                partition.type_id
+            )
+        })
+    }
+
+    pub fn rootfs(&self) -> Result<RootFs> {
+        let partition = self.root_partition()?;
+        let found = self.probe(partition);
+        if found != FsKind::Ext {
+            bail!(
+                "partition {} (type {}) should hold the ext4 root filesystem but its superblock \
+                 has no ext4 signature (found: {found:?})",
+                partition.number,
+                partition.type_id
+            );
+        }
+        let fs = ext4_view::Ext4::load(Box::new(self.slice(partition))).map_err(|e| {
+            anyhow!(
+                "partition {} does not hold a readable ext4 filesystem: {e}",
+                partition.number
+            )
+        })?;
+        Ok(RootFs::new(fs))
+    }
+
+    /// Gives the disk back; fails while a filesystem opened on it is still alive.
+    pub fn into_disk(self) -> Result<D> {
+        Rc::try_unwrap(self.disk)
+            .map(RefCell::into_inner)
+            .map_err(|_| anyhow!("the disk is still in use by an open filesystem"))
+    }
+
+    fn describe_partitions(&self) -> String {
+        self.table
+            .partitions
+            .iter()
+            .map(|p| format!("{} type {}", p.number, p.type_id))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}

@@ -1,0 +1,91 @@
+//! The ext4 root partition, read-only through ext4-view. Paths are absolute inside
+//! the image; symbolic links resolve inside the image, never on the host.
+
+use anyhow::{Context, Result};
+use ext4_view::{Ext4, Ext4Error};
+
+pub struct RootFs {
+    fs: Ext4,
+}
+
+/// Owner and permissions of a path in the image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Owner {
+    pub uid: u32,
+    pub gid: u32,
+    /// Permission bits only (`0o600`), without the file type.
+    pub mode: u16,
+}
+
+impl RootFs {
+    pub(super) fn new(fs: Ext4) -> Self {
+        Self { fs }
+    }
+
+    /// Reads a whole file; `None` when it (or a directory on its path) does not exist.
+    pub fn read(&self, path: &str) -> Result<Option<Vec<u8>>> {
+        match self.fs.read(path) {
+            Ok(data) => Ok(Some(data)),
+            Err(Ext4Error::NotFound | Ext4Error::NotADirectory) => Ok(None),
+            Err(e) => Err(e).with_context(|| format!("reading {path} in the root filesystem")),
+        }
+    }
+
+    /// Reads a text file; invalid UTF-8 is replaced, as these are config files
+    /// we only search.
+    pub fn read_text(&self, path: &str) -> Result<Option<String>> {
+        Ok(self
+            .read(path)?
+            .map(|data| String::from_utf8_lossy(&data).into_owned()))
+    }
+
+    pub fn exists(&self, path: &str) -> Result<bool> {
+        match self.fs.exists(path) {
+            Ok(found) => Ok(found),
+            Err(Ext4Error::NotADirectory) => Ok(false),
+            Err(e) => Err(e).with_context(|| format!("looking up {path} in the root filesystem")),
+        }
+    }
+
+    pub fn owner(&self, path: &str) -> Result<Option<Owner>> {
+        match self.fs.metadata(path) {
+            Ok(m) => Ok(Some(Owner {
+                uid: m.uid(),
+                gid: m.gid(),
+                mode: m.mode() & 0o7777,
+            })),
+            Err(Ext4Error::NotFound | Ext4Error::NotADirectory) => Ok(None),
+            Err(e) => Err(e).with_context(|| format!("reading the metadata of {path}")),
+        }
+    }
+
+    /// Whether `path` itself is a symbolic link (not followed).
+    pub fn is_symlink(&self, path: &str) -> Result<bool> {
+        match self.fs.symlink_metadata(path) {
+            Ok(m) => Ok(m.is_symlink()),
+            Err(Ext4Error::NotFound | Ext4Error::NotADirectory) => Ok(false),
+            Err(e) => Err(e).with_context(|| format!("reading the metadata of {path}")),
+        }
+    }
+
+    /// Names in a directory, sorted, without `.` and `..`; empty when the
+    /// directory does not exist.
+    pub fn list(&self, dir: &str) -> Result<Vec<String>> {
+        let entries = match self.fs.read_dir(dir) {
+            Ok(entries) => entries,
+            Err(Ext4Error::NotFound | Ext4Error::NotADirectory) => return Ok(Vec::new()),
+            Err(e) => return Err(e).with_context(|| format!("listing {dir} in the root filesystem")),
+        };
+        let mut names = Vec::new();
+        for entry in entries {
+            let entry = entry.with_context(|| format!("listing {dir} in the root filesystem"))?;
+            let name = entry.file_name();
+            let name = String::from_utf8_lossy(name.as_ref()).into_owned();
+            if name != "." && name != ".." {
+                names.push(name);
+            }
+        }
+        names.sort();
+        Ok(names)
+    }
+}

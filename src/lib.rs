@@ -1,0 +1,3 @@
+//! piprov: provision Raspberry Pi SD cards for fleets managed by AWS Systems Manager.
+
+pub mod image;
