@@ -1,3 +1,6 @@
 //! piprov: provision Raspberry Pi SD cards for fleets managed by AWS Systems Manager.
 
+pub mod cli;
 pub mod image;
+pub mod inspect;
+pub mod layout;
