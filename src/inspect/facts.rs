@@ -153,6 +153,9 @@ pub fn gather<D: Read + Write + Seek + Debug + 'static>(image: &Image<D>) -> Res
             })
             .collect(),
     };
+    // A Pi image is recognised by its boot partition first: say so before
+    // complaining about whatever the root partition holds.
+    image.boot_partition()?;
     let rootfs = image.rootfs()?;
     let os = os_facts(&rootfs)?;
     let boot = boot_facts(image, &rootfs, &os)?;
