@@ -34,12 +34,14 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Audit an image or card for state that makes clones collide
-    #[command(long_about = "Audit an image or card for state that makes clones collide.\n\n\
+    #[command(
+        long_about = "Audit an image or card for state that makes clones collide.\n\n\
         Reads the partition table, the FAT boot partition and the ext4 root filesystem \
         directly (no root, no mount) and reports the SSM registration, sudo rules, \
         machine-id, SSH host keys, cloud-init seed and piprov stamp it finds.\n\n\
         Exit status: 0 no risky findings, 1 risky (warning or critical) findings, 2 error.",
-        after_help = "Examples:\n  piprov inspect golden.img\n  piprov inspect --json /dev/sdb | jq .findings")]
+        after_help = "Examples:\n  piprov inspect golden.img\n  piprov inspect --json /dev/sdb | jq .findings"
+    )]
     Inspect {
         /// Image file or block device
         image: PathBuf,
@@ -59,10 +61,14 @@ fn inspect(image: &std::path::Path, json: bool) -> Result<ExitCode> {
     let report = crate::inspect::inspect(image)?;
     let mut stdout = std::io::stdout().lock();
     if json {
-        serde_json::to_writer_pretty(&mut stdout, &report)?;
+        serde_json::to_writer_pretty(&mut stdout, &report).map_err(std::io::Error::from)?;
         writeln!(stdout)?;
     } else {
         write!(stdout, "{}", crate::inspect::render_text(&report))?;
     }
-    Ok(ExitCode::from(if report.is_risky() { exit::RISKY } else { exit::OK }))
+    Ok(ExitCode::from(if report.is_risky() {
+        exit::RISKY
+    } else {
+        exit::OK
+    }))
 }

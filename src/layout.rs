@@ -14,8 +14,13 @@ pub mod agent {
     pub const FINGERPRINT: &str = "/var/lib/amazon/ssm/Vault/Store/InstanceFingerprint";
     pub const IDENTITY_CONFIG: &str = "/var/lib/amazon/ssm/runtimeconfig/identity_config.json";
     /// Every file that makes a card one particular managed instance.
-    pub const IDENTITY_FILES: [&str; 5] =
-        [REGISTRATION, MANIFEST, REGISTRATION_KEY, FINGERPRINT, IDENTITY_CONFIG];
+    pub const IDENTITY_FILES: [&str; 5] = [
+        REGISTRATION,
+        MANIFEST,
+        REGISTRATION_KEY,
+        FINGERPRINT,
+        IDENTITY_CONFIG,
+    ];
     /// The agent shares its temporary role credentials here (Profile.ShareCreds).
     pub const SHARED_CREDENTIALS: &str = "/root/.aws/credentials";
     /// Written with `ssm-user ALL=(ALL) NOPASSWD:ALL` only when absent.

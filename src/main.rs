@@ -7,6 +7,13 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli::run(cli) {
         Ok(code) => code,
+        // `piprov inspect … | head` closing the pipe early is not a failure.
+        Err(e)
+            if e.downcast_ref::<std::io::Error>()
+                .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe) =>
+        {
+            ExitCode::SUCCESS
+        }
         Err(e) => {
             eprintln!("piprov: error: {e:#}");
             ExitCode::from(cli::exit::ERROR)

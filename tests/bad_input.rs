@@ -12,9 +12,16 @@ use tempfile::TempDir;
 fn inspect_error(image: &Path) -> String {
     let out = piprov().arg("inspect").arg(image).output().unwrap();
     let stderr = String::from_utf8(out.stderr).unwrap();
-    assert_eq!(out.status.code(), Some(2), "expected an error, got:\n{stderr}");
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "expected an error, got:\n{stderr}"
+    );
     assert!(!stderr.contains("panicked"), "{stderr}");
-    assert!(stderr.contains(&image.display().to_string()), "error must name the file: {stderr}");
+    assert!(
+        stderr.contains(&image.display().to_string()),
+        "error must name the file: {stderr}"
+    );
     stderr
 }
 
@@ -22,10 +29,18 @@ fn inspect_error(image: &Path) -> String {
 fn truncated_image() {
     let dir = TempDir::new().unwrap();
     let image = fixture("golden", &dir);
-    std::fs::File::options().write(true).open(&image).unwrap().set_len(100 << 20).unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&image)
+        .unwrap()
+        .set_len(100 << 20)
+        .unwrap();
     let err = inspect_error(&image);
     assert!(err.contains("partition 2 ends at byte"), "{err}");
-    assert!(err.contains("past the end of the image (104857600 bytes)"), "{err}");
+    assert!(
+        err.contains("past the end of the image (104857600 bytes)"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -57,7 +72,10 @@ fn random_bytes() {
 fn missing_file() {
     let dir = TempDir::new().unwrap();
     let err = inspect_error(&dir.path().join("nope.img"));
-    assert!(err.contains("opening") && err.contains("No such file"), "{err}");
+    assert!(
+        err.contains("opening") && err.contains("No such file"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -73,7 +91,10 @@ fn mbr_with_no_fat_partition() {
         .unwrap();
     assert!(status.success());
     let err = inspect_error(&image);
-    assert!(err.contains("not a Raspberry Pi image: no FAT boot partition"), "{err}");
+    assert!(
+        err.contains("not a Raspberry Pi image: no FAT boot partition"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -83,7 +104,10 @@ fn fat_partition_that_is_not_fat() {
     let (start, _) = partition_extent(&image, 1);
     patch(&image, start, &[0u8; 4096]);
     let err = inspect_error(&image);
-    assert!(err.contains("partition 1 (type 0x0c) does not hold a readable FAT filesystem"), "{err}");
+    assert!(
+        err.contains("partition 1 (type 0x0c) does not hold a readable FAT filesystem"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -93,7 +117,10 @@ fn ext4_without_its_superblock() {
     let (start, _) = partition_extent(&image, 2);
     patch(&image, start + 1024, &[0xa5u8; 1024]);
     let err = inspect_error(&image);
-    assert!(err.contains("partition 2 (type 0x83) should hold the ext4 root filesystem"), "{err}");
+    assert!(
+        err.contains("partition 2 (type 0x83) should hold the ext4 root filesystem"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -104,7 +131,10 @@ fn ext4_with_a_corrupt_superblock_field() {
     // s_log_block_size (offset 24) = 40: a block size no ext4 can have; magic intact.
     patch(&image, start + 1024 + 24, &40u32.to_le_bytes());
     let err = inspect_error(&image);
-    assert!(err.contains("partition 2 does not hold a readable ext4 filesystem"), "{err}");
+    assert!(
+        err.contains("partition 2 does not hold a readable ext4 filesystem"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -115,7 +145,10 @@ fn partition_past_the_end_of_the_image() {
     patch(&image, 446 + 16 + 12, &0x0100_0000u32.to_le_bytes());
     let err = inspect_error(&image);
     assert!(err.contains("partition 2 ends at byte"), "{err}");
-    assert!(err.contains("truncated or its partition table is corrupt"), "{err}");
+    assert!(
+        err.contains("truncated or its partition table is corrupt"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -139,16 +172,28 @@ fn symlink_loop_in_the_rootfs() {
 fn non_utf8_cmdline() {
     let dir = TempDir::new().unwrap();
     let image = dir.path().join("cmdline.img");
-    build_image(&image, &["--customize", r#"printf 'root=/dev/mmcblk0p2 \377\376 rootwait\n' >"$boot/cmdline.txt""#]);
+    build_image(
+        &image,
+        &[
+            "--customize",
+            r#"printf 'root=/dev/mmcblk0p2 \377\376 rootwait\n' >"$boot/cmdline.txt""#,
+        ],
+    );
     let err = inspect_error(&image);
-    assert!(err.contains("cmdline.txt is not UTF-8 text (invalid byte 0xff at offset 20)"), "{err}");
+    assert!(
+        err.contains("cmdline.txt is not UTF-8 text (invalid byte 0xff at offset 20)"),
+        "{err}"
+    );
 }
 
 #[test]
 fn a_disk_that_is_not_a_pi_image() {
     let dir = TempDir::new().unwrap();
     let image = dir.path().join("plain.img");
-    build_image(&image, &["--customize", r#"rm "$boot"/*; echo hi >"$boot/hello.txt""#]);
+    build_image(
+        &image,
+        &["--customize", r#"rm "$boot"/*; echo hi >"$boot/hello.txt""#],
+    );
     let err = inspect_error(&image);
     assert!(err.contains("not a Raspberry Pi image: the boot partition (partition 1) has neither cmdline.txt nor config.txt"), "{err}");
 }

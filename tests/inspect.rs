@@ -18,15 +18,25 @@ const CLONE_RISKS: [&str; 5] = [
 fn a_golden_taken_from_a_registered_pi_shows_every_clone_risk() {
     let dir = TempDir::new().unwrap();
     let image = fixture("registered", &dir);
-    let out = piprov().args(["inspect", "--json"]).arg(&image).output().unwrap();
+    let out = piprov()
+        .args(["inspect", "--json"])
+        .arg(&image)
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(1), "risky findings exit 1");
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
 
     assert_eq!(report["schema_version"], 1);
-    assert_eq!(report["registration"]["instance_id"], "mi-0a1b2c3d4e5f60718");
+    assert_eq!(
+        report["registration"]["instance_id"],
+        "mi-0a1b2c3d4e5f60718"
+    );
     assert_eq!(report["registration"]["region"], "eu-west-1");
     assert_eq!(report["sudo"]["ssm_agent_users"], "nopasswd");
-    assert_eq!(report["sudo"]["nopasswd_files"][0], "/etc/sudoers.d/010_pi-nopasswd");
+    assert_eq!(
+        report["sudo"]["nopasswd_files"][0],
+        "/etc/sudoers.d/010_pi-nopasswd"
+    );
     assert_eq!(report["machine_id"], "baked");
     assert_eq!(report["ssh_host_keys"].as_array().unwrap().len(), 3);
     let ids = finding_ids(&report);
@@ -34,20 +44,34 @@ fn a_golden_taken_from_a_registered_pi_shows_every_clone_risk() {
         assert!(ids.contains(&risk.to_string()), "missing {risk} in {ids:?}");
     }
     let text = String::from_utf8(out.stdout).unwrap();
-    assert!(!text.contains("privateKey"), "the private key must never be printed");
+    assert!(
+        !text.contains("privateKey"),
+        "the private key must never be printed"
+    );
 }
 
 #[test]
 fn a_clean_golden_has_none_of_the_clone_risks() {
     let dir = TempDir::new().unwrap();
     let image = fixture("golden", &dir);
-    piprov().arg("inspect").arg(&image).assert().code(0).stdout(contains("0 risky finding(s)"));
+    piprov()
+        .arg("inspect")
+        .arg(&image)
+        .assert()
+        .code(0)
+        .stdout(contains("0 risky finding(s)"));
     let report = inspect_json(&image);
     let ids = finding_ids(&report);
     for risk in CLONE_RISKS {
-        assert!(!ids.contains(&risk.to_string()), "unexpected {risk} in {ids:?}");
+        assert!(
+            !ids.contains(&risk.to_string()),
+            "unexpected {risk} in {ids:?}"
+        );
     }
-    assert_eq!(report["registration"]["instance_id"], serde_json::Value::Null);
+    assert_eq!(
+        report["registration"]["instance_id"],
+        serde_json::Value::Null
+    );
     assert_eq!(report["machine_id"], "uninitialized");
     assert_eq!(report["ssm_agent"]["version"], "3.3.987.0-1");
     assert_eq!(report["boot"]["mount_point"], "/boot/firmware");
@@ -63,7 +87,9 @@ fn the_text_report_names_each_risk_with_a_remedy() {
         .arg(&image)
         .assert()
         .code(1)
-        .stdout(contains("CRITICAL ssm-registration-baked: SSM registration baked in: mi-0a1b2c3d4e5f60718"))
+        .stdout(contains(
+            "CRITICAL ssm-registration-baked: SSM registration baked in: mi-0a1b2c3d4e5f60718",
+        ))
         .stdout(contains("fix: "))
         .stdout(contains("010_pi-nopasswd grants passwordless sudo"));
 }
@@ -75,7 +101,10 @@ fn partition_starts_are_read_from_the_table_not_assumed() {
         let image = dir.path().join(format!("start-{start}.img"));
         build_image(&image, &["--boot-start", &start.to_string()]);
         let report = inspect_json(&image);
-        assert_eq!(report["partition_table"]["partitions"][0]["start"], start * 512);
+        assert_eq!(
+            report["partition_table"]["partitions"][0]["start"],
+            start * 512
+        );
         assert_eq!(report["boot"]["fat_type"], "FAT32");
         let root = report["boot"]["root"].as_str().unwrap();
         let disk_id = report["partition_table"]["disk_id"].as_str().unwrap();
@@ -89,7 +118,10 @@ fn trixie_with_cloud_init_shows_its_seed() {
     let report = inspect_json(&fixture("trixie", &dir));
     assert_eq!(report["os"]["codename"], "trixie");
     assert_eq!(report["cloud_init_installed"], true);
-    assert_eq!(report["boot"]["cloud_init_seed"]["instance_id"], "rpi-golden");
+    assert_eq!(
+        report["boot"]["cloud_init_seed"]["instance_id"],
+        "rpi-golden"
+    );
     assert!(finding_ids(&report).contains(&"cloud-init-seed".to_string()));
 }
 
@@ -109,7 +141,10 @@ fn gpt_images_are_read() {
         .arg("2")
         .output()
         .unwrap();
-    let partuuid = String::from_utf8(sfdisk.stdout).unwrap().trim().to_lowercase();
+    let partuuid = String::from_utf8(sfdisk.stdout)
+        .unwrap()
+        .trim()
+        .to_lowercase();
     assert_eq!(parts[1]["partuuid"], partuuid);
 }
 

@@ -33,7 +33,9 @@ impl<D: Read + Write + Seek> BootFs<D> {
         let mut file = match self.fs.root_dir().open_file(name) {
             Ok(file) => file,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(e).with_context(|| format!("opening {name} on the boot partition")),
+            Err(e) => {
+                return Err(e).with_context(|| format!("opening {name} on the boot partition"));
+            }
         };
         let mut data = Vec::new();
         file.read_to_end(&mut data)
@@ -82,6 +84,8 @@ impl<D: Read + Write + Seek> BootFs<D> {
     /// Writes back the FS info and clears the dirty flag. Dropping without this
     /// would only log a failure, so every writer must call it.
     pub fn close(self) -> Result<()> {
-        self.fs.unmount().context("closing the boot partition's FAT filesystem")
+        self.fs
+            .unmount()
+            .context("closing the boot partition's FAT filesystem")
     }
 }

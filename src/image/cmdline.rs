@@ -13,7 +13,9 @@ impl Cmdline {
     /// Parses the file's bytes; `file` names it in errors.
     pub fn parse(data: &[u8], file: &str) -> Result<Self> {
         match std::str::from_utf8(data) {
-            Ok(text) => Ok(Self { text: text.to_string() }),
+            Ok(text) => Ok(Self {
+                text: text.to_string(),
+            }),
             Err(e) => bail!(
                 "{file} is not UTF-8 text (invalid byte 0x{:02x} at offset {}); \
                  the kernel command line must be plain text",
@@ -98,7 +100,10 @@ mod tests {
     #[test]
     fn append_then_remove_gives_back_the_same_bytes() {
         let mut c = Cmdline::parse(PI.as_bytes(), "cmdline.txt").unwrap();
-        c.append(["systemd.run=/boot/firmware/x.sh", "systemd.run_success_action=reboot"]);
+        c.append([
+            "systemd.run=/boot/firmware/x.sh",
+            "systemd.run_success_action=reboot",
+        ]);
         assert_eq!(
             std::str::from_utf8(c.as_bytes()).unwrap(),
             PI.trim_end().to_string()
@@ -120,7 +125,9 @@ mod tests {
 
     #[test]
     fn non_utf8_names_the_file_and_offset() {
-        let err = Cmdline::parse(b"root=x \xff\xfe", "cmdline.txt").unwrap_err().to_string();
+        let err = Cmdline::parse(b"root=x \xff\xfe", "cmdline.txt")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("cmdline.txt is not UTF-8"), "{err}");
         assert!(err.contains("0xff at offset 7"), "{err}");
     }

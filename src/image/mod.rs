@@ -50,7 +50,9 @@ impl Image<File> {
 
 impl<D: Read + Write + Seek + Debug + 'static> Image<D> {
     pub fn from_disk(mut disk: D) -> Result<Self> {
-        let len = disk.seek(SeekFrom::End(0)).context("finding the disk's size")?;
+        let len = disk
+            .seek(SeekFrom::End(0))
+            .context("finding the disk's size")?;
         let table = read_table(&mut disk, len)?;
         Ok(Self {
             disk: Rc::new(RefCell::new(disk)),

@@ -21,7 +21,9 @@ const SWAP_MAGIC_OFFSET: usize = 4096 - 10;
 
 pub fn probe<D: Read + Seek>(slice: &PartitionSlice<D>) -> FsKind {
     let mut head = [0u8; 4096];
-    let len = head.len().min(usize::try_from(slice.len()).unwrap_or(usize::MAX));
+    let len = head
+        .len()
+        .min(usize::try_from(slice.len()).unwrap_or(usize::MAX));
     if slice.read_exact_at(0, &mut head[..len]).is_err() {
         return FsKind::Unknown;
     }

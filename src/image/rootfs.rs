@@ -74,7 +74,9 @@ impl RootFs {
         let entries = match self.fs.read_dir(dir) {
             Ok(entries) => entries,
             Err(Ext4Error::NotFound | Ext4Error::NotADirectory) => return Ok(Vec::new()),
-            Err(e) => return Err(e).with_context(|| format!("listing {dir} in the root filesystem")),
+            Err(e) => {
+                return Err(e).with_context(|| format!("listing {dir} in the root filesystem"));
+            }
         };
         let mut names = Vec::new();
         for entry in entries {

@@ -19,7 +19,12 @@ pub struct PartitionSlice<D> {
 
 impl<D> PartitionSlice<D> {
     pub fn new(disk: SharedDisk<D>, start: u64, len: u64) -> Self {
-        Self { disk, start, len, pos: 0 }
+        Self {
+            disk,
+            start,
+            len,
+            pos: 0,
+        }
     }
 
     pub fn len(&self) -> u64 {
@@ -138,7 +143,9 @@ mod tests {
     use std::io::Cursor;
 
     fn disk() -> SharedDisk<Cursor<Vec<u8>>> {
-        Rc::new(RefCell::new(Cursor::new((0..=255u8).cycle().take(4096).collect())))
+        Rc::new(RefCell::new(Cursor::new(
+            (0..=255u8).cycle().take(4096).collect(),
+        )))
     }
 
     #[test]
@@ -172,6 +179,9 @@ mod tests {
     fn exact_reads_past_the_end_name_the_sizes() {
         let slice = PartitionSlice::new(disk(), 0, 16);
         let err = slice.read_exact_at(10, &mut [0; 8]).unwrap_err();
-        assert!(err.to_string().contains("past the end of the partition (16 bytes)"));
+        assert!(
+            err.to_string()
+                .contains("past the end of the partition (16 bytes)")
+        );
     }
 }

@@ -114,7 +114,8 @@ pub fn read_table<D: Read + Write + Seek + Debug>(
     }
     let mut sector = [0u8; 512];
     disk.seek(SeekFrom::Start(0))?;
-    disk.read_exact(&mut sector).context("reading the first sector")?;
+    disk.read_exact(&mut sector)
+        .context("reading the first sector")?;
     if sector[510..512] != [0x55, 0xaa] {
         bail!(
             "no partition table: the first sector does not end with the 0x55AA signature \
@@ -125,6 +126,16 @@ pub fn read_table<D: Read + Write + Seek + Debug>(
     let mbr = mbrman::MBRHeader::read_from(disk)
         .map_err(|e| anyhow::anyhow!("the MBR partition table is invalid: {e}"))?;
     let used: Vec<_> = mbr.iter().filter(|(_, p)| p.is_used()).collect();
+    // A partition at sector 0 would sit on the table itself. Refuse it here: mbrman's
+    // alignment search panics when every start is 0 (found by fuzzing).
+    if let Some((index, _)) = used
+        .iter()
+        .find(|(_, p)| p.starting_lba == 0 && p.sys != MBR_PROTECTIVE)
+    {
+        bail!(
+            "partition {index} starts at sector 0, on top of the partition table: the table is corrupt"
+        );
+    }
     let table = if used.iter().any(|(_, p)| p.sys == MBR_PROTECTIVE) {
         read_gpt(disk)?
     } else {
@@ -272,8 +283,14 @@ mod tests {
         assert_eq!(table.kind, TableKind::Mbr);
         assert_eq!(table.disk_id, "deadbeef");
         let p = &table.partitions;
-        assert_eq!((p[0].start, p[0].size, p[0].role), (4096, 8192, PartitionRole::Fat));
-        assert_eq!((p[1].start, p[1].size, p[1].role), (12288, 20480, PartitionRole::Linux));
+        assert_eq!(
+            (p[0].start, p[0].size, p[0].role),
+            (4096, 8192, PartitionRole::Fat)
+        );
+        assert_eq!(
+            (p[1].start, p[1].size, p[1].role),
+            (12288, 20480, PartitionRole::Linux)
+        );
         assert_eq!(p[1].partuuid, "deadbeef-02");
         assert_eq!(p[0].type_id, "0x0c");
     }
@@ -301,6 +318,13 @@ mod tests {
     }
 
     #[test]
+    fn a_partition_on_top_of_the_table_is_refused() {
+        let mut disk = mbr_disk(&[(0x0c, 0, 16)], 64);
+        let err = read(&mut disk).unwrap_err().to_string();
+        assert!(err.contains("partition 1 starts at sector 0"), "{err}");
+    }
+
+    #[test]
     fn an_empty_table_is_refused() {
         let mut disk = mbr_disk(&[], 64);
         let err = read(&mut disk).unwrap_err().to_string();
@@ -311,6 +335,9 @@ mod tests {
     fn a_protective_mbr_without_gpt_header_is_reported() {
         let mut disk = mbr_disk(&[(0xee, 1, 63)], 64);
         let err = read(&mut disk).unwrap_err().to_string();
-        assert!(err.contains("protective MBR but no valid GPT header"), "{err}");
+        assert!(
+            err.contains("protective MBR but no valid GPT header"),
+            "{err}"
+        );
     }
 }

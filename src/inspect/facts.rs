@@ -1,7 +1,7 @@
 //! What an image contains, read without mounting: the raw material for findings.
 
-use std::io::{Read, Seek, Write};
 use std::fmt::Debug;
+use std::io::{Read, Seek, Write};
 
 use anyhow::{Context, Result, bail};
 use serde::Serialize;
@@ -214,7 +214,10 @@ fn boot_facts<D: Read + Write + Seek + Debug + 'static>(
     let boot = image.boot()?;
     let mut files = boot.list_root()?;
     files.sort();
-    if !files.iter().any(|f| f == boot_files::CMDLINE || f == boot_files::CONFIG) {
+    if !files
+        .iter()
+        .any(|f| f == boot_files::CMDLINE || f == boot_files::CONFIG)
+    {
         bail!(
             "not a Raspberry Pi image: the boot partition (partition {partition}) has neither \
              {} nor {}",
@@ -243,7 +246,10 @@ fn boot_facts<D: Read + Write + Seek + Debug + 'static>(
             l.strip_prefix("instance-id:")
                 .map(|v| v.trim().trim_matches(['"', '\'']).to_string())
         });
-        Some(SeedFacts { files: seed_files, instance_id })
+        Some(SeedFacts {
+            files: seed_files,
+            instance_id,
+        })
     };
     Ok(BootFacts {
         partition,
@@ -251,7 +257,9 @@ fn boot_facts<D: Read + Write + Seek + Debug + 'static>(
         label: boot.volume_label(),
         mount_point,
         mount_point_source: mount_point_source.to_string(),
-        root: cmdline.as_ref().and_then(|c| c.value("root").map(str::to_string)),
+        root: cmdline
+            .as_ref()
+            .and_then(|c| c.value("root").map(str::to_string)),
         cmdline: cmdline
             .map(|c| c.tokens().map(str::to_string).collect())
             .unwrap_or_default(),
@@ -278,11 +286,17 @@ fn boot_mount_by_convention(os: &OsFacts) -> &'static str {
         .and_then(|v| v.parse().ok())
         .unwrap_or(u32::MAX);
     // Raspberry Pi OS moved the boot partition to /boot/firmware with Bookworm (Debian 12).
-    if version >= 12 { "/boot/firmware" } else { "/boot" }
+    if version >= 12 {
+        "/boot/firmware"
+    } else {
+        "/boot"
+    }
 }
 
 fn agent_facts(rootfs: &RootFs) -> Result<AgentFacts> {
-    let status = rootfs.read_text("/var/lib/dpkg/status")?.unwrap_or_default();
+    let status = rootfs
+        .read_text("/var/lib/dpkg/status")?
+        .unwrap_or_default();
     let deb_version = status.split("\n\n").find_map(|stanza| {
         let field = |key: &str| {
             stanza
@@ -336,7 +350,9 @@ fn registration_facts(rootfs: &RootFs) -> Result<RegistrationFacts> {
         (agent::REGISTRATION, "ManagedInstanceID", "Region"),
         (agent::REGISTRATION_KEY, "instanceID", "region"),
     ] {
-        let Some(data) = rootfs.read(path)? else { continue };
+        let Some(data) = rootfs.read(path)? else {
+            continue;
+        };
         let json: Value = serde_json::from_slice(&data).unwrap_or(Value::Null);
         let text = |key: &str| json.get(key).and_then(Value::as_str).map(str::to_string);
         if let Some(id) = text(id_key).filter(|id| !id.is_empty()) {
@@ -381,7 +397,10 @@ fn sudo_facts(rootfs: &RootFs) -> Result<SudoFacts> {
             let rules = sudo_rules(&text);
             if rules.is_empty() {
                 SsmAgentUsers::Disabled
-            } else if rules.iter().any(|r| r.starts_with("ssm-user") && r.contains("NOPASSWD")) {
+            } else if rules
+                .iter()
+                .any(|r| r.starts_with("ssm-user") && r.contains("NOPASSWD"))
+            {
                 SsmAgentUsers::Nopasswd
             } else {
                 SsmAgentUsers::Custom
@@ -406,8 +425,13 @@ fn sudo_facts(rootfs: &RootFs) -> Result<SudoFacts> {
         .lines()
         .filter_map(|l| {
             let fields: Vec<&str> = l.split(':').collect();
-            let admin = matches!(fields.first(), Some(&"sudo") | Some(&"admin") | Some(&"wheel"));
-            let member = fields.get(3).is_some_and(|m| m.split(',').any(|u| u == "ssm-user"));
+            let admin = matches!(
+                fields.first(),
+                Some(&"sudo") | Some(&"admin") | Some(&"wheel")
+            );
+            let member = fields
+                .get(3)
+                .is_some_and(|m| m.split(',').any(|u| u == "ssm-user"));
             (admin && member).then(|| fields[0].to_string())
         })
         .collect();
@@ -444,7 +468,11 @@ fn clone_state(rootfs: &RootFs) -> Result<Vec<String>> {
             found.push(path.to_string());
         }
     }
-    for dir in ["/var/lib/dhcp", "/var/lib/dhcpcd", "/var/lib/NetworkManager"] {
+    for dir in [
+        "/var/lib/dhcp",
+        "/var/lib/dhcpcd",
+        "/var/lib/NetworkManager",
+    ] {
         for name in rootfs.list(dir)? {
             if name.contains("lease") {
                 found.push(format!("{dir}/{name}"));
@@ -515,6 +543,9 @@ mod tests {
     #[test]
     fn sudo_rules_ignore_comments() {
         assert!(sudo_rules("#User rules for ssm-user\n\n").is_empty());
-        assert_eq!(sudo_rules("# x\nssm-user ALL=(ALL) NOPASSWD:ALL\n").len(), 1);
+        assert_eq!(
+            sudo_rules("# x\nssm-user ALL=(ALL) NOPASSWD:ALL\n").len(),
+            1
+        );
     }
 }

@@ -35,7 +35,12 @@ const STAMP_REMEDY: &str =
 pub fn assess(facts: &Facts) -> Vec<Finding> {
     let mut findings = Vec::new();
     let mut add = |id, severity, summary: String, remedy: &str| {
-        findings.push(Finding { id, severity, summary, remedy: remedy.to_string() });
+        findings.push(Finding {
+            id,
+            severity,
+            summary,
+            remedy: remedy.to_string(),
+        });
     };
     let reg = &facts.registration;
     let stamped = facts.stamp.is_some();
@@ -62,11 +67,18 @@ pub fn assess(facts: &Facts) -> Vec<Finding> {
         add(
             "ssm-identity-files",
             Severity::Warning,
-            format!("SSM identity files present: {}", reg.identity_files.join(", ")),
+            format!(
+                "SSM identity files present: {}",
+                reg.identity_files.join(", ")
+            ),
             STAMP_REMEDY,
         );
     }
-    if reg.identity_files.iter().any(|f| f.ends_with("/RegistrationKey")) {
+    if reg
+        .identity_files
+        .iter()
+        .any(|f| f.ends_with("/RegistrationKey"))
+    {
         add(
             "ssm-private-key-baked",
             Severity::Critical,
@@ -86,7 +98,10 @@ pub fn assess(facts: &Facts) -> Vec<Finding> {
         add(
             "ssm-working-state",
             Severity::Warning,
-            format!("agent working state of {} is in the image", reg.working_dirs.join(", ")),
+            format!(
+                "agent working state of {} is in the image",
+                reg.working_dirs.join(", ")
+            ),
             STAMP_REMEDY,
         );
     }
@@ -125,7 +140,10 @@ pub fn assess(facts: &Facts) -> Vec<Finding> {
         add(
             "ssm-user-admin-group",
             Severity::Critical,
-            format!("ssm-user is a member of {}", sudo.ssm_user_admin_groups.join(", ")),
+            format!(
+                "ssm-user is a member of {}",
+                sudo.ssm_user_admin_groups.join(", ")
+            ),
             "remove ssm-user from the admin groups (the guard does on first boot)",
         );
     } else if sudo.ssm_user_exists {
@@ -157,7 +175,10 @@ pub fn assess(facts: &Facts) -> Vec<Finding> {
         add(
             "ssh-host-keys-baked",
             Severity::Critical,
-            format!("SSH host keys baked in ({}): clones can impersonate each other", facts.ssh_host_keys.join(", ")),
+            format!(
+                "SSH host keys baked in ({}): clones can impersonate each other",
+                facts.ssh_host_keys.join(", ")
+            ),
             "delete /etc/ssh/ssh_host_* from the golden image, or stamp it (the guard regenerates them)",
         );
     }
@@ -189,6 +210,6 @@ pub fn assess(facts: &Facts) -> Vec<Finding> {
             "run `piprov stamp IMAGE --recipe …`",
         );
     }
-    findings.sort_by(|a, b| b.severity.cmp(&a.severity));
+    findings.sort_by_key(|f| std::cmp::Reverse(f.severity));
     findings
 }

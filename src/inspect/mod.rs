@@ -5,6 +5,8 @@ mod facts;
 mod findings;
 mod render;
 
+use std::fmt::Debug;
+use std::io::{Read, Seek, Write};
 use std::path::Path;
 
 use anyhow::Result;
@@ -36,11 +38,18 @@ impl Report {
 
 pub fn inspect(path: &Path) -> Result<Report> {
     let image = Image::open(path)?;
-    let facts = facts::gather(&image)
-        .map_err(|e| e.context(format!("inspecting {}", path.display())))?;
+    report(&image, &path.display().to_string())
+}
+
+/// The report for an already opened image; `name` is what errors and the report call it.
+pub fn report<D: Read + Write + Seek + Debug + 'static>(
+    image: &Image<D>,
+    name: &str,
+) -> Result<Report> {
+    let facts = facts::gather(image).map_err(|e| e.context(format!("inspecting {name}")))?;
     Ok(Report {
         schema_version: SCHEMA_VERSION,
-        image: path.display().to_string(),
+        image: name.to_string(),
         findings: findings::assess(&facts),
         facts,
     })

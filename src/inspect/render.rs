@@ -23,7 +23,10 @@ pub fn render_text(report: &Report) -> String {
     };
     line(format!("{} ({})", report.image, size(f.image_size)));
     let t = &f.partition_table;
-    line(format!("  partition table  {} disk id {}", t.kind, t.disk_id));
+    line(format!(
+        "  partition table  {} disk id {}",
+        t.kind, t.disk_id
+    ));
     for p in &t.partitions {
         line(format!(
             "    {}  start {:>12}  {:>10}  type {:<10} {:?}{}",
@@ -32,14 +35,23 @@ pub fn render_text(report: &Report) -> String {
             size(p.size),
             p.type_id.chars().take(10).collect::<String>(),
             p.filesystem,
-            p.name.as_ref().map(|n| format!("  \"{n}\"")).unwrap_or_default()
+            p.name
+                .as_ref()
+                .map(|n| format!("  \"{n}\""))
+                .unwrap_or_default()
         ));
     }
     let os = &f.os;
     line(format!(
         "  os               {}{}",
-        os.pretty_name.as_deref().unwrap_or("unknown (no /etc/os-release)"),
-        if os.raspberry_pi_os { ", Raspberry Pi OS" } else { "" }
+        os.pretty_name
+            .as_deref()
+            .unwrap_or("unknown (no /etc/os-release)"),
+        if os.raspberry_pi_os {
+            ", Raspberry Pi OS"
+        } else {
+            ""
+        }
     ));
     let b = &f.boot;
     line(format!(
@@ -64,7 +76,10 @@ pub fn render_text(report: &Report) -> String {
     line(format!(
         "  registration     {}",
         match &r.instance_id {
-            Some(id) => format!("{id} in {}", r.region.as_deref().unwrap_or("unknown region")),
+            Some(id) => format!(
+                "{id} in {}",
+                r.region.as_deref().unwrap_or("unknown region")
+            ),
             None => "none".into(),
         }
     ));
@@ -79,9 +94,20 @@ pub fn render_text(report: &Report) -> String {
     ));
     line(format!(
         "  ssh host keys    {}",
-        if f.ssh_host_keys.is_empty() { "none".into() } else { f.ssh_host_keys.join(" ") }
+        if f.ssh_host_keys.is_empty() {
+            "none".into()
+        } else {
+            f.ssh_host_keys.join(" ")
+        }
     ));
-    line(format!("  cloud-init       {}", if f.cloud_init_installed { "installed" } else { "not installed" }));
+    line(format!(
+        "  cloud-init       {}",
+        if f.cloud_init_installed {
+            "installed"
+        } else {
+            "not installed"
+        }
+    ));
     line(format!(
         "  piprov stamp     {}",
         match &f.stamp {
@@ -106,7 +132,11 @@ pub fn render_text(report: &Report) -> String {
         line(format!("         fix: {}", finding.remedy));
     }
     let mut tail = String::new();
-    let risky = report.findings.iter().filter(|f| f.severity.is_risky()).count();
+    let risky = report
+        .findings
+        .iter()
+        .filter(|f| f.severity.is_risky())
+        .count();
     let _ = write!(tail, "{risky} risky finding(s)");
     line(tail);
     out

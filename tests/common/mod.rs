@@ -63,10 +63,17 @@ pub fn piprov() -> assert_cmd::Command {
 
 /// Start and length in bytes of partition `n` (1-based), read with sfdisk.
 pub fn partition_extent(image: &Path, n: usize) -> (u64, u64) {
-    let out = Command::new("sfdisk").arg("--json").arg(image).output().expect("sfdisk");
+    let out = Command::new("sfdisk")
+        .arg("--json")
+        .arg(image)
+        .output()
+        .expect("sfdisk");
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("sfdisk json");
     let p = &json["partitiontable"]["partitions"][n - 1];
-    (p["start"].as_u64().unwrap() * 512, p["size"].as_u64().unwrap() * 512)
+    (
+        p["start"].as_u64().unwrap() * 512,
+        p["size"].as_u64().unwrap() * 512,
+    )
 }
 
 /// Overwrites bytes of a file in place.
@@ -92,7 +99,11 @@ pub fn extract_partition(image: &Path, n: usize, out: &Path) {
 }
 
 pub fn inspect_json(image: &Path) -> serde_json::Value {
-    let out = piprov().args(["inspect", "--json"]).arg(image).output().unwrap();
+    let out = piprov()
+        .args(["inspect", "--json"])
+        .arg(image)
+        .output()
+        .unwrap();
     assert!(
         out.status.code() == Some(0) || out.status.code() == Some(1),
         "inspect failed: {}",

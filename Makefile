@@ -1,0 +1,38 @@
+# piprov: `make demo` shows the main job, `make test` runs every test.
+CARGO ?= cargo
+FUZZ_SECONDS ?= 60
+
+.PHONY: all deps build demo test lint fuzz clean
+
+all: build
+
+deps:
+	@sh scripts/install-deps.sh
+
+build:
+	$(CARGO) build --release
+
+demo: deps build
+	sh scripts/demo.sh
+
+lint: deps
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --all-targets -- -D warnings
+	shellcheck -s sh tests/fixtures/*.sh scripts/*.sh $(wildcard firstboot/*.sh)
+
+test: lint
+	$(CARGO) test
+
+# Bounded fuzzing of the partition-table and inspect path (needs cargo-fuzz).
+# `-s none`: the address sanitizer needs a nightly compiler; Rust code is memory-safe
+# without it and the fuzzer is still coverage-guided, hunting panics and hangs.
+fuzz: deps
+	@command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked
+	mkdir -p fuzz/corpus/inspect_image
+	[ -f fuzz/corpus/inspect_image/seed.img ] || sh fuzz/make-seed.sh fuzz/corpus/inspect_image/seed.img
+	$(CARGO) fuzz run -s none inspect_image -- -max_total_time=$(FUZZ_SECONDS) \
+		-max_len=655360 -timeout=10 -rss_limit_mb=2048
+
+clean:
+	$(CARGO) clean
+	rm -rf demo

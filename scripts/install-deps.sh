@@ -1,0 +1,31 @@
+#!/bin/sh
+# Installs the system tools the tests, the demo and the fixture builder use.
+# As root it installs what is missing with apt-get; otherwise it names what to install.
+set -eu
+
+# tool:debian-package
+needed="sfdisk:fdisk mkfs.vfat:dosfstools fsck.vfat:dosfstools mcopy:mtools
+mkfs.ext4:e2fsprogs e2fsck:e2fsprogs openssl:openssl ssh-keygen:openssh-client
+shellcheck:shellcheck visudo:sudo systemd-analyze:systemd"
+
+missing=
+for pair in $needed; do
+    tool=${pair%%:*}
+    package=${pair#*:}
+    if ! PATH="$PATH:/sbin:/usr/sbin" command -v "$tool" >/dev/null 2>&1; then
+        case " $missing " in *" $package "*) ;; *) missing="$missing $package" ;; esac
+    fi
+done
+[ -z "$missing" ] && exit 0
+
+if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "installing:$missing"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    # shellcheck disable=SC2086 # one word per package
+    apt-get install -y -qq --no-install-recommends $missing >/dev/null
+else
+    echo "missing system packages:$missing" >&2
+    echo "install them with: sudo apt-get install$missing" >&2
+    exit 1
+fi
