@@ -1,0 +1,209 @@
+#!/bin/sh
+# piprov guard: runs on every boot before amazon-ssm-agent, without network.
+# When the hardware is not the one this card is bound to (first boot of a golden
+# image, or a card cloned into another Pi) it takes away everything the card
+# shares with its siblings and marks the card for registration.
+set -eu
+# shellcheck source=/dev/null
+. "$(dirname "$0")/lib.sh"
+
+stop_agent() {
+    systemctl stop amazon-ssm-agent.service 2>/dev/null || true
+    systemctl stop snap.amazon-ssm-agent.amazon-ssm-agent.service 2>/dev/null || true
+}
+
+remember_previous_instance() {
+    mkdir -p "$STATE_DIR"
+    previous=$(json_value ManagedInstanceID <"$AGENT_REGISTRATION" 2>/dev/null || true)
+    printf '%s\n' "$previous" | replace_file "$PREVIOUS_ID_FILE"
+    [ -n "$previous" ] && log "the image carries the registration of $previous: wiping it"
+    return 0
+}
+
+wipe_identity() {
+    # The agent's own clear empties the key and fingerprint; it leaves
+    # `registration` behind, so the files go by hand as well.
+    if command -v amazon-ssm-agent >/dev/null 2>&1; then
+        amazon-ssm-agent -register -clear >/dev/null 2>&1 || log "amazon-ssm-agent -register -clear failed; deleting the files directly"
+    fi
+    rm -f "$SSM_DIR/registration" "$SSM_DIR/Vault/Manifest" \
+        "$SSM_DIR/Vault/Store/RegistrationKey" "$SSM_DIR/Vault/Store/InstanceFingerprint"
+    rm -rf "$SSM_DIR/runtimeconfig"
+    for dir in "$SSM_DIR"/mi-*; do
+        [ -d "$dir" ] && rm -rf "$dir"
+    done
+    drop_shared_credentials
+    log "SSM identity wiped"
+}
+
+# The agent shares its role credentials as [default] in /root/.aws/credentials;
+# other profiles there belong to someone else and stay.
+drop_shared_credentials() {
+    creds=$ROOT/root/.aws/credentials
+    [ -f "$creds" ] || return 0
+    awk '/^\[/ { skip = ($0 == "[default]") } !skip' "$creds" | replace_file "$creds"
+    chmod 600 "$creds"
+    [ -s "$creds" ] || rm -f "$creds"
+}
+
+new_machine_id() {
+    random_hex 16 | replace_file "$ROOT/etc/machine-id"
+    echo >>"$ROOT/etc/machine-id"
+    chmod 444 "$ROOT/etc/machine-id"
+    mkdir -p "$ROOT/var/lib/dbus"
+    rm -f "$ROOT/var/lib/dbus/machine-id"
+    ln -s /etc/machine-id "$ROOT/var/lib/dbus/machine-id"
+    log "new machine-id"
+}
+
+new_ssh_host_keys() {
+    [ -d "$ROOT/etc/ssh" ] || return 0
+    rm -f "$ROOT"/etc/ssh/ssh_host_*
+    if command -v ssh-keygen >/dev/null 2>&1; then
+        ssh-keygen -A -f "${ROOT:-/}" >/dev/null
+        log "new SSH host keys"
+    else
+        log "ssh-keygen missing: sshd will make host keys on its first start"
+    fi
+}
+
+# Files no two machines should share (virt-sysprep's list, trimmed to a Pi).
+forget_clone_state() {
+    rm -f "$ROOT/var/lib/systemd/random-seed" "$ROOT/etc/udev/rules.d/70-persistent-net.rules"
+    rm -f "$ROOT"/var/lib/dhcp/*.leases "$ROOT"/var/lib/dhcpcd/*.lease "$ROOT"/var/lib/NetworkManager/*.lease
+}
+
+set_hostname() {
+    pattern=${PIPROV_HOSTNAME_PATTERN:-}
+    [ -n "$pattern" ] || return 0
+    serial=${IDENTITY#serial:}
+    [ "$serial" = "$IDENTITY" ] && serial=
+    mac=$(first_mac | tr -d ':')
+    name=$(printf '%s' "$pattern" | sed "s/{serial}/$serial/g; s/{mac}/$mac/g" | tr '[:upper:]' '[:lower:]')
+    case $name in
+        ''|-*|*[!a-z0-9-]*)
+            log "hostname pattern gives '$name', not a valid hostname: keeping the current one"
+            return 0 ;;
+    esac
+    old=$(cat "$ROOT/etc/hostname" 2>/dev/null || true)
+    printf '%s\n' "$name" | replace_file "$ROOT/etc/hostname"
+    if [ -f "$ROOT/etc/hosts" ]; then
+        sed "s/^127\.0\.1\.1[[:space:]].*/127.0.1.1\t$name/" "$ROOT/etc/hosts" | replace_file "$ROOT/etc/hosts"
+        grep -q '^127\.0\.1\.1' "$ROOT/etc/hosts" || printf '127.0.1.1\t%s\n' "$name" >>"$ROOT/etc/hosts"
+    fi
+    [ -z "$ROOT" ] && hostname "$name" 2>/dev/null
+    log "hostname ${old:-unset} -> $name"
+}
+
+# The whole sudo policy, as sudo would read it: the main file and every file in
+# sudoers.d that sudo includes (no dot in the name, no trailing ~).
+check_sudo_policy() {
+    policy=$(mktemp)
+    grep -v '^[@#]include' "$SUDOERS" >"$policy" 2>/dev/null || true
+    for f in "$SUDOERS_D"/*; do
+        case ${f##*/} in *.*|*~) continue ;; esac
+        [ -f "$f" ] && cat "$f" >>"$policy"
+    done
+    visudo -c -q -f "$policy" >/dev/null 2>&1
+    ok=$?
+    rm -f "$policy"
+    return $ok
+}
+
+# Takes away ssm-user's passwordless root and the default user's NOPASSWD.
+# Every change is checked with visudo; a change that fails is not kept, and
+# the policy as a whole is rolled back if it no longer parses.
+harden_sudo() {
+    ssm_user=${PIPROV_SSM_USER:-ssm-user}
+    backup=$STATE_DIR/sudoers.d.backup
+    rm -rf "$backup"
+    mkdir -p "$SUDOERS_D"
+    cp -a "$SUDOERS_D" "$backup"
+
+    if [ "${PIPROV_STRIP_SSM_USER:-1}" = 1 ]; then
+        # A file with only this comment is never rewritten by the agent
+        # (the AWS-documented way to keep ssm-user out of sudo).
+        printf '#User rules for %s\n' "$ssm_user" | replace_file "$SUDOERS_D/ssm-agent-users"
+        chmod 440 "$SUDOERS_D/ssm-agent-users"
+        remove_from_admin_groups "$ssm_user"
+        log "ssm-user sudo stripped"
+    fi
+    if [ "${PIPROV_STRIP_NOPASSWD:-1}" = 1 ]; then
+        nopasswd=${PIPROV_NOPASSWD_FILE:-010_pi-nopasswd}
+        case $nopasswd in */*|..*) log "refusing NOPASSWD file name $nopasswd" ;; *)
+            if [ -f "$SUDOERS_D/$nopasswd" ]; then
+                rm -f "$SUDOERS_D/$nopasswd"
+                log "$nopasswd removed"
+            fi ;;
+        esac
+    fi
+    if [ -n "${PIPROV_SUDO_RULE:-}" ]; then
+        candidate=$(mktemp)
+        printf '%s\n' "$PIPROV_SUDO_RULE" >"$candidate"
+        if visudo -c -q -f "$candidate" >/dev/null 2>&1; then
+            replace_file "$SUDOERS_D/piprov-users" <"$candidate"
+            chmod 440 "$SUDOERS_D/piprov-users"
+            log "replacement sudo rule installed"
+        else
+            log "the recipe's sudo rule does not parse (visudo -c): not installed"
+        fi
+        rm -f "$candidate"
+    fi
+
+    if ! check_sudo_policy; then
+        log "sudo policy does not parse after hardening: rolling back sudoers.d"
+        rm -rf "$SUDOERS_D"
+        cp -a "$backup" "$SUDOERS_D"
+    fi
+    rm -rf "$backup"
+}
+
+remove_from_admin_groups() {
+    user=$1
+    for file in "$ROOT/etc/group" "$ROOT/etc/gshadow"; do
+        [ -f "$file" ] || continue
+        mode=$(stat -c %a "$file")
+        awk -F: -v OFS=: -v user="$user" '
+            $1 == "sudo" || $1 == "admin" || $1 == "wheel" {
+                n = split($NF, members, ","); out = ""
+                for (i = 1; i <= n; i++) if (members[i] != user) out = out (out == "" ? "" : ",") members[i]
+                $NF = out
+            }
+            { print }' "$file" | replace_file "$file"
+        chmod "$mode" "$file"
+    done
+}
+
+mark_needs_registration() {
+    mkdir -p "$STATE_DIR"
+    : >"$NEEDS_REGISTRATION"
+    sync_path "$NEEDS_REGISTRATION"
+    write_status pending "identity renewed on $IDENTITY; waiting to register"
+}
+
+main() {
+    export PIPROV_STEP=guard
+    read_conf "$CONF"
+    if ! IDENTITY=$(hardware_identity); then
+        log "cannot tell which hardware this is (no serial number, no MAC): leaving the card as it is"
+        exit 0
+    fi
+    if [ -f "$BINDING" ] && grep -qxF "identity=$IDENTITY" "$BINDING"; then
+        log "bound to this hardware ($IDENTITY): nothing to do"
+        exit 0
+    fi
+    log "$IDENTITY is not the hardware this card is bound to: renewing its identity"
+    mkdir -p "$STATE_DIR"
+    chmod 700 "$STATE_DIR"
+    run_step stop_agent stop_agent
+    run_step remember_previous remember_previous_instance
+    run_step wipe_identity wipe_identity
+    run_step new_machine_id new_machine_id
+    run_step new_ssh_keys new_ssh_host_keys
+    run_step forget_clone_state forget_clone_state
+    run_step set_hostname set_hostname
+    run_step harden_sudo harden_sudo
+    run_step mark_registration mark_needs_registration
+}
+
+main "$@"

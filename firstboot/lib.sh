@@ -1,0 +1,201 @@
+# shellcheck shell=sh
+# shellcheck disable=SC2034 # the variables are for the scripts that source this file
+# piprov device side: shared helpers for install.sh, guard.sh and register.sh.
+#
+# Every path is built from $PIPROV_ROOT (empty on a real card) so the tests can
+# run the scripts against a directory that stands in for a card's root.
+
+ROOT=${PIPROV_ROOT:-}
+LIB_DIR=$ROOT/usr/local/lib/piprov
+CONF_DIR=$ROOT/etc/piprov
+CONF=$CONF_DIR/piprov.conf
+STATE_DIR=$ROOT/var/lib/piprov
+SECRET=$STATE_DIR/secret.conf
+JOURNAL=$STATE_DIR/journal
+BINDING=$STATE_DIR/binding
+NEEDS_REGISTRATION=$STATE_DIR/needs-registration
+PREVIOUS_ID_FILE=$STATE_DIR/previous-instance-id
+SSM_DIR=$ROOT/var/lib/amazon/ssm
+AGENT_REGISTRATION=$SSM_DIR/registration
+AGENT_KEY=$SSM_DIR/Vault/Store/RegistrationKey
+SUDOERS=$ROOT/etc/sudoers
+SUDOERS_D=$ROOT/etc/sudoers.d
+
+# Boot partition names: the host writes these (src/layout.rs, src/stamp).
+BOOT_CONF=piprov.conf
+BOOT_SECRET=piprov-secret.conf
+BOOT_CA=piprov-broker-ca.pem
+BOOT_STATUS=piprov-status.json
+
+log() {
+    # stderr reaches the journal under the units' SyslogIdentifier=piprov.
+    echo "piprov ${PIPROV_STEP:-}: $*" >&2
+}
+
+# The boot partition's mount point: /boot/firmware from Bookworm on, /boot before.
+boot_dir() {
+    if [ -n "${PIPROV_BOOT:-}" ]; then
+        echo "$PIPROV_BOOT"
+    elif [ -f "$ROOT/boot/firmware/cmdline.txt" ] || [ -f "$ROOT/boot/firmware/config.txt" ]; then
+        echo "$ROOT/boot/firmware"
+    else
+        echo "$ROOT/boot"
+    fi
+}
+
+# Reads KEY=VALUE lines into PIPROV_KEY variables. Only known keys are taken and
+# nothing is evaluated: the file comes from a FAT partition anyone can edit.
+read_conf() {
+    [ -f "$1" ] || return 0
+    while IFS= read -r line || [ -n "$line" ]; do
+        key=${line%%=*}
+        value=${line#*=}
+        case $key in
+            SOURCE|REGION|HOSTNAME_PATTERN|STRIP_SSM_USER|STRIP_NOPASSWD|NOPASSWD_FILE|\
+            SSM_USER|SUDO_RULE|BROKER_URL|IMAGE_SHA256|ACTIVATION_ID|ACTIVATION_CODE|\
+            ACTIVATION_REGION|BROKER_TOKEN|FORMAT)
+                export "PIPROV_$key=$value" ;;
+            ''|'#'*) ;;
+            *) log "ignoring unknown setting $key in $1" ;;
+        esac
+    done <"$1"
+}
+
+# The hardware this card runs on: the SoC serial, which no clone can copy.
+hardware_identity() {
+    serial=
+    if [ -r "$ROOT/sys/firmware/devicetree/base/serial-number" ]; then
+        serial=$(tr -d '\000' <"$ROOT/sys/firmware/devicetree/base/serial-number")
+    fi
+    if [ -z "$serial" ] && [ -r "$ROOT/proc/cpuinfo" ]; then
+        serial=$(sed -n 's/^Serial[[:space:]]*:[[:space:]]*//p' "$ROOT/proc/cpuinfo" | head -n 1)
+    fi
+    if [ -n "$serial" ]; then
+        echo "serial:$(echo "$serial" | tr "[:upper:]" "[:lower:]")"
+        return 0
+    fi
+    mac=$(first_mac)
+    if [ -n "$mac" ]; then
+        echo "mac:$mac"
+        return 0
+    fi
+    return 1
+}
+
+first_mac() {
+    for dev in "$ROOT"/sys/class/net/*; do
+        [ -r "$dev/address" ] || continue
+        [ "${dev##*/}" = lo ] && continue
+        mac=$(cat "$dev/address")
+        [ "$mac" = 00:00:00:00:00:00 ] && continue
+        echo "$mac"
+        return 0
+    done
+}
+
+# ---- step journal ----------------------------------------------------------
+# One line per finished step and hardware identity, so a power cut resumes at
+# the first unfinished step and a card moved to other hardware starts afresh.
+
+step_done() {
+    grep -qxF "$1 $IDENTITY" "$JOURNAL" 2>/dev/null
+}
+
+# Fault injection for the tests: PIPROV_FAILPOINT=step kills the script right
+# after that step is journalled, as a power cut would.
+mark_done() {
+    echo "$1 $IDENTITY" >>"$JOURNAL"
+    sync_path "$JOURNAL"
+    failpoint "$1"
+}
+
+failpoint() {
+    if [ "${PIPROV_FAILPOINT:-}" = "$1" ]; then
+        log "failpoint $1: stopping here"
+        kill -KILL $$
+    fi
+}
+
+run_step() {
+    step=$1
+    shift
+    if step_done "$step"; then
+        log "$step: done on an earlier boot"
+        return 0
+    fi
+    PIPROV_STEP=$step
+    "$@"
+    mark_done "$step"
+}
+
+sync_path() {
+    sync "$1" 2>/dev/null || sync
+}
+
+# ---- small utilities -------------------------------------------------------
+
+# Writes stdin to a file through a temporary file and a rename, so a cut leaves
+# the old file or the new one.
+replace_file() {
+    tmp="$1.piprov-tmp"
+    cat >"$tmp"
+    sync_path "$tmp"
+    mv -f "$tmp" "$1"
+}
+
+json_escape() {
+    printf '%s' "$1" | sed 's/\\/\\\\/g; s/"/\\"/g' | tr -d '\n\r'
+}
+
+# The value of a "key":"value" pair in flat JSON (the agent's and the broker's).
+json_value() {
+    sed -n "s/.*\"$1\"[[:space:]]*:[[:space:]]*\"\\([^\"]*\\)\".*/\\1/p" | head -n 1
+}
+
+# The mi- id the agent is registered as now, if any.
+current_instance_id() {
+    [ -s "$AGENT_KEY" ] || return 0
+    json_value ManagedInstanceID <"$AGENT_REGISTRATION" 2>/dev/null
+}
+
+random_hex() {
+    od -An -N"$1" -tx1 /dev/urandom | tr -d ' \n'
+}
+
+now_utc() {
+    date -u +%Y-%m-%dT%H:%M:%SZ
+}
+
+# Writes the outcome where `piprov inspect` reads it from the workstation, and
+# into the state directory.
+write_status() {
+    state=$1
+    message=$2
+    boot=$(boot_dir)
+    status="{\"state\":\"$state\",\"message\":\"$(json_escape "$message")\",\"identity\":\"$(json_escape "${IDENTITY:-}")\",\"instance_id\":\"$(current_instance_id)\",\"previous_instance_id\":\"$(cat "$PREVIOUS_ID_FILE" 2>/dev/null)\",\"hostname\":\"$(cat "$ROOT/etc/hostname" 2>/dev/null)\",\"time\":\"$(now_utc)\"}"
+    mkdir -p "$STATE_DIR"
+    printf '%s\n' "$status" | replace_file "$STATE_DIR/status.json"
+    if [ -d "$boot" ]; then
+        printf '%s\n' "$status" >"$boot/$BOOT_STATUS" || log "cannot write $BOOT_STATUS on the boot partition"
+    fi
+}
+
+# Capped exponential backoff with jitter, in whole seconds:
+# min(cap, base * 2^attempt) plus up to half of that again.
+backoff_delay() {
+    attempt=$1
+    base=${PIPROV_BACKOFF_BASE:-5}
+    cap=${PIPROV_BACKOFF_CAP:-300}
+    delay=$base
+    i=0
+    while [ "$i" -lt "$attempt" ] && [ "$delay" -lt "$cap" ]; do
+        delay=$((delay * 2))
+        i=$((i + 1))
+    done
+    [ "$delay" -gt "$cap" ] && delay=$cap
+    jitter=0
+    if [ "${PIPROV_BACKOFF_JITTER:-1}" = 1 ] && [ "$delay" -gt 1 ]; then
+        jitter=$(( $(od -An -N2 -tu2 /dev/urandom | tr -d ' ') % (delay / 2 + 1) ))
+    fi
+    echo $((delay + jitter))
+}

@@ -1,0 +1,185 @@
+#!/bin/sh
+# piprov register: runs after network-online when the guard marked the card.
+# Gets a fresh activation, registers the agent, confirms the new mi- id, binds the
+# card to this hardware and removes every secret. Offline or broker down: retries
+# with capped exponential backoff and jitter.
+set -eu
+# shellcheck source=/dev/null
+. "$(dirname "$0")/lib.sh"
+
+RETRY=1
+FAILED=2
+
+# A secret file dropped on the boot partition (by piprov stamp, or by an operator
+# re-activating a card cloned in the field) moves into the root-only state dir.
+adopt_boot_secret() {
+    boot=$(boot_dir)
+    [ -f "$boot/$BOOT_SECRET" ] || return 0
+    mkdir -p "$STATE_DIR"
+    (umask 077 && cat "$boot/$BOOT_SECRET" >"$SECRET.new")
+    mv -f "$SECRET.new" "$SECRET"
+    rm -f "$boot/$BOOT_SECRET"
+    log "activation secret taken from the boot partition"
+}
+
+scrub_secrets() {
+    boot=$(boot_dir)
+    rm -f "$SECRET" "$SECRET.new" "$boot/$BOOT_SECRET"
+    unset PIPROV_ACTIVATION_CODE PIPROV_BROKER_TOKEN
+    sync
+}
+
+# POSTs JSON to the broker with the pinned CA; the token goes in a header file,
+# never on a command line other users can read.
+broker_post() {
+    path=$1
+    body=$2
+    ca=$CONF_DIR/broker-ca.pem
+    headers=$(mktemp)
+    chmod 600 "$headers"
+    printf 'Authorization: Bearer %s\nContent-Type: application/json\n' "$PIPROV_BROKER_TOKEN" >"$headers"
+    status=0
+    if command -v curl >/dev/null 2>&1; then
+        curl -fsS --max-time 30 --cacert "$ca" -H "@$headers" --data "$body" "$PIPROV_BROKER_URL$path" || status=$?
+    elif command -v wget >/dev/null 2>&1; then
+        rc=$(mktemp)
+        sed 's/^/header = /' "$headers" >"$rc"
+        wget -q -O - --timeout=30 --config="$rc" --ca-certificate="$ca" --post-data="$body" "$PIPROV_BROKER_URL$path" || status=$?
+        rm -f "$rc"
+    else
+        log "neither curl nor wget is installed: cannot reach the broker"
+        status=127
+    fi
+    rm -f "$headers"
+    return $status
+}
+
+# Sets ACTIVATION_ID, ACTIVATION_CODE and ACTIVATION_REGION, or returns RETRY/FAILED.
+fetch_activation() {
+    adopt_boot_secret
+    read_conf "$SECRET"
+    ACTIVATION_REGION=${PIPROV_ACTIVATION_REGION:-${PIPROV_REGION:-}}
+    if [ -n "${PIPROV_ACTIVATION_CODE:-}" ] && [ -n "${PIPROV_ACTIVATION_ID:-}" ]; then
+        ACTIVATION_ID=$PIPROV_ACTIVATION_ID
+        ACTIVATION_CODE=$PIPROV_ACTIVATION_CODE
+        return 0
+    fi
+    if [ "${PIPROV_SOURCE:-}" = broker ] && [ -n "${PIPROV_BROKER_TOKEN:-}" ]; then
+        serial=${IDENTITY#serial:}
+        body="{\"serial\":\"$(json_escape "$serial")\",\"hostname\":\"$(cat "$ROOT/etc/hostname" 2>/dev/null)\",\"machine_id\":\"$(tr -d '\n' <"$ROOT/etc/machine-id")\",\"image_sha256\":\"${PIPROV_IMAGE_SHA256:-}\",\"previous_instance_id\":\"$(cat "$PREVIOUS_ID_FILE" 2>/dev/null)\"}"
+        if ! reply=$(broker_post /v1/activations "$body"); then
+            log "broker at $PIPROV_BROKER_URL did not give an activation"
+            return $RETRY
+        fi
+        ACTIVATION_ID=$(printf '%s' "$reply" | json_value activation_id)
+        ACTIVATION_CODE=$(printf '%s' "$reply" | json_value activation_code)
+        region=$(printf '%s' "$reply" | json_value region)
+        [ -n "$region" ] && ACTIVATION_REGION=$region
+        if [ -z "$ACTIVATION_ID" ] || [ -z "$ACTIVATION_CODE" ]; then
+            log "broker reply has no activation"
+            return $RETRY
+        fi
+        log "broker issued activation $ACTIVATION_ID"
+        return 0
+    fi
+    write_status needs-activation "no activation on this card: its secrets were used up by the card it was cloned from; put a fresh $BOOT_SECRET on the boot partition and reboot"
+    log "no activation available"
+    return $FAILED
+}
+
+register_agent() {
+    if [ -z "$ACTIVATION_REGION" ]; then
+        write_status failed "no region configured"
+        return $FAILED
+    fi
+    output=$(mktemp)
+    status=0
+    amazon-ssm-agent -register -y -id "$ACTIVATION_ID" -code "$ACTIVATION_CODE" -region "$ACTIVATION_REGION" >"$output" 2>&1 || status=$?
+    # The agent's output never holds the code; keep its last line for the journal.
+    last=$(grep -v '^[[:space:]]*$' "$output" | tail -n 1 || true)
+    refused=0
+    # Exit 1 means any failure; only SSM's answer about the activation itself is
+    # final. Anything else (no network, DNS, a clock far off) is worth a retry.
+    grep -q 'InvalidActivation\|ActivationExpired\|ActivationLimitExceeded' "$output" && refused=1
+    rm -f "$output"
+    if [ "$status" -eq 0 ]; then
+        log "agent: $last"
+        failpoint registered
+        return 0
+    fi
+    if [ "$refused" = 1 ]; then
+        log "SSM refused activation $ACTIVATION_ID: $last"
+        if [ "${PIPROV_SOURCE:-}" = broker ]; then
+            return $RETRY
+        fi
+        scrub_secrets
+        write_status failed "activation $ACTIVATION_ID was refused (expired, used up or wrong code): $last"
+        return $FAILED
+    fi
+    log "agent exited with $status: $last"
+    return $RETRY
+}
+
+report_to_broker() {
+    [ "${PIPROV_SOURCE:-}" = broker ] && [ -n "${PIPROV_BROKER_TOKEN:-}" ] || return 0
+    serial=${IDENTITY#serial:}
+    body="{\"serial\":\"$(json_escape "$serial")\",\"instance_id\":\"$1\",\"previous_instance_id\":\"$(cat "$PREVIOUS_ID_FILE" 2>/dev/null)\"}"
+    broker_post /v1/registrations "$body" >/dev/null || log "could not report the registration to the broker (it can tag the node later)"
+}
+
+try_register() {
+    previous=$(cat "$PREVIOUS_ID_FILE" 2>/dev/null || true)
+    current=$(current_instance_id)
+    # A power cut after the agent registered but before we noted it: the agent's
+    # files already hold a new id, and the single-use activation is spent.
+    if [ -z "$current" ] || [ "$current" = "$previous" ]; then
+        fetch_activation || return $?
+        register_agent || return $?
+        current=$(current_instance_id)
+    else
+        log "already registered as $current"
+    fi
+    if [ -z "$current" ] || [ "$current" = "$previous" ]; then
+        log "the agent reported success but holds no new instance id"
+        return $RETRY
+    fi
+    report_to_broker "$current"
+    {
+        echo "identity=$IDENTITY"
+        echo "machine_id=$(tr -d '\n' <"$ROOT/etc/machine-id")"
+        echo "instance_id=$current"
+        echo "bound_at=$(now_utc)"
+    } | replace_file "$BINDING" || return $RETRY
+    failpoint bound
+    scrub_secrets
+    rm -f "$JOURNAL" "$NEEDS_REGISTRATION"
+    sync
+    systemctl start amazon-ssm-agent.service || log "could not start amazon-ssm-agent"
+    write_status registered "registered as $current"
+    log "registered as $current and bound to $IDENTITY"
+}
+
+main() {
+    export PIPROV_STEP=register
+    [ -f "$NEEDS_REGISTRATION" ] || { log "not marked for registration: nothing to do"; exit 0; }
+    read_conf "$CONF"
+    IDENTITY=$(hardware_identity) || { log "cannot tell which hardware this is"; exit 0; }
+    max=${PIPROV_MAX_ATTEMPTS:-0}
+    attempt=0
+    while :; do
+        status=0
+        try_register || status=$?
+        [ "$status" -eq 0 ] && exit 0
+        [ "$status" -eq "$FAILED" ] && exit 0
+        attempt=$((attempt + 1))
+        if [ "$max" -gt 0 ] && [ "$attempt" -ge "$max" ]; then
+            write_status pending "gave up after $attempt attempts; will try again on the next boot"
+            exit 1
+        fi
+        delay=$(backoff_delay "$attempt")
+        log "attempt $attempt failed; retrying in ${delay}s"
+        sleep "$delay"
+    done
+}
+
+main "$@"
