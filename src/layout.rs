@@ -35,4 +35,10 @@ pub mod boot {
     pub const STAMP: &str = "piprov-stamp.json";
     /// Written by the card after its first boot so `piprov inspect` can read the outcome.
     pub const STATUS: &str = "piprov-status.json";
+    /// Device settings, `KEY=value` lines (no secrets); firstboot/lib.sh reads them.
+    pub const CONF: &str = "piprov.conf";
+    /// The activation code or enrollment token; moved off the FAT partition on first boot.
+    pub const SECRET: &str = "piprov-secret.conf";
+    /// The broker's CA certificate, pinned by the card.
+    pub const BROKER_CA: &str = "piprov-broker-ca.pem";
 }

@@ -4,3 +4,5 @@ pub mod cli;
 pub mod image;
 pub mod inspect;
 pub mod layout;
+pub mod recipe;
+pub mod stamp;

@@ -57,16 +57,18 @@ impl<D: Read + Write + Seek> BootFs<D> {
             .collect()
     }
 
-    /// Creates or replaces a file at the top level of the partition.
+    /// Creates or replaces a file at the top level of the partition. An existing
+    /// file is overwritten in place and then cut to length, so a write cut short
+    /// leaves old bytes after the new ones, never an empty file.
     pub fn write(&self, name: &str, data: &[u8]) -> Result<()> {
+        // fatfs's create_file opens an existing file without truncating it.
         let mut file = self
             .fs
             .root_dir()
             .create_file(name)
             .with_context(|| format!("creating {name} on the boot partition"))?;
-        // fatfs's create_file opens an existing file without truncating it.
-        file.truncate()
-            .and_then(|()| file.write_all(data))
+        file.write_all(data)
+            .and_then(|()| file.truncate())
             .and_then(|()| file.flush())
             .with_context(|| format!("writing {name} on the boot partition"))
     }

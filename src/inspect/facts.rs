@@ -502,7 +502,7 @@ fn boot_json<D: Read + Write + Seek + Debug + 'static>(
     Ok(Some(value))
 }
 
-/// Replaces the value of every key that names a secret, at any depth.
+/// Replaces the string value of every key that names a secret, at any depth.
 pub fn redact(value: &mut Value) {
     match value {
         Value::Object(map) => {
@@ -511,7 +511,7 @@ pub fn redact(value: &mut Value) {
                 let secret = ["code", "token", "secret", "password", "private"]
                     .iter()
                     .any(|s| key.contains(s));
-                if secret && !v.is_null() {
+                if secret && v.is_string() {
                     *v = Value::String("<redacted>".into());
                 } else {
                     redact(v);
@@ -538,6 +538,10 @@ mod tests {
         let text = v.to_string();
         assert!(!text.contains("SECRET"), "{text}");
         assert!(text.contains("eu-west-1") && text.contains("a1") && text.contains("127.0.0.1"));
+        let mut flags = serde_json::json!({"secret": true, "cmdline_tokens": ["systemd.run=/x"]});
+        redact(&mut flags);
+        assert_eq!(flags["secret"], true);
+        assert_eq!(flags["cmdline_tokens"][0], "systemd.run=/x");
     }
 
     #[test]

@@ -210,6 +210,38 @@ pub fn assess(facts: &Facts) -> Vec<Finding> {
             "run `piprov stamp IMAGE --recipe …`",
         );
     }
+    if let Some(stamp) = &facts.stamp {
+        for finding in &mut findings {
+            if let Some(how) = handled_by_stamp(finding.id, stamp) {
+                finding.severity = Severity::Info;
+                finding.summary = format!("{} (handled: {how})", finding.summary);
+            }
+        }
+    }
     findings.sort_by_key(|f| std::cmp::Reverse(f.severity));
     findings
+}
+
+/// What the stamp's first-boot guard does about a finding, if anything.
+fn handled_by_stamp(id: &str, stamp: &serde_json::Value) -> Option<&'static str> {
+    let sudo = |key: &str| stamp["sudo"][key].as_bool().unwrap_or(true);
+    match id {
+        "ssm-registration-baked"
+        | "ssm-identity-files"
+        | "ssm-private-key-baked"
+        | "aws-credentials-baked"
+        | "ssm-working-state" => {
+            Some("the stamp wipes it on first boot and registers the card anew")
+        }
+        "machine-id-baked" | "dbus-machine-id-baked" => {
+            Some("the stamp gives each card a new machine-id")
+        }
+        "ssh-host-keys-baked" => Some("the stamp gives each card new SSH host keys"),
+        "clone-state" => Some("the stamp deletes it on first boot"),
+        "ssm-user-nopasswd" | "ssm-user-admin-group" if sudo("strip_ssm_user") => {
+            Some("the stamp strips ssm-user's sudo on first boot")
+        }
+        "nopasswd-sudoers" if sudo("strip_nopasswd") => Some("the stamp removes it on first boot"),
+        _ => None,
+    }
 }

@@ -12,7 +12,7 @@ use std::path::Path;
 use anyhow::Result;
 use serde::Serialize;
 
-pub use facts::{Facts, MachineIdState, SsmAgentUsers, redact};
+pub use facts::{Facts, MachineIdState, SsmAgentUsers, gather as gather_facts, redact};
 pub use findings::{Finding, Severity};
 pub use render::render_text;
 

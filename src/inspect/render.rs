@@ -111,7 +111,18 @@ pub fn render_text(report: &Report) -> String {
     line(format!(
         "  piprov stamp     {}",
         match &f.stamp {
-            Some(stamp) => stamp.to_string(),
+            Some(stamp) => {
+                let text = |v: &serde_json::Value| v.as_str().unwrap_or("-").to_string();
+                format!(
+                    "recipe {}, hook {}, {} activation {}, hostname {}, stamped {}",
+                    text(&stamp["recipe"]),
+                    text(&stamp["hook"]),
+                    text(&stamp["activation"]["source"]),
+                    text(&stamp["activation"]["id"]),
+                    text(&stamp["hostname"]),
+                    text(&stamp["stamped_at"])
+                )
+            }
             None => "none".into(),
         }
     ));

@@ -1,0 +1,41 @@
+//! The device side (`firstboot/`), embedded in the binary at build time, with the
+//! names its files take on the boot partition.
+
+pub struct PayloadFile {
+    pub name: &'static str,
+    pub content: &'static str,
+}
+
+/// Run by the first-boot hook from the boot partition.
+pub const INSTALL_SCRIPT: &str = "piprov-install.sh";
+
+pub const FILES: [PayloadFile; 7] = [
+    PayloadFile {
+        name: INSTALL_SCRIPT,
+        content: include_str!("../../firstboot/install.sh"),
+    },
+    PayloadFile {
+        name: "piprov-lib.sh",
+        content: include_str!("../../firstboot/lib.sh"),
+    },
+    PayloadFile {
+        name: "piprov-guard.sh",
+        content: include_str!("../../firstboot/guard.sh"),
+    },
+    PayloadFile {
+        name: "piprov-register.sh",
+        content: include_str!("../../firstboot/register.sh"),
+    },
+    PayloadFile {
+        name: "piprov-guard.service",
+        content: include_str!("../../firstboot/piprov-guard.service"),
+    },
+    PayloadFile {
+        name: "piprov-register.service",
+        content: include_str!("../../firstboot/piprov-register.service"),
+    },
+    PayloadFile {
+        name: "piprov-agent.conf",
+        content: include_str!("../../firstboot/piprov-agent.conf"),
+    },
+];
