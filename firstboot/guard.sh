@@ -111,8 +111,9 @@ check_sudo_policy() {
 }
 
 # Takes away ssm-user's passwordless root and the default user's NOPASSWD.
-# Every change is checked with visudo; a change that fails is not kept, and
-# the policy as a whole is rolled back if it no longer parses.
+# Every change is checked with visudo against the whole policy: the stripping is
+# rolled back as a whole if the policy no longer parses, and a replacement rule
+# from the recipe is only kept if it parses alone and with everything else.
 harden_sudo() {
     ssm_user=${PIPROV_SSM_USER:-ssm-user}
     backup=$STATE_DIR/sudoers.d.backup
@@ -125,37 +126,47 @@ harden_sudo() {
         # (the AWS-documented way to keep ssm-user out of sudo).
         printf '#User rules for %s\n' "$ssm_user" | replace_file "$SUDOERS_D/ssm-agent-users"
         chmod 440 "$SUDOERS_D/ssm-agent-users"
-        remove_from_admin_groups "$ssm_user"
         log "ssm-user sudo stripped"
     fi
     if [ "${PIPROV_STRIP_NOPASSWD:-1}" = 1 ]; then
         nopasswd=${PIPROV_NOPASSWD_FILE:-010_pi-nopasswd}
-        case $nopasswd in */*|..*) log "refusing NOPASSWD file name $nopasswd" ;; *)
-            if [ -f "$SUDOERS_D/$nopasswd" ]; then
-                rm -f "$SUDOERS_D/$nopasswd"
-                log "$nopasswd removed"
-            fi ;;
+        case $nopasswd in
+            */*|.*) log "refusing NOPASSWD file name $nopasswd" ;;
+            *) if [ -f "$SUDOERS_D/$nopasswd" ]; then
+                   rm -f "$SUDOERS_D/$nopasswd"
+                   log "$nopasswd removed"
+               fi ;;
         esac
     fi
-    if [ -n "${PIPROV_SUDO_RULE:-}" ]; then
-        candidate=$(mktemp)
-        printf '%s\n' "$PIPROV_SUDO_RULE" >"$candidate"
-        if visudo -c -q -f "$candidate" >/dev/null 2>&1; then
-            replace_file "$SUDOERS_D/piprov-users" <"$candidate"
-            chmod 440 "$SUDOERS_D/piprov-users"
-            log "replacement sudo rule installed"
-        else
-            log "the recipe's sudo rule does not parse (visudo -c): not installed"
-        fi
-        rm -f "$candidate"
-    fi
-
     if ! check_sudo_policy; then
         log "sudo policy does not parse after hardening: rolling back sudoers.d"
         rm -rf "$SUDOERS_D"
         cp -a "$backup" "$SUDOERS_D"
+        rm -rf "$backup"
+        return 0
     fi
     rm -rf "$backup"
+    if [ "${PIPROV_STRIP_SSM_USER:-1}" = 1 ]; then
+        remove_from_admin_groups "$ssm_user"
+    fi
+
+    if [ -n "${PIPROV_SUDO_RULE:-}" ]; then
+        candidate=$(mktemp)
+        printf '%s\n' "$PIPROV_SUDO_RULE" >"$candidate"
+        if ! visudo -c -q -f "$candidate" >/dev/null 2>&1; then
+            log "the recipe's sudo rule does not parse (visudo -c): not installed"
+        else
+            replace_file "$SUDOERS_D/piprov-users" <"$candidate"
+            chmod 440 "$SUDOERS_D/piprov-users"
+            if check_sudo_policy; then
+                log "replacement sudo rule installed"
+            else
+                rm -f "$SUDOERS_D/piprov-users"
+                log "the recipe's sudo rule conflicts with the image's sudoers (visudo -c): taken back"
+            fi
+        fi
+        rm -f "$candidate"
+    fi
 }
 
 remove_from_admin_groups() {

@@ -5,6 +5,9 @@
 # Every path is built from $PIPROV_ROOT (empty on a real card) so the tests can
 # run the scripts against a directory that stands in for a card's root.
 
+# POSIX sh has no `local`: every function's variables are global, so each
+# function names its own with a prefix where a caller could use the same name.
+
 ROOT=${PIPROV_ROOT:-}
 LIB_DIR=$ROOT/usr/local/lib/piprov
 CONF_DIR=$ROOT/etc/piprov
@@ -169,26 +172,26 @@ now_utc() {
 # Writes the outcome where `piprov inspect` reads it from the workstation, and
 # into the state directory.
 write_status() {
-    state=$1
-    message=$2
-    boot=$(boot_dir)
-    status="{\"state\":\"$state\",\"message\":\"$(json_escape "$message")\",\"identity\":\"$(json_escape "${IDENTITY:-}")\",\"instance_id\":\"$(current_instance_id)\",\"previous_instance_id\":\"$(cat "$PREVIOUS_ID_FILE" 2>/dev/null)\",\"hostname\":\"$(cat "$ROOT/etc/hostname" 2>/dev/null)\",\"time\":\"$(now_utc)\"}"
+    status_state=$1
+    status_message=$2
+    status_boot=$(boot_dir)
+    status_json="{\"state\":\"$status_state\",\"message\":\"$(json_escape "$status_message")\",\"identity\":\"$(json_escape "${IDENTITY:-}")\",\"instance_id\":\"$(current_instance_id)\",\"previous_instance_id\":\"$(cat "$PREVIOUS_ID_FILE" 2>/dev/null)\",\"hostname\":\"$(cat "$ROOT/etc/hostname" 2>/dev/null)\",\"time\":\"$(now_utc)\"}"
     mkdir -p "$STATE_DIR"
-    printf '%s\n' "$status" | replace_file "$STATE_DIR/status.json"
-    if [ -d "$boot" ]; then
-        printf '%s\n' "$status" >"$boot/$BOOT_STATUS" || log "cannot write $BOOT_STATUS on the boot partition"
+    printf '%s\n' "$status_json" | replace_file "$STATE_DIR/status.json"
+    if [ -d "$status_boot" ]; then
+        printf '%s\n' "$status_json" >"$status_boot/$BOOT_STATUS" || log "cannot write $BOOT_STATUS on the boot partition"
     fi
 }
 
 # Capped exponential backoff with jitter, in whole seconds:
 # min(cap, base * 2^attempt) plus up to half of that again.
 backoff_delay() {
-    attempt=$1
+    backoff_n=$1
     base=${PIPROV_BACKOFF_BASE:-5}
     cap=${PIPROV_BACKOFF_CAP:-300}
     delay=$base
     i=0
-    while [ "$i" -lt "$attempt" ] && [ "$delay" -lt "$cap" ]; do
+    while [ "$i" -lt "$backoff_n" ] && [ "$delay" -lt "$cap" ]; do
         delay=$((delay * 2))
         i=$((i + 1))
     done

@@ -38,20 +38,20 @@ broker_post() {
     headers=$(mktemp)
     chmod 600 "$headers"
     printf 'Authorization: Bearer %s\nContent-Type: application/json\n' "$PIPROV_BROKER_TOKEN" >"$headers"
-    status=0
+    post_rc=0
     if command -v curl >/dev/null 2>&1; then
-        curl -fsS --max-time 30 --cacert "$ca" -H "@$headers" --data "$body" "$PIPROV_BROKER_URL$path" || status=$?
+        curl -fsS --max-time 30 --cacert "$ca" -H "@$headers" --data "$body" "$PIPROV_BROKER_URL$path" || post_rc=$?
     elif command -v wget >/dev/null 2>&1; then
         rc=$(mktemp)
         sed 's/^/header = /' "$headers" >"$rc"
-        wget -q -O - --timeout=30 --config="$rc" --ca-certificate="$ca" --post-data="$body" "$PIPROV_BROKER_URL$path" || status=$?
+        wget -q -O - --timeout=30 --config="$rc" --ca-certificate="$ca" --post-data="$body" "$PIPROV_BROKER_URL$path" || post_rc=$?
         rm -f "$rc"
     else
         log "neither curl nor wget is installed: cannot reach the broker"
-        status=127
+        post_rc=127
     fi
     rm -f "$headers"
-    return $status
+    return $post_rc
 }
 
 # Sets ACTIVATION_ID, ACTIVATION_CODE and ACTIVATION_REGION, or returns RETRY/FAILED.
@@ -93,8 +93,8 @@ register_agent() {
         return $FAILED
     fi
     output=$(mktemp)
-    status=0
-    amazon-ssm-agent -register -y -id "$ACTIVATION_ID" -code "$ACTIVATION_CODE" -region "$ACTIVATION_REGION" >"$output" 2>&1 || status=$?
+    agent_rc=0
+    amazon-ssm-agent -register -y -id "$ACTIVATION_ID" -code "$ACTIVATION_CODE" -region "$ACTIVATION_REGION" >"$output" 2>&1 || agent_rc=$?
     # The agent's output never holds the code; keep its last line for the journal.
     last=$(grep -v '^[[:space:]]*$' "$output" | tail -n 1 || true)
     refused=0
@@ -102,7 +102,7 @@ register_agent() {
     # final. Anything else (no network, DNS, a clock far off) is worth a retry.
     grep -q 'InvalidActivation\|ActivationExpired\|ActivationLimitExceeded' "$output" && refused=1
     rm -f "$output"
-    if [ "$status" -eq 0 ]; then
+    if [ "$agent_rc" -eq 0 ]; then
         log "agent: $last"
         failpoint registered
         return 0
@@ -116,7 +116,7 @@ register_agent() {
         write_status failed "activation $ACTIVATION_ID was refused (expired, used up or wrong code): $last"
         return $FAILED
     fi
-    log "agent exited with $status: $last"
+    log "agent exited with $agent_rc: $last"
     return $RETRY
 }
 
@@ -167,10 +167,10 @@ main() {
     max=${PIPROV_MAX_ATTEMPTS:-0}
     attempt=0
     while :; do
-        status=0
-        try_register || status=$?
-        [ "$status" -eq 0 ] && exit 0
-        [ "$status" -eq "$FAILED" ] && exit 0
+        attempt_rc=0
+        try_register || attempt_rc=$?
+        [ "$attempt_rc" -eq 0 ] && exit 0
+        [ "$attempt_rc" -eq "$FAILED" ] && exit 0
         attempt=$((attempt + 1))
         if [ "$max" -gt 0 ] && [ "$attempt" -ge "$max" ]; then
             write_status pending "gave up after $attempt attempts; will try again on the next boot"

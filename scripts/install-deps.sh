@@ -5,7 +5,8 @@ set -eu
 
 # tool:debian-package
 needed="sfdisk:fdisk mkfs.vfat:dosfstools fsck.vfat:dosfstools mcopy:mtools
-mkfs.ext4:e2fsprogs e2fsck:e2fsprogs openssl:openssl ssh-keygen:openssh-client
+mkfs.ext4:e2fsprogs e2fsck:e2fsprogs debugfs:e2fsprogs openssl:openssl ssh-keygen:openssh-client
+curl:curl python3:python3
 shellcheck:shellcheck visudo:sudo systemd-analyze:systemd"
 
 missing=

@@ -1,0 +1,735 @@
+//! The device side (firstboot/) run against cards unpacked from real stamped
+//! images, with stand-ins for amazon-ssm-agent and systemctl that follow the
+//! real command-line contracts, and the real visudo and ssh-keygen.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Child, Command};
+
+use common::card::{Card, SHARED_CODE, Ssm, shared_recipe, stamp};
+use common::*;
+use tempfile::TempDir;
+
+const GOLDEN_ID: &str = "mi-0a1b2c3d4e5f60718";
+const PI_A: (&str, &str) = ("10000000aaaa0001", "dc:a6:32:00:00:01");
+const PI_B: (&str, &str) = ("10000000bbbb0002", "dc:a6:32:00:00:02");
+
+/// A registered golden image, stamped with a shared activation (limit 5), unpacked.
+fn stamped_card(dir: &TempDir, ssm: &Ssm, recipe_extra: &str) -> Card {
+    let image = fixture("registered", dir);
+    let recipe = shared_recipe(dir.path(), recipe_extra);
+    stamp(&image, &recipe, &[]);
+    ssm.add_activation("act-1", SHARED_CODE, 5, false);
+    let card = Card::from_image(&image, dir.path(), "card", ssm);
+    card.plug_into(PI_A.0, PI_A.1);
+    card
+}
+
+fn stderr(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn golden_from_a_registered_pi_gets_a_new_identity() {
+    let dir = TempDir::new().unwrap();
+    let ssm = Ssm::new(dir.path());
+    let card = stamped_card(&dir, &ssm, "");
+    let golden_machine_id = card.read("/etc/machine-id");
+    let golden_rsa_key = card.read("/etc/ssh/ssh_host_rsa_key.pub");
+
+    let out = card.install();
+    assert!(out.status.success(), "{}", stderr(&out));
+    // The hook is gone, the rest of cmdline.txt is as it was.
+    let cmdline = card.read("/boot/firmware/cmdline.txt");
+    assert!(!cmdline.contains("systemd.run"), "{cmdline}");
+    assert!(cmdline.ends_with("plymouth.ignore-serial-consoles\n"));
+    // The secret left the FAT partition for a root-only file.
+    assert!(!card.exists("/boot/firmware/piprov-secret.conf"));
+    assert_eq!(card.mode("/var/lib/piprov/secret.conf"), 0o600);
+    assert_eq!(card.mode("/var/lib/piprov"), 0o700);
+    assert!(card.exists("/etc/systemd/system/multi-user.target.wants/piprov-guard.service"));
+    assert!(card.exists("/etc/systemd/system/amazon-ssm-agent.service.d/piprov.conf"));
+
+    let out = card.guard(&[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(!card.exists("/var/lib/amazon/ssm/registration"));
+    assert!(!card.exists("/var/lib/amazon/ssm/Vault/Store/RegistrationKey"));
+    assert!(!card.exists("/var/lib/amazon/ssm/mi-0a1b2c3d4e5f60718"));
+    assert!(!card.exists("/root/.aws/credentials"));
+    assert!(!card.exists("/var/lib/systemd/random-seed"));
+    let machine_id = card.read("/etc/machine-id");
+    assert_ne!(machine_id, golden_machine_id);
+    assert_eq!(machine_id.trim().len(), 32);
+    assert_eq!(
+        std::fs::read_link(card.path("/var/lib/dbus/machine-id")).unwrap(),
+        Path::new("/etc/machine-id")
+    );
+    assert_ne!(card.read("/etc/ssh/ssh_host_rsa_key.pub"), golden_rsa_key);
+    assert_eq!(card.read("/etc/hostname"), "door-10000000aaaa0001\n");
+    assert_eq!(
+        card.read("/etc/sudoers.d/ssm-agent-users"),
+        "#User rules for ssm-user\n"
+    );
+    assert!(!card.exists("/etc/sudoers.d/010_pi-nopasswd"));
+    assert!(card.read("/etc/group").lines().any(|l| l == "sudo:x:27:pi"));
+    assert!(card.exists("/var/lib/piprov/needs-registration"));
+    assert!(
+        card.standin_log()
+            .contains("systemctl stop amazon-ssm-agent.service")
+    );
+
+    let out = card.register(&[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let id = card.instance_id();
+    assert!(id.starts_with("mi-") && id != GOLDEN_ID, "{id}");
+    assert!(
+        card.standin_log()
+            .contains("amazon-ssm-agent -register -y -id act-1")
+    );
+    assert!(
+        card.standin_log()
+            .contains("systemctl start amazon-ssm-agent.service")
+    );
+    let binding = card.read("/var/lib/piprov/binding");
+    assert!(
+        binding.contains("identity=serial:10000000aaaa0001"),
+        "{binding}"
+    );
+    assert!(binding.contains(&format!("instance_id={id}")), "{binding}");
+    assert!(binding.contains(&format!("machine_id={}", machine_id.trim())));
+    let status = card.status();
+    assert_eq!(status["state"], "registered");
+    assert_eq!(status["instance_id"], id.as_str());
+    assert_eq!(status["previous_instance_id"], GOLDEN_ID);
+    assert!(!card.exists("/var/lib/piprov/needs-registration"));
+    assert_eq!(
+        card.files_containing(SHARED_CODE),
+        Vec::<String>::new(),
+        "no secret left"
+    );
+    assert!(
+        !stderr(&out).contains(SHARED_CODE),
+        "secrets are never logged"
+    );
+    // The fingerprint the agent recorded is this card's machine-id.
+    assert!(
+        card.read("/var/lib/amazon/ssm/Vault/Store/InstanceFingerprint")
+            .contains(machine_id.trim())
+    );
+    // `piprov inspect` reads the outcome from the boot partition's status file.
+    assert_eq!(ssm.instances().len(), 1);
+}
+
+#[test]
+fn second_boot_on_the_same_pi_changes_nothing() {
+    let dir = TempDir::new().unwrap();
+    let ssm = Ssm::new(dir.path());
+    let card = stamped_card(&dir, &ssm, "");
+    card.first_boot();
+    let before = card.snapshot();
+    let log_before = card.standin_log();
+    for out in [card.guard(&[]), card.register(&[])] {
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
+    assert_eq!(card.snapshot(), before);
+    assert_eq!(card.standin_log(), log_before, "no agent or systemctl call");
+}
+
+#[test]
+fn a_card_cloned_into_another_pi_re_registers_and_leaves_the_original_alone() {
+    let dir = TempDir::new().unwrap();
+    let ssm = Ssm::new(dir.path());
+    let original = stamped_card(&dir, &ssm, "");
+    original.first_boot();
+    let original_id = original.instance_id();
+    let original_files = original.snapshot();
+
+    let clone = original.clone_to(dir.path(), "clone");
+    clone.plug_into(PI_B.0, PI_B.1);
+    // The original's secret was used up: the clone is safe but cannot register.
+    let out = clone.guard(&[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        !clone.exists("/var/lib/amazon/ssm/registration"),
+        "the clone dropped the original's identity"
+    );
+    clone.register(&[]);
+    assert_eq!(clone.status()["state"], "needs-activation");
+    // An operator drops a fresh activation on the boot partition; on the next boot it registers.
+    ssm.add_activation("act-2", "FRESHCODE-99", 1, false);
+    std::fs::write(
+        clone.path("/boot/firmware/piprov-secret.conf"),
+        "ACTIVATION_ID=act-2\nACTIVATION_CODE=FRESHCODE-99\n",
+    )
+    .unwrap();
+    let out = clone.register(&[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let clone_id = clone.instance_id();
+    assert!(clone_id != original_id && clone_id != GOLDEN_ID);
+    assert_ne!(
+        clone.read("/etc/machine-id"),
+        original.read("/etc/machine-id")
+    );
+    assert_ne!(
+        clone.read("/etc/ssh/ssh_host_ed25519_key.pub"),
+        original.read("/etc/ssh/ssh_host_ed25519_key.pub")
+    );
+    assert_eq!(clone.read("/etc/hostname"), "door-10000000bbbb0002\n");
+    assert_eq!(clone.status()["previous_instance_id"], original_id.as_str());
+    assert_eq!(clone.files_containing("FRESHCODE-99"), Vec::<String>::new());
+    assert_eq!(
+        original.snapshot(),
+        original_files,
+        "the original card is untouched"
+    );
+    assert_eq!(ssm.instances().len(), 2);
+}
+
+#[test]
+fn a_power_cut_after_any_step_resumes() {
+    let guard_steps = [
+        "stop_agent",
+        "remember_previous",
+        "wipe_identity",
+        "new_machine_id",
+        "new_ssh_keys",
+        "forget_clone_state",
+        "set_hostname",
+        "harden_sudo",
+        "mark_registration",
+    ];
+    let register_points = ["registered", "bound"];
+    let dir = TempDir::new().unwrap();
+    let image = fixture("registered", &dir);
+    let recipe = shared_recipe(dir.path(), "");
+    stamp(&image, &recipe, &[]);
+    for (i, point) in guard_steps.iter().chain(register_points.iter()).enumerate() {
+        let ssm = Ssm::new(&dir.path().join(format!("ssm-{i}")));
+        // Limit 1: a second registration after the cut would be refused.
+        ssm.add_activation("act-1", SHARED_CODE, 1, false);
+        let card = Card::from_image(&image, dir.path(), &format!("cut-{i}"), &ssm);
+        card.plug_into(PI_A.0, PI_A.1);
+        assert!(card.install().status.success());
+        let cut = [("PIPROV_FAILPOINT", *point)];
+        let out = if guard_steps.contains(point) {
+            card.guard(&cut)
+        } else {
+            assert!(card.guard(&[]).status.success());
+            card.register(&cut)
+        };
+        assert!(
+            !out.status.success(),
+            "the cut at {point} must stop the script"
+        );
+        let machine_id_after_cut = card.read("/etc/machine-id");
+        let made_before_cut = guard_steps
+            .iter()
+            .position(|s| s == point)
+            .is_none_or(|i| i >= 3);
+        // The next boot: the guard, then registration.
+        card.first_boot_after_install();
+        assert_eq!(
+            card.status()["state"],
+            "registered",
+            "after a cut at {point}"
+        );
+        assert_ne!(card.instance_id(), GOLDEN_ID);
+        assert_eq!(
+            ssm.used("act-1"),
+            1,
+            "exactly one registration after a cut at {point}"
+        );
+        assert_eq!(ssm.instances().len(), 1);
+        if made_before_cut {
+            assert_eq!(
+                card.read("/etc/machine-id"),
+                machine_id_after_cut,
+                "machine-id not made twice after a cut at {point}"
+            );
+        }
+        assert!(
+            card.read("/var/lib/piprov/binding")
+                .contains("identity=serial:10000000aaaa0001")
+        );
+        assert_eq!(card.files_containing(SHARED_CODE), Vec::<String>::new());
+        assert!(!card.exists("/etc/sudoers.d/010_pi-nopasswd"));
+    }
+}
+
+trait Resume {
+    fn first_boot_after_install(&self);
+}
+
+impl Resume for Card {
+    fn first_boot_after_install(&self) {
+        for (what, out) in [("guard", self.guard(&[])), ("register", self.register(&[]))] {
+            assert!(
+                out.status.success(),
+                "{what} failed on resume:\n{}",
+                stderr(&out)
+            );
+        }
+    }
+}
+
+#[test]
+fn an_invalid_sudo_rule_is_not_installed_and_sudo_stays_valid() {
+    let dir = TempDir::new().unwrap();
+    let ssm = Ssm::new(dir.path());
+    let card = stamped_card(
+        &dir,
+        &ssm,
+        "[sudo]\nreplacement_rule = \"pi ALL=(ALL ALL\"\n",
+    );
+    assert!(card.install().status.success());
+    let out = card.guard(&[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("does not parse (visudo -c): not installed"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!card.exists("/etc/sudoers.d/piprov-users"));
+    assert!(!card.exists("/etc/sudoers.d/010_pi-nopasswd"));
+    assert_policy_parses(&card);
+}
+
+#[test]
+fn a_valid_sudo_rule_replaces_nopasswd() {
+    let dir = TempDir::new().unwrap();
+    let ssm = Ssm::new(dir.path());
+    let card = stamped_card(
+        &dir,
+        &ssm,
+        "[sudo]\nreplacement_rule = \"pi ALL=(ALL:ALL) ALL\"\n",
+    );
+    assert!(card.install().status.success());
+    assert!(card.guard(&[]).status.success());
+    assert_eq!(
+        card.read("/etc/sudoers.d/piprov-users"),
+        "pi ALL=(ALL:ALL) ALL\n"
+    );
+    assert_eq!(card.mode("/etc/sudoers.d/piprov-users"), 0o440);
+    assert_policy_parses(&card);
+}
+
+#[test]
+fn a_sudo_rule_that_conflicts_with_the_image_is_taken_back() {
+    let dir = TempDir::new().unwrap();
+    let ssm = Ssm::new(dir.path());
+    // Parses alone, but the image already defines ADMINS: sudo rejects the pair.
+    let card = stamped_card(
+        &dir,
+        &ssm,
+        "[sudo]\nreplacement_rule = \"User_Alias ADMINS = pi\"\n",
+    );
+    std::fs::write(
+        card.path("/etc/sudoers.d/020_ops"),
+        "User_Alias ADMINS = ops\nADMINS ALL=(ALL) ALL\n",
+    )
+    .unwrap();
+    assert!(card.install().status.success());
+    let out = card.guard(&[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("conflicts with the image's sudoers (visudo -c): taken back"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!card.exists("/etc/sudoers.d/piprov-users"));
+    // The hardening itself stays.
+    assert!(!card.exists("/etc/sudoers.d/010_pi-nopasswd"));
+    assert_eq!(
+        card.read("/etc/sudoers.d/ssm-agent-users"),
+        "#User rules for ssm-user\n"
+    );
+    assert_policy_parses(&card);
+}
+
+fn assert_policy_parses(card: &Card) {
+    let mut policy = String::new();
+    for line in card
+        .read("/etc/sudoers")
+        .lines()
+        .filter(|l| !l.starts_with("@include"))
+    {
+        policy.push_str(line);
+        policy.push('\n');
+    }
+    let mut names: Vec<_> = std::fs::read_dir(card.path("/etc/sudoers.d"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    names.sort();
+    for path in names {
+        if !path.file_name().unwrap().to_str().unwrap().contains('.') {
+            policy.push_str(&std::fs::read_to_string(path).unwrap());
+        }
+    }
+    let file = card.root.with_extension("policy");
+    std::fs::write(&file, policy).unwrap();
+    let out = Command::new("visudo")
+        .args(["-c", "-f"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "visudo -c: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        stderr(&out)
+    );
+}
+
+#[test]
+fn an_expired_activation_leaves_a_clear_status_and_no_secret() {
+    let dir = TempDir::new().unwrap();
+    let ssm = Ssm::new(dir.path());
+    let card = stamped_card(&dir, &ssm, "");
+    ssm.add_activation("act-1", SHARED_CODE, 5, true);
+    assert!(card.install().status.success());
+    assert!(card.guard(&[]).status.success());
+    let out = card.register(&[]);
+    assert!(
+        out.status.success(),
+        "a refusal is final, not a crash: {}",
+        stderr(&out)
+    );
+    let status = card.status();
+    assert_eq!(status["state"], "failed");
+    assert!(
+        status["message"]
+            .as_str()
+            .unwrap()
+            .contains("act-1 was refused"),
+        "{status}"
+    );
+    assert!(
+        status["message"].as_str().unwrap().contains("has expired"),
+        "{status}"
+    );
+    assert_eq!(card.files_containing(SHARED_CODE), Vec::<String>::new());
+    assert!(!card.exists("/var/lib/amazon/ssm/registration"));
+    assert_eq!(
+        card.standin_log().matches("-register -y").count(),
+        1,
+        "no retry of a refused activation"
+    );
+}
+
+#[test]
+fn offline_keeps_the_secret_and_registers_once_back_online() {
+    let dir = TempDir::new().unwrap();
+    let ssm = Ssm::new(dir.path());
+    let card = stamped_card(&dir, &ssm, "");
+    assert!(card.install().status.success());
+    assert!(card.guard(&[]).status.success());
+    ssm.set_offline(true);
+    let out = card.register(&[]);
+    assert!(
+        !out.status.success(),
+        "gives up after PIPROV_MAX_ATTEMPTS so systemd retries later"
+    );
+    assert_eq!(
+        stderr(&out).matches("retrying in").count(),
+        2,
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(card.status()["state"], "pending");
+    assert!(
+        card.exists("/var/lib/piprov/secret.conf"),
+        "an offline card keeps its secret"
+    );
+    ssm.set_offline(false);
+    let out = card.register(&[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(card.status()["state"], "registered");
+    assert_eq!(card.files_containing(SHARED_CODE), Vec::<String>::new());
+}
+
+#[test]
+fn backoff_doubles_with_jitter_and_is_capped() {
+    let lib = Path::new(env!("CARGO_MANIFEST_DIR")).join("firstboot/lib.sh");
+    let run = |jitter: &str| -> Vec<u64> {
+        let script = format!(
+            ". {}; for a in 0 1 2 3 4 5 6 7; do backoff_delay $a; done",
+            lib.display()
+        );
+        let out = Command::new("sh")
+            .arg("-c")
+            .arg(script)
+            .env("PIPROV_BACKOFF_BASE", "5")
+            .env("PIPROV_BACKOFF_CAP", "300")
+            .env("PIPROV_BACKOFF_JITTER", jitter)
+            .output()
+            .unwrap();
+        String::from_utf8(out.stdout)
+            .unwrap()
+            .lines()
+            .map(|l| l.parse().unwrap())
+            .collect()
+    };
+    assert_eq!(run("0"), [5, 10, 20, 40, 80, 160, 300, 300]);
+    for (delay, base) in run("1")
+        .into_iter()
+        .zip([5u64, 10, 20, 40, 80, 160, 300, 300])
+    {
+        assert!(
+            delay >= base && delay <= base + base / 2,
+            "{delay} for {base}"
+        );
+    }
+}
+
+/// An HTTPS broker stand-in on loopback with a throwaway CA.
+struct Broker {
+    child: Child,
+    port: u16,
+    log: std::path::PathBuf,
+    ca: std::path::PathBuf,
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "openssl {args:?}: {}", stderr(&out));
+}
+
+fn start_broker(dir: &Path, token: &str, fail_first: u32) -> Broker {
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    openssl(
+        dir,
+        &[
+            &["req", "-x509"][..],
+            &ec,
+            &[
+                "-keyout",
+                "ca.key",
+                "-out",
+                "ca.pem",
+                "-days",
+                "1",
+                "-subj",
+                "/CN=piprov test CA",
+            ],
+        ]
+        .concat(),
+    );
+    openssl(
+        dir,
+        &[
+            &["req"][..],
+            &ec,
+            &[
+                "-keyout",
+                "srv.key",
+                "-out",
+                "srv.csr",
+                "-subj",
+                "/CN=127.0.0.1",
+            ],
+        ]
+        .concat(),
+    );
+    std::fs::write(dir.join("san.ext"), "subjectAltName=IP:127.0.0.1\n").unwrap();
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "srv.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "srv.pem",
+            "-days",
+            "1",
+            "-extfile",
+            "san.ext",
+        ],
+    );
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/broker_stub.py");
+    let port_file = dir.join("port");
+    let log = dir.join("broker.log");
+    let child = Command::new("python3")
+        .arg(script)
+        .args([
+            "srv.pem",
+            "srv.key",
+            token,
+            &fail_first.to_string(),
+            "act-b1",
+            "BROKERCODE-777",
+            "eu-west-1",
+        ])
+        .arg(&log)
+        .arg(&port_file)
+        .current_dir(dir)
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    let port = loop {
+        if let Ok(text) = std::fs::read_to_string(&port_file) {
+            if let Ok(port) = text.trim().parse() {
+                break port;
+            }
+        }
+        assert!(
+            started.elapsed().as_secs() < 20,
+            "broker stub did not start"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    Broker {
+        child,
+        port,
+        log,
+        ca: dir.join("ca.pem"),
+    }
+}
+
+#[test]
+fn broker_down_then_up_retries_until_registered() {
+    let dir = TempDir::new().unwrap();
+    let ssm = Ssm::new(dir.path());
+    ssm.add_activation("act-b1", "BROKERCODE-777", 1, false);
+    let token = "TOKEN-abcdef0123456789";
+    let broker = start_broker(dir.path(), token, 2);
+    std::fs::write(dir.path().join("site.token"), format!("{token}\n")).unwrap();
+    let recipe = dir.path().join("broker.toml");
+    std::fs::write(
+        &recipe,
+        format!(
+            "region = \"eu-west-1\"\nhostname = \"pi-{{serial}}\"\n[activation]\nsource = \"broker\"\n\
+             url = \"https://127.0.0.1:{}\"\nca_file = \"{}\"\ntoken_file = \"site.token\"\n",
+            broker.port,
+            broker.ca.display()
+        ),
+    )
+    .unwrap();
+    let image = fixture("registered", &dir);
+    stamp(&image, &recipe, &[]);
+    let card = Card::from_image(&image, dir.path(), "card", &ssm);
+    card.plug_into(PI_A.0, PI_A.1);
+    assert!(card.install().status.success());
+    assert!(card.exists("/etc/piprov/broker-ca.pem"));
+    assert!(card.guard(&[]).status.success());
+    let out = card.register(&[("PIPROV_MAX_ATTEMPTS", "5")]);
+    let err = stderr(&out);
+    assert!(out.status.success(), "{err}");
+    assert_eq!(
+        err.matches("retrying in").count(),
+        2,
+        "two 503s, then an activation: {err}"
+    );
+    assert!(err.contains("broker issued activation act-b1"), "{err}");
+    assert_eq!(card.status()["state"], "registered");
+    assert!(
+        !err.contains(token) && !err.contains("BROKERCODE"),
+        "secrets are never logged"
+    );
+    assert_eq!(
+        card.files_containing(token),
+        Vec::<String>::new(),
+        "the token is removed once used"
+    );
+
+    let requests: Vec<serde_json::Value> = std::fs::read_to_string(&broker.log)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(
+        requests.len(),
+        4,
+        "three activation requests and one registration report"
+    );
+    assert!(
+        requests
+            .iter()
+            .all(|r| r["auth"] == format!("Bearer {token}"))
+    );
+    let first: serde_json::Value =
+        serde_json::from_str(requests[0]["body"].as_str().unwrap()).unwrap();
+    assert_eq!(first["serial"], PI_A.0);
+    assert_eq!(first["previous_instance_id"], GOLDEN_ID);
+    assert_eq!(requests[3]["path"], "/v1/registrations");
+    let report: serde_json::Value =
+        serde_json::from_str(requests[3]["body"].as_str().unwrap()).unwrap();
+    assert_eq!(report["instance_id"], card.instance_id().as_str());
+}
+
+#[test]
+fn a_failing_install_still_exits_0_and_unhooks_the_card() {
+    let dir = TempDir::new().unwrap();
+    let ssm = Ssm::new(dir.path());
+    let card = stamped_card(&dir, &ssm, "");
+    std::fs::remove_file(card.path("/boot/firmware/piprov-guard.service")).unwrap();
+    let out = card.install();
+    assert!(
+        out.status.success(),
+        "systemd.run powers the Pi off on failure: install must exit 0"
+    );
+    assert!(stderr(&out).contains("install failed"), "{}", stderr(&out));
+    assert!(
+        !card
+            .read("/boot/firmware/cmdline.txt")
+            .contains("systemd.run")
+    );
+}
+
+#[test]
+fn units_pass_systemd_analyze_verify() {
+    let dir = TempDir::new().unwrap();
+    let ssm = Ssm::new(dir.path());
+    let card = stamped_card(&dir, &ssm, "");
+    assert!(card.install().status.success());
+    // verify resolves dependencies against the root's unit directories: give the
+    // card the systemd units a real Pi OS root has.
+    let units = card.path("/usr/lib/systemd");
+    std::fs::create_dir_all(&units).unwrap();
+    let status = Command::new("cp")
+        .arg("-a")
+        .arg("/usr/lib/systemd/system")
+        .arg(&units)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(format!("--root={}", card.root.display()))
+        .args([
+            "/etc/systemd/system/piprov-guard.service",
+            "/etc/systemd/system/piprov-register.service",
+            "/lib/systemd/system/amazon-ssm-agent.service",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success() && out.stderr.is_empty(),
+        "systemd-analyze verify:\n{}",
+        stderr(&out)
+    );
+}
