@@ -1,0 +1,357 @@
+//! `piprov stamp` and `unstamp` on real images: the FAT stays clean, stamping is
+//! idempotent, unstamping restores the boot partition byte for byte, and secrets
+//! never reach the output.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::Command;
+
+use common::card::{SHARED_CODE, shared_recipe, stamp};
+use common::*;
+use piprov::image::Image;
+use predicates::prelude::*;
+use predicates::str::contains;
+use tempfile::TempDir;
+
+/// Every file on the boot partition with its content.
+fn boot_files(image: &Path) -> BTreeMap<String, Vec<u8>> {
+    let image = Image::open(image).unwrap();
+    let boot = image.boot().unwrap();
+    boot.list_root()
+        .unwrap()
+        .into_iter()
+        .map(|name| {
+            let data = boot.read(&name).unwrap().unwrap();
+            (name, data)
+        })
+        .collect()
+}
+
+fn assert_fat_clean(image: &Path, dir: &Path) {
+    let part = dir.join("boot.part");
+    extract_partition(image, 1, &part);
+    let out = Command::new("fsck.vfat")
+        .arg("-n")
+        .arg(&part)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "fsck.vfat -n: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn sha256(path: &Path) -> String {
+    let out = Command::new("sha256sum").arg(path).output().unwrap();
+    String::from_utf8(out.stdout).unwrap()[..64].to_string()
+}
+
+#[test]
+fn stamping_hooks_cmdline_and_keeps_the_fat_clean() {
+    let dir = TempDir::new().unwrap();
+    let image = fixture("registered", &dir);
+    let before = boot_files(&image);
+    let recipe = shared_recipe(dir.path(), "");
+    piprov()
+        .arg("stamp")
+        .arg(&image)
+        .arg("--recipe")
+        .arg(&recipe)
+        .args(["--hostname", "pi-door-07"])
+        .assert()
+        .success()
+        .stdout(contains("stamped"))
+        .stdout(contains("piprov-secret.conf"))
+        .stdout(contains("secret (not shown)"))
+        .stdout(contains(SHARED_CODE).not());
+    assert_fat_clean(&image, dir.path());
+    let after = boot_files(&image);
+    let old = String::from_utf8(before["cmdline.txt"].clone()).unwrap();
+    let new = String::from_utf8(after["cmdline.txt"].clone()).unwrap();
+    assert_eq!(
+        new,
+        format!(
+            "{} systemd.run=/boot/firmware/piprov-install.sh systemd.run_success_action=reboot systemd.unit=kernel-command-line.target\n",
+            old.trim_end()
+        )
+    );
+    assert_eq!(
+        after["piprov-install.sh"],
+        include_bytes!("../firstboot/install.sh")
+    );
+    let conf = String::from_utf8(after["piprov.conf"].clone()).unwrap();
+    assert!(
+        conf.contains("HOSTNAME_PATTERN=pi-door-07\n") && conf.contains("SOURCE=shared\n"),
+        "{conf}"
+    );
+    assert!(!conf.contains(SHARED_CODE));
+    let secret = String::from_utf8(after["piprov-secret.conf"].clone()).unwrap();
+    assert!(secret.contains(&format!("ACTIVATION_CODE={SHARED_CODE}\n")));
+    // Files other than ours and cmdline.txt are untouched.
+    for (name, data) in &before {
+        if name != "cmdline.txt" {
+            assert_eq!(&after[name], data, "{name} changed");
+        }
+    }
+}
+
+#[test]
+fn stamp_then_inspect_shows_the_stamp_and_its_settings() {
+    let dir = TempDir::new().unwrap();
+    let image = fixture("registered", &dir);
+    let recipe = shared_recipe(dir.path(), "");
+    stamp(&image, &recipe, &["--hostname", "pi-{serial}"]);
+    let out = piprov()
+        .args(["inspect", "--json"])
+        .arg(&image)
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "a stamped image's clone risks are handled"
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(!text.contains(SHARED_CODE));
+    let report: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let stamp = &report["stamp"];
+    assert_eq!(stamp["recipe"], "test-site");
+    assert_eq!(stamp["hook"], "systemd-run");
+    assert_eq!(stamp["hostname"], "pi-{serial}");
+    assert_eq!(stamp["activation"]["source"], "shared");
+    assert_eq!(stamp["activation"]["id"], "act-1");
+    assert_eq!(stamp["secret"], true);
+    assert_eq!(stamp["sudo"]["strip_nopasswd"], true);
+    let registration = report["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["id"] == "ssm-registration-baked")
+        .unwrap();
+    assert_eq!(registration["severity"], "info");
+    assert!(
+        registration["summary"]
+            .as_str()
+            .unwrap()
+            .contains("handled")
+    );
+    piprov()
+        .arg("inspect")
+        .arg(&image)
+        .assert()
+        .stdout(contains(
+            "recipe test-site, hook systemd-run, shared activation act-1",
+        ));
+}
+
+#[test]
+fn restamping_replaces_the_stamp_without_duplicate_tokens() {
+    let dir = TempDir::new().unwrap();
+    let image = fixture("golden", &dir);
+    let recipe = shared_recipe(dir.path(), "");
+    stamp(&image, &recipe, &["--hostname", "first"]);
+    let once = boot_files(&image);
+    stamp(&image, &recipe, &["--hostname", "second"]);
+    stamp(&image, &recipe, &["--hostname", "first"]);
+    let thrice = boot_files(&image);
+    assert_eq!(
+        once.keys().collect::<Vec<_>>(),
+        thrice.keys().collect::<Vec<_>>()
+    );
+    for (name, data) in &once {
+        if name != "piprov-stamp.json" {
+            assert_eq!(&thrice[name], data, "{name} differs after re-stamping");
+        }
+    }
+    let cmdline = String::from_utf8(thrice["cmdline.txt"].clone()).unwrap();
+    assert_eq!(cmdline.matches("systemd.run=").count(), 1, "{cmdline}");
+    assert_fat_clean(&image, dir.path());
+}
+
+#[test]
+fn unstamp_restores_the_boot_partition_exactly() {
+    for variant in ["golden", "trixie"] {
+        let dir = TempDir::new().unwrap();
+        let image = fixture(variant, &dir);
+        let before = boot_files(&image);
+        let recipe = shared_recipe(dir.path(), "");
+        stamp(&image, &recipe, &[]);
+        assert_ne!(boot_files(&image), before);
+        piprov()
+            .arg("unstamp")
+            .arg(&image)
+            .assert()
+            .success()
+            .stdout(contains("unstamped"));
+        assert_eq!(
+            boot_files(&image),
+            before,
+            "{variant}: unstamp must give back the original files"
+        );
+        assert_fat_clean(&image, dir.path());
+        piprov()
+            .arg("unstamp")
+            .arg(&image)
+            .assert()
+            .success()
+            .stdout(contains("nothing to change"));
+    }
+}
+
+#[test]
+fn cloud_init_images_get_a_seed_with_a_fresh_instance_id() {
+    let dir = TempDir::new().unwrap();
+    let image = fixture("trixie", &dir);
+    let recipe = shared_recipe(dir.path(), "");
+    stamp(&image, &recipe, &[]);
+    let files = boot_files(&image);
+    let meta = String::from_utf8(files["meta-data"].clone()).unwrap();
+    assert!(meta.starts_with("instance-id: piprov-"), "{meta}");
+    assert!(!meta.contains("rpi-golden"));
+    let user_data = String::from_utf8(files["user-data"].clone()).unwrap();
+    assert!(
+        user_data.contains("#cloud-config\nhostname: raspberrypi"),
+        "the image's own user-data is kept"
+    );
+    assert!(user_data.contains("exec sh /boot/firmware/piprov-install.sh --now"));
+    assert!(
+        !String::from_utf8(files["cmdline.txt"].clone())
+            .unwrap()
+            .contains("systemd.run")
+    );
+    assert_eq!(files["piprov-orig-meta-data"], b"instance-id: rpi-golden\n");
+    // Each stamp is a new instance for cloud-init.
+    stamp(&image, &recipe, &[]);
+    let again = String::from_utf8(boot_files(&image)["meta-data"].clone()).unwrap();
+    assert_ne!(again, meta);
+    let report = inspect_json(&image);
+    assert_eq!(report["stamp"]["hook"], "cloud-init");
+    assert_eq!(
+        report["boot"]["cloud_init_seed"]["instance_id"],
+        again.trim().trim_start_matches("instance-id: ")
+    );
+}
+
+#[test]
+fn dry_run_writes_nothing() {
+    let dir = TempDir::new().unwrap();
+    let image = fixture("registered", &dir);
+    let hash = sha256(&image);
+    let recipe = shared_recipe(dir.path(), "");
+    let out = piprov()
+        .arg("stamp")
+        .arg(&image)
+        .arg("--recipe")
+        .arg(&recipe)
+        .args(["--dry-run", "--json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let outcome: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(outcome["dry_run"], true);
+    let changes = outcome["changes"].as_array().unwrap();
+    assert!(
+        changes
+            .iter()
+            .any(|c| c["file"] == "cmdline.txt" && c["action"] == "write")
+    );
+    assert!(
+        changes
+            .iter()
+            .any(|c| c["file"] == "piprov-secret.conf" && c["secret"] == true)
+    );
+    assert!(!String::from_utf8_lossy(&out.stdout).contains(SHARED_CODE));
+    assert_eq!(sha256(&image), hash, "--dry-run must not change a byte");
+}
+
+#[test]
+fn a_recipe_typo_is_named_with_its_line_and_nothing_is_written() {
+    let dir = TempDir::new().unwrap();
+    let image = fixture("golden", &dir);
+    let hash = sha256(&image);
+    let recipe = shared_recipe(dir.path(), "[sudo]\nstrip_nopaswd = false\n");
+    piprov()
+        .arg("stamp")
+        .arg(&image)
+        .arg("--recipe")
+        .arg(&recipe)
+        .assert()
+        .code(2)
+        .stderr(contains("unknown field `strip_nopaswd`"))
+        .stderr(contains("line 5"));
+    let recipe = shared_recipe(dir.path(), "");
+    piprov()
+        .arg("stamp")
+        .arg(&image)
+        .arg("--recipe")
+        .arg(&recipe)
+        .args(["--set", "hostname=door-{serail}"])
+        .assert()
+        .code(2)
+        .stderr(contains("unknown placeholder {serail}"));
+    assert_eq!(sha256(&image), hash);
+}
+
+#[test]
+fn a_missing_code_file_fails_before_the_image_is_touched() {
+    let dir = TempDir::new().unwrap();
+    let image = fixture("golden", &dir);
+    let hash = sha256(&image);
+    let recipe = shared_recipe(dir.path(), "");
+    std::fs::remove_file(dir.path().join("site.code")).unwrap();
+    piprov()
+        .arg("stamp")
+        .arg(&image)
+        .arg("--recipe")
+        .arg(&recipe)
+        .assert()
+        .code(2)
+        .stderr(contains("reading the activation code from"));
+    assert_eq!(sha256(&image), hash);
+}
+
+#[test]
+fn another_first_boot_hook_is_not_overridden() {
+    let dir = TempDir::new().unwrap();
+    let image = dir.path().join("imager.img");
+    build_image(
+        &image,
+        &[
+            "--customize",
+            r#"sed -i 's|$| systemd.run=/boot/firstrun.sh systemd.run_success_action=reboot|' "$boot/cmdline.txt""#,
+        ],
+    );
+    let recipe = shared_recipe(dir.path(), "");
+    piprov()
+        .arg("stamp")
+        .arg(&image)
+        .arg("--recipe")
+        .arg(&recipe)
+        .assert()
+        .code(2)
+        .stderr(contains("already runs systemd.run=/boot/firstrun.sh"));
+}
+
+#[test]
+fn images_with_the_boot_partition_at_slash_boot_are_hooked_there() {
+    let dir = TempDir::new().unwrap();
+    let image = dir.path().join("bullseye.img");
+    build_image(
+        &image,
+        &[
+            "--customize",
+            r#"sed -i 's|/boot/firmware|/boot|' "$root/etc/fstab""#,
+        ],
+    );
+    let recipe = shared_recipe(dir.path(), "");
+    stamp(&image, &recipe, &[]);
+    let cmdline = String::from_utf8(boot_files(&image)["cmdline.txt"].clone()).unwrap();
+    assert!(
+        cmdline.contains(" systemd.run=/boot/piprov-install.sh "),
+        "{cmdline}"
+    );
+}
