@@ -4,7 +4,6 @@
 mod common;
 
 use std::io::Cursor;
-use std::process::Command;
 
 use common::*;
 use piprov::image::{Image, TableKind};
@@ -60,19 +59,7 @@ fn boot_partition_writes_pass_fsck_and_read_back() {
     );
     assert_eq!(boot.read("issue.txt").unwrap(), None);
 
-    let part = dir.path().join("boot.part");
-    extract_partition(&path, 1, &part);
-    let fsck = Command::new("fsck.vfat")
-        .arg("-n")
-        .arg(&part)
-        .output()
-        .unwrap();
-    assert!(
-        fsck.status.success(),
-        "fsck.vfat -n: {}{}",
-        String::from_utf8_lossy(&fsck.stdout),
-        String::from_utf8_lossy(&fsck.stderr)
-    );
+    assert_fat_clean(&path, dir.path());
 }
 
 #[test]

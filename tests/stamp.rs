@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::Command;
 
-use common::card::{SHARED_CODE, shared_recipe, stamp};
+use common::card::{SHARED_CODE, shared_recipe, stamp, stamp_cmd};
 use common::*;
 use piprov::image::Image;
 use predicates::prelude::*;
@@ -29,22 +29,6 @@ fn boot_files(image: &Path) -> BTreeMap<String, Vec<u8>> {
         .collect()
 }
 
-fn assert_fat_clean(image: &Path, dir: &Path) {
-    let part = dir.join("boot.part");
-    extract_partition(image, 1, &part);
-    let out = Command::new("fsck.vfat")
-        .arg("-n")
-        .arg(&part)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "fsck.vfat -n: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 fn sha256(path: &Path) -> String {
     let out = Command::new("sha256sum").arg(path).output().unwrap();
     String::from_utf8(out.stdout).unwrap()[..64].to_string()
@@ -56,11 +40,7 @@ fn stamping_hooks_cmdline_and_keeps_the_fat_clean() {
     let image = fixture("registered", &dir);
     let before = boot_files(&image);
     let recipe = shared_recipe(dir.path(), "");
-    piprov()
-        .arg("stamp")
-        .arg(&image)
-        .arg("--recipe")
-        .arg(&recipe)
+    stamp_cmd(&image, &recipe)
         .args(["--hostname", "pi-door-07"])
         .assert()
         .success()
@@ -242,11 +222,7 @@ fn dry_run_writes_nothing() {
     let image = fixture("registered", &dir);
     let hash = sha256(&image);
     let recipe = shared_recipe(dir.path(), "");
-    let out = piprov()
-        .arg("stamp")
-        .arg(&image)
-        .arg("--recipe")
-        .arg(&recipe)
+    let out = stamp_cmd(&image, &recipe)
         .args(["--dry-run", "--json"])
         .output()
         .unwrap();
@@ -274,21 +250,13 @@ fn a_recipe_typo_is_named_with_its_line_and_nothing_is_written() {
     let image = fixture("golden", &dir);
     let hash = sha256(&image);
     let recipe = shared_recipe(dir.path(), "[sudo]\nstrip_nopaswd = false\n");
-    piprov()
-        .arg("stamp")
-        .arg(&image)
-        .arg("--recipe")
-        .arg(&recipe)
+    stamp_cmd(&image, &recipe)
         .assert()
         .code(2)
         .stderr(contains("unknown field `strip_nopaswd`"))
         .stderr(contains("line 5"));
     let recipe = shared_recipe(dir.path(), "");
-    piprov()
-        .arg("stamp")
-        .arg(&image)
-        .arg("--recipe")
-        .arg(&recipe)
+    stamp_cmd(&image, &recipe)
         .args(["--set", "hostname=door-{serail}"])
         .assert()
         .code(2)
@@ -303,11 +271,7 @@ fn a_missing_code_file_fails_before_the_image_is_touched() {
     let hash = sha256(&image);
     let recipe = shared_recipe(dir.path(), "");
     std::fs::remove_file(dir.path().join("site.code")).unwrap();
-    piprov()
-        .arg("stamp")
-        .arg(&image)
-        .arg("--recipe")
-        .arg(&recipe)
+    stamp_cmd(&image, &recipe)
         .assert()
         .code(2)
         .stderr(contains("reading the activation code from"));
@@ -326,11 +290,7 @@ fn another_first_boot_hook_is_not_overridden() {
         ],
     );
     let recipe = shared_recipe(dir.path(), "");
-    piprov()
-        .arg("stamp")
-        .arg(&image)
-        .arg("--recipe")
-        .arg(&recipe)
+    stamp_cmd(&image, &recipe)
         .assert()
         .code(2)
         .stderr(contains("already runs systemd.run=/boot/firstrun.sh"));

@@ -87,15 +87,15 @@ pub fn shared_recipe(dir: &Path, extra: &str) -> PathBuf {
 
 pub const SHARED_CODE: &str = "SECRETCODE-0123456789";
 
+/// `piprov stamp IMAGE --recipe RECIPE`, for more arguments.
+pub fn stamp_cmd(image: &Path, recipe: &Path) -> assert_cmd::Command {
+    let mut cmd = piprov();
+    cmd.arg("stamp").arg(image).arg("--recipe").arg(recipe);
+    cmd
+}
+
 pub fn stamp(image: &Path, recipe: &Path, args: &[&str]) {
-    let out = piprov()
-        .arg("stamp")
-        .arg(image)
-        .arg("--recipe")
-        .arg(recipe)
-        .args(args)
-        .output()
-        .unwrap();
+    let out = stamp_cmd(image, recipe).args(args).output().unwrap();
     assert!(
         out.status.success(),
         "stamp failed: {}",

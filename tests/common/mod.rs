@@ -122,3 +122,20 @@ pub fn finding_ids(report: &serde_json::Value) -> Vec<String> {
         .map(|f| f["id"].as_str().unwrap().to_string())
         .collect()
 }
+
+/// Fails the test unless `fsck.vfat -n` finds the boot partition clean.
+pub fn assert_fat_clean(image: &Path, dir: &Path) {
+    let part = dir.join("boot.part");
+    extract_partition(image, 1, &part);
+    let out = Command::new("fsck.vfat")
+        .arg("-n")
+        .arg(&part)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "fsck.vfat -n: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
