@@ -85,6 +85,72 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Write an image to one card or a bench of cards, each stamped and verified
+    #[command(
+        long_about = "Write an image to one card or a bench of cards, each stamped and verified.\n\n\
+        The image (.img, or .xz .gz .zst .bz2 .zip, recognised by content) is decoded once into \
+        a cache. By default only what the filesystems use is written — the FAT metadata and \
+        allocated clusters, the ext4 blocks in use, everything outside the partitions — which \
+        is safe on a card full of old data; --full writes every byte. With --recipe, each card \
+        is stamped as it is written (its own hostname and settings). The first MiB (the \
+        partition table) is written last, after everything else is flushed, so an interrupted \
+        card never looks bootable; then the written ranges are read back, bypassing the page \
+        cache, and compared with the SHA-256 taken while writing.\n\n\
+        Refused, with the reason: the system disk, a mounted or busy device, a partition, a \
+        read-only or too small card; a non-removable disk without --allow-non-removable; one \
+        over 128 GB without --allow-large. Nothing is written until you confirm (or --yes).\n\n\
+        Exit status: 0 every card written and verified, 1 some cards failed (the others are \
+        complete), 2 error before any card was written.",
+        after_help = "Examples:\n  piprov flash golden.img.xz /dev/sdb --recipe image-recipes/site.toml --hostname pi-door-07\n  \
+            piprov flash golden.img.xz /dev/sdb /dev/sdc /dev/sdd --recipe bench.toml --hostname 'door-{n}' --yes\n  \
+            piprov flash golden.img --targets bench.csv --recipe bench.toml --manifest cards.jsonl\n  \
+            piprov flash golden.img stamped.img --recipe site.toml     # a stamped copy as a file"
+    )]
+    Flash {
+        /// Image: .img, .img.xz, .gz, .zst, .bz2 or .zip
+        image: PathBuf,
+        /// Target block devices or files
+        targets: Vec<PathBuf>,
+        /// CSV of targets: device,hostname[,key=value…] per line
+        #[arg(long, value_name = "CSV")]
+        targets_file: Option<PathBuf>,
+        /// Recipe to stamp each card with
+        #[arg(long, short)]
+        recipe: Option<PathBuf>,
+        /// Hostname pattern for every card ({n} = card number, {serial}, {mac})
+        #[arg(long)]
+        hostname: Option<String>,
+        /// Override a recipe setting (repeatable)
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        overrides: Vec<String>,
+        /// Write every byte of the image, not only the used ranges
+        #[arg(long)]
+        full: bool,
+        /// Skip reading the cards back
+        #[arg(long)]
+        no_verify: bool,
+        /// Expected SHA-256 of the decompressed image
+        #[arg(long)]
+        sha256: Option<String>,
+        /// Append one JSON line per card to this file
+        #[arg(long, value_name = "FILE")]
+        manifest: Option<PathBuf>,
+        /// Do not ask before erasing the targets
+        #[arg(long, short)]
+        yes: bool,
+        /// Allow disks that do not report themselves removable
+        #[arg(long)]
+        allow_non_removable: bool,
+        /// Allow devices over 128 GB
+        #[arg(long)]
+        allow_large: bool,
+        /// No progress bars
+        #[arg(long, short)]
+        quiet: bool,
+        /// JSON lines on stdout: one per card, then the summary
+        #[arg(long)]
+        json: bool,
+    },
     /// Remove a stamp, restoring the boot partition as it was before
     Unstamp {
         /// Image file or block device
@@ -101,6 +167,64 @@ pub enum Command {
 pub fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Inspect { image, json } => inspect(&image, json),
+        Command::Flash {
+            image,
+            targets,
+            targets_file,
+            recipe,
+            hostname,
+            overrides,
+            full,
+            no_verify,
+            sha256,
+            manifest,
+            yes,
+            allow_non_removable,
+            allow_large,
+            quiet,
+            json,
+        } => {
+            let mut cards: Vec<crate::flash::CardSpec> = targets
+                .into_iter()
+                .map(|device| crate::flash::CardSpec {
+                    device,
+                    hostname: None,
+                    overrides: Vec::new(),
+                })
+                .collect();
+            if let Some(file) = targets_file {
+                cards.extend(crate::flash::read_targets(&file)?);
+            }
+            if cards.is_empty() {
+                anyhow::bail!(
+                    "no targets: name devices or files after the image, or give --targets-file"
+                );
+            }
+            let config = crate::flash::FlashConfig {
+                image,
+                cards,
+                recipe,
+                overrides,
+                hostname,
+                full,
+                verify: !no_verify,
+                yes,
+                allow_non_removable,
+                allow_large,
+                sha256,
+                manifest,
+            };
+            let mode = if json {
+                crate::flash::progress::Mode::JsonLines
+            } else if quiet {
+                crate::flash::progress::Mode::Quiet
+            } else {
+                crate::flash::progress::Mode::Bars
+            };
+            let progress = crate::flash::progress::Progress::new(mode);
+            let summary = crate::flash::flash(&config, &progress)?;
+            print_flash_summary(&summary, json)
+        }
         Command::Stamp {
             image,
             recipe,
@@ -126,6 +250,50 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             json,
         } => print_outcome(&crate::stamp::unstamp(&image, dry_run)?, json),
     }
+}
+
+fn print_flash_summary(summary: &crate::flash::Summary, json: bool) -> Result<ExitCode> {
+    let mut stdout = std::io::stdout().lock();
+    if json {
+        let line = serde_json::json!({
+            "event": "summary",
+            "image_sha256": summary.image_sha256,
+            "image_bytes": summary.image_bytes,
+            "mapped_bytes": summary.mapped_bytes,
+            "ok": summary.cards.iter().filter(|c| c.result == "ok").count(),
+            "failed": summary.cards.iter().filter(|c| c.result != "ok").count(),
+        });
+        writeln!(stdout, "{line}")?;
+    } else {
+        for card in &summary.cards {
+            match &card.error {
+                None => writeln!(
+                    stdout,
+                    "{}: ok, {} bytes in {:.1}s{}{}",
+                    card.device,
+                    card.bytes_written,
+                    card.seconds,
+                    if card.verified {
+                        ", verified"
+                    } else {
+                        ", not verified"
+                    },
+                    card.hostname
+                        .as_ref()
+                        .map(|h| format!(", hostname {h}"))
+                        .unwrap_or_default()
+                )?,
+                Some(error) => writeln!(
+                    stdout,
+                    "{}: {}: {error}",
+                    card.device,
+                    card.result.to_uppercase()
+                )?,
+            }
+        }
+    }
+    let failed = summary.cards.iter().any(|c| c.result != "ok");
+    Ok(ExitCode::from(if failed { exit::RISKY } else { exit::OK }))
 }
 
 fn print_outcome(outcome: &crate::stamp::Outcome, json: bool) -> Result<ExitCode> {

@@ -3,6 +3,7 @@
 
 mod boot;
 mod cmdline;
+mod overlay;
 mod probe;
 mod rootfs;
 mod slice;
@@ -19,6 +20,7 @@ use anyhow::{Context, Result, anyhow, bail};
 
 pub use boot::BootFs;
 pub use cmdline::Cmdline;
+pub use overlay::Overlay;
 pub use probe::FsKind;
 pub use rootfs::{Owner, RootFs};
 pub use slice::{PartitionSlice, SharedDisk};

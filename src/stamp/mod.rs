@@ -88,15 +88,31 @@ pub fn stamp(config: &StampConfig) -> Result<Outcome> {
     let settings =
         CardSettings::from_recipe(&config.recipe, config.hostname.as_deref(), config.number)?;
     let image = open(&config.image, config.dry_run)?;
-    let context = || format!("stamping {}", config.image.display());
-    let facts = gather_facts(&image).with_context(context)?;
+    let outcome = stamp_image(
+        &image,
+        &settings,
+        config.dry_run,
+        &config.image.display().to_string(),
+    )?;
+    sync(image, &outcome)?;
+    Ok(outcome)
+}
+
+/// Stamps an open image: a file, a card, or a copy-on-write overlay in memory.
+pub fn stamp_image<D: Read + Write + Seek + Debug + 'static>(
+    image: &Image<D>,
+    settings: &CardSettings,
+    dry_run: bool,
+    name: &str,
+) -> Result<Outcome> {
+    let context = || format!("stamping {name}");
+    let facts = gather_facts(image).with_context(context)?;
     let hook = match settings.hook {
         Hook::Auto if facts.cloud_init_installed => Hook::CloudInit,
         Hook::Auto => Hook::SystemdRun,
         Hook::CloudInit if !facts.cloud_init_installed => {
             bail!(
-                "{}: the recipe asks for hook = \"cloud-init\" but the image has no cloud-init",
-                config.image.display()
+                "{name}: the recipe asks for hook = \"cloud-init\" but the image has no cloud-init"
             )
         }
         chosen => chosen,
@@ -104,32 +120,20 @@ pub fn stamp(config: &StampConfig) -> Result<Outcome> {
     let boot_fs = image.boot().with_context(context)?;
     let mut plan = Plan::default();
     plan_unstamp(&boot_fs, &mut plan).with_context(context)?;
-    let record = plan_stamp(
-        &boot_fs,
-        &mut plan,
-        &settings,
-        hook,
-        &facts.boot.mount_point,
-    )
-    .with_context(context)?;
-    finish(
-        image,
-        boot_fs,
-        plan,
-        config.dry_run,
-        &config.image,
-        Some(record),
-    )
+    let record = plan_stamp(&boot_fs, &mut plan, settings, hook, &facts.boot.mount_point)
+        .with_context(context)?;
+    finish(boot_fs, plan, dry_run, name, Some(record))
 }
 
 pub fn unstamp(path: &Path, dry_run: bool) -> Result<Outcome> {
     let image = open(path, dry_run)?;
-    let boot_fs = image
-        .boot()
-        .with_context(|| format!("unstamping {}", path.display()))?;
+    let name = path.display().to_string();
+    let boot_fs = image.boot().with_context(|| format!("unstamping {name}"))?;
     let mut plan = Plan::default();
-    plan_unstamp(&boot_fs, &mut plan).with_context(|| format!("unstamping {}", path.display()))?;
-    finish(image, boot_fs, plan, dry_run, path, None)
+    plan_unstamp(&boot_fs, &mut plan).with_context(|| format!("unstamping {name}"))?;
+    let outcome = finish(boot_fs, plan, dry_run, &name, None)?;
+    sync(image, &outcome)?;
+    Ok(outcome)
 }
 
 fn open(path: &Path, dry_run: bool) -> Result<Image<File>> {
@@ -140,27 +144,33 @@ fn open(path: &Path, dry_run: bool) -> Result<Image<File>> {
     }
 }
 
-fn finish(
-    image: Image<File>,
-    boot_fs: BootFs<File>,
+/// fatfs only writes through; the data must reach the disk before we say done.
+fn sync(image: Image<File>, outcome: &Outcome) -> Result<()> {
+    if !outcome.dry_run && !outcome.changes.is_empty() {
+        image
+            .into_disk()?
+            .sync_all()
+            .with_context(|| format!("flushing {}", outcome.image))?;
+    }
+    Ok(())
+}
+
+fn finish<D: Read + Write + Seek>(
+    boot_fs: BootFs<D>,
     mut plan: Plan,
     dry_run: bool,
-    path: &Path,
+    name: &str,
     record: Option<StampRecord>,
 ) -> Result<Outcome> {
     plan.prune(&boot_fs)?;
     let changes = plan.summary();
     if !dry_run && !plan.is_empty() {
         plan.apply(&boot_fs)
-            .with_context(|| format!("writing to {}", path.display()))?;
-        boot_fs.close()?;
-        image
-            .into_disk()?
-            .sync_all()
-            .with_context(|| format!("flushing {}", path.display()))?;
+            .with_context(|| format!("writing to {name}"))?;
     }
+    boot_fs.close()?;
     Ok(Outcome {
-        image: path.display().to_string(),
+        image: name.to_string(),
         dry_run,
         record,
         changes,

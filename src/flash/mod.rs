@@ -1,0 +1,361 @@
+//! `piprov flash`: one image to one card or a bench of cards. The image is
+//! decoded once; each card gets its own stamp (hostname, activation) on a
+//! copy-on-write overlay of it; the cards are written side by side, each
+//! verified, and a failed card is reported while the others finish.
+//!
+//! The data path, top to bottom: source (decode, cache, hash) → map (what must
+//! be written) → overlay + stamp (this card's settings) → write (chunks, first
+//! MiB last) → verify (read back, compare hashes).
+
+pub mod map;
+pub mod progress;
+pub mod source;
+pub mod target;
+pub mod write;
+
+use std::fs::File;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use serde::Serialize;
+
+use crate::image::{Image, Overlay};
+use crate::recipe::{self, LoadedRecipe};
+use crate::stamp::{self, CardSettings};
+use map::Extents;
+use progress::Progress;
+use target::{Policy, TargetInfo};
+
+/// One card of a batch and what is particular to it.
+#[derive(Debug, Clone)]
+pub struct CardSpec {
+    pub device: PathBuf,
+    pub hostname: Option<String>,
+    /// Extra `key=value` recipe overrides for this card.
+    pub overrides: Vec<String>,
+}
+
+pub struct FlashConfig {
+    pub image: PathBuf,
+    pub cards: Vec<CardSpec>,
+    pub recipe: Option<PathBuf>,
+    pub overrides: Vec<String>,
+    /// Hostname pattern for every card; `{n}` is the card's number (1-based).
+    pub hostname: Option<String>,
+    pub full: bool,
+    pub verify: bool,
+    pub yes: bool,
+    pub allow_non_removable: bool,
+    pub allow_large: bool,
+    pub sha256: Option<String>,
+    pub manifest: Option<PathBuf>,
+}
+
+/// One manifest line: what became of one card. Never holds a secret.
+#[derive(Debug, Clone, Serialize)]
+pub struct CardRecord {
+    pub device: String,
+    pub model: Option<String>,
+    pub serial: Option<String>,
+    pub hostname: Option<String>,
+    pub activation_id: Option<String>,
+    pub image_sha256: String,
+    pub bytes_written: u64,
+    pub verified: bool,
+    /// `ok`, `failed` or `interrupted`.
+    pub result: String,
+    pub error: Option<String>,
+    pub seconds: f64,
+    pub finished_at: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Summary {
+    pub image_sha256: String,
+    pub image_bytes: u64,
+    pub mapped_bytes: u64,
+    pub cards: Vec<CardRecord>,
+}
+
+/// Set by Ctrl-C: writers stop at the next chunk.
+static CANCEL: AtomicBool = AtomicBool::new(false);
+
+/// Parses a targets file: `device,hostname[,key=value…]` per line; `#` comments
+/// and a header line starting with `device` are skipped.
+pub fn read_targets(path: &Path) -> Result<Vec<CardSpec>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut cards = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty()
+            || line.starts_with('#')
+            || line.starts_with("device,")
+            || line == "device"
+        {
+            continue;
+        }
+        let mut fields = line.split(',').map(str::trim);
+        let device = fields.next().unwrap_or_default();
+        if device.is_empty() {
+            bail!("{} line {}: no device", path.display(), i + 1);
+        }
+        let hostname = fields.next().filter(|h| !h.is_empty()).map(str::to_string);
+        let overrides: Vec<String> = fields
+            .filter(|f| !f.is_empty())
+            .map(str::to_string)
+            .collect();
+        if let Some(bad) = overrides.iter().find(|o| !o.contains('=')) {
+            bail!(
+                "{} line {}: {bad:?} is not key=value",
+                path.display(),
+                i + 1
+            );
+        }
+        cards.push(CardSpec {
+            device: device.into(),
+            hostname,
+            overrides,
+        });
+    }
+    if cards.is_empty() {
+        bail!("{} lists no targets", path.display());
+    }
+    Ok(cards)
+}
+
+struct PreparedCard {
+    spec: CardSpec,
+    info: TargetInfo,
+    overlay: Overlay<File>,
+    extents: Extents,
+    hostname: Option<String>,
+    activation_id: Option<String>,
+}
+
+pub fn flash(config: &FlashConfig, progress: &Progress) -> Result<Summary> {
+    let mut seen = std::collections::BTreeSet::new();
+    for card in &config.cards {
+        let key = std::fs::canonicalize(&card.device).unwrap_or_else(|_| card.device.clone());
+        if !seen.insert(key) {
+            bail!("{} is listed twice", card.device.display());
+        }
+    }
+    let recipe = match &config.recipe {
+        Some(path) => Some(recipe::load(path, &config.overrides)?),
+        None => None,
+    };
+
+    let source = source::open(&config.image, config.sha256.as_deref(), progress)?;
+    let base =
+        Image::open(&source.path).with_context(|| format!("reading {}", config.image.display()))?;
+    let base_map = if config.full {
+        Extents::from_ranges(vec![(0, source.len)])
+    } else {
+        map::compute(&base).with_context(|| format!("mapping {}", config.image.display()))?
+    };
+    drop(base);
+    progress.say(&format!(
+        "{}: {} bytes ({}), {} to write{}",
+        config.image.display(),
+        source.len,
+        source.format.name(),
+        base_map.bytes(),
+        if config.full {
+            " (--full)"
+        } else {
+            " (allocated data only)"
+        }
+    ));
+
+    let policy = Policy {
+        required: source.len,
+        allow_non_removable: config.allow_non_removable,
+        allow_large: config.allow_large,
+    };
+    let mut infos = Vec::new();
+    for card in &config.cards {
+        let info = target::probe(&card.device)?;
+        target::check(&info, &policy)?;
+        infos.push(info);
+    }
+    confirm(&infos, config.yes)?;
+
+    // Each card's stamp, made in memory before anything is written.
+    let mut prepared = Vec::new();
+    for (i, (spec, info)) in config.cards.iter().zip(infos).enumerate() {
+        let mut overlay = Overlay::new(File::open(&source.path)?)?;
+        let (mut extents, mut hostname, mut activation_id) = (base_map.clone(), None, None);
+        if let Some(recipe) = &recipe {
+            let settings = card_settings(recipe, spec, config.hostname.as_deref(), i as u32 + 1)?;
+            let image = Image::from_disk(overlay)?;
+            let name = spec.device.display().to_string();
+            stamp::stamp_image(&image, &settings, false, &name)?;
+            overlay = image.into_disk()?;
+            extents = extents
+                .union(&Extents::from_ranges(overlay.changed()))
+                .aligned(source.len);
+            hostname = settings.hostname.clone();
+            activation_id = settings.activation_id.clone();
+        }
+        prepared.push(PreparedCard {
+            spec: spec.clone(),
+            info,
+            overlay,
+            extents,
+            hostname,
+            activation_id,
+        });
+    }
+
+    let _ = ctrlc::set_handler(|| CANCEL.store(true, Ordering::Relaxed));
+    let total = progress.bytes(
+        "total",
+        prepared.iter().map(|c| c.extents.bytes()).sum::<u64>() * (1 + u64::from(config.verify)),
+    );
+    let records: Vec<CardRecord> = std::thread::scope(|scope| {
+        let handles: Vec<_> = prepared
+            .into_iter()
+            .map(|card| {
+                let total = total.clone();
+                let sha256 = source.sha256.clone();
+                let len = source.len;
+                scope.spawn(move || write_one(card, len, sha256, config.verify, progress, &total))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("card writer panicked"))
+            .collect()
+    });
+    total.finish_and_clear();
+
+    if let Some(path) = &config.manifest {
+        let mut out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .with_context(|| format!("opening the manifest {}", path.display()))?;
+        for record in &records {
+            writeln!(out, "{}", serde_json::to_string(record)?)?;
+        }
+    }
+    Ok(Summary {
+        image_sha256: source.sha256,
+        image_bytes: source.len,
+        mapped_bytes: base_map.bytes(),
+        cards: records,
+    })
+}
+
+fn card_settings(
+    recipe: &LoadedRecipe,
+    spec: &CardSpec,
+    pattern: Option<&str>,
+    number: u32,
+) -> Result<CardSettings> {
+    let recipe = if spec.overrides.is_empty() {
+        recipe.clone()
+    } else {
+        recipe::load(&recipe.path, &spec.overrides)?
+    };
+    let hostname = spec.hostname.as_deref().or(pattern);
+    CardSettings::from_recipe(&recipe, hostname, Some(number))
+        .with_context(|| format!("settings for {}", spec.device.display()))
+}
+
+fn confirm(targets: &[TargetInfo], yes: bool) -> Result<()> {
+    let needs = targets
+        .iter()
+        .filter(|t| t.existing_data)
+        .collect::<Vec<_>>();
+    if needs.is_empty() || yes {
+        return Ok(());
+    }
+    use std::io::IsTerminal;
+    if !std::io::stdin().is_terminal() {
+        bail!(
+            "refusing to overwrite {} without confirmation: pass --yes",
+            needs
+                .iter()
+                .map(|t| t.path.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    eprintln!("piprov will ERASE everything on:");
+    for t in &needs {
+        eprintln!("  {}", t.describe());
+    }
+    eprint!("Type yes to go on: ");
+    let mut answer = String::new();
+    std::io::stdin().read_line(&mut answer)?;
+    if answer.trim() != "yes" {
+        bail!("not confirmed; nothing was written");
+    }
+    Ok(())
+}
+
+fn write_one(
+    mut card: PreparedCard,
+    image_len: u64,
+    image_sha256: String,
+    verify: bool,
+    progress: &Progress,
+    total: &indicatif::ProgressBar,
+) -> CardRecord {
+    let started = Instant::now();
+    let device = card.spec.device.display().to_string();
+    let bar = progress.bytes(
+        &short_name(&device),
+        card.extents.bytes() * (1 + u64::from(verify)),
+    );
+    // The card's bar and the batch total advance together.
+    let tick = |n: u64| {
+        bar.inc(n);
+        total.inc(n);
+    };
+    let result = target::Target::open(&card.info, image_len).and_then(|target| {
+        write::write_card(
+            &target,
+            &mut card.overlay,
+            &card.extents,
+            verify,
+            &CANCEL,
+            &tick,
+        )
+    });
+    bar.finish_and_clear();
+    let (result_name, error, written) = match result {
+        Ok(w) => ("ok", None, Some(w)),
+        Err(e) if e.downcast_ref::<write::InterruptedError>().is_some() => {
+            ("interrupted", Some(format!("{e:#}")), None)
+        }
+        Err(e) => ("failed", Some(format!("{e:#}")), None),
+    };
+    let record = CardRecord {
+        device: device.clone(),
+        model: card.info.model.clone(),
+        serial: card.info.serial.clone(),
+        hostname: card.hostname,
+        activation_id: card.activation_id,
+        image_sha256,
+        bytes_written: written.map_or(0, |w| w.bytes),
+        verified: written.is_some_and(|w| w.verified),
+        result: result_name.into(),
+        error,
+        seconds: started.elapsed().as_secs_f64(),
+        finished_at: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+    };
+    progress.event(&serde_json::json!({"event": "card", "card": &record}));
+    record
+}
+
+fn short_name(device: &str) -> String {
+    Path::new(device)
+        .file_name()
+        .map_or(device.to_string(), |n| n.to_string_lossy().into_owned())
+}

@@ -1,0 +1,71 @@
+//! Progress for long work: bars on a terminal, nothing when quiet, JSON lines for
+//! scripts.
+
+use std::io::Write;
+use std::sync::Mutex;
+
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use serde::Serialize;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Bars,
+    Quiet,
+    JsonLines,
+}
+
+pub struct Progress {
+    mode: Mode,
+    multi: MultiProgress,
+    out: Mutex<()>,
+}
+
+impl Progress {
+    pub fn new(mode: Mode) -> Self {
+        let target = if mode == Mode::Bars {
+            ProgressDrawTarget::stderr()
+        } else {
+            ProgressDrawTarget::hidden()
+        };
+        Self {
+            mode,
+            multi: MultiProgress::with_draw_target(target),
+            out: Mutex::new(()),
+        }
+    }
+
+    pub fn mode(&self) -> Mode {
+        self.mode
+    }
+
+    /// A byte-counting bar (hidden unless drawing bars).
+    pub fn bytes(&self, label: &str, total: u64) -> ProgressBar {
+        let bar = self.multi.add(ProgressBar::new(total));
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{prefix:>14} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} {msg}",
+            )
+            .expect("valid template")
+            .progress_chars("=> "),
+        );
+        bar.set_prefix(label.to_string());
+        bar
+    }
+
+    /// One JSON line on stdout (JSON mode only).
+    pub fn event<T: Serialize>(&self, event: &T) {
+        if self.mode == Mode::JsonLines {
+            let _guard = self.out.lock();
+            let mut stdout = std::io::stdout().lock();
+            let _ = serde_json::to_writer(&mut stdout, event);
+            let _ = writeln!(stdout);
+        }
+    }
+
+    /// A line for people (bars mode), printed above the bars.
+    pub fn say(&self, line: &str) {
+        if self.mode == Mode::Bars {
+            let _ = self.multi.println(line);
+        }
+    }
+}

@@ -1,0 +1,344 @@
+//! Where an image goes: a block device (a card) or a regular file. For devices,
+//! what sysfs and /proc say about them, and the checks that keep piprov from
+//! writing to the wrong disk.
+
+use std::fs::{File, OpenOptions};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use serde::Serialize;
+
+/// Raspberry Pi Imager and balenaEtcher ask twice above this: a card this big
+/// is more likely somebody's external disk.
+pub const LARGE_DEVICE: u64 = 128_000_000_000;
+
+mod ioctl {
+    nix::ioctl_read!(blkgetsize64, 0x12, 114, u64);
+    nix::ioctl_none!(blkrrpart, 0x12, 95);
+    nix::ioctl_none!(blkflsbuf, 0x12, 97);
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct TargetInfo {
+    pub path: PathBuf,
+    pub block_device: bool,
+    pub size: u64,
+    /// Kernel name (`sdb`, `mmcblk0`, `loop3`).
+    pub name: Option<String>,
+    pub model: Option<String>,
+    pub vendor: Option<String>,
+    pub serial: Option<String>,
+    pub removable: bool,
+    pub read_only: bool,
+    /// The file exists and holds data (regular-file targets).
+    pub existing_data: bool,
+}
+
+impl TargetInfo {
+    pub fn describe(&self) -> String {
+        let gb = self.size as f64 / 1e9;
+        let model = [self.vendor.as_deref(), self.model.as_deref()]
+            .into_iter()
+            .flatten()
+            .collect::<Vec<_>>()
+            .join(" ");
+        if self.block_device {
+            format!(
+                "{} ({}, {gb:.1} GB{})",
+                self.path.display(),
+                if model.is_empty() {
+                    "unknown model"
+                } else {
+                    &model
+                },
+                if self.removable {
+                    ", removable"
+                } else {
+                    ", NOT removable"
+                }
+            )
+        } else {
+            format!(
+                "{} (file{})",
+                self.path.display(),
+                if self.existing_data {
+                    ", will be overwritten"
+                } else {
+                    ""
+                }
+            )
+        }
+    }
+}
+
+fn sysfs(dir: &Path, name: &str) -> Option<String> {
+    std::fs::read_to_string(dir.join(name))
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+}
+
+/// `major:minor` of a device number.
+fn dev_id(rdev: u64) -> String {
+    format!(
+        "{}:{}",
+        nix::sys::stat::major(rdev),
+        nix::sys::stat::minor(rdev)
+    )
+}
+
+pub fn probe(path: &Path) -> Result<TargetInfo> {
+    let meta = match std::fs::metadata(path) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Ok(TargetInfo {
+                path: path.to_path_buf(),
+                block_device: false,
+                size: 0,
+                name: None,
+                model: None,
+                vendor: None,
+                serial: None,
+                removable: false,
+                read_only: false,
+                existing_data: false,
+            });
+        }
+        Err(e) => return Err(e).with_context(|| format!("looking at {}", path.display())),
+    };
+    if meta.file_type().is_file() {
+        return Ok(TargetInfo {
+            path: path.to_path_buf(),
+            block_device: false,
+            size: meta.len(),
+            name: None,
+            model: None,
+            vendor: None,
+            serial: None,
+            removable: false,
+            read_only: meta.permissions().readonly(),
+            existing_data: meta.len() > 0,
+        });
+    }
+    if !meta.file_type().is_block_device() {
+        bail!(
+            "{} is neither a block device nor a regular file",
+            path.display()
+        );
+    }
+    let dev = dev_id(meta.rdev());
+    let sys = std::fs::canonicalize(format!("/sys/dev/block/{dev}"))
+        .with_context(|| format!("finding {} ({dev}) in /sys", path.display()))?;
+    if sys.join("partition").exists() {
+        let disk = sys
+            .parent()
+            .and_then(|p| p.file_name())
+            .map(|n| n.to_string_lossy().into_owned());
+        bail!(
+            "{} is a partition, not a whole card: give the disk (/dev/{})",
+            path.display(),
+            disk.unwrap_or_default()
+        );
+    }
+    let name = sys.file_name().map(|n| n.to_string_lossy().into_owned());
+    let size = sysfs(&sys, "size")
+        .and_then(|s| s.parse::<u64>().ok())
+        .unwrap_or(0)
+        * 512;
+    Ok(TargetInfo {
+        path: path.to_path_buf(),
+        block_device: true,
+        size,
+        model: sysfs(&sys, "device/model"),
+        vendor: sysfs(&sys, "device/vendor"),
+        serial: sysfs(&sys, "device/serial").or_else(|| sysfs(&sys, "device/wwid")),
+        removable: sysfs(&sys, "removable").as_deref() == Some("1")
+            // USB card readers often say 0; the bus says more.
+            || sys.to_string_lossy().contains("/usb"),
+        read_only: sysfs(&sys, "ro").as_deref() == Some("1"),
+        existing_data: true,
+        name,
+    })
+}
+
+/// The kernel names of a disk and all its partitions (`sdb`, `sdb1`, …), with
+/// their device numbers.
+fn disk_and_partitions(name: &str) -> Vec<(String, String)> {
+    let dir = Path::new("/sys/block").join(name);
+    let mut out = Vec::new();
+    if let Some(dev) = sysfs(&dir, "dev") {
+        out.push((name.to_string(), dev));
+    }
+    if let Ok(entries) = std::fs::read_dir(&dir) {
+        for entry in entries.flatten() {
+            let part = entry.path();
+            if part.join("partition").exists() {
+                if let Some(dev) = sysfs(&part, "dev") {
+                    out.push((entry.file_name().to_string_lossy().into_owned(), dev));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The disk that holds `/`, by kernel name.
+fn system_disk() -> Option<String> {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let dev = mountinfo.lines().find_map(|l| {
+        let f: Vec<&str> = l.split(' ').collect();
+        (f.get(4) == Some(&"/")).then(|| f[2].to_string())
+    })?;
+    let sys = std::fs::canonicalize(format!("/sys/dev/block/{dev}")).ok()?;
+    let disk = if sys.join("partition").exists() {
+        sys.parent()?.to_path_buf()
+    } else {
+        sys
+    };
+    disk.file_name().map(|n| n.to_string_lossy().into_owned())
+}
+
+/// What flashing requires of every target; `required` is the image's length.
+pub struct Policy {
+    pub required: u64,
+    pub allow_non_removable: bool,
+    pub allow_large: bool,
+}
+
+/// Refuses a target with a message naming it and the reason.
+pub fn check(info: &TargetInfo, policy: &Policy) -> Result<()> {
+    let what = info.describe();
+    if !info.block_device {
+        if info.read_only {
+            bail!("{what}: the file is read-only");
+        }
+        return Ok(());
+    }
+    let name = info.name.clone().unwrap_or_default();
+    if system_disk().as_deref() == Some(name.as_str()) {
+        bail!("refusing {what}: it holds the running system's root filesystem");
+    }
+    let ours = disk_and_partitions(&name);
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    for line in mountinfo.lines() {
+        let f: Vec<&str> = line.split(' ').collect();
+        if let (Some(dev), Some(mount)) = (f.get(2), f.get(4)) {
+            if let Some((part, _)) = ours.iter().find(|(_, d)| d == dev) {
+                bail!("refusing {what}: /dev/{part} is mounted at {mount}; unmount it first");
+            }
+        }
+    }
+    let swaps = std::fs::read_to_string("/proc/swaps").unwrap_or_default();
+    for line in swaps.lines().skip(1) {
+        let device = line.split_whitespace().next().unwrap_or_default();
+        if let Some((part, _)) = ours.iter().find(|(n, _)| device == format!("/dev/{n}")) {
+            bail!("refusing {what}: /dev/{part} is in use as swap");
+        }
+    }
+    if info.read_only {
+        bail!("refusing {what}: the device is read-only (is the card's lock switch on?)");
+    }
+    if info.size < policy.required {
+        bail!(
+            "refusing {what}: the card holds {} bytes, the image needs {}",
+            info.size,
+            policy.required
+        );
+    }
+    if !info.removable && !policy.allow_non_removable {
+        bail!(
+            "refusing {what}: not a removable device; pass --allow-non-removable if you are sure"
+        );
+    }
+    if info.size > LARGE_DEVICE && !policy.allow_large {
+        bail!(
+            "refusing {what}: larger than 128 GB, more likely a disk than an SD card; pass --allow-large if you are sure"
+        );
+    }
+    Ok(())
+}
+
+/// An open target. Block devices are opened with O_EXCL (the kernel refuses a
+/// device that is mounted or held by another program) and O_DIRECT.
+pub struct Target {
+    pub info: TargetInfo,
+    pub file: File,
+    pub direct: bool,
+}
+
+impl Target {
+    pub fn open(info: &TargetInfo, image_len: u64) -> Result<Self> {
+        let path = &info.path;
+        if !info.block_device {
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(path)
+                .with_context(|| format!("opening {}", path.display()))?;
+            // Unwritten ranges of a file read as zeroes; stale bytes past the image go.
+            file.set_len(0)?;
+            file.set_len(image_len)?;
+            return Ok(Self {
+                info: info.clone(),
+                file,
+                direct: false,
+            });
+        }
+        let open = |flags: i32| {
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .custom_flags(nix::libc::O_EXCL | flags)
+                .open(path)
+        };
+        let (file, direct) = match open(nix::libc::O_DIRECT) {
+            Ok(file) => (file, true),
+            Err(e) if e.raw_os_error() == Some(nix::libc::EINVAL) => (open(0)?, false),
+            Err(e) if e.raw_os_error() == Some(nix::libc::EBUSY) => {
+                bail!(
+                    "refusing {}: the device is in use (mounted, or held by another program)",
+                    info.describe()
+                )
+            }
+            Err(e) => return Err(e).with_context(|| format!("opening {}", path.display())),
+        };
+        let mut size = 0u64;
+        // SAFETY: BLKGETSIZE64 writes one u64 through the pointer we pass.
+        unsafe { ioctl::blkgetsize64(file.as_raw_fd(), &mut size) }
+            .with_context(|| format!("reading the size of {}", path.display()))?;
+        if size < image_len {
+            bail!(
+                "refusing {}: the card holds {size} bytes, the image needs {image_len}",
+                info.describe()
+            );
+        }
+        Ok(Self {
+            info: info.clone(),
+            file,
+            direct,
+        })
+    }
+
+    /// Makes the kernel read the new partition table, and drops cached blocks so
+    /// verification reads what is on the card.
+    pub fn reread_partitions(&self) -> Result<()> {
+        if !self.info.block_device {
+            return Ok(());
+        }
+        let fd = self.file.as_raw_fd();
+        // SAFETY: both ioctls take no argument.
+        unsafe {
+            ioctl::blkflsbuf(fd).context("flushing the device's buffers (BLKFLSBUF)")?;
+            // Loop devices without partition scanning answer EINVAL; nothing to re-read.
+            match ioctl::blkrrpart(fd) {
+                Ok(_) | Err(nix::errno::Errno::EINVAL) => {}
+                Err(e) => return Err(e).context("re-reading the partition table (BLKRRPART)"),
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,201 @@
+//! Writing one card: the mapped ranges in chunks, hashed as they are written,
+//! the first MiB last, then a read-back that bypasses the page cache.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use anyhow::{Context, Result, bail};
+use sha2::{Digest, Sha256};
+
+use super::map::Extents;
+use super::target::Target;
+use crate::image::Overlay;
+
+/// Large enough to keep a card's write queue full, small enough that a batch
+/// of cards holds little memory.
+pub const CHUNK: u64 = 4 << 20;
+/// The partition table and boot code live here. Written last, after everything
+/// else is on the card, so an interrupted write never leaves a card that looks
+/// bootable.
+pub const FIRST_MIB: u64 = 1 << 20;
+/// O_DIRECT wants buffers, offsets and lengths aligned to the logical sector.
+const DIRECT_ALIGN: usize = 4096;
+
+struct AlignedBuf {
+    raw: Vec<u8>,
+    offset: usize,
+}
+
+impl AlignedBuf {
+    fn new(len: usize) -> Self {
+        let raw = vec![0u8; len + DIRECT_ALIGN];
+        let offset = raw.as_ptr().align_offset(DIRECT_ALIGN);
+        Self { raw, offset }
+    }
+
+    fn get(&mut self, len: usize) -> &mut [u8] {
+        &mut self.raw[self.offset..self.offset + len]
+    }
+}
+
+/// One piece of the card, with the hash of what was written there.
+struct Chunk {
+    start: u64,
+    len: u64,
+    sha256: [u8; 32],
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Written {
+    pub bytes: u64,
+    pub verified: bool,
+}
+
+/// Splits the extents into chunks, with nothing straddling the first MiB.
+fn plan_chunks(extents: &Extents) -> (Vec<(u64, u64)>, Vec<(u64, u64)>) {
+    let (mut head, mut rest) = (Vec::new(), Vec::new());
+    for &(start, end) in extents.ranges() {
+        let mut at = start;
+        while at < end {
+            let limit = if at < FIRST_MIB {
+                FIRST_MIB.min(end)
+            } else {
+                end
+            };
+            let len = (limit - at).min(CHUNK);
+            if at < FIRST_MIB {
+                head.push((at, len))
+            } else {
+                rest.push((at, len))
+            }
+            at += len;
+        }
+    }
+    (head, rest)
+}
+
+pub fn write_card<R: Read + Seek>(
+    target: &Target,
+    source: &mut Overlay<R>,
+    extents: &Extents,
+    verify: bool,
+    cancel: &AtomicBool,
+    tick: &dyn Fn(u64),
+) -> Result<Written> {
+    let (head, rest) = plan_chunks(extents);
+    let mut buf = AlignedBuf::new(CHUNK as usize);
+    let mut chunks = Vec::with_capacity(head.len() + rest.len());
+    let path = target.info.path.display().to_string();
+    let mut write = |chunks: &mut Vec<Chunk>, list: &[(u64, u64)]| -> Result<()> {
+        for &(start, len) in list {
+            if cancel.load(Ordering::Relaxed) {
+                bail!(InterruptedError);
+            }
+            let padded = if target.direct {
+                len.next_multiple_of(512)
+            } else {
+                len
+            };
+            let data = buf.get(padded as usize);
+            // A card is longer than the image: padding the image's last odd
+            // sector with zeroes for O_DIRECT writes only past its end.
+            data[len as usize..].fill(0);
+            source
+                .read_at(start, &mut data[..len as usize])
+                .with_context(|| format!("reading the image at byte {start}"))?;
+            let sha256 = Sha256::digest(&*data).into();
+            target
+                .file
+                .write_all_at(data, start)
+                .with_context(|| format!("writing {path} at byte {start}"))?;
+            chunks.push(Chunk {
+                start,
+                len: padded,
+                sha256,
+            });
+            tick(len);
+        }
+        Ok(())
+    };
+    write(&mut chunks, &rest)?;
+    target
+        .file
+        .sync_all()
+        .with_context(|| format!("flushing {path}"))?;
+    write(&mut chunks, &head)?;
+    target
+        .file
+        .sync_all()
+        .with_context(|| format!("flushing {path}"))?;
+    target.reread_partitions()?;
+    let bytes = extents.bytes();
+    if !verify {
+        return Ok(Written {
+            bytes,
+            verified: false,
+        });
+    }
+    let reader = open_for_verify(target)?;
+    for chunk in &chunks {
+        if cancel.load(Ordering::Relaxed) {
+            bail!(InterruptedError);
+        }
+        let data = buf.get(chunk.len as usize);
+        reader
+            .read_exact_at(data, chunk.start)
+            .with_context(|| format!("reading back {path} at byte {}", chunk.start))?;
+        if Sha256::digest(&*data)[..] != chunk.sha256[..] {
+            bail!(
+                "verification failed: {path} returned different data at bytes {}..{} than was written \
+                 (a failing or counterfeit card?)",
+                chunk.start,
+                chunk.start + chunk.len
+            );
+        }
+        tick(chunk.len.min(bytes));
+    }
+    Ok(Written {
+        bytes,
+        verified: true,
+    })
+}
+
+/// A second handle for reading back; O_DIRECT on devices, so the bytes come
+/// from the card and not from the page cache.
+fn open_for_verify(target: &Target) -> Result<File> {
+    let mut options = OpenOptions::new();
+    options.read(true);
+    if target.direct {
+        options.custom_flags(nix::libc::O_DIRECT);
+    }
+    options
+        .open(&target.info.path)
+        .with_context(|| format!("opening {} to verify", target.info.path.display()))
+}
+
+#[derive(Debug)]
+pub struct InterruptedError;
+
+impl std::fmt::Display for InterruptedError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("interrupted before the card was complete; its partition table was not written")
+    }
+}
+
+impl std::error::Error for InterruptedError {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_first_mib_is_split_off_and_chunks_are_bounded() {
+        let extents = Extents::from_ranges(vec![(0, 3 << 20), (10 << 20, (10 << 20) + 4096)]);
+        let (head, rest) = plan_chunks(&extents);
+        assert_eq!(head, vec![(0, FIRST_MIB)]);
+        assert_eq!(rest, vec![(FIRST_MIB, 2 << 20), (10 << 20, 4096)]);
+        assert!(rest.iter().all(|(_, len)| *len <= CHUNK));
+    }
+}
