@@ -53,8 +53,11 @@ pub struct Written {
     pub verified: bool,
 }
 
-/// Splits the extents into chunks, with nothing straddling the first MiB.
-fn plan_chunks(extents: &Extents) -> (Vec<(u64, u64)>, Vec<(u64, u64)>) {
+/// `(start, len)` pieces of the card, in the order they are written.
+type Pieces = Vec<(u64, u64)>;
+
+/// Splits the extents into chunks: those in the first MiB, and the rest.
+fn plan_chunks(extents: &Extents) -> (Pieces, Pieces) {
     let (mut head, mut rest) = (Vec::new(), Vec::new());
     for &(start, end) in extents.ranges() {
         let mut at = start;
