@@ -130,6 +130,9 @@ pub fn read_targets(path: &Path) -> Result<Vec<CardSpec>> {
 struct PreparedCard {
     spec: CardSpec,
     info: TargetInfo,
+    /// Opened before anything is written; a file that cannot be created fails
+    /// only its own card.
+    target: Result<target::Target>,
     overlay: Overlay<File>,
     extents: Extents,
     hostname: Option<String>,
@@ -184,9 +187,16 @@ pub fn flash(config: &FlashConfig, progress: &Progress) -> Result<Summary> {
     }
     confirm(&infos, config.yes)?;
 
-    // Each card's stamp, made in memory before anything is written.
+    // Each card opened (devices exclusively: a busy one is refused here) and
+    // stamped in memory before anything is written.
     let mut prepared = Vec::new();
     for (i, (spec, info)) in config.cards.iter().zip(infos).enumerate() {
+        let target = target::Target::open(&info, source.len);
+        if info.block_device {
+            if let Err(e) = target {
+                return Err(e);
+            }
+        }
         let mut overlay = Overlay::new(File::open(&source.path)?)?;
         let (mut extents, mut hostname, mut activation_id) = (base_map.clone(), None, None);
         if let Some(recipe) = &recipe {
@@ -204,6 +214,7 @@ pub fn flash(config: &FlashConfig, progress: &Progress) -> Result<Summary> {
         prepared.push(PreparedCard {
             spec: spec.clone(),
             info,
+            target,
             overlay,
             extents,
             hostname,
@@ -222,8 +233,7 @@ pub fn flash(config: &FlashConfig, progress: &Progress) -> Result<Summary> {
             .map(|card| {
                 let total = total.clone();
                 let sha256 = source.sha256.clone();
-                let len = source.len;
-                scope.spawn(move || write_one(card, len, sha256, config.verify, progress, &total))
+                scope.spawn(move || write_one(card, sha256, config.verify, progress, &total))
             })
             .collect();
         handles
@@ -301,7 +311,6 @@ fn confirm(targets: &[TargetInfo], yes: bool) -> Result<()> {
 
 fn write_one(
     mut card: PreparedCard,
-    image_len: u64,
     image_sha256: String,
     verify: bool,
     progress: &Progress,
@@ -318,16 +327,17 @@ fn write_one(
         bar.inc(n);
         total.inc(n);
     };
-    let result = target::Target::open(&card.info, image_len).and_then(|target| {
-        write::write_card(
-            &target,
+    let result = match &card.target {
+        Ok(target) => write::write_card(
+            target,
             &mut card.overlay,
             &card.extents,
             verify,
             &CANCEL,
             &tick,
-        )
-    });
+        ),
+        Err(e) => Err(anyhow::anyhow!("{e:#}")),
+    };
     bar.finish_and_clear();
     let (result_name, error, written) = match result {
         Ok(w) => ("ok", None, Some(w)),

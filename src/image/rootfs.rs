@@ -59,6 +59,15 @@ impl RootFs {
         }
     }
 
+    /// Whether `path` is a directory (a symbolic link is not followed).
+    pub fn is_dir(&self, path: &str) -> Result<bool> {
+        match self.fs.symlink_metadata(path) {
+            Ok(m) => Ok(m.is_dir()),
+            Err(Ext4Error::NotFound | Ext4Error::NotADirectory) => Ok(false),
+            Err(e) => Err(e).with_context(|| format!("reading the metadata of {path}")),
+        }
+    }
+
     /// Whether `path` itself is a symbolic link (not followed).
     pub fn is_symlink(&self, path: &str) -> Result<bool> {
         match self.fs.symlink_metadata(path) {

@@ -1,0 +1,522 @@
+//! `piprov flash` to files and, as root, to loop devices: every format, the map
+//! on a card full of old data, stamps per card, a failing card in a batch, and
+//! every refusal.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::card::shared_recipe;
+use common::*;
+use piprov::image::{Image, RootFs};
+use predicates::str::contains;
+use tempfile::TempDir;
+
+/// Every regular file in an image's root filesystem, with its content.
+fn root_files(image: &Path) -> BTreeMap<String, Vec<u8>> {
+    fn walk(fs: &RootFs, dir: &str, out: &mut BTreeMap<String, Vec<u8>>) {
+        for name in fs.list(dir).unwrap() {
+            let path = format!("{}/{name}", dir.trim_end_matches('/'));
+            if fs.is_symlink(&path).unwrap() {
+                continue;
+            }
+            if fs.is_dir(&path).unwrap() {
+                walk(fs, &path, out);
+            } else if let Some(data) = fs.read(&path).unwrap() {
+                out.insert(path, data);
+            }
+        }
+    }
+    let image = Image::open(image).unwrap();
+    let fs = image.rootfs().unwrap();
+    let mut out = BTreeMap::new();
+    walk(&fs, "/", &mut out);
+    out
+}
+
+fn boot_files(image: &Path) -> BTreeMap<String, Vec<u8>> {
+    let image = Image::open(image).unwrap();
+    let boot = image.boot().unwrap();
+    boot.list_root()
+        .unwrap()
+        .into_iter()
+        .map(|n| {
+            let data = boot.read(&n).unwrap().unwrap();
+            (n, data)
+        })
+        .collect()
+}
+
+fn fill_random(path: &Path, bytes: u64) {
+    let status = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "head -c {bytes} /dev/urandom > '{}'",
+            path.display()
+        ))
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+fn fsck_clean(image: &Path, dir: &Path) {
+    assert_fat_clean(image, dir);
+    let part = dir.join("root.part");
+    extract_partition(image, 2, &part);
+    let out = Command::new("e2fsck")
+        .args(["-fn"])
+        .arg(&part)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "e2fsck -fn: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+fn flash(dir: &TempDir) -> assert_cmd::Command {
+    let mut cmd = piprov();
+    cmd.env("PIPROV_CACHE_DIR", dir.path().join("cache"))
+        .arg("flash");
+    cmd
+}
+
+#[test]
+fn the_map_is_safe_on_a_card_full_of_old_data() {
+    let dir = TempDir::new().unwrap();
+    let image = fixture("registered", &dir);
+    let card = dir.path().join("card.img");
+    fill_random(&card, std::fs::metadata(&image).unwrap().len());
+    let recipe = shared_recipe(dir.path(), "");
+    flash(&dir)
+        .arg(&image)
+        .arg(&card)
+        .arg("--recipe")
+        .arg(&recipe)
+        .args(["--hostname", "door-{n}", "--yes", "--quiet"])
+        .assert()
+        .success()
+        .stdout(contains("ok,"))
+        .stdout(contains("verified"))
+        .stdout(contains("hostname door-1"));
+    fsck_clean(&card, dir.path());
+    assert_eq!(
+        root_files(&card),
+        root_files(&image),
+        "every file in the root filesystem"
+    );
+    let (source, written) = (boot_files(&image), boot_files(&card));
+    for (name, data) in &source {
+        if name != "cmdline.txt" {
+            assert_eq!(&written[name], data, "{name}");
+        }
+    }
+    assert!(String::from_utf8_lossy(&written["piprov.conf"]).contains("HOSTNAME_PATTERN=door-1\n"));
+    assert!(
+        String::from_utf8_lossy(&written["cmdline.txt"])
+            .contains("systemd.run=/boot/firmware/piprov-install.sh")
+    );
+}
+
+#[test]
+fn every_archive_format_gives_the_same_card() {
+    let dir = TempDir::new().unwrap();
+    let image = fixture("golden", &dir);
+    let reference = dir.path().join("reference.img");
+    flash(&dir)
+        .arg(&image)
+        .arg(&reference)
+        .args(["--full", "--quiet"])
+        .assert()
+        .success();
+    assert_eq!(
+        std::fs::read(&reference).unwrap(),
+        std::fs::read(&image).unwrap(),
+        "--full copies every byte"
+    );
+    let shell = |cmd: String| {
+        assert!(
+            Command::new("sh")
+                .arg("-c")
+                .arg(&cmd)
+                .status()
+                .unwrap()
+                .success(),
+            "{cmd}"
+        )
+    };
+    let i = image.display();
+    let d = dir.path().display();
+    // Several xz blocks, so that the decoder can use more than one thread.
+    shell(format!(
+        "xz -T2 --block-size=16MiB -1 -c '{i}' > '{d}/a.xz'"
+    ));
+    shell(format!("gzip -1 -c '{i}' > '{d}/a.gz'"));
+    shell(format!("zstd -q -1 -c '{i}' > '{d}/a.zst'"));
+    shell(format!("bzip2 -1 -c '{i}' > '{d}/a.bz2'"));
+    shell(format!(
+        "cd '{d}' && cp '{i}' disk.img && zip -q -1 a.zip disk.img && rm disk.img"
+    ));
+    let expected = sha256_of(&image);
+    for name in ["a.xz", "a.gz", "a.zst", "a.bz2", "a.zip"] {
+        // Named without a telling suffix: formats are recognised by content.
+        let renamed = dir.path().join(format!("{name}.download"));
+        std::fs::rename(dir.path().join(name), &renamed).unwrap();
+        let card = dir.path().join(format!("{name}.card"));
+        flash(&dir)
+            .arg(&renamed)
+            .arg(&card)
+            .args(["--full", "--quiet", "--sha256", &expected])
+            .assert()
+            .success();
+        assert_eq!(sha256_of(&card), expected, "{name}");
+    }
+}
+
+fn sha256_of(path: &Path) -> String {
+    let out = Command::new("sha256sum").arg(path).output().unwrap();
+    String::from_utf8(out.stdout).unwrap()[..64].to_string()
+}
+
+#[test]
+fn a_truncated_archive_fails_before_any_card_is_touched() {
+    let dir = TempDir::new().unwrap();
+    let image = fixture("golden", &dir);
+    let whole = dir.path().join("whole.img.xz");
+    let xz = dir.path().join("a.img.xz");
+    let status = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "xz -1 -c '{}' > '{}'",
+            image.display(),
+            whole.display()
+        ))
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let data = std::fs::read(&whole).unwrap();
+    std::fs::write(&xz, &data[..data.len() / 2]).unwrap();
+    let card = dir.path().join("card.img");
+    std::fs::write(&card, b"old data").unwrap();
+    flash(&dir)
+        .arg(&xz)
+        .arg(&card)
+        .args(["--yes", "--quiet"])
+        .assert()
+        .code(2)
+        .stderr(contains("the archive is truncated or corrupt"));
+    assert_eq!(std::fs::read(&card).unwrap(), b"old data");
+    assert!(
+        std::fs::read_dir(dir.path().join("cache"))
+            .unwrap()
+            .all(|e| !e.unwrap().file_name().to_string_lossy().ends_with(".img")),
+        "no half-decoded image is cached"
+    );
+}
+
+#[test]
+fn a_wrong_sha256_is_refused() {
+    let dir = TempDir::new().unwrap();
+    let image = fixture("golden", &dir);
+    let card = dir.path().join("card.img");
+    flash(&dir)
+        .arg(&image)
+        .arg(&card)
+        .args(["--quiet", "--sha256", &"0".repeat(64)])
+        .assert()
+        .code(2)
+        .stderr(contains("not the expected 0000"));
+    assert!(!card.exists());
+}
+
+#[test]
+fn a_batch_stamps_each_card_and_reports_a_failed_one() {
+    let dir = TempDir::new().unwrap();
+    let image = fixture("golden", &dir);
+    let recipe = shared_recipe(dir.path(), "");
+    let cards: Vec<PathBuf> = (1..=3)
+        .map(|i| dir.path().join(format!("card{i}.img")))
+        .collect();
+    let targets = dir.path().join("targets.csv");
+    std::fs::write(
+        &targets,
+        format!(
+            "device,hostname,overrides\n{},lab-a\n{},lab-b,sudo.strip_nopasswd=false\n{}/no/such/dir/card.img,lab-c\n",
+            cards[0].display(),
+            cards[1].display(),
+            dir.path().display()
+        ),
+    )
+    .unwrap();
+    let manifest = dir.path().join("cards.jsonl");
+    let out = flash(&dir)
+        .arg(&image)
+        .arg("--targets-file")
+        .arg(&targets)
+        .arg("--recipe")
+        .arg(&recipe)
+        .arg("--manifest")
+        .arg(&manifest)
+        .args(["--json"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "one card failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&manifest)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 3);
+    assert_eq!(lines[0]["result"], "ok");
+    assert_eq!(lines[0]["hostname"], "lab-a");
+    assert_eq!(lines[0]["activation_id"], "act-1");
+    assert_eq!(lines[0]["verified"], true);
+    assert_eq!(lines[0]["image_sha256"], sha256_of(&image).as_str());
+    assert_eq!(lines[2]["result"], "failed");
+    assert!(lines[2]["error"].as_str().unwrap().contains("No such file"));
+    let manifest_text = std::fs::read_to_string(&manifest).unwrap();
+    assert!(
+        !manifest_text.contains(common::card::SHARED_CODE),
+        "no secret in the manifest"
+    );
+    let a = String::from_utf8(boot_files(&cards[0])["piprov.conf"].clone()).unwrap();
+    let b = String::from_utf8(boot_files(&cards[1])["piprov.conf"].clone()).unwrap();
+    assert!(
+        a.contains("HOSTNAME_PATTERN=lab-a\n") && a.contains("STRIP_NOPASSWD=1\n"),
+        "{a}"
+    );
+    assert!(
+        b.contains("HOSTNAME_PATTERN=lab-b\n") && b.contains("STRIP_NOPASSWD=0\n"),
+        "{b}"
+    );
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        stdout
+            .lines()
+            .last()
+            .unwrap()
+            .contains("\"event\":\"summary\""),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn existing_data_is_not_overwritten_without_confirmation() {
+    let dir = TempDir::new().unwrap();
+    let image = fixture("golden", &dir);
+    let card = dir.path().join("card.img");
+    std::fs::write(&card, b"precious").unwrap();
+    flash(&dir)
+        .arg(&image)
+        .arg(&card)
+        .arg("--quiet")
+        .write_stdin("")
+        .assert()
+        .code(2)
+        .stderr(contains("without confirmation: pass --yes"));
+    assert_eq!(std::fs::read(&card).unwrap(), b"precious");
+}
+
+/// A loop device over a file, detached on drop.
+struct Loop {
+    dev: String,
+}
+
+impl Loop {
+    fn new(file: &Path, extra: &[&str]) -> Option<Loop> {
+        let out = Command::new("losetup")
+            .args(["-f", "--show"])
+            .args(extra)
+            .arg(file)
+            .output()
+            .ok()?;
+        out.status.success().then(|| Loop {
+            dev: String::from_utf8(out.stdout).unwrap().trim().to_string(),
+        })
+    }
+}
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        let part = format!("{}p2", self.dev);
+        if Path::new(&part).exists() {
+            let _ = Command::new("umount").arg(&part).output();
+        }
+        let _ = Command::new("losetup").arg("-d").arg(&self.dev).output();
+    }
+}
+
+/// Without udev (containers) the kernel's partition has no /dev node: make it
+/// from the numbers sysfs gives.
+fn make_partition_node(part: &str) {
+    if Path::new(part).exists() {
+        return;
+    }
+    let name = part.trim_start_matches("/dev/");
+    let disk = name
+        .trim_end_matches(|c: char| c.is_ascii_digit())
+        .trim_end_matches('p');
+    if !Path::new(&format!("/sys/block/{disk}/{name}")).exists() {
+        // Some kernels leave a fresh loop device's partitions unscanned.
+        let _ = Command::new("partx")
+            .args(["-a", &format!("/dev/{disk}")])
+            .output();
+        if Path::new(part).exists() {
+            return;
+        }
+    }
+    let dev = std::fs::read_to_string(format!("/sys/block/{disk}/{name}/dev")).unwrap();
+    let (major, minor) = dev.trim().split_once(':').unwrap();
+    let ok = Command::new("mknod")
+        .args([part, "b", major, minor])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "mknod {part}");
+}
+
+/// Loop devices need root; without it these tests say why they skip.
+fn loop_devices_usable(dir: &TempDir) -> bool {
+    let probe = dir.path().join("probe.img");
+    std::fs::File::create(&probe)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let usable = Loop::new(&probe, &[]).is_some();
+    if !usable {
+        eprintln!("SKIPPED: loop devices are not available (needs root); CI runs these as root");
+    }
+    usable
+}
+
+#[test]
+fn loop_devices_as_a_bench_of_cards() {
+    let dir = TempDir::new().unwrap();
+    if !loop_devices_usable(&dir) {
+        return;
+    }
+    let image = fixture("registered", &dir);
+    let len = std::fs::metadata(&image).unwrap().len();
+    let recipe = shared_recipe(dir.path(), "");
+    let mut loops = Vec::new();
+    for i in 0..2 {
+        let backing = dir.path().join(format!("dev{i}.img"));
+        fill_random(&backing, len + (8 << 20));
+        loops.push((backing.clone(), Loop::new(&backing, &[]).unwrap()));
+    }
+    // Not removable: refused without the flag, naming the device and the reason.
+    flash(&dir)
+        .arg(&image)
+        .arg(&loops[0].1.dev)
+        .args(["--yes", "--quiet"])
+        .assert()
+        .code(2)
+        .stderr(contains(loops[0].1.dev.as_str()))
+        .stderr(contains("not a removable device"));
+    flash(&dir)
+        .arg(&image)
+        .args(loops.iter().map(|(_, l)| l.dev.clone()))
+        .arg("--recipe")
+        .arg(&recipe)
+        .args([
+            "--hostname",
+            "bench-{n}",
+            "--yes",
+            "--quiet",
+            "--allow-non-removable",
+        ])
+        .assert()
+        .success();
+    for (i, (backing, l)) in loops.iter().enumerate() {
+        let _ = Command::new("losetup").arg("-d").arg(&l.dev).status();
+        let card = dir.path().join(format!("card{i}.img"));
+        std::fs::copy(backing, &card).unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(&card)
+            .unwrap()
+            .set_len(len)
+            .unwrap();
+        fsck_clean(&card, dir.path());
+        assert_eq!(root_files(&card), root_files(&image));
+        let conf = String::from_utf8(boot_files(&card)["piprov.conf"].clone()).unwrap();
+        assert!(
+            conf.contains(&format!("HOSTNAME_PATTERN=bench-{}\n", i + 1)),
+            "{conf}"
+        );
+    }
+}
+
+#[test]
+fn loop_devices_that_must_be_refused() {
+    let dir = TempDir::new().unwrap();
+    if !loop_devices_usable(&dir) {
+        return;
+    }
+    let image = fixture("golden", &dir);
+    let len = std::fs::metadata(&image).unwrap().len();
+    let refuse = |dev: &str, reason: &str| {
+        flash(&dir)
+            .arg(&image)
+            .arg(dev)
+            .args(["--yes", "--quiet", "--allow-non-removable"])
+            .assert()
+            .code(2)
+            .stderr(contains(dev))
+            .stderr(contains(reason));
+    };
+    let small = dir.path().join("small.img");
+    std::fs::File::create(&small)
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
+    let small = Loop::new(&small, &[]).unwrap();
+    refuse(&small.dev, "the image needs");
+
+    let ro = dir.path().join("ro.img");
+    std::fs::File::create(&ro).unwrap().set_len(len).unwrap();
+    let ro = Loop::new(&ro, &["-r"]).unwrap();
+    refuse(&ro.dev, "read-only");
+
+    // Held open exclusively by another program: the kernel answers EBUSY.
+    let busy = dir.path().join("busy.img");
+    std::fs::File::create(&busy).unwrap().set_len(len).unwrap();
+    let busy = Loop::new(&busy, &[]).unwrap();
+    let holder = {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(nix::libc::O_EXCL)
+            .open(&busy.dev)
+            .unwrap()
+    };
+    refuse(&busy.dev, "the device is in use");
+    drop(holder);
+
+    // A card with a mounted partition (the ext4 root: not every kernel has vfat),
+    // and the partition itself.
+    let mounted = dir.path().join("mounted.img");
+    std::fs::copy(&image, &mounted).unwrap();
+    let mounted = Loop::new(&mounted, &["-P"]).unwrap();
+    let mnt = dir.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let part = format!("{}p2", mounted.dev);
+    make_partition_node(&part);
+    let ok = Command::new("mount")
+        .arg(&part)
+        .arg(&mnt)
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "mounting {part}");
+    refuse(&mounted.dev, "is mounted at");
+    refuse(&part, "is a partition, not a whole card");
+}
