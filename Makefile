@@ -2,7 +2,7 @@
 CARGO ?= cargo
 FUZZ_SECONDS ?= 60
 
-.PHONY: all deps build demo test lint fuzz clean
+.PHONY: all deps build demo test lint fuzz bench clean
 
 all: build
 
@@ -36,3 +36,6 @@ fuzz: deps
 clean:
 	$(CARGO) clean
 	rm -rf demo
+
+bench:
+	sh bench/run.sh

@@ -90,7 +90,7 @@ pub fn open(path: &Path, expected: Option<&str>, progress: &Progress) -> Result<
     let source = if format == Format::Raw {
         let len = file.seek(SeekFrom::End(0))?;
         file.seek(SeekFrom::Start(0))?;
-        let sha256 = hash_reader(&mut file, len, progress, "hashing")?;
+        let sha256 = raw_hash_cached(path, &mut file, len, progress)?;
         Source {
             path: path.to_path_buf(),
             len,
@@ -111,6 +111,24 @@ pub fn open(path: &Path, expected: Option<&str>, progress: &Progress) -> Result<
         }
     }
     Ok(source)
+}
+
+/// The SHA-256 of a raw image, remembered per file (device, inode, size and
+/// mtime), so a bench flashing the same image again does not read it twice.
+fn raw_hash_cached(path: &Path, file: &mut File, len: u64, progress: &Progress) -> Result<String> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = file.metadata()?;
+    let key = format!("raw-{}-{}-{}-{}.{}.sha256", meta.dev(), meta.ino(), len, meta.mtime(), meta.mtime_nsec());
+    let cached = cache_dir().join(key);
+    if let Ok(text) = std::fs::read_to_string(&cached) {
+        return Ok(text.trim().to_string());
+    }
+    let sha256 = hash_reader(file, len, progress, "hashing")
+        .with_context(|| format!("hashing {}", path.display()))?;
+    if std::fs::create_dir_all(cache_dir()).is_ok() {
+        let _ = std::fs::write(&cached, format!("{sha256}\n"));
+    }
+    Ok(sha256)
 }
 
 fn read_up_to(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {

@@ -266,27 +266,34 @@ pub struct Target {
     pub info: TargetInfo,
     pub file: File,
     pub direct: bool,
+    image_len: u64,
 }
 
 impl Target {
     pub fn open(info: &TargetInfo, image_len: u64) -> Result<Self> {
         let path = &info.path;
         if !info.block_device {
-            let file = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .open(path)
-                .with_context(|| format!("opening {}", path.display()))?;
+            let open = |flags: i32| {
+                OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create(true)
+                    .truncate(false)
+                    .custom_flags(flags)
+                    .open(path)
+            };
+            // O_DIRECT keeps a large image out of the page cache, as on a card;
+            // some filesystems (tmpfs) refuse it.
+            let (file, direct) = match open(nix::libc::O_DIRECT) {
+                Ok(file) => (Ok(file), true),
+                Err(e) if e.raw_os_error() == Some(nix::libc::EINVAL) => (open(0), false),
+                Err(e) => (Err(e), false),
+            };
+            let file = file.with_context(|| format!("opening {}", path.display()))?;
             // Unwritten ranges of a file read as zeroes; stale bytes past the image go.
             file.set_len(0)?;
             file.set_len(image_len)?;
-            return Ok(Self {
-                info: info.clone(),
-                file,
-                direct: false,
-            });
+            return Ok(Self { info: info.clone(), file, direct, image_len });
         }
         let open = |flags: i32| {
             OpenOptions::new()
@@ -316,11 +323,19 @@ impl Target {
                 info.describe()
             );
         }
-        Ok(Self {
-            info: info.clone(),
-            file,
-            direct,
-        })
+        Ok(Self { info: info.clone(), file, direct, image_len })
+    }
+
+    /// Flushes what was written and makes the system see the new card: for a
+    /// file, its exact length (O_DIRECT padding cut off); for a device, the new
+    /// partition table.
+    pub fn finish_writing(&self) -> Result<()> {
+        let path = self.info.path.display();
+        if !self.info.block_device {
+            self.file.set_len(self.image_len)?;
+        }
+        self.file.sync_all().with_context(|| format!("flushing {path}"))?;
+        self.reread_partitions()
     }
 
     /// Makes the kernel read the new partition table, and drops cached blocks so

@@ -5,6 +5,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{channel, sync_channel};
 
 use anyhow::{Context, Result, bail};
 use sha2::{Digest, Sha256};
@@ -13,9 +14,10 @@ use super::map::Extents;
 use super::target::Target;
 use crate::image::Overlay;
 
-/// Large enough to keep a card's write queue full, small enough that a batch
-/// of cards holds little memory.
-pub const CHUNK: u64 = 4 << 20;
+/// O_DIRECT writes of 16 MiB keep a card's queue busy: with 4 MiB, --full was
+/// slower than dd on the same disk (bench/README.md). A card holds
+/// IN_FLIGHT + 1 of these buffers.
+pub const CHUNK: u64 = 16 << 20;
 /// The partition table and boot code live here. Written last, after everything
 /// else is on the card, so an interrupted write never leaves a card that looks
 /// bootable.
@@ -79,68 +81,39 @@ fn plan_chunks(extents: &Extents) -> (Pieces, Pieces) {
     (head, rest)
 }
 
-pub fn write_card<R: Read + Seek>(
+/// A chunk read from the image and hashed, on its way to the card.
+struct Filled {
+    start: u64,
+    len: u64,
+    padded: u64,
+    buf: AlignedBuf,
+    sha256: [u8; 32],
+}
+
+/// Buffers in flight between the reader and the writer: enough to keep both busy.
+const IN_FLIGHT: usize = 3;
+
+pub fn write_card<R: Read + Seek + Send>(
     target: &Target,
     source: &mut Overlay<R>,
     extents: &Extents,
     verify: bool,
     cancel: &AtomicBool,
-    tick: &dyn Fn(u64),
+    tick: &(dyn Fn(u64) + Sync),
 ) -> Result<Written> {
     let (head, rest) = plan_chunks(extents);
-    let mut buf = AlignedBuf::new(CHUNK as usize);
     let mut chunks = Vec::with_capacity(head.len() + rest.len());
     let path = target.info.path.display().to_string();
-    let mut write = |chunks: &mut Vec<Chunk>, list: &[(u64, u64)]| -> Result<()> {
-        for &(start, len) in list {
-            if cancel.load(Ordering::Relaxed) {
-                bail!(InterruptedError);
-            }
-            let padded = if target.direct {
-                len.next_multiple_of(512)
-            } else {
-                len
-            };
-            let data = buf.get(padded as usize);
-            // A card is longer than the image: padding the image's last odd
-            // sector with zeroes for O_DIRECT writes only past its end.
-            data[len as usize..].fill(0);
-            source
-                .read_at(start, &mut data[..len as usize])
-                .with_context(|| format!("reading the image at byte {start}"))?;
-            let sha256 = Sha256::digest(&*data).into();
-            target
-                .file
-                .write_all_at(data, start)
-                .with_context(|| format!("writing {path} at byte {start}"))?;
-            chunks.push(Chunk {
-                start,
-                len: padded,
-                sha256,
-            });
-            tick(len);
-        }
-        Ok(())
-    };
-    write(&mut chunks, &rest)?;
-    target
-        .file
-        .sync_all()
-        .with_context(|| format!("flushing {path}"))?;
-    write(&mut chunks, &head)?;
-    target
-        .file
-        .sync_all()
-        .with_context(|| format!("flushing {path}"))?;
-    target.reread_partitions()?;
+    copy(target, source, &rest, cancel, tick, &mut chunks)?;
+    target.file.sync_all().with_context(|| format!("flushing {path}"))?;
+    copy(target, source, &head, cancel, tick, &mut chunks)?;
+    target.finish_writing()?;
     let bytes = extents.bytes();
     if !verify {
-        return Ok(Written {
-            bytes,
-            verified: false,
-        });
+        return Ok(Written { bytes, verified: false });
     }
     let reader = open_for_verify(target)?;
+    let mut buf = AlignedBuf::new(CHUNK as usize);
     for chunk in &chunks {
         if cancel.load(Ordering::Relaxed) {
             bail!(InterruptedError);
@@ -159,9 +132,62 @@ pub fn write_card<R: Read + Seek>(
         }
         tick(chunk.len.min(bytes));
     }
-    Ok(Written {
-        bytes,
-        verified: true,
+    Ok(Written { bytes, verified: true })
+}
+
+/// Copies the pieces to the card: a reader thread reads and hashes the next
+/// chunks while this one writes, so the disk never waits for the hash.
+fn copy<R: Read + Seek + Send>(
+    target: &Target,
+    source: &mut Overlay<R>,
+    pieces: &[(u64, u64)],
+    cancel: &AtomicBool,
+    tick: &(dyn Fn(u64) + Sync),
+    chunks: &mut Vec<Chunk>,
+) -> Result<()> {
+    let path = target.info.path.display().to_string();
+    let (full_tx, full_rx) = sync_channel::<Filled>(IN_FLIGHT);
+    let (empty_tx, empty_rx) = channel::<AlignedBuf>();
+    for _ in 0..IN_FLIGHT {
+        empty_tx.send(AlignedBuf::new(CHUNK as usize)).expect("receiver alive");
+    }
+    let direct = target.direct;
+    std::thread::scope(|scope| {
+        let reader = scope.spawn(move || -> Result<()> {
+            for &(start, len) in pieces {
+                if cancel.load(Ordering::Relaxed) {
+                    bail!(InterruptedError);
+                }
+                let Ok(mut buf) = empty_rx.recv() else { return Ok(()) };
+                let padded = if direct { len.next_multiple_of(512) } else { len };
+                let data = buf.get(padded as usize);
+                // A card is longer than the image: padding the image's last odd
+                // sector with zeroes for O_DIRECT writes only past its end.
+                data[len as usize..].fill(0);
+                source
+                    .read_at(start, &mut data[..len as usize])
+                    .with_context(|| format!("reading the image at byte {start}"))?;
+                let sha256 = Sha256::digest(&*data).into();
+                if full_tx.send(Filled { start, len, padded, buf, sha256 }).is_err() {
+                    return Ok(());
+                }
+            }
+            Ok(())
+        });
+        let mut written = Ok(());
+        for mut filled in full_rx.iter() {
+            let data = filled.buf.get(filled.padded as usize);
+            if let Err(e) = target.file.write_all_at(data, filled.start) {
+                written = Err(e).with_context(|| format!("writing {path} at byte {}", filled.start));
+                break;
+            }
+            chunks.push(Chunk { start: filled.start, len: filled.padded, sha256: filled.sha256 });
+            tick(filled.len);
+            let _ = empty_tx.send(filled.buf);
+        }
+        drop(full_rx);
+        let read = reader.join().expect("image reader panicked");
+        written.and(read)
     })
 }
 

@@ -1,0 +1,83 @@
+#!/bin/sh
+# shellcheck disable=SC2016 # the --customize code is expanded by make-image.sh
+# Times piprov flash against dd and bmaptool in one run, on the same image and the
+# same kind of target, and prints each as a ratio to dd.
+#
+#   bench/run.sh            (make bench)   BENCH_DIR=… to keep the files
+#
+# The image: Pi-OS-like, 2 GiB, about a third of it real files (this machine's
+# /usr/lib/x86_64-linux-gnu). Targets are files on the same filesystem as the
+# image; the 4-card batch is also timed on tmpfs, where the targets do not
+# share a disk. Page caches are dropped before each run when we are root.
+set -eu
+cd "$(dirname "$0")/.."
+cargo build --release -q
+piprov=$PWD/target/release/piprov
+work=${BENCH_DIR:-$(mktemp -d /var/tmp/piprov-bench.XXXXXX)}
+mkdir -p "$work"
+img=$work/bench.img
+export PIPROV_CACHE_DIR="$work/cache"
+
+if [ ! -f "$img" ]; then
+    echo "building $img"
+    tests/fixtures/make-image.sh --variant golden --size 2048 \
+        --customize 'mkdir -p "$root/usr/lib" && cp -a /usr/lib/x86_64-linux-gnu "$root/usr/lib/"' "$img"
+fi
+command -v bmaptool >/dev/null || { echo "bmaptool missing: apt-get install bmap-tools" >&2; exit 1; }
+[ -f "$img.bmap" ] || bmaptool -q create -o "$img.bmap" "$img"
+
+drop_caches() {
+    sync
+    if [ "$(id -u)" = 0 ]; then echo 3 >/proc/sys/vm/drop_caches 2>/dev/null || true; fi
+}
+
+# time_ms COMMAND…: the best of $RUNS runs on fresh targets, in ms (disks are noisy).
+RUNS=${RUNS:-3}
+time_ms() {
+    best=
+    run=0
+    while [ "$run" -lt "$RUNS" ]; do
+        rm -f "$work"/t*.img /dev/shm/piprov-bench-t*.img
+        drop_caches
+        start=$(date +%s%N)
+        "$@" >/dev/null 2>&1
+        end=$(date +%s%N)
+        ms=$(( (end - start) / 1000000 ))
+        if [ -z "$best" ] || [ "$ms" -lt "$best" ]; then best=$ms; fi
+        run=$((run + 1))
+    done
+    echo "$best"
+}
+
+t=$work/t1.img
+flash() { "$piprov" flash "$img" "$@" --yes --quiet; }
+
+dd_ms=$(time_ms dd if="$img" of="$t" bs=4M oflag=direct conv=fsync status=none)
+bmap_ms=$(time_ms bmaptool -q copy --bmap "$img.bmap" "$img" "$t")
+bmap_nv_ms=$(time_ms bmaptool -q copy --no-verify --bmap "$img.bmap" "$img" "$t")
+full_nv_ms=$(time_ms flash "$t" --full --no-verify)
+full_ms=$(time_ms flash "$t" --full)
+map_nv_ms=$(time_ms flash "$t" --no-verify)
+map_ms=$(time_ms flash "$t")
+batch_ms=$(time_ms flash "$work/t1.img" "$work/t2.img" "$work/t3.img" "$work/t4.img")
+shm_one_ms=$(time_ms flash /dev/shm/piprov-bench-t1.img)
+shm_four_ms=$(time_ms flash /dev/shm/piprov-bench-t1.img /dev/shm/piprov-bench-t2.img /dev/shm/piprov-bench-t3.img /dev/shm/piprov-bench-t4.img)
+rm -f "$work"/t*.img /dev/shm/piprov-bench-t*.img
+
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
+mapped=$("$piprov" flash "$img" "$work/t1.img" --yes --json 2>/dev/null | tail -n 1 | sed -n 's/.*"mapped_bytes":\([0-9]*\).*/\1/p')
+rm -f "$work"/t*.img
+cat <<REPORT
+image: $(du -h --apparent-size "$img" | cut -f1) ($(du -h "$img" | cut -f1) allocated in the file), piprov map: $((mapped / 1048576)) MiB to write
+                                   ms    speed-up over dd
+dd bs=4M oflag=direct conv=fsync  $dd_ms   1.00
+bmaptool copy                     $bmap_ms   $(ratio "$dd_ms" "$bmap_ms")
+bmaptool copy --no-verify         $bmap_nv_ms   $(ratio "$dd_ms" "$bmap_nv_ms")
+piprov flash --full --no-verify   $full_nv_ms   $(ratio "$dd_ms" "$full_nv_ms")
+piprov flash --full               $full_ms   $(ratio "$dd_ms" "$full_ms")
+piprov flash --no-verify (map)    $map_nv_ms   $(ratio "$dd_ms" "$map_nv_ms")
+piprov flash (map, verified)      $map_ms   $(ratio "$dd_ms" "$map_ms")
+piprov flash, 4 targets, 1 disk   $batch_ms   batch/one card: $(ratio "$batch_ms" "$map_ms")
+piprov flash, 1 target, tmpfs     $shm_one_ms
+piprov flash, 4 targets, tmpfs    $shm_four_ms   batch/one card: $(ratio "$shm_four_ms" "$shm_one_ms")
+REPORT
