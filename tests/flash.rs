@@ -520,3 +520,110 @@ fn loop_devices_that_must_be_refused() {
     refuse(&mounted.dev, "is mounted at");
     refuse(&part, "is a partition, not a whole card");
 }
+
+#[test]
+fn ctrl_c_stops_cleanly_and_leaves_no_bootable_half_card() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = TempDir::new().unwrap();
+    let image = dir.path().join("big.img");
+    build_image_sized(&image, 1024);
+    let card = dir.path().join("card.img");
+    let bin = assert_cmd::cargo::cargo_bin("piprov");
+    let child = Command::new(bin)
+        .env("PIPROV_CACHE_DIR", dir.path().join("cache"))
+        .args(["flash", "--full", "--quiet"])
+        .arg(&image)
+        .arg(&card)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Interrupt once data is landing on the card.
+    let started = std::time::Instant::now();
+    while std::fs::metadata(&card).map(|m| m.blocks()).unwrap_or(0) < 2048 {
+        assert!(
+            started.elapsed().as_secs() < 60,
+            "flash never started writing"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(stdout.contains("INTERRUPTED"), "{stdout}");
+    assert!(
+        stdout.contains("partition table was not written"),
+        "{stdout}"
+    );
+    let head = std::fs::read(&card).unwrap();
+    assert!(
+        head[..1 << 20].iter().all(|&b| b == 0),
+        "the first MiB is written last: never, here"
+    );
+}
+
+fn build_image_sized(out: &Path, mib: u32) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/make-image.sh");
+    let status = Command::new("sh")
+        .arg(script)
+        .args(["--size", &mib.to_string()])
+        .arg(out)
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+#[test]
+fn a_bmap_beside_the_image_decides_what_is_written() {
+    let dir = TempDir::new().unwrap();
+    let image = fixture("golden", &dir);
+    let bmap = dir.path().join("golden.img.bmap");
+    let ok = Command::new("bmaptool")
+        .args(["-q", "create", "-o"])
+        .arg(&bmap)
+        .arg(&image)
+        .status();
+    if !ok.is_ok_and(|s| s.success()) {
+        eprintln!("SKIPPED: bmaptool is not installed (apt-get install bmap-tools)");
+        return;
+    }
+    let text = std::fs::read_to_string(&bmap).unwrap();
+    let mapped_blocks: u64 = text
+        .rsplit("<MappedBlocksCount>")
+        .next()
+        .and_then(|s| s.split("</MappedBlocksCount>").next())
+        .map(|s| s.trim().parse().unwrap())
+        .unwrap();
+    let card = dir.path().join("card.img");
+    fill_random(&card, std::fs::metadata(&image).unwrap().len());
+    let out = flash(&dir)
+        .arg(&image)
+        .arg(&card)
+        .args(["--yes", "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary: serde_json::Value = serde_json::from_str(
+        String::from_utf8(out.stdout)
+            .unwrap()
+            .lines()
+            .last()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        summary["mapped_bytes"],
+        mapped_blocks * 4096,
+        "the bmap's ranges were used"
+    );
+    fsck_clean(&card, dir.path());
+    assert_eq!(root_files(&card), root_files(&image));
+}

@@ -58,6 +58,12 @@ impl Extents {
         &self.0
     }
 
+    /// Whether any range overlaps `[start, end)`.
+    pub fn intersects(&self, start: u64, end: u64) -> bool {
+        let i = self.0.partition_point(|&(_, e)| e <= start);
+        self.0.get(i).is_some_and(|&(s, _)| s < end)
+    }
+
     pub fn bytes(&self) -> u64 {
         self.0.iter().map(|(s, e)| e - s).sum()
     }
@@ -277,5 +283,11 @@ mod tests {
         assert_eq!(e.bytes(), 25);
         let a = Extents::from_ranges(vec![(5000, 5001), (9000, 9100)]).aligned(10_000);
         assert_eq!(a.ranges(), &[(4096, 10_000)]);
+        assert!(
+            e.intersects(4, 11)
+                && e.intersects(29, 100)
+                && !e.intersects(5, 10)
+                && !e.intersects(30, 40)
+        );
     }
 }

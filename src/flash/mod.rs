@@ -7,6 +7,7 @@
 //! be written) → overlay + stamp (this card's settings) → write (chunks, first
 //! MiB last) → verify (read back, compare hashes).
 
+pub mod bmap;
 pub mod map;
 pub mod progress;
 pub mod source;
@@ -155,8 +156,17 @@ pub fn flash(config: &FlashConfig, progress: &Progress) -> Result<Summary> {
     let source = source::open(&config.image, config.sha256.as_deref(), progress)?;
     let base =
         Image::open(&source.path).with_context(|| format!("reading {}", config.image.display()))?;
+    let bmap = if config.full {
+        None
+    } else {
+        bmap::find_beside(&config.image)
+    };
     let base_map = if config.full {
         Extents::from_ranges(vec![(0, source.len)])
+    } else if let Some(file) = &bmap {
+        let text =
+            std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+        bmap::parse(&text, source.len, file)?.aligned(source.len)
     } else {
         map::compute(&base).with_context(|| format!("mapping {}", config.image.display()))?
     };
@@ -222,26 +232,63 @@ pub fn flash(config: &FlashConfig, progress: &Progress) -> Result<Summary> {
         });
     }
 
+    // One set of ranges for the batch: the image's, plus every card's stamp.
+    let extents = prepared
+        .iter()
+        .fold(base_map.clone(), |all, card| all.union(&card.extents))
+        .aligned(source.len);
     let _ = ctrlc::set_handler(|| CANCEL.store(true, Ordering::Relaxed));
-    let total = progress.bytes(
-        "total",
-        prepared.iter().map(|c| c.extents.bytes()).sum::<u64>() * (1 + u64::from(config.verify)),
-    );
-    let records: Vec<CardRecord> = std::thread::scope(|scope| {
-        let handles: Vec<_> = prepared
-            .into_iter()
-            .map(|card| {
+    let started = Instant::now();
+    let per_card = extents.bytes() * (1 + u64::from(config.verify));
+    let total = progress.bytes("total", per_card * prepared.len() as u64);
+    let mut jobs = Vec::new();
+    let mut slots = Vec::new();
+    for card in &mut prepared {
+        let bar = progress.bytes(
+            &short_name(&card.spec.device.display().to_string()),
+            per_card,
+        );
+        match &card.target {
+            Ok(target) => {
+                let overlay =
+                    std::mem::replace(&mut card.overlay, Overlay::new(File::open(&source.path)?)?);
                 let total = total.clone();
-                let sha256 = source.sha256.clone();
-                scope.spawn(move || write_one(card, sha256, config.verify, progress, &total))
-            })
-            .collect();
-        handles
+                // The card's bar and the batch total advance together.
+                let tick = Box::new(move |n: u64| {
+                    bar.inc(n);
+                    total.inc(n);
+                });
+                slots.push(Some(jobs.len()));
+                jobs.push(write::Job {
+                    target,
+                    overlay,
+                    tick,
+                });
+            }
+            Err(_) => slots.push(None),
+        }
+    }
+    let mut image = File::open(&source.path)?;
+    let mut results: Vec<Option<Result<write::Outcome>>> =
+        write::write_batch(&mut image, jobs, &extents, config.verify, &CANCEL)
             .into_iter()
-            .map(|h| h.join().expect("card writer panicked"))
-            .collect()
-    });
+            .map(Some)
+            .collect();
     total.finish_and_clear();
+    let records: Vec<CardRecord> = prepared
+        .into_iter()
+        .zip(slots)
+        .map(|(card, slot)| {
+            let result = match (slot, &card.target) {
+                (Some(i), _) => results[i].take().expect("one result per job"),
+                (None, Err(e)) => Err(anyhow::anyhow!("{e:#}")),
+                (None, Ok(_)) => unreachable!("every opened card has a job"),
+            };
+            let record = card_record(card, result, &source.sha256, started);
+            progress.event(&serde_json::json!({"event": "card", "card": &record}));
+            record
+        })
+        .collect();
 
     if let Some(path) = &config.manifest {
         let mut out = std::fs::OpenOptions::new()
@@ -309,36 +356,12 @@ fn confirm(targets: &[TargetInfo], yes: bool) -> Result<()> {
     Ok(())
 }
 
-fn write_one(
-    mut card: PreparedCard,
-    image_sha256: String,
-    verify: bool,
-    progress: &Progress,
-    total: &indicatif::ProgressBar,
+fn card_record(
+    card: PreparedCard,
+    result: Result<write::Outcome>,
+    image_sha256: &str,
+    started: Instant,
 ) -> CardRecord {
-    let started = Instant::now();
-    let device = card.spec.device.display().to_string();
-    let bar = progress.bytes(
-        &short_name(&device),
-        card.extents.bytes() * (1 + u64::from(verify)),
-    );
-    // The card's bar and the batch total advance together.
-    let tick = |n: u64| {
-        bar.inc(n);
-        total.inc(n);
-    };
-    let result = match &card.target {
-        Ok(target) => write::write_card(
-            target,
-            &mut card.overlay,
-            &card.extents,
-            verify,
-            &CANCEL,
-            &tick,
-        ),
-        Err(e) => Err(anyhow::anyhow!("{e:#}")),
-    };
-    bar.finish_and_clear();
     let (result_name, error, written) = match result {
         Ok(w) => ("ok", None, Some(w)),
         Err(e) if e.downcast_ref::<write::InterruptedError>().is_some() => {
@@ -346,22 +369,20 @@ fn write_one(
         }
         Err(e) => ("failed", Some(format!("{e:#}")), None),
     };
-    let record = CardRecord {
-        device: device.clone(),
+    CardRecord {
+        device: card.spec.device.display().to_string(),
         model: card.info.model.clone(),
         serial: card.info.serial.clone(),
         hostname: card.hostname,
         activation_id: card.activation_id,
-        image_sha256,
+        image_sha256: image_sha256.to_string(),
         bytes_written: written.map_or(0, |w| w.bytes),
         verified: written.is_some_and(|w| w.verified),
         result: result_name.into(),
         error,
         seconds: started.elapsed().as_secs_f64(),
         finished_at: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
-    };
-    progress.event(&serde_json::json!({"event": "card", "card": &record}));
-    record
+    }
 }
 
 fn short_name(device: &str) -> String {

@@ -118,7 +118,14 @@ pub fn open(path: &Path, expected: Option<&str>, progress: &Progress) -> Result<
 fn raw_hash_cached(path: &Path, file: &mut File, len: u64, progress: &Progress) -> Result<String> {
     use std::os::unix::fs::MetadataExt;
     let meta = file.metadata()?;
-    let key = format!("raw-{}-{}-{}-{}.{}.sha256", meta.dev(), meta.ino(), len, meta.mtime(), meta.mtime_nsec());
+    let key = format!(
+        "raw-{}-{}-{}-{}.{}.sha256",
+        meta.dev(),
+        meta.ino(),
+        len,
+        meta.mtime(),
+        meta.mtime_nsec()
+    );
     let cached = cache_dir().join(key);
     if let Ok(text) = std::fs::read_to_string(&cached) {
         return Ok(text.trim().to_string());

@@ -293,7 +293,12 @@ impl Target {
             // Unwritten ranges of a file read as zeroes; stale bytes past the image go.
             file.set_len(0)?;
             file.set_len(image_len)?;
-            return Ok(Self { info: info.clone(), file, direct, image_len });
+            return Ok(Self {
+                info: info.clone(),
+                file,
+                direct,
+                image_len,
+            });
         }
         let open = |flags: i32| {
             OpenOptions::new()
@@ -323,7 +328,12 @@ impl Target {
                 info.describe()
             );
         }
-        Ok(Self { info: info.clone(), file, direct, image_len })
+        Ok(Self {
+            info: info.clone(),
+            file,
+            direct,
+            image_len,
+        })
     }
 
     /// Flushes what was written and makes the system see the new card: for a
@@ -334,7 +344,9 @@ impl Target {
         if !self.info.block_device {
             self.file.set_len(self.image_len)?;
         }
-        self.file.sync_all().with_context(|| format!("flushing {path}"))?;
+        self.file
+            .sync_all()
+            .with_context(|| format!("flushing {path}"))?;
         self.reread_partitions()
     }
 
