@@ -486,6 +486,15 @@ fn loop_devices_that_must_be_refused() {
     let ro = Loop::new(&ro, &["-r"]).unwrap();
     refuse(&ro.dev, "read-only");
 
+    // Over 128 GB: more likely somebody's disk than an SD card (a sparse file).
+    let large = dir.path().join("large.img");
+    std::fs::File::create(&large)
+        .unwrap()
+        .set_len(130_000_000_000)
+        .unwrap();
+    let large = Loop::new(&large, &[]).unwrap();
+    refuse(&large.dev, "larger than 128 GB");
+
     // Held open exclusively by another program: the kernel answers EBUSY.
     let busy = dir.path().join("busy.img");
     std::fs::File::create(&busy).unwrap().set_len(len).unwrap();

@@ -58,6 +58,27 @@ impl Extents {
         &self.0
     }
 
+    /// These ranges without any byte of `other`.
+    pub fn minus(&self, other: &Extents) -> Extents {
+        let mut out = Vec::new();
+        for &(start, end) in &self.0 {
+            let mut at = start;
+            for &(s, e) in &other.0 {
+                if e <= at || s >= end {
+                    continue;
+                }
+                if s > at {
+                    out.push((at, s));
+                }
+                at = at.max(e);
+            }
+            if at < end {
+                out.push((at, end));
+            }
+        }
+        Extents(out)
+    }
+
     /// Whether any range overlaps `[start, end)`.
     pub fn intersects(&self, start: u64, end: u64) -> bool {
         let i = self.0.partition_point(|&(_, e)| e <= start);
@@ -176,11 +197,17 @@ const EXT4_INCOMPAT_META_BG: u64 = 0x10;
 const EXT4_INCOMPAT_64BIT: u64 = 0x80;
 const EXT4_RO_COMPAT_SPARSE_SUPER: u64 = 0x1;
 const EXT4_COMPAT_SPARSE_SUPER2: u64 = 0x200;
+const EXT4_RO_COMPAT_GDT_CSUM: u64 = 0x10;
+const EXT4_RO_COMPAT_METADATA_CSUM: u64 = 0x400;
+const EXT4_BG_INODE_UNINIT: u64 = 0x1;
 const EXT4_BG_BLOCK_UNINIT: u64 = 0x2;
 
 /// ext4: every block the group bitmaps mark in use; for groups whose bitmap is
 /// uninitialised, the superblock and descriptor copies and the bitmaps and inode
-/// tables stored there. Whole inode tables are always written.
+/// tables stored there. Of each inode table, the part holding inodes in use:
+/// with descriptor checksums the kernel and e2fsck trust `bg_itable_unused`, and
+/// the kernel zeroes an inode table block rather than read it when it holds no
+/// other inode in use; without them, the whole table.
 fn ext_used<D: Read + Seek>(slice: &PartitionSlice<D>) -> Result<Vec<(u64, u64)>> {
     let mut sb = [0u8; 1024];
     slice.read_exact_at(1024, &mut sb)?;
@@ -218,6 +245,7 @@ fn ext_used<D: Read + Seek>(slice: &PartitionSlice<D>) -> Result<Vec<(u64, u64)>
     slice.read_exact_at((first_data_block + 1) * block, &mut gdt)?;
     let itable_blocks = (inodes_per_group * inode_size).div_ceil(block);
     let sparse = ro_compat & EXT4_RO_COMPAT_SPARSE_SUPER != 0;
+    let trusted_unused = ro_compat & (EXT4_RO_COMPAT_GDT_CSUM | EXT4_RO_COMPAT_METADATA_CSUM) != 0;
     let has_super = |g: u64| {
         let power_of = |mut n: u64, base: u64| {
             while n > 1 && n % base == 0 {
@@ -230,6 +258,7 @@ fn ext_used<D: Read + Seek>(slice: &PartitionSlice<D>) -> Result<Vec<(u64, u64)>
     let to_bytes = |first: u64, count: u64| (first * block, (first + count) * block);
 
     let mut used = vec![(0, (first_data_block + 1) * block)];
+    let mut unused_tables = Vec::new();
     let mut bitmap = vec![0u8; usize::try_from(block)?];
     for g in 0..groups {
         let d = &gdt[(g * desc_size) as usize..((g + 1) * desc_size) as usize];
@@ -251,6 +280,25 @@ fn ext_used<D: Read + Seek>(slice: &PartitionSlice<D>) -> Result<Vec<(u64, u64)>
         used.push(to_bytes(block_bitmap, 1));
         used.push(to_bytes(inode_bitmap, 1));
         used.push(to_bytes(inode_table, itable_blocks));
+        if trusted_unused {
+            let unused = le16(d, 28)
+                | if is_64bit && desc_size >= 64 {
+                    le16(d, 50) << 16
+                } else {
+                    0
+                };
+            let in_use = if flags & EXT4_BG_INODE_UNINIT != 0 {
+                0
+            } else {
+                inodes_per_group.saturating_sub(unused)
+            };
+            let in_use_blocks = (in_use * inode_size).div_ceil(block).min(itable_blocks);
+            // The bitmap marks the whole table in use; its unused tail need not be written.
+            unused_tables.push(to_bytes(
+                inode_table + in_use_blocks,
+                itable_blocks - in_use_blocks,
+            ));
+        }
         if flags & EXT4_BG_BLOCK_UNINIT != 0 {
             continue;
         }
@@ -269,7 +317,9 @@ fn ext_used<D: Read + Seek>(slice: &PartitionSlice<D>) -> Result<Vec<(u64, u64)>
             }
         }
     }
-    Ok(used)
+    Ok(Extents::from_ranges(used)
+        .minus(&Extents::from_ranges(unused_tables))
+        .0)
 }
 
 #[cfg(test)]

@@ -134,7 +134,8 @@ struct PreparedCard {
     /// Opened before anything is written; a file that cannot be created fails
     /// only its own card.
     target: Result<target::Target>,
-    overlay: Overlay<File>,
+    /// This card's stamp over the shared image; taken by the writer.
+    overlay: Option<Overlay<File>>,
     extents: Extents,
     hostname: Option<String>,
     activation_id: Option<String>,
@@ -225,7 +226,7 @@ pub fn flash(config: &FlashConfig, progress: &Progress) -> Result<Summary> {
             spec: spec.clone(),
             info,
             target,
-            overlay,
+            overlay: Some(overlay),
             extents,
             hostname,
             activation_id,
@@ -250,8 +251,7 @@ pub fn flash(config: &FlashConfig, progress: &Progress) -> Result<Summary> {
         );
         match &card.target {
             Ok(target) => {
-                let overlay =
-                    std::mem::replace(&mut card.overlay, Overlay::new(File::open(&source.path)?)?);
+                let overlay = card.overlay.take().expect("each card is written once");
                 let total = total.clone();
                 // The card's bar and the batch total advance together.
                 let tick = Box::new(move |n: u64| {
