@@ -36,19 +36,6 @@ fn root_files(image: &Path) -> BTreeMap<String, Vec<u8>> {
     out
 }
 
-fn boot_files(image: &Path) -> BTreeMap<String, Vec<u8>> {
-    let image = Image::open(image).unwrap();
-    let boot = image.boot().unwrap();
-    boot.list_root()
-        .unwrap()
-        .into_iter()
-        .map(|n| {
-            let data = boot.read(&n).unwrap().unwrap();
-            (n, data)
-        })
-        .collect()
-}
-
 fn fill_random(path: &Path, bytes: u64) {
     let status = Command::new("sh")
         .arg("-c")
@@ -174,11 +161,6 @@ fn every_archive_format_gives_the_same_card() {
             .success();
         assert_eq!(sha256_of(&card), expected, "{name}");
     }
-}
-
-fn sha256_of(path: &Path) -> String {
-    let out = Command::new("sha256sum").arg(path).output().unwrap();
-    String::from_utf8(out.stdout).unwrap()[..64].to_string()
 }
 
 #[test]

@@ -4,35 +4,11 @@
 
 mod common;
 
-use std::collections::BTreeMap;
-use std::path::Path;
-use std::process::Command;
-
 use common::card::{SHARED_CODE, shared_recipe, stamp, stamp_cmd};
 use common::*;
-use piprov::image::Image;
 use predicates::prelude::*;
 use predicates::str::contains;
 use tempfile::TempDir;
-
-/// Every file on the boot partition with its content.
-fn boot_files(image: &Path) -> BTreeMap<String, Vec<u8>> {
-    let image = Image::open(image).unwrap();
-    let boot = image.boot().unwrap();
-    boot.list_root()
-        .unwrap()
-        .into_iter()
-        .map(|name| {
-            let data = boot.read(&name).unwrap().unwrap();
-            (name, data)
-        })
-        .collect()
-}
-
-fn sha256(path: &Path) -> String {
-    let out = Command::new("sha256sum").arg(path).output().unwrap();
-    String::from_utf8(out.stdout).unwrap()[..64].to_string()
-}
 
 #[test]
 fn stamping_hooks_cmdline_and_keeps_the_fat_clean() {
@@ -220,7 +196,7 @@ fn cloud_init_images_get_a_seed_with_a_fresh_instance_id() {
 fn dry_run_writes_nothing() {
     let dir = TempDir::new().unwrap();
     let image = fixture("registered", &dir);
-    let hash = sha256(&image);
+    let hash = sha256_of(&image);
     let recipe = shared_recipe(dir.path(), "");
     let out = stamp_cmd(&image, &recipe)
         .args(["--dry-run", "--json"])
@@ -241,14 +217,14 @@ fn dry_run_writes_nothing() {
             .any(|c| c["file"] == "piprov-secret.conf" && c["secret"] == true)
     );
     assert!(!String::from_utf8_lossy(&out.stdout).contains(SHARED_CODE));
-    assert_eq!(sha256(&image), hash, "--dry-run must not change a byte");
+    assert_eq!(sha256_of(&image), hash, "--dry-run must not change a byte");
 }
 
 #[test]
 fn a_recipe_typo_is_named_with_its_line_and_nothing_is_written() {
     let dir = TempDir::new().unwrap();
     let image = fixture("golden", &dir);
-    let hash = sha256(&image);
+    let hash = sha256_of(&image);
     let recipe = shared_recipe(dir.path(), "[sudo]\nstrip_nopaswd = false\n");
     stamp_cmd(&image, &recipe)
         .assert()
@@ -261,21 +237,21 @@ fn a_recipe_typo_is_named_with_its_line_and_nothing_is_written() {
         .assert()
         .code(2)
         .stderr(contains("unknown placeholder {serail}"));
-    assert_eq!(sha256(&image), hash);
+    assert_eq!(sha256_of(&image), hash);
 }
 
 #[test]
 fn a_missing_code_file_fails_before_the_image_is_touched() {
     let dir = TempDir::new().unwrap();
     let image = fixture("golden", &dir);
-    let hash = sha256(&image);
+    let hash = sha256_of(&image);
     let recipe = shared_recipe(dir.path(), "");
     std::fs::remove_file(dir.path().join("site.code")).unwrap();
     stamp_cmd(&image, &recipe)
         .assert()
         .code(2)
         .stderr(contains("reading the activation code from"));
-    assert_eq!(sha256(&image), hash);
+    assert_eq!(sha256_of(&image), hash);
 }
 
 #[test]

@@ -139,3 +139,23 @@ pub fn assert_fat_clean(image: &Path, dir: &Path) {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// SHA-256 of a file, as sha256sum prints it.
+pub fn sha256_of(path: &Path) -> String {
+    let out = Command::new("sha256sum").arg(path).output().unwrap();
+    String::from_utf8(out.stdout).unwrap()[..64].to_string()
+}
+
+/// Every file at the top of an image's boot partition, with its content.
+pub fn boot_files(image: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
+    let image = piprov::image::Image::open(image).unwrap();
+    let boot = image.boot().unwrap();
+    boot.list_root()
+        .unwrap()
+        .into_iter()
+        .map(|name| {
+            let data = boot.read(&name).unwrap().unwrap();
+            (name, data)
+        })
+        .collect()
+}
