@@ -618,3 +618,18 @@ fn a_bmap_beside_the_image_decides_what_is_written() {
     fsck_clean(&card, dir.path());
     assert_eq!(root_files(&card), root_files(&image));
 }
+
+#[test]
+fn the_image_itself_is_never_a_target() {
+    let dir = TempDir::new().unwrap();
+    let image = fixture("golden", &dir);
+    let hash = sha256_of(&image);
+    flash(&dir)
+        .arg(&image)
+        .arg(&image)
+        .args(["--yes", "--quiet"])
+        .assert()
+        .code(2)
+        .stderr(contains("it is the image being written"));
+    assert_eq!(sha256_of(&image), hash);
+}

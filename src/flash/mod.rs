@@ -190,6 +190,20 @@ pub fn flash(config: &FlashConfig, progress: &Progress) -> Result<Summary> {
         allow_non_removable: config.allow_non_removable,
         allow_large: config.allow_large,
     };
+    // Writing over the image being read would destroy it.
+    let sources = [
+        std::fs::canonicalize(&config.image).ok(),
+        std::fs::canonicalize(&source.path).ok(),
+    ];
+    for card in &config.cards {
+        let target = std::fs::canonicalize(&card.device).ok();
+        if target.is_some() && sources.contains(&target) {
+            bail!(
+                "refusing {}: it is the image being written",
+                card.device.display()
+            );
+        }
+    }
     let mut infos = Vec::new();
     for card in &config.cards {
         let info = target::probe(&card.device)?;

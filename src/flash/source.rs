@@ -195,7 +195,8 @@ fn decode_cached(path: &Path, format: Format, progress: &Progress) -> Result<Sou
         inner: BufReader::with_capacity(CHUNK, archive),
         bar: bar.clone(),
     };
-    let partial = dir.join(format!("{key}.img.partial"));
+    // Per process: two runs decoding the same archive must not share a file.
+    let partial = dir.join(format!("{key}.img.partial.{}", std::process::id()));
     let mut out =
         File::create(&partial).with_context(|| format!("creating {}", partial.display()))?;
     let result = match format {
