@@ -4,6 +4,7 @@ use clap::Parser;
 use piprov::cli::{self, Cli};
 
 fn main() -> ExitCode {
+    piprov::contain_fatfs_panics();
     let cli = Cli::parse();
     match cli::run(cli) {
         Ok(code) => code,

@@ -197,3 +197,21 @@ fn a_disk_that_is_not_a_pi_image() {
     let err = inspect_error(&image);
     assert!(err.contains("not a Raspberry Pi image: the boot partition (partition 1) has neither cmdline.txt nor config.txt"), "{err}");
 }
+
+#[test]
+fn a_fat_entry_pointing_at_a_reserved_cluster() {
+    let dir = TempDir::new().unwrap();
+    let image = fixture("golden", &dir);
+    let (start, size) = partition_extent(&image, 1);
+    let data = std::fs::read(&image).unwrap();
+    let boot = &data[start as usize..(start + size) as usize];
+    // cmdline.txt's short entry; its first cluster (bytes 20-21 high, 26-27 low) set to 1.
+    let entry = boot
+        .windows(11)
+        .position(|w| w == b"CMDLINE TXT")
+        .expect("cmdline.txt entry");
+    patch(&image, start + entry as u64 + 20, &[0, 0]);
+    patch(&image, start + entry as u64 + 26, &[1, 0]);
+    let err = inspect_error(&image);
+    assert!(err.contains("the FAT filesystem is corrupt"), "{err}");
+}

@@ -1,8 +1,9 @@
 //! The FAT boot partition (`bootfs`), read and written through fatfs.
 
 use std::io::{self, Read, Seek, Write};
+use std::panic::{AssertUnwindSafe, catch_unwind};
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, anyhow};
 
 use super::slice::PartitionSlice;
 
@@ -10,10 +11,25 @@ pub struct BootFs<D: Read + Write + Seek> {
     fs: fatfs::FileSystem<PartitionSlice<D>>,
 }
 
+/// Runs a fatfs call, turning a panic inside fatfs into an error. fatfs trusts
+/// cluster numbers on disk: a corrupt entry pointing at cluster 0 or 1 makes it
+/// subtract past zero (found by fuzzing). The panic hook from
+/// `crate::contain_fatfs_panics` keeps such panics quiet.
+fn guarded<T>(what: &str, call: impl FnOnce() -> Result<T>) -> Result<T> {
+    match catch_unwind(AssertUnwindSafe(call)) {
+        Ok(result) => result,
+        Err(_) => Err(anyhow!(
+            "{what}: the FAT filesystem is corrupt (a cluster number out of range)"
+        )),
+    }
+}
+
 impl<D: Read + Write + Seek> BootFs<D> {
-    pub(super) fn open(slice: PartitionSlice<D>) -> io::Result<Self> {
-        let fs = fatfs::FileSystem::new(slice, fatfs::FsOptions::new())?;
-        Ok(Self { fs })
+    pub(super) fn open(slice: PartitionSlice<D>) -> Result<Self> {
+        guarded("opening the boot partition", || {
+            let fs = fatfs::FileSystem::new(slice, fatfs::FsOptions::new())?;
+            Ok(Self { fs })
+        })
     }
 
     pub fn fat_type(&self) -> &'static str {
@@ -30,6 +46,12 @@ impl<D: Read + Write + Seek> BootFs<D> {
 
     /// Reads a whole file; `None` when it does not exist.
     pub fn read(&self, name: &str) -> Result<Option<Vec<u8>>> {
+        guarded(&format!("reading {name} on the boot partition"), || {
+            self.read_unguarded(name)
+        })
+    }
+
+    fn read_unguarded(&self, name: &str) -> Result<Option<Vec<u8>>> {
         let mut file = match self.fs.root_dir().open_file(name) {
             Ok(file) => file,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
@@ -45,6 +67,10 @@ impl<D: Read + Write + Seek> BootFs<D> {
 
     /// Names of the files and directories at the top of the partition.
     pub fn list_root(&self) -> Result<Vec<String>> {
+        guarded("listing the boot partition", || self.list_root_unguarded())
+    }
+
+    fn list_root_unguarded(&self) -> Result<Vec<String>> {
         self.fs
             .root_dir()
             .iter()
@@ -61,6 +87,12 @@ impl<D: Read + Write + Seek> BootFs<D> {
     /// file is overwritten in place and then cut to length, so a write cut short
     /// leaves old bytes after the new ones, never an empty file.
     pub fn write(&self, name: &str, data: &[u8]) -> Result<()> {
+        guarded(&format!("writing {name} on the boot partition"), || {
+            self.write_unguarded(name, data)
+        })
+    }
+
+    fn write_unguarded(&self, name: &str, data: &[u8]) -> Result<()> {
         // fatfs's create_file opens an existing file without truncating it.
         let mut file = self
             .fs
@@ -75,6 +107,12 @@ impl<D: Read + Write + Seek> BootFs<D> {
 
     /// Removes a file; succeeds when it is already absent.
     pub fn remove(&self, name: &str) -> Result<()> {
+        guarded(&format!("removing {name} from the boot partition"), || {
+            self.remove_unguarded(name)
+        })
+    }
+
+    fn remove_unguarded(&self, name: &str) -> Result<()> {
         match self.fs.root_dir().remove(name) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => {
                 Err(e).with_context(|| format!("removing {name} from the boot partition"))

@@ -114,7 +114,7 @@ impl<D: Read + Write + Seek + Debug + 'static> Image<D> {
         let partition = self.boot_partition()?;
         BootFs::open(self.slice(partition)).map_err(|e| {
             anyhow!(
-                "partition {} (type {}) does not hold a readable FAT filesystem: {e}",
+                "partition {} (type {}) does not hold a readable FAT filesystem: {e:#}",
                 partition.number,
                 partition.type_id
             )
