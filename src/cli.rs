@@ -151,6 +151,13 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Create, list and delete SSM hybrid activations
+    Activation {
+        #[command(subcommand)]
+        action: ActivationCommand,
+        #[command(flatten)]
+        aws: AwsArgs,
+    },
     /// Remove a stamp, restoring the boot partition as it was before
     Unstamp {
         /// Image file or block device
@@ -164,9 +171,67 @@ pub enum Command {
     },
 }
 
+/// Where AWS calls go: the standard credential chain, with these overrides.
+#[derive(Debug, clap::Args)]
+pub struct AwsArgs {
+    /// AWS profile (default: AWS_PROFILE or the default profile)
+    #[arg(long, global = true)]
+    pub profile: Option<String>,
+    /// AWS region (default: AWS_REGION or the profile's)
+    #[arg(long, global = true)]
+    pub region: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ActivationCommand {
+    /// Create an activation; its code is shown by SSM only once
+    #[command(
+        after_help = "Examples:\n  piprov activation create --role SSMServiceRole --limit 10 --expires 7d --code-file site.code\n  \
+        piprov activation create --role SSMServiceRole --tag site=a --show-code --json"
+    )]
+    Create {
+        /// IAM service role the registered nodes assume
+        #[arg(long)]
+        role: String,
+        /// How many machines may register with it (1-1000)
+        #[arg(long, default_value_t = 1)]
+        limit: u32,
+        /// Lifetime, e.g. 24h, 7d (at most 30 days)
+        #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+        expires: std::time::Duration,
+        /// Default instance name shown in Fleet Manager
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long)]
+        description: Option<String>,
+        /// Tag as key=value (repeatable)
+        #[arg(long = "tag", value_name = "KEY=VALUE")]
+        tags: Vec<String>,
+        /// Write the activation code to this new file (mode 0600)
+        #[arg(long, value_name = "FILE", conflicts_with = "show_code")]
+        code_file: Option<PathBuf>,
+        /// Print the activation code
+        #[arg(long)]
+        show_code: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List activations: id, limit, registrations, expiry, tags
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete activations (nodes already registered stay registered)
+    Delete {
+        #[arg(required = true)]
+        ids: Vec<String>,
+    },
+}
+
 pub fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Inspect { image, json } => inspect(&image, json),
+        Command::Activation { action, aws } => activation(action, aws),
         Command::Flash {
             image,
             targets,
@@ -250,6 +315,124 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             json,
         } => print_outcome(&crate::stamp::unstamp(&image, dry_run)?, json),
     }
+}
+
+fn activation(action: ActivationCommand, aws: AwsArgs) -> Result<ExitCode> {
+    use crate::ssm;
+    // Checks that need no AWS call come first.
+    let new = match &action {
+        ActivationCommand::Create {
+            role,
+            limit,
+            expires,
+            name,
+            description,
+            tags,
+            code_file,
+            show_code,
+            ..
+        } => {
+            if code_file.is_none() && !show_code {
+                anyhow::bail!(
+                    "SSM shows an activation code only once: give --code-file FILE to keep it, or --show-code"
+                );
+            }
+            let tags = tags
+                .iter()
+                .map(|t| {
+                    t.split_once('=')
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                })
+                .collect::<Option<Vec<_>>>()
+                .ok_or_else(|| anyhow::anyhow!("--tag takes key=value"))?;
+            let new = ssm::NewActivation {
+                iam_role: role.clone(),
+                registration_limit: *limit,
+                lifetime: *expires,
+                default_instance_name: name.clone(),
+                description: description.clone(),
+                tags,
+            };
+            new.validate()?;
+            if let Some(file) = code_file {
+                if file.exists() {
+                    anyhow::bail!(
+                        "{} exists: piprov will not overwrite a file that may hold another code",
+                        file.display()
+                    );
+                }
+            }
+            Some(new)
+        }
+        _ => None,
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let conn = ssm::Connection {
+        profile: aws.profile,
+        region: aws.region,
+    };
+    runtime.block_on(async {
+        let client = ssm::client(&conn).await?;
+        let mut stdout = std::io::stdout().lock();
+        match action {
+            ActivationCommand::Create { code_file, show_code, json, .. } => {
+                let created = ssm::create_activation(&client, &new.expect("made above")).await?;
+                if let Some(file) = &code_file {
+                    use std::os::unix::fs::OpenOptionsExt;
+                    let mut out = std::fs::OpenOptions::new()
+                        .write(true)
+                        .create_new(true)
+                        .mode(0o600)
+                        .open(file)
+                        .map_err(|e| anyhow::anyhow!("activation {} created, but its code could not be written to {}: {e}; delete it with `piprov activation delete {}`", created.id, file.display(), created.id))?;
+                    writeln!(out, "{}", created.code)?;
+                }
+                let code = show_code.then_some(created.code.as_str());
+                if json {
+                    let line = serde_json::json!({"activation_id": created.id, "activation_code": code, "code_file": code_file});
+                    writeln!(stdout, "{line}")?;
+                } else {
+                    writeln!(stdout, "activation {}", created.id)?;
+                    match (code, &code_file) {
+                        (Some(code), _) => writeln!(stdout, "code {code}")?,
+                        (None, Some(file)) => writeln!(stdout, "code written to {} (mode 0600)", file.display())?,
+                        (None, None) => {}
+                    }
+                }
+            }
+            ActivationCommand::List { json } => {
+                let list = ssm::list_activations(&client).await?;
+                if json {
+                    serde_json::to_writer_pretty(&mut stdout, &list).map_err(std::io::Error::from)?;
+                    writeln!(stdout)?;
+                } else {
+                    writeln!(stdout, "{:<36}  {:>9}  {:<20}  {:<7}  tags", "id", "used", "expires", "expired")?;
+                    for a in &list {
+                        let tags: Vec<String> = a.tags.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                        writeln!(
+                            stdout,
+                            "{:<36}  {:>4}/{:<4}  {:<20}  {:<7}  {}",
+                            a.id,
+                            a.registrations,
+                            a.registration_limit,
+                            a.expires.as_deref().unwrap_or("-"),
+                            if a.expired { "yes" } else { "no" },
+                            tags.join(",")
+                        )?;
+                    }
+                }
+            }
+            ActivationCommand::Delete { ids } => {
+                for id in &ids {
+                    ssm::delete_activation(&client, id).await?;
+                    writeln!(stdout, "deleted {id}")?;
+                }
+            }
+        }
+        Ok(ExitCode::SUCCESS)
+    })
 }
 
 fn print_flash_summary(summary: &crate::flash::Summary, json: bool) -> Result<ExitCode> {

@@ -6,6 +6,7 @@ pub mod image;
 pub mod inspect;
 pub mod layout;
 pub mod recipe;
+pub mod ssm;
 pub mod stamp;
 
 /// Keeps panics raised inside fatfs quiet: `image::BootFs` turns them into errors

@@ -1,0 +1,216 @@
+//! AWS Systems Manager through aws-sdk-ssm: hybrid activations. Credentials and
+//! region come from the standard chain (environment, profiles, SSO) unless given;
+//! `AWS_ENDPOINT_URL[_SSM]` points the client elsewhere (the tests' local endpoint).
+
+use std::time::{Duration, SystemTime};
+
+use anyhow::{Result, anyhow, bail};
+use aws_config::BehaviorVersion;
+use aws_sdk_ssm::Client;
+use aws_sdk_ssm::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_ssm::primitives::DateTime;
+use aws_sdk_ssm::types::Tag;
+use serde::Serialize;
+
+/// CreateActivation's limits.
+pub const MAX_REGISTRATIONS: u32 = 1000;
+pub const MAX_LIFETIME: Duration = Duration::from_secs(30 * 24 * 3600);
+
+#[derive(Debug, Clone, Default)]
+pub struct Connection {
+    pub profile: Option<String>,
+    pub region: Option<String>,
+}
+
+pub async fn client(conn: &Connection) -> Result<Client> {
+    let mut loader = aws_config::defaults(BehaviorVersion::latest());
+    if let Some(profile) = &conn.profile {
+        loader = loader.profile_name(profile);
+    }
+    if let Some(region) = &conn.region {
+        loader = loader.region(aws_config::Region::new(region.clone()));
+    }
+    let config = loader.load().await;
+    if config.region().is_none() {
+        bail!(
+            "no AWS region: pass --region, set AWS_REGION, or set one in the recipe or your profile"
+        );
+    }
+    Ok(Client::new(&config))
+}
+
+#[derive(Debug, Clone)]
+pub struct NewActivation {
+    pub iam_role: String,
+    pub registration_limit: u32,
+    pub lifetime: Duration,
+    pub default_instance_name: Option<String>,
+    pub description: Option<String>,
+    pub tags: Vec<(String, String)>,
+}
+
+impl NewActivation {
+    /// The checks SSM would make, made before calling it.
+    pub fn validate(&self) -> Result<()> {
+        if self.iam_role.trim().is_empty() {
+            bail!("an IAM role is required (--role): the service role the registered nodes assume");
+        }
+        if !(1..=MAX_REGISTRATIONS).contains(&self.registration_limit) {
+            bail!(
+                "--limit {} is outside 1..={MAX_REGISTRATIONS}",
+                self.registration_limit
+            );
+        }
+        if self.lifetime.is_zero() || self.lifetime > MAX_LIFETIME {
+            bail!(
+                "--expires {}: SSM activations last from a minute up to 30 days",
+                humantime::format_duration(self.lifetime)
+            );
+        }
+        Ok(())
+    }
+}
+
+/// An activation as created: the code is shown by SSM this once.
+pub struct Created {
+    pub id: String,
+    pub code: String,
+}
+
+pub async fn create_activation(client: &Client, new: &NewActivation) -> Result<Created> {
+    new.validate()?;
+    let expires = SystemTime::now() + new.lifetime;
+    let mut request = client
+        .create_activation()
+        .iam_role(&new.iam_role)
+        .registration_limit(new.registration_limit as i32)
+        .expiration_date(DateTime::from(expires))
+        .set_default_instance_name(new.default_instance_name.clone())
+        .set_description(new.description.clone());
+    for (key, value) in &new.tags {
+        request = request.tags(Tag::builder().key(key).value(value).build()?);
+    }
+    let out = request
+        .send()
+        .await
+        .map_err(|e| explain(e, "creating the activation"))?;
+    match (out.activation_id, out.activation_code) {
+        (Some(id), Some(code)) => Ok(Created { id, code }),
+        _ => bail!("SSM answered CreateActivation without an id and code"),
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ActivationInfo {
+    pub id: String,
+    pub description: Option<String>,
+    pub default_instance_name: Option<String>,
+    pub iam_role: Option<String>,
+    pub registration_limit: i32,
+    pub registrations: i32,
+    pub expires: Option<String>,
+    pub expired: bool,
+    pub tags: Vec<(String, String)>,
+}
+
+pub async fn list_activations(client: &Client) -> Result<Vec<ActivationInfo>> {
+    let mut out = Vec::new();
+    let mut pages = client.describe_activations().into_paginator().send();
+    while let Some(page) = pages.next().await {
+        let page = page.map_err(|e| explain(e, "listing activations"))?;
+        for a in page.activation_list() {
+            out.push(ActivationInfo {
+                id: a.activation_id().unwrap_or_default().to_string(),
+                description: a
+                    .description()
+                    .map(str::to_string)
+                    .filter(|s| !s.is_empty()),
+                default_instance_name: a
+                    .default_instance_name()
+                    .map(str::to_string)
+                    .filter(|s| !s.is_empty()),
+                iam_role: a.iam_role().map(str::to_string),
+                registration_limit: a.registration_limit().unwrap_or(0),
+                registrations: a.registrations_count().unwrap_or(0),
+                expires: a
+                    .expiration_date()
+                    .and_then(|d| SystemTime::try_from(*d).ok())
+                    .map(|t| humantime::format_rfc3339_seconds(t).to_string()),
+                expired: a.expired(),
+                tags: a
+                    .tags()
+                    .iter()
+                    .map(|t| (t.key().to_string(), t.value().to_string()))
+                    .collect(),
+            });
+        }
+    }
+    Ok(out)
+}
+
+pub async fn delete_activation(client: &Client, id: &str) -> Result<()> {
+    client
+        .delete_activation()
+        .activation_id(id)
+        .send()
+        .await
+        .map_err(|e| explain(e, &format!("deleting activation {id}")))?;
+    Ok(())
+}
+
+/// One line that says what went wrong and what to do about it.
+fn explain<E, R>(err: SdkError<E, R>, doing: &str) -> anyhow::Error
+where
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+    R: std::fmt::Debug + Send + Sync + 'static,
+{
+    let chain = format!("{}", aws_sdk_ssm::error::DisplayErrorContext(&err));
+    let code = err.code().unwrap_or_default().to_string();
+    let message = err.message().unwrap_or_default().to_string();
+    let hint = match code.as_str() {
+        "AccessDeniedException" if message.contains("iam:PassRole") => {
+            "your identity may not pass that role to SSM: grant iam:PassRole on it".to_string()
+        }
+        "AccessDeniedException" => {
+            "your identity lacks the SSM permission for this call".to_string()
+        }
+        "UnrecognizedClientException" | "InvalidClientTokenId" | "InvalidSignatureException" => {
+            "the AWS credentials are not valid: check AWS_PROFILE or your access keys".to_string()
+        }
+        "ExpiredTokenException" | "ExpiredToken" => {
+            "the AWS credentials have expired: renew them (e.g. `aws sso login`)".to_string()
+        }
+        "ThrottlingException" => {
+            "SSM is throttling requests even after retries: try again later".to_string()
+        }
+        "InvalidActivationId" | "InvalidActivation" => {
+            "no such activation in this account and region".to_string()
+        }
+        "ValidationException" => "SSM rejected a value".to_string(),
+        _ if chain.contains("no credentials")
+            || chain.contains("failed to load credentials")
+            || chain.contains("CredentialsNotLoaded") =>
+        {
+            "no AWS credentials found: set AWS_PROFILE or AWS_ACCESS_KEY_ID, or run `aws sso login`"
+                .to_string()
+        }
+        _ if matches!(
+            err,
+            SdkError::DispatchFailure(_) | SdkError::TimeoutError(_)
+        ) =>
+        {
+            "SSM could not be reached: check the network and the region".to_string()
+        }
+        _ => String::new(),
+    };
+    let detail = if message.is_empty() {
+        chain
+    } else {
+        format!("{code}: {message}")
+    };
+    if hint.is_empty() {
+        anyhow!("{doing}: {detail}")
+    } else {
+        anyhow!("{doing}: {hint} ({detail})")
+    }
+}

@@ -1,0 +1,284 @@
+//! `piprov activation` with the real AWS SDK client against a local SSM-compatible
+//! endpoint on loopback (tests/support/ssm_stub.py): create → list → delete, the
+//! checks made before calling AWS, and each error explained in one line.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+
+use common::piprov;
+use predicates::prelude::*;
+use predicates::str::contains;
+use tempfile::TempDir;
+
+struct Ssm {
+    child: Child,
+    port: u16,
+    log: PathBuf,
+}
+
+impl Drop for Ssm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Ssm {
+    fn start(dir: &Path, throttle_first: u32) -> Ssm {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/ssm_stub.py");
+        let port_file = dir.join("ssm.port");
+        let log = dir.join("ssm.log");
+        let child = Command::new("python3")
+            .arg(script)
+            .arg(&port_file)
+            .arg(&log)
+            .arg(throttle_first.to_string())
+            .spawn()
+            .unwrap();
+        let started = std::time::Instant::now();
+        let port = loop {
+            if let Some(port) = std::fs::read_to_string(&port_file)
+                .ok()
+                .and_then(|t| t.trim().parse().ok())
+            {
+                break port;
+            }
+            assert!(
+                started.elapsed().as_secs() < 20,
+                "the SSM stand-in did not start"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        };
+        Ssm { child, port, log }
+    }
+
+    fn requests(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    /// piprov with credentials and the endpoint set, and nothing from the host's AWS setup.
+    fn piprov(&self, dir: &Path) -> assert_cmd::Command {
+        let mut cmd = piprov();
+        cmd.env_clear()
+            .env("PATH", std::env::var("PATH").unwrap())
+            .env("HOME", dir)
+            .env("AWS_CONFIG_FILE", dir.join("no-config"))
+            .env("AWS_SHARED_CREDENTIALS_FILE", dir.join("no-credentials"))
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .env(
+                "AWS_ENDPOINT_URL",
+                format!("http://127.0.0.1:{}", self.port),
+            )
+            .env("AWS_ACCESS_KEY_ID", "AKIAEXAMPLEEXAMPLE00")
+            .env(
+                "AWS_SECRET_ACCESS_KEY",
+                "secretsecretsecretsecretsecretsecret0000",
+            )
+            .env("AWS_REGION", "eu-west-1")
+            .arg("activation");
+        cmd
+    }
+}
+
+#[test]
+fn create_list_delete() {
+    let dir = TempDir::new().unwrap();
+    let ssm = Ssm::start(dir.path(), 0);
+    let code_file = dir.path().join("site.code");
+    let out = ssm
+        .piprov(dir.path())
+        .args([
+            "create",
+            "--role",
+            "SSMServiceRole",
+            "--limit",
+            "10",
+            "--expires",
+            "7d",
+            "--name",
+            "door",
+        ])
+        .args(["--tag", "site=a", "--tag", "batch=2026-11", "--code-file"])
+        .arg(&code_file)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let code = std::fs::read_to_string(&code_file)
+        .unwrap()
+        .trim()
+        .to_string();
+    assert!(!code.is_empty());
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&code_file).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        !stdout.contains(&code) && !String::from_utf8_lossy(&out.stderr).contains(&code),
+        "the code is never printed unless asked"
+    );
+    let id = stdout
+        .lines()
+        .next()
+        .unwrap()
+        .strip_prefix("activation ")
+        .unwrap()
+        .to_string();
+
+    // The request SSM received: role, limit, expiry about 7 days out, tags.
+    let create = &ssm.requests()[0];
+    assert_eq!(create["target"], "AmazonSSM.CreateActivation");
+    assert_eq!(create["body"]["RegistrationLimit"], 10);
+    assert_eq!(create["body"]["DefaultInstanceName"], "door");
+    let expiry = create["body"]["ExpirationDate"].as_f64().unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    assert!(
+        (expiry - now - 7.0 * 86400.0).abs() < 120.0,
+        "{expiry} vs {now}"
+    );
+
+    // Three more, so that listing crosses the stand-in's two-item pages.
+    for _ in 0..3 {
+        ssm.piprov(dir.path())
+            .args(["create", "--role", "R", "--show-code"])
+            .assert()
+            .success()
+            .stdout(contains("code "));
+    }
+    let out = ssm
+        .piprov(dir.path())
+        .args(["list", "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let list: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(list.len(), 4, "every page is read");
+    let ours = list.iter().find(|a| a["id"] == id.as_str()).unwrap();
+    assert_eq!(ours["registration_limit"], 10);
+    assert_eq!(ours["registrations"], 0);
+    assert_eq!(ours["expired"], false);
+    assert!(
+        ours["tags"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|t| t[0] == "site" && t[1] == "a")
+    );
+    assert!(!String::from_utf8_lossy(&out.stdout).contains(&code));
+
+    ssm.piprov(dir.path())
+        .args(["delete", &id])
+        .assert()
+        .success()
+        .stdout(contains(format!("deleted {id}")));
+    let out = ssm
+        .piprov(dir.path())
+        .args(["list", "--json"])
+        .output()
+        .unwrap();
+    let list: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(list.iter().all(|a| a["id"] != id.as_str()));
+    ssm.piprov(dir.path())
+        .args(["delete", &id])
+        .assert()
+        .code(2)
+        .stderr(contains("no such activation"));
+}
+
+#[test]
+fn bad_values_are_refused_before_calling_aws() {
+    let dir = TempDir::new().unwrap();
+    let ssm = Ssm::start(dir.path(), 0);
+    for (args, message) in [
+        (&["--limit", "0"][..], "outside 1..=1000"),
+        (&["--limit", "1001"][..], "outside 1..=1000"),
+        (&["--expires", "31d"][..], "up to 30 days"),
+        (&["--tag", "novalue"][..], "--tag takes key=value"),
+    ] {
+        ssm.piprov(dir.path())
+            .args(["create", "--role", "R", "--show-code"])
+            .args(args)
+            .assert()
+            .code(2)
+            .stderr(contains(message));
+    }
+    ssm.piprov(dir.path())
+        .args(["create", "--role", "R"])
+        .assert()
+        .code(2)
+        .stderr(contains("shows an activation code only once"));
+    assert!(ssm.requests().is_empty(), "no call reached SSM");
+}
+
+#[test]
+fn errors_are_explained_in_one_line() {
+    let dir = TempDir::new().unwrap();
+    let ssm = Ssm::start(dir.path(), 0);
+    ssm.piprov(dir.path())
+        .args(["create", "--role", "NoPassRole", "--show-code"])
+        .assert()
+        .code(2)
+        .stderr(contains("grant iam:PassRole"));
+
+    // No credentials anywhere.
+    ssm.piprov(dir.path())
+        .env_remove("AWS_ACCESS_KEY_ID")
+        .env_remove("AWS_SECRET_ACCESS_KEY")
+        .args(["list"])
+        .assert()
+        .code(2)
+        .stderr(contains("no AWS credentials found"));
+
+    // No region anywhere.
+    ssm.piprov(dir.path())
+        .env_remove("AWS_REGION")
+        .args(["list"])
+        .assert()
+        .code(2)
+        .stderr(contains("no AWS region"));
+
+    // Nothing listening.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    ssm.piprov(dir.path())
+        .env("AWS_ENDPOINT_URL", format!("http://127.0.0.1:{port}"))
+        .args(["list"])
+        .assert()
+        .code(2)
+        .stderr(contains("could not be reached"));
+}
+
+#[test]
+fn throttling_is_retried_by_the_sdk() {
+    let dir = TempDir::new().unwrap();
+    let ssm = Ssm::start(dir.path(), 2);
+    ssm.piprov(dir.path())
+        .args(["list"])
+        .assert()
+        .success()
+        .stderr(predicate::str::is_empty());
+    assert_eq!(
+        ssm.requests().len(),
+        3,
+        "two throttled attempts, then the answer"
+    );
+}
