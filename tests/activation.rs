@@ -5,24 +5,17 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::process::Command;
 
 use common::piprov;
+use common::stub::{Stub, logged_requests};
 use predicates::prelude::*;
 use predicates::str::contains;
 use tempfile::TempDir;
 
 struct Ssm {
-    child: Child,
-    port: u16,
+    stub: Stub,
     log: PathBuf,
-}
-
-impl Drop for Ssm {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 impl Ssm {
@@ -30,36 +23,20 @@ impl Ssm {
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/ssm_stub.py");
         let port_file = dir.join("ssm.port");
         let log = dir.join("ssm.log");
-        let child = Command::new("python3")
+        let mut command = Command::new("python3");
+        command
             .arg(script)
             .arg(&port_file)
             .arg(&log)
-            .arg(throttle_first.to_string())
-            .spawn()
-            .unwrap();
-        let started = std::time::Instant::now();
-        let port = loop {
-            if let Some(port) = std::fs::read_to_string(&port_file)
-                .ok()
-                .and_then(|t| t.trim().parse().ok())
-            {
-                break port;
-            }
-            assert!(
-                started.elapsed().as_secs() < 20,
-                "the SSM stand-in did not start"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        };
-        Ssm { child, port, log }
+            .arg(throttle_first.to_string());
+        Ssm {
+            stub: Stub::start(command, &port_file, "SSM stand-in"),
+            log,
+        }
     }
 
     fn requests(&self) -> Vec<serde_json::Value> {
-        std::fs::read_to_string(&self.log)
-            .unwrap_or_default()
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect()
+        logged_requests(&self.log)
     }
 
     /// piprov with credentials and the endpoint set, and nothing from the host's AWS setup.
@@ -73,7 +50,7 @@ impl Ssm {
             .env("AWS_EC2_METADATA_DISABLED", "true")
             .env(
                 "AWS_ENDPOINT_URL",
-                format!("http://127.0.0.1:{}", self.port),
+                format!("http://127.0.0.1:{}", self.stub.port),
             )
             .env("AWS_ACCESS_KEY_ID", "AKIAEXAMPLEEXAMPLE00")
             .env(

@@ -5,9 +5,10 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Child, Command};
+use std::process::Command;
 
 use common::card::{Card, SHARED_CODE, Ssm, shared_recipe, stamp};
+use common::stub::{Stub, logged_requests};
 use common::*;
 use tempfile::TempDir;
 
@@ -485,17 +486,9 @@ fn backoff_doubles_with_jitter_and_is_capped() {
 
 /// An HTTPS broker stand-in on loopback with a throwaway CA.
 struct Broker {
-    child: Child,
-    port: u16,
+    stub: Stub,
     log: std::path::PathBuf,
     ca: std::path::PathBuf,
-}
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 fn openssl(dir: &Path, args: &[&str]) {
@@ -573,7 +566,8 @@ fn start_broker(dir: &Path, token: &str, fail_first: u32) -> Broker {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/broker_stub.py");
     let port_file = dir.join("port");
     let log = dir.join("broker.log");
-    let child = Command::new("python3")
+    let mut command = Command::new("python3");
+    command
         .arg(script)
         .args([
             "srv.pem",
@@ -586,25 +580,9 @@ fn start_broker(dir: &Path, token: &str, fail_first: u32) -> Broker {
         ])
         .arg(&log)
         .arg(&port_file)
-        .current_dir(dir)
-        .spawn()
-        .unwrap();
-    let started = std::time::Instant::now();
-    let port = loop {
-        if let Ok(text) = std::fs::read_to_string(&port_file) {
-            if let Ok(port) = text.trim().parse() {
-                break port;
-            }
-        }
-        assert!(
-            started.elapsed().as_secs() < 20,
-            "broker stub did not start"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    };
+        .current_dir(dir);
     Broker {
-        child,
-        port,
+        stub: Stub::start(command, &port_file, "broker stand-in"),
         log,
         ca: dir.join("ca.pem"),
     }
@@ -624,7 +602,7 @@ fn broker_down_then_up_retries_until_registered() {
         format!(
             "region = \"eu-west-1\"\nhostname = \"pi-{{serial}}\"\n[activation]\nsource = \"broker\"\n\
              url = \"https://127.0.0.1:{}\"\nca_file = \"{}\"\ntoken_file = \"site.token\"\n",
-            broker.port,
+            broker.stub.port,
             broker.ca.display()
         ),
     )
@@ -656,11 +634,7 @@ fn broker_down_then_up_retries_until_registered() {
         "the token is removed once used"
     );
 
-    let requests: Vec<serde_json::Value> = std::fs::read_to_string(&broker.log)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let requests = logged_requests(&broker.log);
     assert_eq!(
         requests.len(),
         4,
