@@ -7,7 +7,7 @@ use anyhow::{Context, Result, bail};
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::image::{Cmdline, FsKind, Image, RootFs, TableKind};
+use crate::image::{BootFs, Cmdline, FsKind, Image, RootFs, TableKind};
 use crate::layout::{agent, boot as boot_files};
 
 #[derive(Debug, Serialize)]
@@ -158,7 +158,9 @@ pub fn gather<D: Read + Write + Seek + Debug + 'static>(image: &Image<D>) -> Res
     image.boot_partition()?;
     let rootfs = image.rootfs()?;
     let os = os_facts(&rootfs)?;
-    let boot = boot_facts(image, &rootfs, &os)?;
+    // The FAT is mounted once for everything read from it.
+    let boot_fs = image.boot()?;
+    let boot = boot_facts(image, &boot_fs, &rootfs, &os)?;
     Ok(Facts {
         image_size: image.len(),
         partition_table,
@@ -178,8 +180,8 @@ pub fn gather<D: Read + Write + Seek + Debug + 'static>(image: &Image<D>) -> Res
         clone_state: clone_state(&rootfs)?,
         cloud_init_installed: rootfs.exists("/usr/bin/cloud-init")?
             || rootfs.exists("/etc/cloud/cloud.cfg")?,
-        stamp: boot_json(image, boot_files::STAMP)?,
-        device_status: boot_json(image, boot_files::STATUS)?,
+        stamp: boot_json(&boot_fs, boot_files::STAMP)?,
+        device_status: boot_json(&boot_fs, boot_files::STATUS)?,
         os,
         boot,
     })
@@ -207,11 +209,11 @@ fn os_facts(rootfs: &RootFs) -> Result<OsFacts> {
 
 fn boot_facts<D: Read + Write + Seek + Debug + 'static>(
     image: &Image<D>,
+    boot: &BootFs<D>,
     rootfs: &RootFs,
     os: &OsFacts,
 ) -> Result<BootFacts> {
     let partition = image.boot_partition()?.number;
-    let boot = image.boot()?;
     let mut files = boot.list_root()?;
     files.sort();
     if !files
@@ -489,11 +491,8 @@ fn clone_state(rootfs: &RootFs) -> Result<Vec<String>> {
 }
 
 /// A JSON file on the boot partition, with secrets redacted.
-fn boot_json<D: Read + Write + Seek + Debug + 'static>(
-    image: &Image<D>,
-    name: &str,
-) -> Result<Option<Value>> {
-    let Some(data) = image.boot()?.read(name)? else {
+fn boot_json<D: Read + Write + Seek>(boot: &BootFs<D>, name: &str) -> Result<Option<Value>> {
+    let Some(data) = boot.read(name)? else {
         return Ok(None);
     };
     let mut value: Value = serde_json::from_slice(&data)
