@@ -239,6 +239,12 @@ fn validate(recipe: &Recipe) -> Result<()> {
             if a.id.is_some() != a.code_file.is_some() {
                 bail!("activation.id and activation.code_file go together");
             }
+            if a.id.is_none() && recipe.iam_role.is_none() {
+                bail!(
+                    "iam_role is required when source = \"embedded\" without an activation.id: \
+                     piprov creates each card's activation for that role"
+                );
+            }
         }
     }
     if let Some(expires) = &a.expires {
@@ -401,9 +407,15 @@ mod tests {
             format!("{:#}", load(&path, &[]).unwrap_err()).contains("activation.id is required")
         );
         let (_dir, path) = write_recipe(
-            "region = \"eu-west-1\"\n[activation]\nsource = \"embedded\"\nexpires = \"40d\"\n",
+            "region = \"eu-west-1\"\niam_role = \"R\"\n[activation]\nsource = \"embedded\"\nexpires = \"40d\"\n",
         );
         assert!(format!("{:#}", load(&path, &[]).unwrap_err()).contains("up to 30 days"));
+        let (_dir, path) =
+            write_recipe("region = \"eu-west-1\"\n[activation]\nsource = \"embedded\"\n");
+        assert!(
+            format!("{:#}", load(&path, &[]).unwrap_err()).contains("iam_role is required"),
+            "piprov cannot create a card's activation without a role"
+        );
         let (_dir, path) =
             write_recipe("region = \"Ireland\"\n[activation]\nsource = \"embedded\"\n");
         assert!(format!("{:#}", load(&path, &[]).unwrap_err()).contains("not an AWS region"));

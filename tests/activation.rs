@@ -4,72 +4,19 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
-
-use common::piprov;
-use common::stub::{Stub, logged_requests};
+use common::ssm_endpoint::SsmEndpoint;
 use predicates::prelude::*;
 use predicates::str::contains;
 use tempfile::TempDir;
 
-struct Ssm {
-    stub: Stub,
-    log: PathBuf,
-}
-
-impl Ssm {
-    fn start(dir: &Path, throttle_first: u32) -> Ssm {
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/ssm_stub.py");
-        let port_file = dir.join("ssm.port");
-        let log = dir.join("ssm.log");
-        let mut command = Command::new("python3");
-        command
-            .arg(script)
-            .arg(&port_file)
-            .arg(&log)
-            .arg(throttle_first.to_string());
-        Ssm {
-            stub: Stub::start(command, &port_file, "SSM stand-in"),
-            log,
-        }
-    }
-
-    fn requests(&self) -> Vec<serde_json::Value> {
-        logged_requests(&self.log)
-    }
-
-    /// piprov with credentials and the endpoint set, and nothing from the host's AWS setup.
-    fn piprov(&self, dir: &Path) -> assert_cmd::Command {
-        let mut cmd = piprov();
-        cmd.env_clear()
-            .env("PATH", std::env::var("PATH").unwrap())
-            .env("HOME", dir)
-            .env("AWS_CONFIG_FILE", dir.join("no-config"))
-            .env("AWS_SHARED_CREDENTIALS_FILE", dir.join("no-credentials"))
-            .env("AWS_EC2_METADATA_DISABLED", "true")
-            .env(
-                "AWS_ENDPOINT_URL",
-                format!("http://127.0.0.1:{}", self.stub.port),
-            )
-            .env("AWS_ACCESS_KEY_ID", "AKIAEXAMPLEEXAMPLE00")
-            .env(
-                "AWS_SECRET_ACCESS_KEY",
-                "secretsecretsecretsecretsecretsecret0000",
-            )
-            .env("AWS_REGION", "eu-west-1")
-            .arg("activation");
-        cmd
-    }
-}
-
 #[test]
 fn create_list_delete() {
     let dir = TempDir::new().unwrap();
-    let ssm = Ssm::start(dir.path(), 0);
+    let ssm = SsmEndpoint::start(dir.path(), 0);
     let code_file = dir.path().join("site.code");
     let out = ssm
-        .piprov(dir.path())
+        .piprov()
+        .arg("activation")
         .args([
             "create",
             "--role",
@@ -130,14 +77,16 @@ fn create_list_delete() {
 
     // Three more, so that listing crosses the stand-in's two-item pages.
     for _ in 0..3 {
-        ssm.piprov(dir.path())
+        ssm.piprov()
+            .arg("activation")
             .args(["create", "--role", "R", "--show-code"])
             .assert()
             .success()
             .stdout(contains("code "));
     }
     let out = ssm
-        .piprov(dir.path())
+        .piprov()
+        .arg("activation")
         .args(["list", "--json"])
         .output()
         .unwrap();
@@ -161,19 +110,22 @@ fn create_list_delete() {
     );
     assert!(!String::from_utf8_lossy(&out.stdout).contains(&code));
 
-    ssm.piprov(dir.path())
+    ssm.piprov()
+        .arg("activation")
         .args(["delete", &id])
         .assert()
         .success()
         .stdout(contains(format!("deleted {id}")));
     let out = ssm
-        .piprov(dir.path())
+        .piprov()
+        .arg("activation")
         .args(["list", "--json"])
         .output()
         .unwrap();
     let list: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
     assert!(list.iter().all(|a| a["id"] != id.as_str()));
-    ssm.piprov(dir.path())
+    ssm.piprov()
+        .arg("activation")
         .args(["delete", &id])
         .assert()
         .code(2)
@@ -183,21 +135,23 @@ fn create_list_delete() {
 #[test]
 fn bad_values_are_refused_before_calling_aws() {
     let dir = TempDir::new().unwrap();
-    let ssm = Ssm::start(dir.path(), 0);
+    let ssm = SsmEndpoint::start(dir.path(), 0);
     for (args, message) in [
         (&["--limit", "0"][..], "outside 1..=1000"),
         (&["--limit", "1001"][..], "outside 1..=1000"),
         (&["--expires", "31d"][..], "up to 30 days"),
-        (&["--tag", "novalue"][..], "--tag takes key=value"),
+        (&["--tag", "novalue"][..], "expected key=value"),
     ] {
-        ssm.piprov(dir.path())
+        ssm.piprov()
+            .arg("activation")
             .args(["create", "--role", "R", "--show-code"])
             .args(args)
             .assert()
             .code(2)
             .stderr(contains(message));
     }
-    ssm.piprov(dir.path())
+    ssm.piprov()
+        .arg("activation")
         .args(["create", "--role", "R"])
         .assert()
         .code(2)
@@ -208,15 +162,17 @@ fn bad_values_are_refused_before_calling_aws() {
 #[test]
 fn errors_are_explained_in_one_line() {
     let dir = TempDir::new().unwrap();
-    let ssm = Ssm::start(dir.path(), 0);
-    ssm.piprov(dir.path())
+    let ssm = SsmEndpoint::start(dir.path(), 0);
+    ssm.piprov()
+        .arg("activation")
         .args(["create", "--role", "NoPassRole", "--show-code"])
         .assert()
         .code(2)
         .stderr(contains("grant iam:PassRole"));
 
     // No credentials anywhere.
-    ssm.piprov(dir.path())
+    ssm.piprov()
+        .arg("activation")
         .env_remove("AWS_ACCESS_KEY_ID")
         .env_remove("AWS_SECRET_ACCESS_KEY")
         .args(["list"])
@@ -225,7 +181,8 @@ fn errors_are_explained_in_one_line() {
         .stderr(contains("no AWS credentials found"));
 
     // No region anywhere.
-    ssm.piprov(dir.path())
+    ssm.piprov()
+        .arg("activation")
         .env_remove("AWS_REGION")
         .args(["list"])
         .assert()
@@ -236,7 +193,8 @@ fn errors_are_explained_in_one_line() {
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = closed.local_addr().unwrap().port();
     drop(closed);
-    ssm.piprov(dir.path())
+    ssm.piprov()
+        .arg("activation")
         .env("AWS_ENDPOINT_URL", format!("http://127.0.0.1:{port}"))
         .args(["list"])
         .assert()
@@ -247,8 +205,9 @@ fn errors_are_explained_in_one_line() {
 #[test]
 fn throttling_is_retried_by_the_sdk() {
     let dir = TempDir::new().unwrap();
-    let ssm = Ssm::start(dir.path(), 2);
-    ssm.piprov(dir.path())
+    let ssm = SsmEndpoint::start(dir.path(), 2);
+    ssm.piprov()
+        .arg("activation")
         .args(["list"])
         .assert()
         .success()
@@ -258,4 +217,27 @@ fn throttling_is_retried_by_the_sdk() {
         3,
         "two throttled attempts, then the answer"
     );
+}
+
+#[test]
+fn a_value_ssm_rejects_is_named() {
+    let dir = TempDir::new().unwrap();
+    let ssm = SsmEndpoint::start(dir.path(), 0);
+    // Braces are not allowed in tag values; SSM's ValidationException says so.
+    ssm.piprov()
+        .arg("activation")
+        .args([
+            "create",
+            "--role",
+            "R",
+            "--show-code",
+            "--tag",
+            "host=door-{n}",
+        ])
+        .assert()
+        .code(2)
+        .stderr(contains("SSM rejected a value"))
+        .stderr(contains("ValidationException"))
+        .stderr(contains("host=door-{n}"));
+    assert_eq!(ssm.requests_for("CreateActivation").len(), 1, "not retried");
 }

@@ -25,6 +25,7 @@ use serde::Serialize;
 
 use crate::image::{Image, Overlay};
 use crate::recipe::{self, LoadedRecipe};
+use crate::ssm::CardActivations;
 use crate::stamp::{self, CardSettings};
 use map::Extents;
 use progress::Progress;
@@ -53,6 +54,8 @@ pub struct FlashConfig {
     pub allow_large: bool,
     pub sha256: Option<String>,
     pub manifest: Option<PathBuf>,
+    /// Where per-card activations are created (`source = "embedded"` without an id).
+    pub aws: crate::ssm::Connection,
 }
 
 /// One manifest line: what became of one card. Never holds a secret.
@@ -63,6 +66,9 @@ pub struct CardRecord {
     pub serial: Option<String>,
     pub hostname: Option<String>,
     pub activation_id: Option<String>,
+    /// The card's own activation was deleted again because the card failed.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub activation_deleted: bool,
     pub image_sha256: String,
     pub bytes_written: u64,
     pub verified: bool,
@@ -214,38 +220,20 @@ pub fn flash(config: &FlashConfig, progress: &Progress) -> Result<Summary> {
 
     // Each card opened (devices exclusively: a busy one is refused here) and
     // stamped in memory before anything is written.
-    let mut prepared = Vec::new();
-    for (i, (spec, info)) in config.cards.iter().zip(infos).enumerate() {
-        let target = target::Target::open(&info, source.len);
-        if info.block_device {
-            if let Err(e) = target {
-                return Err(e);
-            }
-        }
-        let mut overlay = Overlay::new(File::open(&source.path)?)?;
-        let (mut extents, mut hostname, mut activation_id) = (base_map.clone(), None, None);
-        if let Some(recipe) = &recipe {
-            let settings = card_settings(recipe, spec, config.hostname.as_deref(), i as u32 + 1)?;
-            let image = Image::from_disk(overlay)?;
-            let name = spec.device.display().to_string();
-            stamp::stamp_image(&image, &settings, false, &name)?;
-            overlay = image.into_disk()?;
-            extents = extents
-                .union(&Extents::from_ranges(overlay.changed()))
-                .aligned(source.len);
-            hostname = settings.hostname.clone();
-            activation_id = settings.activation_id.clone();
-        }
-        prepared.push(PreparedCard {
-            spec: spec.clone(),
-            info,
-            target,
-            overlay: Some(overlay),
-            extents,
-            hostname,
-            activation_id,
-        });
-    }
+    let mut issuer = None;
+    let mut issued = Vec::new();
+    let mut prepared = match prepare_cards(
+        config,
+        recipe.as_ref(),
+        infos,
+        &source,
+        &base_map,
+        &mut issuer,
+        &mut issued,
+    ) {
+        Ok(prepared) => prepared,
+        Err(e) => return Err(withdraw(e, issuer.as_ref(), &issued)),
+    };
 
     // One set of ranges for the batch: the image's, plus every card's stamp.
     let extents = prepared
@@ -298,7 +286,22 @@ pub fn flash(config: &FlashConfig, progress: &Progress) -> Result<Summary> {
                 (None, Err(e)) => Err(anyhow::anyhow!("{e:#}")),
                 (None, Ok(_)) => unreachable!("every opened card has a job"),
             };
-            let record = card_record(card, result, &source.sha256, started);
+            let mut record = card_record(card, result, &source.sha256, started);
+            if record.result != "ok" {
+                if let (Some(issuer), Some(id)) = (&issuer, &record.activation_id) {
+                    if issued.contains(id) {
+                        match issuer.delete(id) {
+                            Ok(()) => record.activation_deleted = true,
+                            Err(e) => {
+                                let error = record.error.take().unwrap_or_default();
+                                record.error = Some(format!(
+                                    "{error}; its activation {id} could not be deleted: {e:#}"
+                                ));
+                            }
+                        }
+                    }
+                }
+            }
             progress.event(&serde_json::json!({"event": "card", "card": &record}));
             record
         })
@@ -320,6 +323,90 @@ pub fn flash(config: &FlashConfig, progress: &Progress) -> Result<Summary> {
         mapped_bytes: base_map.bytes(),
         cards: records,
     })
+}
+
+/// Opens and stamps every card. Activations created on the way are pushed to
+/// `issued` as soon as they exist, so the caller can withdraw them on an error.
+fn prepare_cards(
+    config: &FlashConfig,
+    recipe: Option<&LoadedRecipe>,
+    infos: Vec<TargetInfo>,
+    source: &source::Source,
+    base_map: &Extents,
+    issuer: &mut Option<CardActivations>,
+    issued: &mut Vec<String>,
+) -> Result<Vec<PreparedCard>> {
+    let mut prepared = Vec::new();
+    for (i, (spec, info)) in config.cards.iter().zip(infos).enumerate() {
+        let target = target::Target::open(&info, source.len);
+        if info.block_device {
+            if let Err(e) = target {
+                return Err(e);
+            }
+        }
+        let mut overlay = Overlay::new(File::open(&source.path)?)?;
+        let (mut extents, mut hostname, mut activation_id) = (base_map.clone(), None, None);
+        if let Some(recipe) = recipe {
+            let mut settings =
+                card_settings(recipe, spec, config.hostname.as_deref(), i as u32 + 1)?;
+            let name = spec.device.display().to_string();
+            if settings.needs_activation() {
+                if issuer.is_none() {
+                    *issuer = Some(CardActivations::for_recipe(&config.aws, &recipe.recipe)?);
+                }
+                let created = issuer.as_ref().expect("made above").create(
+                    settings.hostname.as_deref(),
+                    &source.sha256,
+                    &name,
+                )?;
+                issued.push(created.id.clone());
+                settings.give_activation(created.id, created.code);
+            }
+            let image = Image::from_disk(overlay)?;
+            stamp::stamp_image(&image, &settings, false, &name)?;
+            overlay = image.into_disk()?;
+            extents = extents
+                .union(&Extents::from_ranges(overlay.changed()))
+                .aligned(source.len);
+            hostname = settings.hostname.clone();
+            activation_id = settings.activation_id.clone();
+        }
+        prepared.push(PreparedCard {
+            spec: spec.clone(),
+            info,
+            target,
+            overlay: Some(overlay),
+            extents,
+            hostname,
+            activation_id,
+        });
+    }
+    Ok(prepared)
+}
+
+/// Deletes activations made for cards that will not use them; `error` says why,
+/// and grows a line for any that could not be deleted.
+fn withdraw(
+    error: anyhow::Error,
+    issuer: Option<&CardActivations>,
+    ids: &[String],
+) -> anyhow::Error {
+    let Some(issuer) = issuer else {
+        return error;
+    };
+    let stuck: Vec<String> = ids
+        .iter()
+        .filter(|id| issuer.delete(id).is_err())
+        .cloned()
+        .collect();
+    if stuck.is_empty() {
+        error
+    } else {
+        error.context(format!(
+            "and these activations could not be deleted: {} (use `piprov activation delete`)",
+            stuck.join(" ")
+        ))
+    }
 }
 
 fn card_settings(
@@ -389,6 +476,7 @@ fn card_record(
         serial: card.info.serial.clone(),
         hostname: card.hostname,
         activation_id: card.activation_id,
+        activation_deleted: false,
         image_sha256: image_sha256.to_string(),
         bytes_written: written.map_or(0, |w| w.bytes),
         verified: written.is_some_and(|w| w.verified),

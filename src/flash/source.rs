@@ -113,6 +113,14 @@ pub fn open(path: &Path, expected: Option<&str>, progress: &Progress) -> Result<
     Ok(source)
 }
 
+/// The SHA-256 of a raw image file (cached like a flash source's).
+pub fn image_sha256(path: &Path, progress: &Progress) -> Result<String> {
+    let mut file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let len = file.seek(SeekFrom::End(0))?;
+    file.seek(SeekFrom::Start(0))?;
+    raw_hash_cached(path, &mut file, len, progress)
+}
+
 /// The SHA-256 of a raw image, remembered per file (device, inode, size and
 /// mtime), so a bench flashing the same image again does not read it twice.
 fn raw_hash_cached(path: &Path, file: &mut File, len: u64, progress: &Progress) -> Result<String> {

@@ -68,15 +68,12 @@ impl CardSettings {
             (None, None, None, None);
         match a.source {
             Source::Shared | Source::Embedded => {
+                // Without an id, `embedded` gets its activation from
+                // `give_activation` once the card is about to be written.
                 if let (Some(id), Some(code_file)) = (&a.id, &a.code_file) {
                     activation_id = Some(id.clone());
                     activation_code =
                         Some(read_secret(&loaded.resolve(code_file), "activation code")?);
-                } else {
-                    bail!(
-                        "source = \"embedded\" needs this card's activation: set activation.id and \
-                         activation.code_file (for example --set activation.id=… --set activation.code_file=…)"
-                    );
                 }
             }
             Source::Broker => {
@@ -110,6 +107,16 @@ impl CardSettings {
             broker_url: a.url.clone(),
             broker_ca,
         })
+    }
+
+    /// `embedded` with no activation given: piprov must create one for this card.
+    pub fn needs_activation(&self) -> bool {
+        self.source == Source::Embedded && self.activation_id.is_none()
+    }
+
+    pub fn give_activation(&mut self, id: String, code: String) {
+        self.activation_id = Some(id);
+        self.activation_code = Some(code);
     }
 
     /// `piprov.conf`: what the device scripts need, no secrets.

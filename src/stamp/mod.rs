@@ -23,6 +23,7 @@ use crate::image::{BootFs, Cmdline, Image};
 use crate::inspect::gather_facts;
 use crate::layout::boot;
 use crate::recipe::{Hook, LoadedRecipe, SudoPolicy};
+use crate::ssm::CardActivations;
 
 /// Bumped when the record's meaning changes.
 pub const RECORD_FORMAT: u32 = 1;
@@ -71,6 +72,8 @@ pub struct StampConfig {
     /// The card's number, for `{n}`.
     pub number: Option<u32>,
     pub dry_run: bool,
+    /// Where per-card activations are created (`source = "embedded"` without an id).
+    pub aws: crate::ssm::Connection,
 }
 
 #[derive(Debug, Serialize)]
@@ -85,17 +88,34 @@ pub struct Outcome {
 pub fn stamp(config: &StampConfig) -> Result<Outcome> {
     // Everything that can fail on the workstation's side (secret files, the CA)
     // fails here, before the image is opened for writing.
-    let settings =
+    let mut settings =
         CardSettings::from_recipe(&config.recipe, config.hostname.as_deref(), config.number)?;
     let image = open(&config.image, config.dry_run)?;
-    let outcome = stamp_image(
-        &image,
-        &settings,
-        config.dry_run,
-        &config.image.display().to_string(),
-    )?;
-    sync(image, &outcome)?;
-    Ok(outcome)
+    let name = config.image.display().to_string();
+    // A card's own activation is made last, just before the write, and deleted
+    // again if the stamp does not land.
+    let issued = if settings.needs_activation() && !config.dry_run {
+        let issuer = CardActivations::for_recipe(&config.aws, &config.recipe.recipe)?;
+        let progress = crate::flash::progress::Progress::new(crate::flash::progress::Mode::Bars);
+        let image_sha256 = crate::flash::source::image_sha256(&config.image, &progress)?;
+        let created = issuer.create(settings.hostname.as_deref(), &image_sha256, &name)?;
+        let id = created.id.clone();
+        settings.give_activation(created.id, created.code);
+        Some((issuer, id))
+    } else {
+        None
+    };
+    let result = stamp_image(&image, &settings, config.dry_run, &name)
+        .and_then(|outcome| sync(image, &outcome).map(|()| outcome));
+    if let (Err(e), Some((issuer, id))) = (&result, &issued) {
+        return Err(match issuer.delete(id) {
+            Ok(()) => anyhow::anyhow!("{e:#} (its activation {id} was deleted again)"),
+            Err(d) => anyhow::anyhow!(
+                "{e:#}; deleting its activation {id} failed too: {d:#} (delete it with `piprov activation delete {id}`)"
+            ),
+        });
+    }
+    result
 }
 
 /// Stamps an open image: a file, a card, or a copy-on-write overlay in memory.
@@ -106,6 +126,9 @@ pub fn stamp_image<D: Read + Write + Seek + Debug + 'static>(
     name: &str,
 ) -> Result<Outcome> {
     let context = || format!("stamping {name}");
+    if settings.needs_activation() && !dry_run {
+        bail!("{name}: this card has no activation yet (source = \"embedded\")");
+    }
     let facts = gather_facts(image).with_context(context)?;
     let hook = match settings.hook {
         Hook::Auto if facts.cloud_init_installed => Hook::CloudInit,

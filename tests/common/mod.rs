@@ -9,6 +9,7 @@ use std::sync::{Mutex, OnceLock};
 use tempfile::TempDir;
 
 pub mod card;
+pub mod ssm_endpoint;
 pub mod stub;
 
 /// Images small enough to copy per test, large enough for FAT32 (64 MiB boot).

@@ -1,24 +1,43 @@
 """A local SSM-compatible endpoint for the tests (moto implements none of the
-activation calls): the JSON 1.1 protocol (`POST /`, `X-Amz-Target:
-AmazonSSM.<Op>`), state kept in memory, limits and errors as AWS documents them.
-Signatures are not checked. Loopback only; stops by itself after five minutes.
+activation or managed-node calls): the JSON 1.1 protocol (`POST /`,
+`X-Amz-Target: AmazonSSM.<Op>`), state kept in memory, limits and errors as AWS
+documents them. Signatures are not checked. Loopback only; stops by itself after
+LIFETIME seconds (default 300).
 
-    ssm_stub.py PORT_FILE LOG_FILE [THROTTLE_FIRST_N]
+    ssm_stub.py PORT_FILE LOG_FILE [THROTTLE_FIRST_N [LIFETIME]]
 
 An IamRole named "NoPassRole" answers AccessDenied as a missing iam:PassRole does.
-Each request is appended to LOG_FILE as a JSON line (target and body).
+Each request is appended to LOG_FILE as a JSON line (target and body; bodies
+holding an ActivationCode are logged with it masked).
+
+Registration follows the agent's side of the protocol: RegisterManagedInstance
+with the activation's id and code (registration limit and expiry enforced; the
+activation's tags carry over to the node, as AWS does), then
+UpdateInstanceInformation pings. A node is Online while it pinged in the last
+five minutes. One operation is not AWS's: `PiprovTest.Backdate` {InstanceId,
+Seconds} moves a node's ping and registration times into the past, so tests can
+make a node that has been offline for weeks.
 """
 import json
+import re
 import secrets
 import sys
+import threading
 import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 port_file, log_path = sys.argv[1], sys.argv[2]
 throttle_left = int(sys.argv[3]) if len(sys.argv) > 3 else 0
+lifetime = float(sys.argv[4]) if len(sys.argv) > 4 else 300
 activations = {}
+codes = {}
+nodes = {}
+lock = threading.Lock()
 MAX_LIFETIME = 30 * 24 * 3600
+ONLINE_WINDOW = 300
+# AWS's pattern for tag keys and values and for DefaultInstanceName.
+TAG_TEXT = re.compile(r"^[\w\s.:/=+\-@]*$")
 
 
 class Error(Exception):
@@ -32,6 +51,12 @@ def create_activation(body):
         raise Error("ValidationException", "1 validation error detected: Value null at 'iamRole' failed to satisfy constraint: Member must not be null")
     if role == "NoPassRole":
         raise Error("AccessDeniedException", "User: arn:aws:iam::123456789012:user/dev is not authorized to perform: iam:PassRole on resource: arn:aws:iam::123456789012:role/NoPassRole")
+    for tag in body.get("Tags", []):
+        key, value = tag.get("Key", ""), tag.get("Value", "")
+        if not 1 <= len(key) <= 128 or len(value) > 256 or not TAG_TEXT.match(key) or not TAG_TEXT.match(value):
+            raise Error("ValidationException", f"1 validation error detected: Value '{key}={value}' at 'tags' failed to satisfy constraint: Member must satisfy regular expression pattern: ^([\\p{{L}}\\p{{Z}}\\p{{N}}_.:/=+\\-@]*)$")
+    if not TAG_TEXT.match(body.get("DefaultInstanceName", "")):
+        raise Error("ValidationException", "1 validation error detected: Value at 'defaultInstanceName' failed to satisfy constraint: Member must satisfy regular expression pattern: ^([\\p{L}\\p{Z}\\p{N}_.:/=+\\-@]*)$")
     limit = body.get("RegistrationLimit", 1)
     if not 1 <= limit <= 1000:
         raise Error("ValidationException", "RegistrationLimit must be between 1 and 1000")
@@ -41,6 +66,7 @@ def create_activation(body):
         raise Error("ValidationException", "ExpirationDate must be in the future and at most 30 days away")
     activation_id = str(uuid.uuid4())
     code = secrets.token_urlsafe(15)
+    codes[activation_id] = code
     activations[activation_id] = {
         "ActivationId": activation_id,
         "Description": body.get("Description", ""),
@@ -75,10 +101,122 @@ def delete_activation(body):
     return {}
 
 
+def register_managed_instance(body):
+    activation_id = body.get("ActivationId")
+    activation = activations.get(activation_id)
+    if activation is None or codes.get(activation_id) != body.get("ActivationCode"):
+        raise Error("InvalidActivation", "Activation ID or Code is not valid.")
+    if activation["ExpirationDate"] < time.time():
+        raise Error("InvalidActivation", "Activation has expired.")
+    if activation["RegistrationsCount"] >= activation["RegistrationLimit"]:
+        raise Error("InvalidActivation", "Activation has reached its registration limit.")
+    activation["RegistrationsCount"] += 1
+    instance_id = "mi-" + secrets.token_hex(9)[:17]
+    now = time.time()
+    nodes[instance_id] = {
+        "InstanceId": instance_id,
+        "ActivationId": activation_id,
+        "IamRole": activation["IamRole"],
+        "Name": activation["DefaultInstanceName"],
+        "RegistrationDate": now,
+        "LastPingDateTime": None,
+        "ResourceType": "ManagedInstance",
+        "Tags": [dict(t) for t in activation["Tags"]],
+    }
+    return {"InstanceId": instance_id}
+
+
+def node(body):
+    instance_id = body.get("InstanceId") or body.get("ResourceId")
+    if instance_id not in nodes:
+        raise Error("InvalidInstanceId", f"Instance {instance_id} is not valid.")
+    return nodes[instance_id]
+
+
+def update_instance_information(body):
+    found = node(body)
+    for key in ("AgentVersion", "ComputerName", "IPAddress", "PlatformName", "PlatformType", "PlatformVersion"):
+        if key in body:
+            found[key] = body[key]
+    found["LastPingDateTime"] = time.time()
+    return {}
+
+
+def ping_status(found):
+    last = found["LastPingDateTime"]
+    return "Online" if last is not None and time.time() - last < ONLINE_WINDOW else "ConnectionLost"
+
+
+def describe_instance_information(body):
+    items = sorted(nodes.values(), key=lambda n: n["RegistrationDate"])
+    for f in body.get("Filters", []):
+        key, values = f.get("Key", ""), f.get("Values", [])
+        if key.startswith("tag:"):
+            tag = key[4:]
+            items = [n for n in items if any(t["Key"] == tag and t["Value"] in values for t in n["Tags"])]
+        elif key == "PingStatus":
+            items = [n for n in items if ping_status(n) in values]
+        elif key == "ResourceType":
+            items = [n for n in items if n["ResourceType"] in values]
+        elif key == "InstanceIds":
+            items = [n for n in items if n["InstanceId"] in values]
+        else:
+            raise Error("InvalidInstanceInformationFilterValue", f"filter key {key} is not supported here")
+    start = int(body.get("NextToken") or 0)
+    size = body.get("MaxResults", 2)  # small pages, so the client must follow NextToken
+    page = items[start:start + size]
+    out = []
+    for n in page:
+        info = {k: v for k, v in n.items() if k != "Tags" and v is not None}
+        info["PingStatus"] = ping_status(n)
+        out.append(info)
+    reply = {"InstanceInformationList": out}
+    if start + size < len(items):
+        reply["NextToken"] = str(start + size)
+    return reply
+
+
+def list_tags_for_resource(body):
+    if body.get("ResourceType") != "ManagedInstance":
+        raise Error("InvalidResourceType", "only ManagedInstance is kept here")
+    return {"TagList": node(body)["Tags"]}
+
+
+def add_tags_to_resource(body):
+    if body.get("ResourceType") != "ManagedInstance":
+        raise Error("InvalidResourceType", "only ManagedInstance is kept here")
+    found = node(body)
+    for tag in body.get("Tags", []):
+        found["Tags"] = [t for t in found["Tags"] if t["Key"] != tag["Key"]] + [tag]
+    return {}
+
+
+def deregister_managed_instance(body):
+    node(body)
+    del nodes[body["InstanceId"]]
+    return {}
+
+
+def backdate(body):
+    found = node(body)
+    seconds = body["Seconds"]
+    found["RegistrationDate"] -= seconds
+    if found["LastPingDateTime"] is not None:
+        found["LastPingDateTime"] -= seconds
+    return {}
+
+
 OPERATIONS = {
-    "CreateActivation": create_activation,
-    "DescribeActivations": describe_activations,
-    "DeleteActivation": delete_activation,
+    "AmazonSSM.CreateActivation": create_activation,
+    "AmazonSSM.DescribeActivations": describe_activations,
+    "AmazonSSM.DeleteActivation": delete_activation,
+    "AmazonSSM.RegisterManagedInstance": register_managed_instance,
+    "AmazonSSM.UpdateInstanceInformation": update_instance_information,
+    "AmazonSSM.DescribeInstanceInformation": describe_instance_information,
+    "AmazonSSM.ListTagsForResource": list_tags_for_resource,
+    "AmazonSSM.AddTagsToResource": add_tags_to_resource,
+    "AmazonSSM.DeregisterManagedInstance": deregister_managed_instance,
+    "PiprovTest.Backdate": backdate,
 }
 
 
@@ -87,16 +225,18 @@ class Handler(BaseHTTPRequestHandler):
         global throttle_left
         target = self.headers.get("X-Amz-Target", "")
         body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
-        with open(log_path, "a") as log:
-            log.write(json.dumps({"target": target, "body": body}) + "\n")
-        op = target.removeprefix("AmazonSSM.")
+        logged = dict(body, ActivationCode="***") if "ActivationCode" in body else body
         try:
-            if throttle_left > 0:
-                throttle_left -= 1
-                raise Error("ThrottlingException", "Rate exceeded")
-            if op not in OPERATIONS:
-                raise Error("UnknownOperationException", f"{op} is not implemented here")
-            self.reply(200, OPERATIONS[op](body))
+            with lock:
+                with open(log_path, "a") as log:
+                    log.write(json.dumps({"target": target, "body": logged}) + "\n")
+                if throttle_left > 0:
+                    throttle_left -= 1
+                    raise Error("ThrottlingException", "Rate exceeded")
+                if target not in OPERATIONS:
+                    raise Error("UnknownOperationException", f"{target} is not implemented here")
+                result = OPERATIONS[target](body)
+            self.reply(200, result)
         except Error as e:
             self.reply(e.status, {"__type": e.kind, "message": e.message})
 
@@ -117,6 +257,6 @@ server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
 with open(port_file, "w") as f:
     f.write(str(server.server_address[1]))
 server.timeout = 1
-deadline = time.time() + 300
+deadline = time.time() + lifetime
 while time.time() < deadline:
     server.handle_request()

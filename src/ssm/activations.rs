@@ -1,43 +1,18 @@
-//! AWS Systems Manager through aws-sdk-ssm: hybrid activations. Credentials and
-//! region come from the standard chain (environment, profiles, SSO) unless given;
-//! `AWS_ENDPOINT_URL[_SSM]` points the client elsewhere (the tests' local endpoint).
+//! Hybrid activations: create (the code is shown once), list, delete.
 
 use std::time::{Duration, SystemTime};
 
-use anyhow::{Result, anyhow, bail};
-use aws_config::BehaviorVersion;
+use anyhow::{Result, bail};
 use aws_sdk_ssm::Client;
-use aws_sdk_ssm::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_ssm::primitives::DateTime;
 use aws_sdk_ssm::types::Tag;
 use serde::Serialize;
 
+use super::explain;
+
 /// CreateActivation's limits.
 pub const MAX_REGISTRATIONS: u32 = 1000;
 pub const MAX_LIFETIME: Duration = Duration::from_secs(30 * 24 * 3600);
-
-#[derive(Debug, Clone, Default)]
-pub struct Connection {
-    pub profile: Option<String>,
-    pub region: Option<String>,
-}
-
-pub async fn client(conn: &Connection) -> Result<Client> {
-    let mut loader = aws_config::defaults(BehaviorVersion::latest());
-    if let Some(profile) = &conn.profile {
-        loader = loader.profile_name(profile);
-    }
-    if let Some(region) = &conn.region {
-        loader = loader.region(aws_config::Region::new(region.clone()));
-    }
-    let config = loader.load().await;
-    if config.region().is_none() {
-        bail!(
-            "no AWS region: pass --region, set AWS_REGION, or set one in the recipe or your profile"
-        );
-    }
-    Ok(Client::new(&config))
-}
 
 #[derive(Debug, Clone)]
 pub struct NewActivation {
@@ -156,61 +131,4 @@ pub async fn delete_activation(client: &Client, id: &str) -> Result<()> {
         .await
         .map_err(|e| explain(e, &format!("deleting activation {id}")))?;
     Ok(())
-}
-
-/// One line that says what went wrong and what to do about it.
-fn explain<E, R>(err: SdkError<E, R>, doing: &str) -> anyhow::Error
-where
-    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
-    R: std::fmt::Debug + Send + Sync + 'static,
-{
-    let chain = format!("{}", aws_sdk_ssm::error::DisplayErrorContext(&err));
-    let code = err.code().unwrap_or_default().to_string();
-    let message = err.message().unwrap_or_default().to_string();
-    let hint = match code.as_str() {
-        "AccessDeniedException" if message.contains("iam:PassRole") => {
-            "your identity may not pass that role to SSM: grant iam:PassRole on it".to_string()
-        }
-        "AccessDeniedException" => {
-            "your identity lacks the SSM permission for this call".to_string()
-        }
-        "UnrecognizedClientException" | "InvalidClientTokenId" | "InvalidSignatureException" => {
-            "the AWS credentials are not valid: check AWS_PROFILE or your access keys".to_string()
-        }
-        "ExpiredTokenException" | "ExpiredToken" => {
-            "the AWS credentials have expired: renew them (e.g. `aws sso login`)".to_string()
-        }
-        "ThrottlingException" => {
-            "SSM is throttling requests even after retries: try again later".to_string()
-        }
-        "InvalidActivationId" | "InvalidActivation" => {
-            "no such activation in this account and region".to_string()
-        }
-        "ValidationException" => "SSM rejected a value".to_string(),
-        _ if chain.contains("no credentials")
-            || chain.contains("failed to load credentials")
-            || chain.contains("CredentialsNotLoaded") =>
-        {
-            "no AWS credentials found: set AWS_PROFILE or AWS_ACCESS_KEY_ID, or run `aws sso login`"
-                .to_string()
-        }
-        _ if matches!(
-            err,
-            SdkError::DispatchFailure(_) | SdkError::TimeoutError(_)
-        ) =>
-        {
-            "SSM could not be reached: check the network and the region".to_string()
-        }
-        _ => String::new(),
-    };
-    let detail = if message.is_empty() {
-        chain
-    } else {
-        format!("{code}: {message}")
-    };
-    if hint.is_empty() {
-        anyhow!("{doing}: {detail}")
-    } else {
-        anyhow!("{doing}: {hint} ({detail})")
-    }
 }

@@ -7,6 +7,8 @@ use std::process::ExitCode;
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
+mod aws;
+
 /// Exit codes, shaped like diff(1): 0 all well, 1 "found something", 2 trouble.
 pub mod exit {
     pub const OK: u8 = 0;
@@ -84,6 +86,8 @@ pub enum Command {
         /// Print the outcome as JSON
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        aws: AwsArgs,
     },
     /// Write an image to one card or a bench of cards, each stamped and verified
     #[command(
@@ -150,11 +154,20 @@ pub enum Command {
         /// JSON lines on stdout: one per card, then the summary
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        aws: AwsArgs,
     },
     /// Create, list and delete SSM hybrid activations
     Activation {
         #[command(subcommand)]
         action: ActivationCommand,
+        #[command(flatten)]
+        aws: AwsArgs,
+    },
+    /// Managed nodes: list them, find clones and stale nodes, deregister stale ones
+    Fleet {
+        #[command(subcommand)]
+        action: FleetCommand,
         #[command(flatten)]
         aws: AwsArgs,
     },
@@ -177,9 +190,72 @@ pub struct AwsArgs {
     /// AWS profile (default: AWS_PROFILE or the default profile)
     #[arg(long, global = true)]
     pub profile: Option<String>,
-    /// AWS region (default: AWS_REGION or the profile's)
+    /// AWS region (default: the recipe's, then AWS_REGION or the profile's)
     #[arg(long, global = true)]
     pub region: Option<String>,
+}
+
+impl AwsArgs {
+    pub fn connection(self) -> crate::ssm::Connection {
+        crate::ssm::Connection {
+            profile: self.profile,
+            region: self.region,
+        }
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum FleetCommand {
+    /// Managed nodes: ping status, agent version, computer name, IP, registration, piprov tags
+    #[command(
+        after_help = "Examples:\n  piprov fleet list\n  piprov fleet list --tag site=a --json"
+    )]
+    List {
+        /// Only nodes with this tag (repeatable; all must match)
+        #[arg(long = "tag", value_name = "KEY=VALUE")]
+        tags: Vec<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Find nodes sharing a Pi serial or hostname, stale nodes, dead activations
+    #[command(
+        long_about = "Find what needs attention in the fleet: several nodes claiming one Pi serial \
+        (piprov:serial tag) or one hostname (a cloned card, or a Pi that re-registered and left \
+        its old node behind), nodes offline longer than --offline-days, and activations that \
+        have expired or have no registrations left.\n\n\
+        Exit status: 0 nothing found, 1 problems found, 2 error.",
+        after_help = "Examples:\n  piprov fleet doctor\n  piprov fleet doctor --offline-days 7 --json"
+    )]
+    Doctor {
+        /// Flag nodes silent for at least this many days
+        #[arg(long, default_value_t = 14)]
+        offline_days: u64,
+        /// Only nodes with this tag (repeatable)
+        #[arg(long = "tag", value_name = "KEY=VALUE")]
+        tags: Vec<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Deregister nodes offline for a long time (dry run unless --apply)
+    #[command(
+        long_about = "Deregister managed nodes that have been offline for at least --offline-for. \
+        Lists them and changes nothing unless --apply is given. A node that is online is never \
+        touched.",
+        after_help = "Examples:\n  piprov fleet prune --offline-for 30d\n  piprov fleet prune --offline-for 30d --tag site=a --apply"
+    )]
+    Prune {
+        /// How long a node must have been silent, e.g. 30d
+        #[arg(long, value_parser = humantime::parse_duration)]
+        offline_for: std::time::Duration,
+        /// Only nodes with this tag (repeatable)
+        #[arg(long = "tag", value_name = "KEY=VALUE")]
+        tags: Vec<String>,
+        /// Deregister them (without it: only list them)
+        #[arg(long)]
+        apply: bool,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -231,7 +307,8 @@ pub enum ActivationCommand {
 pub fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Inspect { image, json } => inspect(&image, json),
-        Command::Activation { action, aws } => activation(action, aws),
+        Command::Activation { action, aws } => aws::activation(action, aws),
+        Command::Fleet { action, aws } => aws::fleet(action, aws),
         Command::Flash {
             image,
             targets,
@@ -248,6 +325,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             allow_large,
             quiet,
             json,
+            aws,
         } => {
             let mut cards: Vec<crate::flash::CardSpec> = targets
                 .into_iter()
@@ -278,6 +356,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 allow_large,
                 sha256,
                 manifest,
+                aws: aws.connection(),
             };
             let mode = if json {
                 crate::flash::progress::Mode::JsonLines
@@ -298,6 +377,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             overrides,
             dry_run,
             json,
+            aws,
         } => {
             let recipe = crate::recipe::load(&recipe, &overrides)?;
             let config = crate::stamp::StampConfig {
@@ -306,6 +386,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 hostname,
                 number,
                 dry_run,
+                aws: aws.connection(),
             };
             print_outcome(&crate::stamp::stamp(&config)?, json)
         }
@@ -315,124 +396,6 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             json,
         } => print_outcome(&crate::stamp::unstamp(&image, dry_run)?, json),
     }
-}
-
-fn activation(action: ActivationCommand, aws: AwsArgs) -> Result<ExitCode> {
-    use crate::ssm;
-    // Checks that need no AWS call come first.
-    let new = match &action {
-        ActivationCommand::Create {
-            role,
-            limit,
-            expires,
-            name,
-            description,
-            tags,
-            code_file,
-            show_code,
-            ..
-        } => {
-            if code_file.is_none() && !show_code {
-                anyhow::bail!(
-                    "SSM shows an activation code only once: give --code-file FILE to keep it, or --show-code"
-                );
-            }
-            let tags = tags
-                .iter()
-                .map(|t| {
-                    t.split_once('=')
-                        .map(|(k, v)| (k.to_string(), v.to_string()))
-                })
-                .collect::<Option<Vec<_>>>()
-                .ok_or_else(|| anyhow::anyhow!("--tag takes key=value"))?;
-            let new = ssm::NewActivation {
-                iam_role: role.clone(),
-                registration_limit: *limit,
-                lifetime: *expires,
-                default_instance_name: name.clone(),
-                description: description.clone(),
-                tags,
-            };
-            new.validate()?;
-            if let Some(file) = code_file {
-                if file.exists() {
-                    anyhow::bail!(
-                        "{} exists: piprov will not overwrite a file that may hold another code",
-                        file.display()
-                    );
-                }
-            }
-            Some(new)
-        }
-        _ => None,
-    };
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    let conn = ssm::Connection {
-        profile: aws.profile,
-        region: aws.region,
-    };
-    runtime.block_on(async {
-        let client = ssm::client(&conn).await?;
-        let mut stdout = std::io::stdout().lock();
-        match action {
-            ActivationCommand::Create { code_file, show_code, json, .. } => {
-                let created = ssm::create_activation(&client, &new.expect("made above")).await?;
-                if let Some(file) = &code_file {
-                    use std::os::unix::fs::OpenOptionsExt;
-                    let mut out = std::fs::OpenOptions::new()
-                        .write(true)
-                        .create_new(true)
-                        .mode(0o600)
-                        .open(file)
-                        .map_err(|e| anyhow::anyhow!("activation {} created, but its code could not be written to {}: {e}; delete it with `piprov activation delete {}`", created.id, file.display(), created.id))?;
-                    writeln!(out, "{}", created.code)?;
-                }
-                let code = show_code.then_some(created.code.as_str());
-                if json {
-                    let line = serde_json::json!({"activation_id": created.id, "activation_code": code, "code_file": code_file});
-                    writeln!(stdout, "{line}")?;
-                } else {
-                    writeln!(stdout, "activation {}", created.id)?;
-                    match (code, &code_file) {
-                        (Some(code), _) => writeln!(stdout, "code {code}")?,
-                        (None, Some(file)) => writeln!(stdout, "code written to {} (mode 0600)", file.display())?,
-                        (None, None) => {}
-                    }
-                }
-            }
-            ActivationCommand::List { json } => {
-                let list = ssm::list_activations(&client).await?;
-                if json {
-                    serde_json::to_writer_pretty(&mut stdout, &list).map_err(std::io::Error::from)?;
-                    writeln!(stdout)?;
-                } else {
-                    writeln!(stdout, "{:<36}  {:>9}  {:<20}  {:<7}  tags", "id", "used", "expires", "expired")?;
-                    for a in &list {
-                        let tags: Vec<String> = a.tags.iter().map(|(k, v)| format!("{k}={v}")).collect();
-                        writeln!(
-                            stdout,
-                            "{:<36}  {:>4}/{:<4}  {:<20}  {:<7}  {}",
-                            a.id,
-                            a.registrations,
-                            a.registration_limit,
-                            a.expires.as_deref().unwrap_or("-"),
-                            if a.expired { "yes" } else { "no" },
-                            tags.join(",")
-                        )?;
-                    }
-                }
-            }
-            ActivationCommand::Delete { ids } => {
-                for id in &ids {
-                    ssm::delete_activation(&client, id).await?;
-                    writeln!(stdout, "deleted {id}")?;
-                }
-            }
-        }
-        Ok(ExitCode::SUCCESS)
-    })
 }
 
 fn print_flash_summary(summary: &crate::flash::Summary, json: bool) -> Result<ExitCode> {

@@ -1,0 +1,231 @@
+//! The commands that talk to AWS: `activation` and `fleet`.
+
+use std::io::Write as _;
+use std::process::ExitCode;
+
+use anyhow::Result;
+
+use super::{ActivationCommand, AwsArgs, FleetCommand};
+use crate::ssm;
+
+pub fn activation(action: ActivationCommand, aws: AwsArgs) -> Result<ExitCode> {
+    // Checks that need no AWS call come first.
+    let new = match &action {
+        ActivationCommand::Create {
+            role,
+            limit,
+            expires,
+            name,
+            description,
+            tags,
+            code_file,
+            show_code,
+            ..
+        } => {
+            if code_file.is_none() && !show_code {
+                anyhow::bail!(
+                    "SSM shows an activation code only once: give --code-file FILE to keep it, or --show-code"
+                );
+            }
+            let tags = parse_tags(tags)?;
+            let new = ssm::NewActivation {
+                iam_role: role.clone(),
+                registration_limit: *limit,
+                lifetime: *expires,
+                default_instance_name: name.clone(),
+                description: description.clone(),
+                tags,
+            };
+            new.validate()?;
+            if let Some(file) = code_file {
+                if file.exists() {
+                    anyhow::bail!(
+                        "{} exists: piprov will not overwrite a file that may hold another code",
+                        file.display()
+                    );
+                }
+            }
+            Some(new)
+        }
+        _ => None,
+    };
+    runtime()?.block_on(async {
+        let client = ssm::client(&aws.connection()).await?;
+        let mut stdout = std::io::stdout().lock();
+        match action {
+            ActivationCommand::Create { code_file, show_code, json, .. } => {
+                let created = ssm::create_activation(&client, &new.expect("made above")).await?;
+                if let Some(file) = &code_file {
+                    use std::os::unix::fs::OpenOptionsExt;
+                    let mut out = std::fs::OpenOptions::new()
+                        .write(true)
+                        .create_new(true)
+                        .mode(0o600)
+                        .open(file)
+                        .map_err(|e| anyhow::anyhow!("activation {} created, but its code could not be written to {}: {e}; delete it with `piprov activation delete {}`", created.id, file.display(), created.id))?;
+                    writeln!(out, "{}", created.code)?;
+                }
+                let code = show_code.then_some(created.code.as_str());
+                if json {
+                    let line = serde_json::json!({"activation_id": created.id, "activation_code": code, "code_file": code_file});
+                    writeln!(stdout, "{line}")?;
+                } else {
+                    writeln!(stdout, "activation {}", created.id)?;
+                    match (code, &code_file) {
+                        (Some(code), _) => writeln!(stdout, "code {code}")?,
+                        (None, Some(file)) => writeln!(stdout, "code written to {} (mode 0600)", file.display())?,
+                        (None, None) => {}
+                    }
+                }
+            }
+            ActivationCommand::List { json } => {
+                let list = ssm::list_activations(&client).await?;
+                if json {
+                    serde_json::to_writer_pretty(&mut stdout, &list).map_err(std::io::Error::from)?;
+                    writeln!(stdout)?;
+                } else {
+                    writeln!(stdout, "{:<36}  {:>9}  {:<20}  {:<7}  tags", "id", "used", "expires", "expired")?;
+                    for a in &list {
+                        let tags: Vec<String> = a.tags.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                        writeln!(
+                            stdout,
+                            "{:<36}  {:>4}/{:<4}  {:<20}  {:<7}  {}",
+                            a.id,
+                            a.registrations,
+                            a.registration_limit,
+                            a.expires.as_deref().unwrap_or("-"),
+                            if a.expired { "yes" } else { "no" },
+                            tags.join(",")
+                        )?;
+                    }
+                }
+            }
+            ActivationCommand::Delete { ids } => {
+                for id in &ids {
+                    ssm::delete_activation(&client, id).await?;
+                    writeln!(stdout, "deleted {id}")?;
+                }
+            }
+        }
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?)
+}
+
+fn parse_tags(tags: &[String]) -> Result<Vec<(String, String)>> {
+    tags.iter()
+        .map(|t| match t.split_once('=') {
+            Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+            _ => anyhow::bail!("--tag {t:?}: expected key=value"),
+        })
+        .collect()
+}
+
+pub fn fleet(action: FleetCommand, aws: AwsArgs) -> Result<ExitCode> {
+    let tags = match &action {
+        FleetCommand::List { tags, .. }
+        | FleetCommand::Doctor { tags, .. }
+        | FleetCommand::Prune { tags, .. } => parse_tags(tags)?,
+    };
+    runtime()?.block_on(async {
+        let client = ssm::client(&aws.connection()).await?;
+        let nodes = ssm::list_nodes(&client, &tags).await?;
+        let now = std::time::SystemTime::now();
+        let mut stdout = std::io::stdout().lock();
+        match action {
+            FleetCommand::List { json, .. } => {
+                if json {
+                    serde_json::to_writer_pretty(&mut stdout, &nodes).map_err(std::io::Error::from)?;
+                    writeln!(stdout)?;
+                    return Ok(ExitCode::SUCCESS);
+                }
+                writeln!(
+                    stdout,
+                    "{:<20}  {:<14}  {:<10}  {:<16}  {:<15}  {:<20}  piprov tags",
+                    "node", "ping", "agent", "computer name", "ip", "registered"
+                )?;
+                for n in &nodes {
+                    let tags: Vec<String> = n
+                        .tags
+                        .iter()
+                        .filter(|(k, _)| k.starts_with("piprov:"))
+                        .map(|(k, v)| format!("{}={v}", k.trim_start_matches("piprov:")))
+                        .collect();
+                    writeln!(
+                        stdout,
+                        "{:<20}  {:<14}  {:<10}  {:<16}  {:<15}  {:<20}  {}",
+                        n.id,
+                        n.ping_status,
+                        n.agent_version.as_deref().unwrap_or("-"),
+                        n.computer_name.as_deref().unwrap_or("-"),
+                        n.ip_address.as_deref().unwrap_or("-"),
+                        n.registered_at.as_deref().unwrap_or("-"),
+                        tags.join(",")
+                    )?;
+                }
+                Ok(ExitCode::SUCCESS)
+            }
+            FleetCommand::Doctor { offline_days, json, .. } => {
+                let activations = ssm::list_activations(&client).await?;
+                let offline_after = std::time::Duration::from_secs(offline_days * 86_400);
+                let problems = ssm::diagnose(&nodes, &activations, offline_after, now);
+                if json {
+                    let report = serde_json::json!({
+                        "nodes": nodes.len(),
+                        "activations": activations.len(),
+                        "problems": problems,
+                    });
+                    writeln!(stdout, "{}", serde_json::to_string_pretty(&report)?)?;
+                } else {
+                    writeln!(stdout, "{} nodes, {} activations", nodes.len(), activations.len())?;
+                    for p in &problems {
+                        writeln!(stdout, "- {}", p.describe())?;
+                    }
+                    if problems.is_empty() {
+                        writeln!(stdout, "nothing to fix")?;
+                    }
+                }
+                Ok(if problems.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+            }
+            FleetCommand::Prune { offline_for, apply, json, .. } => {
+                let candidates = ssm::prune_candidates(&nodes, offline_for, now);
+                let mut results = Vec::new();
+                for n in &candidates {
+                    let outcome = if apply {
+                        match ssm::deregister(&client, &n.id).await {
+                            Ok(()) => "deregistered".to_string(),
+                            Err(e) => format!("failed: {e:#}"),
+                        }
+                    } else {
+                        "would deregister".to_string()
+                    };
+                    if !json {
+                        writeln!(
+                            stdout,
+                            "{}  {:<16}  last seen {}  {outcome}",
+                            n.id,
+                            n.hostname().unwrap_or("-"),
+                            n.last_ping_at.as_deref().or(n.registered_at.as_deref()).unwrap_or("never"),
+                        )?;
+                    }
+                    results.push(serde_json::json!({"node": n.id, "hostname": n.hostname(), "outcome": outcome}));
+                }
+                let failed = results.iter().any(|r| r["outcome"].as_str().is_some_and(|o| o.starts_with("failed")));
+                if json {
+                    let report = serde_json::json!({"applied": apply, "nodes": results});
+                    writeln!(stdout, "{}", serde_json::to_string_pretty(&report)?)?;
+                } else if candidates.is_empty() {
+                    writeln!(stdout, "no node has been offline for {}", humantime::format_duration(offline_for))?;
+                } else if !apply {
+                    writeln!(stdout, "dry run: nothing deregistered; add --apply to deregister these {}", candidates.len())?;
+                }
+                Ok(if failed { ExitCode::from(1) } else { ExitCode::SUCCESS })
+            }
+        }
+    })
+}

@@ -1,0 +1,95 @@
+//! One single-use activation per card (recipes with `source = "embedded"`):
+//! created when the card is stamped, tagged so that the node it becomes can be
+//! traced to its card and image, and deleted again when that card fails.
+//! Blocking, for the stamp and flash paths, which are synchronous.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use aws_sdk_ssm::Client;
+
+use crate::recipe::Recipe;
+
+use super::fleet::{TAG_HOSTNAME, TAG_IMAGE, TAG_VERSION};
+use super::{Connection, Created, NewActivation, client, create_activation, delete_activation};
+
+/// A card's activation lives this long unless the recipe says otherwise: long
+/// enough to reach a site, short enough that a lost card's code goes stale.
+const DEFAULT_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+
+pub struct CardActivations {
+    runtime: tokio::runtime::Runtime,
+    client: Client,
+    iam_role: String,
+    lifetime: Duration,
+    default_instance_name: Option<String>,
+    tags: BTreeMap<String, String>,
+}
+
+impl CardActivations {
+    /// Region, role, lifetime and tags from the recipe; `conn` may override the region.
+    pub fn for_recipe(conn: &Connection, recipe: &Recipe) -> Result<Self> {
+        let iam_role = recipe.iam_role.as_deref().context(
+            "source = \"embedded\" creates an activation per card: the recipe needs iam_role",
+        )?;
+        let conn = Connection {
+            profile: conn.profile.clone(),
+            region: conn.region.clone().or(Some(recipe.region.clone())),
+        };
+        let lifetime = match recipe.activation.expires.as_deref() {
+            Some(text) => humantime::parse_duration(text)
+                .with_context(|| format!("activation.expires {text:?}"))?,
+            None => DEFAULT_LIFETIME,
+        };
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let client = runtime.block_on(client(&conn))?;
+        Ok(Self {
+            runtime,
+            client,
+            iam_role: iam_role.to_string(),
+            lifetime,
+            default_instance_name: recipe.default_instance_name.clone(),
+            tags: recipe.tags.clone(),
+        })
+    }
+
+    /// Creates the activation for one card. `hostname` may still hold the
+    /// placeholders the card fills in itself; those are left out of the tags.
+    pub fn create(
+        &self,
+        hostname: Option<&str>,
+        image_sha256: &str,
+        card: &str,
+    ) -> Result<Created> {
+        let resolved = hostname.filter(|h| !h.contains('{'));
+        let mut tags = self.tags.clone();
+        tags.insert(TAG_IMAGE.into(), image_sha256.into());
+        tags.insert(TAG_VERSION.into(), env!("CARGO_PKG_VERSION").into());
+        if let Some(h) = resolved {
+            tags.insert(TAG_HOSTNAME.into(), h.into());
+        }
+        let new = NewActivation {
+            iam_role: self.iam_role.clone(),
+            registration_limit: 1,
+            lifetime: self.lifetime,
+            default_instance_name: resolved
+                .map(str::to_string)
+                .or_else(|| self.default_instance_name.clone()),
+            description: Some(format!(
+                "piprov card {}",
+                resolved.or(hostname).unwrap_or(card)
+            )),
+            tags: tags.into_iter().collect(),
+        };
+        self.runtime
+            .block_on(create_activation(&self.client, &new))
+            .with_context(|| format!("creating the activation for {card}"))
+    }
+
+    pub fn delete(&self, id: &str) -> Result<()> {
+        self.runtime.block_on(delete_activation(&self.client, id))
+    }
+}

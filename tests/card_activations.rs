@@ -1,0 +1,221 @@
+//! `source = "embedded"`: piprov creates one single-use activation per card with
+//! the real AWS SDK against the local SSM endpoint, puts it on the card, and
+//! deletes it again when that card fails.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::ssm_endpoint::SsmEndpoint;
+use common::{boot_files, build_image, fixture, sha256_of};
+use predicates::str::contains;
+use tempfile::TempDir;
+
+fn embedded_recipe(dir: &Path) -> PathBuf {
+    let recipe = dir.join("bench.toml");
+    std::fs::write(
+        &recipe,
+        "name = \"bench\"\nregion = \"eu-west-1\"\niam_role = \"SSMServiceRole\"\n\
+         [activation]\nsource = \"embedded\"\nexpires = \"2h\"\n[tags]\nbatch = \"2026-11\"\n",
+    )
+    .unwrap();
+    recipe
+}
+
+/// The activation id and code on a card's boot partition.
+fn card_secret(image: &Path) -> (String, String) {
+    let text = String::from_utf8(boot_files(image)["piprov-secret.conf"].clone()).unwrap();
+    let field = |key: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{key}=")))
+            .unwrap()
+            .to_string()
+    };
+    (field("ACTIVATION_ID"), field("ACTIVATION_CODE"))
+}
+
+fn tag<'a>(create: &'a serde_json::Value, key: &str) -> Option<&'a str> {
+    create["body"]["Tags"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["Key"] == key)
+        .map(|t| t["Value"].as_str().unwrap())
+}
+
+#[test]
+fn stamp_creates_a_single_use_activation_for_the_card() {
+    let dir = TempDir::new().unwrap();
+    let ssm = SsmEndpoint::start(dir.path(), 0);
+    let image = fixture("golden", &dir);
+    let golden_sha = sha256_of(&image);
+    let out = ssm
+        .piprov()
+        .arg("stamp")
+        .arg(&image)
+        .arg("--recipe")
+        .arg(embedded_recipe(dir.path()))
+        .args(["--hostname", "door-7", "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let creates = ssm.requests_for("CreateActivation");
+    assert_eq!(creates.len(), 1);
+    let create = &creates[0];
+    assert_eq!(create["body"]["RegistrationLimit"], 1);
+    assert_eq!(create["body"]["IamRole"], "SSMServiceRole");
+    assert_eq!(create["body"]["DefaultInstanceName"], "door-7");
+    assert_eq!(tag(create, "piprov:hostname"), Some("door-7"));
+    assert_eq!(
+        tag(create, "piprov:image-sha256"),
+        Some(golden_sha.as_str())
+    );
+    assert_eq!(
+        tag(create, "piprov:version"),
+        Some(env!("CARGO_PKG_VERSION"))
+    );
+    assert_eq!(tag(create, "batch"), Some("2026-11"));
+    let expiry = create["body"]["ExpirationDate"].as_f64().unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    assert!((expiry - now - 7200.0).abs() < 120.0, "the recipe's 2h");
+
+    let (id, code) = card_secret(&image);
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["record"]["activation"]["id"], id.as_str());
+    assert!(!String::from_utf8_lossy(&out.stdout).contains(&code));
+    assert!(!String::from_utf8_lossy(&out.stderr).contains(&code));
+    // The code on the card is the real one, good for exactly one registration.
+    ssm.register(&id, &code);
+    let (status, reply) = ssm.try_call(
+        "AmazonSSM.RegisterManagedInstance",
+        &serde_json::json!({"ActivationId": id, "ActivationCode": code}),
+    );
+    assert_eq!(status, 400);
+    assert!(
+        reply["message"]
+            .as_str()
+            .unwrap()
+            .contains("registration limit")
+    );
+}
+
+#[test]
+fn a_card_that_cannot_be_stamped_has_its_activation_deleted() {
+    let dir = TempDir::new().unwrap();
+    let ssm = SsmEndpoint::start(dir.path(), 0);
+    // Raspberry Pi Imager's first-run hook is already on it: stamping is refused.
+    let image = dir.path().join("imager.img");
+    build_image(
+        &image,
+        &[
+            "--customize",
+            r#"sed -i 's|$| systemd.run=/boot/firstrun.sh|' "$boot/cmdline.txt""#,
+        ],
+    );
+    ssm.piprov()
+        .arg("stamp")
+        .arg(&image)
+        .arg("--recipe")
+        .arg(embedded_recipe(dir.path()))
+        .assert()
+        .code(2)
+        .stderr(contains("already runs systemd.run=/boot/firstrun.sh"))
+        .stderr(contains("was deleted again"));
+    let created = ssm.requests_for("CreateActivation");
+    let deleted = ssm.requests_for("DeleteActivation");
+    assert_eq!((created.len(), deleted.len()), (1, 1));
+    let listed = ssm.call("AmazonSSM.DescribeActivations", &serde_json::json!({}));
+    assert_eq!(listed["ActivationList"], serde_json::json!([]));
+}
+
+#[test]
+fn a_batch_gets_one_activation_per_card_and_a_failed_card_gives_its_back() {
+    let dir = TempDir::new().unwrap();
+    let ssm = SsmEndpoint::start(dir.path(), 0);
+    let image = fixture("golden", &dir);
+    let cards: Vec<PathBuf> = (1..=2)
+        .map(|i| dir.path().join(format!("card{i}.img")))
+        .collect();
+    let unwritable = dir.path().join("no/such/dir/card3.img");
+    let manifest = dir.path().join("cards.jsonl");
+    let out = ssm
+        .piprov()
+        .arg("flash")
+        .arg(&image)
+        .args(&cards)
+        .arg(&unwritable)
+        .arg("--recipe")
+        .arg(embedded_recipe(dir.path()))
+        .args(["--hostname", "bench-{n}", "--yes", "--quiet", "--manifest"])
+        .arg(&manifest)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&manifest)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let creates = ssm.requests_for("CreateActivation");
+    assert_eq!(creates.len(), 3, "one per card");
+    for (i, card) in cards.iter().enumerate() {
+        let (id, code) = card_secret(card);
+        assert_eq!(lines[i]["result"], "ok");
+        assert_eq!(lines[i]["activation_id"], id.as_str());
+        assert_eq!(
+            tag(&creates[i], "piprov:hostname"),
+            Some(format!("bench-{}", i + 1).as_str())
+        );
+        assert!(!std::fs::read_to_string(&manifest).unwrap().contains(&code));
+        assert!(!stderr.contains(&code) && !String::from_utf8_lossy(&out.stdout).contains(&code));
+    }
+    assert_ne!(lines[0]["activation_id"], lines[1]["activation_id"]);
+    assert_eq!(lines[2]["result"], "failed");
+    assert_eq!(lines[2]["activation_deleted"], true);
+    let deleted = ssm.requests_for("DeleteActivation");
+    assert_eq!(deleted.len(), 1);
+    assert_eq!(
+        deleted[0]["body"]["ActivationId"],
+        lines[2]["activation_id"]
+    );
+    let listed = ssm.call(
+        "AmazonSSM.DescribeActivations",
+        &serde_json::json!({"MaxResults": 50}),
+    );
+    let ids: Vec<&str> = listed["ActivationList"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["ActivationId"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids.len(), 2);
+    assert!(ids.contains(&lines[0]["activation_id"].as_str().unwrap()));
+}
+
+#[test]
+fn no_credentials_means_no_card_is_touched() {
+    let dir = TempDir::new().unwrap();
+    let ssm = SsmEndpoint::start(dir.path(), 0);
+    let image = fixture("golden", &dir);
+    let before = sha256_of(&image);
+    ssm.piprov()
+        .env_remove("AWS_ACCESS_KEY_ID")
+        .env_remove("AWS_SECRET_ACCESS_KEY")
+        .arg("stamp")
+        .arg(&image)
+        .arg("--recipe")
+        .arg(embedded_recipe(dir.path()))
+        .assert()
+        .code(2)
+        .stderr(contains("no AWS credentials found"));
+    assert_eq!(sha256_of(&image), before);
+}
