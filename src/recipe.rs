@@ -176,19 +176,7 @@ fn apply_override(table: &mut toml::Table, item: &str) -> Result<()> {
 }
 
 fn validate(recipe: &Recipe) -> Result<()> {
-    let region_ok = {
-        let parts: Vec<&str> = recipe.region.split('-').collect();
-        parts.len() >= 3
-            && parts.iter().all(|p| {
-                !p.is_empty()
-                    && p.chars()
-                        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
-            })
-            && parts
-                .last()
-                .is_some_and(|p| p.chars().all(|c| c.is_ascii_digit()))
-    };
-    if !region_ok {
+    if !is_region_name(&recipe.region) {
         bail!(
             "region {:?} is not an AWS region name (like eu-west-1)",
             recipe.region
@@ -286,6 +274,20 @@ fn validate(recipe: &Recipe) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The shape of an AWS region name: `eu-west-1`, `us-gov-east-1`.
+pub fn is_region_name(region: &str) -> bool {
+    let parts: Vec<&str> = region.split('-').collect();
+    parts.len() >= 3
+        && parts.iter().all(|p| {
+            !p.is_empty()
+                && p.chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+        })
+        && parts
+            .last()
+            .is_some_and(|p| p.chars().all(|c| c.is_ascii_digit()))
 }
 
 pub fn source_name(source: Source) -> &'static str {

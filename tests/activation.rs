@@ -180,6 +180,24 @@ fn errors_are_explained_in_one_line() {
         .code(2)
         .stderr(contains("no AWS credentials found"));
 
+    // Session credentials past their expiry.
+    ssm.piprov()
+        .arg("activation")
+        .env("AWS_ACCESS_KEY_ID", "ASIAEXPIREDEXPIRED00")
+        .env("AWS_SESSION_TOKEN", "token")
+        .args(["list"])
+        .assert()
+        .code(2)
+        .stderr(contains("the AWS credentials have expired"));
+
+    // A region that is not one.
+    ssm.piprov()
+        .arg("activation")
+        .args(["list", "--region", "Ireland"])
+        .assert()
+        .code(2)
+        .stderr(contains("\"Ireland\" is not an AWS region name"));
+
     // No region anywhere.
     ssm.piprov()
         .arg("activation")

@@ -31,10 +31,15 @@ pub async fn client(conn: &Connection) -> Result<Client> {
         loader = loader.region(aws_config::Region::new(region.clone()));
     }
     let config = loader.load().await;
-    if config.region().is_none() {
-        bail!(
+    match config.region() {
+        None => bail!(
             "no AWS region: pass --region, set AWS_REGION, or set one in the recipe or your profile"
-        );
+        ),
+        Some(region) if !crate::recipe::is_region_name(region.as_ref()) => bail!(
+            "region {:?} is not an AWS region name (like eu-west-1): check --region, AWS_REGION or your profile",
+            region.as_ref()
+        ),
+        Some(_) => {}
     }
     Ok(Client::new(&config))
 }

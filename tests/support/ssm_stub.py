@@ -6,7 +6,8 @@ LIFETIME seconds (default 300).
 
     ssm_stub.py PORT_FILE LOG_FILE [THROTTLE_FIRST_N [LIFETIME]]
 
-An IamRole named "NoPassRole" answers AccessDenied as a missing iam:PassRole does.
+An IamRole named "NoPassRole" answers AccessDenied as a missing iam:PassRole does;
+the access key id ASIAEXPIREDEXPIRED00 is answered as expired session credentials.
 Each request is appended to LOG_FILE as a JSON line (target and body; bodies
 holding an ActivationCode are logged with it masked).
 
@@ -230,6 +231,8 @@ class Handler(BaseHTTPRequestHandler):
             with lock:
                 with open(log_path, "a") as log:
                     log.write(json.dumps({"target": target, "body": logged}) + "\n")
+                if "Credential=ASIAEXPIREDEXPIRED00/" in self.headers.get("Authorization", ""):
+                    raise Error("ExpiredTokenException", "The security token included in the request is expired")
                 if throttle_left > 0:
                     throttle_left -= 1
                     raise Error("ThrottlingException", "Rate exceeded")
