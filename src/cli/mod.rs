@@ -8,6 +8,7 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 mod aws;
+mod broker;
 
 /// Exit codes, shaped like diff(1): 0 all well, 1 "found something", 2 trouble.
 pub mod exit {
@@ -171,6 +172,19 @@ pub enum Command {
         #[command(flatten)]
         aws: AwsArgs,
     },
+    /// Activation broker: cards in the field get a fresh single-use activation over HTTPS
+    #[command(
+        long_about = "Activation broker: holds the AWS credentials and hands each card that presents \
+        an enrollment token a single-use, short-lived activation, so no secret that matters \
+        lives on a card. Cards use it when their recipe says source = \"broker\".",
+        after_help = "Examples:\n  piprov broker init /etc/piprov-broker --name broker.example.net --region eu-west-1 --iam-role SSMServiceRole\n  \
+            piprov broker token add --config /etc/piprov-broker/broker.toml --name site-a --max-uses 50 --expires 30d --token-file site-a.token\n  \
+            piprov broker serve --config /etc/piprov-broker/broker.toml"
+    )]
+    Broker {
+        #[command(subcommand)]
+        action: BrokerCommand,
+    },
     /// Remove a stamp, restoring the boot partition as it was before
     Unstamp {
         /// Image file or block device
@@ -202,6 +216,73 @@ impl AwsArgs {
             region: self.region,
         }
     }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BrokerCommand {
+    /// Create a broker: CA, server certificate, config and database in DIR
+    Init {
+        /// A new or empty directory
+        dir: PathBuf,
+        /// DNS name or IP address the cards reach the broker by (repeatable)
+        #[arg(long = "name", required = true)]
+        names: Vec<String>,
+        /// Address to listen on
+        #[arg(long, default_value = "0.0.0.0:8443")]
+        listen: std::net::SocketAddr,
+        #[arg(long)]
+        region: String,
+        /// IAM service role the registered nodes assume
+        #[arg(long)]
+        iam_role: String,
+    },
+    /// Enrollment tokens: add (shown once), list, revoke
+    Token {
+        #[command(subcommand)]
+        action: TokenCommand,
+    },
+    /// Serve the card API over HTTPS until SIGTERM or Ctrl-C
+    Serve {
+        #[arg(long)]
+        config: PathBuf,
+        /// Write the address actually listened on to this file once ready
+        #[arg(long, value_name = "FILE")]
+        ready_file: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Make a token; it is printed (or written to --token-file) this once
+    Add {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        name: String,
+        /// How many activations it may obtain
+        #[arg(long)]
+        max_uses: Option<u32>,
+        /// Lifetime, e.g. 30d
+        #[arg(long, value_parser = humantime::parse_duration)]
+        expires: Option<std::time::Duration>,
+        /// Only these Pi serials (one per line) may enrol with it
+        #[arg(long, value_name = "FILE")]
+        serials: Option<PathBuf>,
+        /// Write the token to this new file (mode 0600) instead of printing it
+        #[arg(long, value_name = "FILE")]
+        token_file: Option<PathBuf>,
+    },
+    List {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    Revoke {
+        #[arg(long)]
+        config: PathBuf,
+        name: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -309,6 +390,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Inspect { image, json } => inspect(&image, json),
         Command::Activation { action, aws } => aws::activation(action, aws),
         Command::Fleet { action, aws } => aws::fleet(action, aws),
+        Command::Broker { action } => broker::run(action),
         Command::Flash {
             image,
             targets,

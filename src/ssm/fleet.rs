@@ -19,6 +19,7 @@ pub const TAG_HOSTNAME: &str = "piprov:hostname";
 pub const TAG_SERIAL: &str = "piprov:serial";
 pub const TAG_IMAGE: &str = "piprov:image-sha256";
 pub const TAG_VERSION: &str = "piprov:version";
+pub const TAG_BROKER: &str = "piprov:broker";
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Node {
@@ -68,16 +69,45 @@ fn rfc3339(t: Option<SystemTime>) -> Option<String> {
 
 /// Hybrid (managed instance) nodes, optionally only those carrying every tag given.
 pub async fn list_nodes(client: &Client, tags: &[(String, String)]) -> Result<Vec<Node>> {
+    let filters = tags
+        .iter()
+        .map(|(key, value)| (format!("tag:{key}"), value.clone()))
+        .collect::<Vec<_>>();
+    nodes_matching(client, &filters).await
+}
+
+/// One node by id, with its tags; `None` if SSM does not know it.
+pub async fn describe_node(client: &Client, id: &str) -> Result<Option<Node>> {
+    let filters = [("InstanceIds".to_string(), id.to_string())];
+    Ok(nodes_matching(client, &filters).await?.into_iter().next())
+}
+
+pub async fn add_node_tags(client: &Client, id: &str, tags: &[(String, String)]) -> Result<()> {
+    let mut request = client
+        .add_tags_to_resource()
+        .resource_type(ResourceTypeForTagging::ManagedInstance)
+        .resource_id(id);
+    for (key, value) in tags {
+        request = request.tags(aws_sdk_ssm::types::Tag::builder().key(key).value(value).build()?);
+    }
+    request
+        .send()
+        .await
+        .map_err(|e| explain(e, &format!("tagging {id}")))?;
+    Ok(())
+}
+
+async fn nodes_matching(client: &Client, filters: &[(String, String)]) -> Result<Vec<Node>> {
     let mut request = client.describe_instance_information().filters(
         InstanceInformationStringFilter::builder()
             .key("ResourceType")
             .values("ManagedInstance")
             .build()?,
     );
-    for (key, value) in tags {
+    for (key, value) in filters {
         request = request.filters(
             InstanceInformationStringFilter::builder()
-                .key(format!("tag:{key}"))
+                .key(key)
                 .values(value)
                 .build()?,
         );

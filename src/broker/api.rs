@@ -1,0 +1,463 @@
+//! The card-facing HTTP API (JSON, versioned):
+//! `POST /v1/activations`, `POST /v1/registrations`, `GET /healthz`.
+//! Every refusal (bad or revoked token, serial not allowed, quota spent, rate
+//! limit, malformed body) is answered before any call to AWS. Tokens and codes
+//! never reach a log.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Extension, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde::Deserialize;
+use serde_json::json;
+
+use super::config::Loaded;
+use super::store::{NewIssue, Store, Token, now};
+use crate::ssm::{self, TAG_BROKER, TAG_HOSTNAME, TAG_IMAGE, TAG_SERIAL, TAG_VERSION};
+
+/// The client's address, attached to each connection's requests.
+#[derive(Debug, Clone, Copy)]
+pub struct Peer(pub SocketAddr);
+
+/// An activation code handed out and not yet used, kept only in memory so that
+/// a card retrying within the expiry gets the same activation back.
+struct Vended {
+    activation_id: String,
+    code: String,
+}
+
+pub struct Broker {
+    pub config: Loaded,
+    pub store: Mutex<Store>,
+    ssm: aws_sdk_ssm::Client,
+    vended: Mutex<HashMap<String, Vended>>,
+    serial_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    buckets: Mutex<HashMap<IpAddr, (f64, Instant)>>,
+}
+
+pub struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, axum::Json(json!({"error": self.1}))).into_response()
+    }
+}
+
+fn err(status: StatusCode, message: impl Into<String>) -> ApiError {
+    ApiError(status, message.into())
+}
+
+fn internal(e: anyhow::Error) -> ApiError {
+    eprintln!("piprov broker: {e:#}");
+    err(StatusCode::INTERNAL_SERVER_ERROR, "internal error")
+}
+
+#[derive(Debug, Deserialize)]
+struct ActivationRequest {
+    serial: String,
+    #[serde(default)]
+    hostname: String,
+    #[serde(default)]
+    machine_id: String,
+    #[serde(default)]
+    image_sha256: String,
+    #[serde(default)]
+    previous_instance_id: String,
+}
+
+#[derive(Debug, Deserialize)]
+struct RegistrationRequest {
+    serial: String,
+    instance_id: String,
+    #[serde(default)]
+    previous_instance_id: String,
+}
+
+pub fn router(broker: Arc<Broker>) -> Router {
+    let limit = broker.config.config.max_body_bytes;
+    let timeout = broker.config.timeout;
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/v1/activations", post(activations))
+        .route("/v1/registrations", post(registrations))
+        .layer(DefaultBodyLimit::max(limit))
+        .layer(axum::middleware::from_fn(
+            move |request, next: axum::middleware::Next| async move {
+                match tokio::time::timeout(timeout, next.run(request)).await {
+                    Ok(response) => response,
+                    Err(_) => err(StatusCode::SERVICE_UNAVAILABLE, "request timed out").into_response(),
+                }
+            },
+        ))
+        .with_state(broker)
+}
+
+impl Broker {
+    pub fn new(config: Loaded, store: Store, ssm: aws_sdk_ssm::Client) -> Broker {
+        Broker {
+            config,
+            store: Mutex::new(store),
+            ssm,
+            vended: Mutex::new(HashMap::new()),
+            serial_locks: Mutex::new(HashMap::new()),
+            buckets: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Deletes activations this broker created but never recorded (it stopped
+    /// between creating one and writing it down): no card ever received their code.
+    pub async fn forget_unrecorded(&self) -> anyhow::Result<usize> {
+        let known = self.store.lock().unwrap().known_activation_ids()?;
+        let mine = ssm::list_activations(&self.ssm).await?;
+        let mut deleted = 0;
+        for a in mine {
+            let ours = a
+                .tags
+                .iter()
+                .any(|(k, v)| k == TAG_BROKER && *v == self.config.config.broker_id);
+            if ours && !known.contains(&a.id) {
+                ssm::delete_activation(&self.ssm, &a.id).await?;
+                deleted += 1;
+            }
+        }
+        Ok(deleted)
+    }
+
+    fn rate_limited(&self, ip: IpAddr) -> bool {
+        let per_minute = f64::from(self.config.config.rate_limit_per_minute);
+        let mut buckets = self.buckets.lock().unwrap();
+        let now = Instant::now();
+        let (tokens, last) = buckets.entry(ip).or_insert((per_minute, now));
+        *tokens = (*tokens + now.duration_since(*last).as_secs_f64() * per_minute / 60.0)
+            .min(per_minute);
+        *last = now;
+        if *tokens < 1.0 {
+            return true;
+        }
+        *tokens -= 1.0;
+        false
+    }
+
+    fn authorize(&self, headers: &HeaderMap, client: &str) -> Result<Token, ApiError> {
+        let presented = headers
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| err(StatusCode::UNAUTHORIZED, "missing bearer token"))?;
+        let store = self.store.lock().unwrap();
+        let Some(token) = store.token_by_secret(presented).map_err(internal)? else {
+            let _ = store.audit(None, client, "refused", None, "unknown token");
+            return Err(err(StatusCode::UNAUTHORIZED, "unknown token"));
+        };
+        let refusal = if token.revoked_at.is_some() {
+            Some("token revoked")
+        } else if token.expires_at.is_some_and(|t| t <= now()) {
+            Some("token expired")
+        } else {
+            None
+        };
+        if let Some(reason) = refusal {
+            let _ = store.audit(Some(token.id), client, "refused", None, reason);
+            return Err(err(StatusCode::UNAUTHORIZED, reason));
+        }
+        Ok(token)
+    }
+
+    fn check_serial(&self, token: &Token, serial: &str, client: &str) -> Result<(), ApiError> {
+        if let Some(allowed) = &token.serials {
+            if !allowed.iter().any(|s| s.eq_ignore_ascii_case(serial)) {
+                let store = self.store.lock().unwrap();
+                let _ = store.audit(Some(token.id), client, "refused", Some(serial), "serial not allowed");
+                return Err(err(
+                    StatusCode::FORBIDDEN,
+                    format!("serial {serial} is not allowed for token {}", token.name),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn serial_lock(&self, serial: &str) -> Arc<tokio::sync::Mutex<()>> {
+        self.serial_locks
+            .lock()
+            .unwrap()
+            .entry(serial.to_string())
+            .or_default()
+            .clone()
+    }
+}
+
+/// The gate every card request passes: rate limit, then token.
+fn admit(broker: &Broker, peer: Peer, headers: &HeaderMap) -> Result<(Token, String), ApiError> {
+    if broker.rate_limited(peer.0.ip()) {
+        return Err(err(StatusCode::TOO_MANY_REQUESTS, "too many requests: slow down"));
+    }
+    let client = peer.0.ip().to_string();
+    let token = broker.authorize(headers, &client)?;
+    Ok((token, client))
+}
+
+fn parse<T: for<'de> Deserialize<'de>>(body: &Bytes) -> Result<T, ApiError> {
+    serde_json::from_slice(body)
+        .map_err(|e| err(StatusCode::BAD_REQUEST, format!("malformed request body: {e}")))
+}
+
+fn check_field(name: &str, value: &str, ok: bool) -> Result<(), ApiError> {
+    if ok {
+        Ok(())
+    } else {
+        Err(err(StatusCode::BAD_REQUEST, format!("{name} {value:?} is not valid")))
+    }
+}
+
+fn is_hex(s: &str, len: usize) -> bool {
+    s.len() == len && s.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+fn valid_serial(s: &str) -> bool {
+    (1..=32).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_alphanumeric())
+}
+
+fn valid_instance(s: &str) -> bool {
+    s.strip_prefix("mi-").is_some_and(|rest| is_hex(rest, 17))
+}
+
+async fn healthz() -> impl IntoResponse {
+    axum::Json(json!({"ok": true}))
+}
+
+async fn activations(
+    State(broker): State<Arc<Broker>>,
+    Extension(peer): Extension<Peer>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let (token, client) = admit(&broker, peer, &headers)?;
+    let request: ActivationRequest = parse(&body)?;
+    let serial = request.serial.to_ascii_lowercase();
+    check_field("serial", &request.serial, valid_serial(&serial))?;
+    check_field(
+        "hostname",
+        &request.hostname,
+        request.hostname.len() <= 63
+            && request.hostname.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'),
+    )?;
+    check_field(
+        "machine_id",
+        &request.machine_id,
+        request.machine_id.is_empty() || is_hex(&request.machine_id, 32),
+    )?;
+    check_field(
+        "image_sha256",
+        &request.image_sha256,
+        request.image_sha256.is_empty() || is_hex(&request.image_sha256, 64),
+    )?;
+    check_field(
+        "previous_instance_id",
+        &request.previous_instance_id,
+        request.previous_instance_id.is_empty() || valid_instance(&request.previous_instance_id),
+    )?;
+    broker.check_serial(&token, &serial, &client)?;
+
+    // One request per serial at a time: a retry racing its original gets the
+    // same activation, never a second one.
+    let lock = broker.serial_lock(&serial);
+    let _held = lock.lock().await;
+    let region = broker.config.config.region.clone();
+    let current = broker.store.lock().unwrap().issued(&serial).map_err(internal)?;
+    if let Some(issued) = &current {
+        let vended = broker.vended.lock().unwrap();
+        if let Some(v) = vended.get(&serial) {
+            if !issued.used && issued.expires_at > now() + 60 && v.activation_id == issued.activation_id {
+                return Ok(axum::Json(json!({
+                    "activation_id": v.activation_id, "activation_code": v.code,
+                    "region": region, "expires_at": issued.expires_at, "reused": true,
+                }))
+                .into_response());
+            }
+        }
+    }
+
+    {
+        let store = broker.store.lock().unwrap();
+        if !store.reserve_use(&token).map_err(internal)? {
+            let _ = store.audit(Some(token.id), &client, "refused", Some(&serial), "quota spent");
+            return Err(err(
+                StatusCode::FORBIDDEN,
+                format!("token {} has no enrollments left", token.name),
+            ));
+        }
+    }
+    // An earlier activation this card never used (expired, or its code lost in a
+    // restart) is withdrawn before the new one is made.
+    if let Some(old) = current.filter(|i| !i.used) {
+        if let Err(e) = ssm::delete_activation(&broker.ssm, &old.activation_id).await {
+            eprintln!("piprov broker: withdrawing activation {} of {serial}: {e:#}", old.activation_id);
+        }
+    }
+    let hostname = (!request.hostname.is_empty()).then(|| request.hostname.to_ascii_lowercase());
+    let mut tags = vec![
+        (TAG_SERIAL.to_string(), serial.clone()),
+        (TAG_BROKER.to_string(), broker.config.config.broker_id.clone()),
+        (TAG_VERSION.to_string(), env!("CARGO_PKG_VERSION").to_string()),
+    ];
+    if let Some(h) = &hostname {
+        tags.push((TAG_HOSTNAME.to_string(), h.clone()));
+    }
+    if !request.image_sha256.is_empty() {
+        tags.push((TAG_IMAGE.to_string(), request.image_sha256.to_ascii_lowercase()));
+    }
+    let new = ssm::NewActivation {
+        iam_role: broker.config.config.iam_role.clone(),
+        registration_limit: 1,
+        lifetime: broker.config.lifetime,
+        default_instance_name: hostname.clone(),
+        description: Some(format!("piprov broker: Pi {serial}")),
+        tags,
+    };
+    let created = match ssm::create_activation(&broker.ssm, &new).await {
+        Ok(created) => created,
+        Err(e) => {
+            let store = broker.store.lock().unwrap();
+            let _ = store.release_use(&token);
+            let _ = store.audit(Some(token.id), &client, "ssm-error", Some(&serial), &format!("{e:#}"));
+            eprintln!("piprov broker: creating an activation for {serial}: {e:#}");
+            return Err(err(StatusCode::BAD_GATEWAY, "SSM did not create the activation; retry later"));
+        }
+    };
+    let expires_at = now() + broker.config.lifetime.as_secs() as i64;
+    broker
+        .store
+        .lock()
+        .unwrap()
+        .record_issue(&NewIssue {
+            serial: &serial,
+            activation_id: &created.id,
+            token_id: token.id,
+            hostname: hostname.as_deref(),
+            machine_id: Some(&request.machine_id).filter(|s| !s.is_empty()).map(String::as_str),
+            image_sha256: Some(&request.image_sha256).filter(|s| !s.is_empty()).map(String::as_str),
+            previous_instance_id: Some(&request.previous_instance_id)
+                .filter(|s| !s.is_empty())
+                .map(String::as_str),
+            expires_at,
+            client: &client,
+        })
+        .map_err(internal)?;
+    eprintln!("piprov broker: activation {} for Pi {serial} (token {})", created.id, token.name);
+    let reply = json!({
+        "activation_id": created.id, "activation_code": created.code,
+        "region": region, "expires_at": expires_at, "reused": false,
+    });
+    broker.vended.lock().unwrap().insert(
+        serial,
+        Vended {
+            activation_id: created.id,
+            code: created.code,
+        },
+    );
+    Ok(axum::Json(reply).into_response())
+}
+
+async fn registrations(
+    State(broker): State<Arc<Broker>>,
+    Extension(peer): Extension<Peer>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let (token, client) = admit(&broker, peer, &headers)?;
+    let request: RegistrationRequest = parse(&body)?;
+    let serial = request.serial.to_ascii_lowercase();
+    check_field("serial", &request.serial, valid_serial(&serial))?;
+    check_field("instance_id", &request.instance_id, valid_instance(&request.instance_id))?;
+    check_field(
+        "previous_instance_id",
+        &request.previous_instance_id,
+        request.previous_instance_id.is_empty() || valid_instance(&request.previous_instance_id),
+    )?;
+    broker.check_serial(&token, &serial, &client)?;
+    let lock = broker.serial_lock(&serial);
+    let _held = lock.lock().await;
+    let Some(issued) = broker.store.lock().unwrap().issued(&serial).map_err(internal)? else {
+        return Err(err(StatusCode::NOT_FOUND, format!("no activation was issued for serial {serial}")));
+    };
+    let ssm_error = |e: anyhow::Error| {
+        eprintln!("piprov broker: registration of {serial}: {e:#}");
+        err(StatusCode::BAD_GATEWAY, "SSM did not answer; retry later")
+    };
+    // Only the node made with this serial's activation may be tagged as it: a
+    // token holder cannot claim (or get deregistered) someone else's node.
+    let node = ssm::describe_node(&broker.ssm, &request.instance_id)
+        .await
+        .map_err(ssm_error)?;
+    if node.as_ref().and_then(|n| n.activation_id.as_deref()) != Some(issued.activation_id.as_str()) {
+        let store = broker.store.lock().unwrap();
+        let _ = store.audit(Some(token.id), &client, "refused", Some(&serial), "node not made with this serial's activation");
+        return Err(err(
+            StatusCode::FORBIDDEN,
+            format!("{} was not registered with serial {serial}'s activation", request.instance_id),
+        ));
+    }
+    let mut tags = vec![(TAG_SERIAL.to_string(), serial.clone())];
+    if let Some(h) = &issued.hostname {
+        tags.push((TAG_HOSTNAME.to_string(), h.clone()));
+    }
+    if let Some(i) = &issued.image_sha256 {
+        tags.push((TAG_IMAGE.to_string(), i.clone()));
+    }
+    ssm::add_node_tags(&broker.ssm, &request.instance_id, &tags)
+        .await
+        .map_err(ssm_error)?;
+
+    let previous = Some(request.previous_instance_id.as_str())
+        .filter(|p| !p.is_empty() && *p != request.instance_id);
+    let mut deregistered = false;
+    let mut note = None;
+    if let (true, Some(prev)) = (broker.config.config.deregister_previous, previous) {
+        match ssm::describe_node(&broker.ssm, prev).await.map_err(ssm_error)? {
+            Some(old) if old.serial() == Some(serial.as_str()) => {
+                ssm::deregister(&broker.ssm, prev).await.map_err(ssm_error)?;
+                deregistered = true;
+            }
+            Some(_) => note = Some(format!("{prev} belongs to another Pi serial: left alone")),
+            None => note = Some(format!("{prev} is not registered")),
+        }
+    }
+    broker
+        .store
+        .lock()
+        .unwrap()
+        .record_registration(
+            &serial,
+            &request.instance_id,
+            &issued.activation_id,
+            previous,
+            deregistered,
+            token.id,
+            &client,
+        )
+        .map_err(internal)?;
+    broker.vended.lock().unwrap().remove(&serial);
+    eprintln!(
+        "piprov broker: Pi {serial} registered as {}{}",
+        request.instance_id,
+        if deregistered { format!(", {} deregistered", previous.unwrap_or_default()) } else { String::new() }
+    );
+    Ok(axum::Json(json!({
+        "instance_id": request.instance_id, "tagged": true,
+        "deregistered_previous": deregistered, "note": note,
+    }))
+    .into_response())
+}
+
+/// How long a TLS handshake and a request's headers may take.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);

@@ -1,0 +1,106 @@
+//! `broker.toml`: where the broker listens, its certificate, its database, and
+//! the activations it vends. Written by `piprov broker init`; unknown keys are errors.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct BrokerConfig {
+    /// Address and port to listen on, e.g. "0.0.0.0:8443".
+    pub listen: SocketAddr,
+    /// Server certificate chain and key (PEM), relative to this file.
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    /// SQLite database, relative to this file.
+    pub database: PathBuf,
+    /// Tags every activation this broker creates (`piprov:broker`), so that
+    /// activations it created but never recorded can be found and deleted.
+    pub broker_id: String,
+    pub region: String,
+    /// IAM service role the registered nodes assume.
+    pub iam_role: String,
+    #[serde(default)]
+    pub profile: Option<String>,
+    /// Lifetime of each activation, e.g. "1h".
+    #[serde(default = "default_lifetime")]
+    pub activation_lifetime: String,
+    /// When a Pi registers again, deregister its previous node (same serial only).
+    #[serde(default)]
+    pub deregister_previous: bool,
+    /// Requests per minute from one client address.
+    #[serde(default = "default_rate")]
+    pub rate_limit_per_minute: u32,
+    #[serde(default = "default_body")]
+    pub max_body_bytes: usize,
+    /// Longest a request may take, e.g. "20s".
+    #[serde(default = "default_timeout")]
+    pub request_timeout: String,
+}
+
+fn default_lifetime() -> String {
+    "1h".into()
+}
+fn default_rate() -> u32 {
+    30
+}
+fn default_body() -> usize {
+    4096
+}
+fn default_timeout() -> String {
+    "20s".into()
+}
+
+/// A loaded config with its durations parsed and paths resolved.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    pub config: BrokerConfig,
+    pub dir: PathBuf,
+    pub lifetime: Duration,
+    pub timeout: Duration,
+}
+
+impl Loaded {
+    pub fn path(&self, file: &Path) -> PathBuf {
+        self.dir.join(file)
+    }
+}
+
+pub fn load(path: &Path) -> Result<Loaded> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading the broker config {}", path.display()))?;
+    let config: BrokerConfig = toml::from_str(&text)
+        .map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e.to_string().trim_end()))?;
+    let duration = |key: &str, text: &str| {
+        humantime::parse_duration(text)
+            .with_context(|| format!("{}: {key} {text:?} is not a duration", path.display()))
+    };
+    let lifetime = duration("activation_lifetime", &config.activation_lifetime)?;
+    if lifetime < Duration::from_secs(60) || lifetime > crate::ssm::MAX_LIFETIME {
+        bail!(
+            "{}: activation_lifetime must be between a minute and 30 days",
+            path.display()
+        );
+    }
+    let timeout = duration("request_timeout", &config.request_timeout)?;
+    if !crate::recipe::is_region_name(&config.region) {
+        bail!(
+            "{}: region {:?} is not an AWS region name",
+            path.display(),
+            config.region
+        );
+    }
+    if config.rate_limit_per_minute == 0 {
+        bail!("{}: rate_limit_per_minute must be at least 1", path.display());
+    }
+    Ok(Loaded {
+        config,
+        dir: path.parent().map(Path::to_path_buf).unwrap_or_default(),
+        lifetime,
+        timeout,
+    })
+}

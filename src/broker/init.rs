@@ -1,0 +1,143 @@
+//! `piprov broker init DIR`: a private CA, a server certificate it signs (the
+//! cards pin the CA), a config file and an empty database.
+
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose,
+};
+
+use super::config::BrokerConfig;
+use super::store::Store;
+
+pub struct InitOptions {
+    pub dir: PathBuf,
+    pub listen: SocketAddr,
+    /// DNS names and IP addresses the cards reach the broker by.
+    pub names: Vec<String>,
+    pub region: String,
+    pub iam_role: String,
+}
+
+pub struct Initialised {
+    pub config: PathBuf,
+    pub ca: PathBuf,
+}
+
+pub const CA_FILE: &str = "ca.pem";
+const CA_KEY_FILE: &str = "ca.key";
+const CERT_FILE: &str = "server.pem";
+const KEY_FILE: &str = "server.key";
+const CONFIG_FILE: &str = "broker.toml";
+const DATABASE_FILE: &str = "broker.db";
+
+pub fn init(options: &InitOptions) -> Result<Initialised> {
+    let dir = &options.dir;
+    if dir.exists() && std::fs::read_dir(dir)?.next().is_some() {
+        bail!(
+            "{} is not empty: piprov will not overwrite a broker's keys",
+            dir.display()
+        );
+    }
+    if !crate::recipe::is_region_name(&options.region) {
+        bail!("--region {:?} is not an AWS region name", options.region);
+    }
+    if options.names.is_empty() {
+        bail!("give at least one --name the cards reach the broker by");
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+
+    let year = current_year();
+    let ca_key = KeyPair::generate()?;
+    let mut ca = CertificateParams::new(Vec::<String>::new())?;
+    ca.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    ca.distinguished_name
+        .push(DnType::CommonName, "piprov broker CA");
+    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    ca.not_before = rcgen::date_time_ymd(year - 1, 1, 1);
+    ca.not_after = rcgen::date_time_ymd(year + 10, 1, 1);
+    let ca_cert = ca.self_signed(&ca_key)?;
+
+    let server_key = KeyPair::generate()?;
+    let mut server = CertificateParams::new(options.names.clone())
+        .context("a --name is neither a DNS name nor an IP address")?;
+    server
+        .distinguished_name
+        .push(DnType::CommonName, options.names[0].clone());
+    server.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    server.not_before = rcgen::date_time_ymd(year - 1, 1, 1);
+    server.not_after = rcgen::date_time_ymd(year + 3, 1, 1);
+    let issuer = Issuer::new(ca, ca_key);
+    let server_cert = server.signed_by(&server_key, &issuer)?;
+
+    write_new(&dir.join(CA_FILE), ca_cert.pem().as_bytes(), 0o644)?;
+    write_new(
+        &dir.join(CA_KEY_FILE),
+        issuer_key_pem(&issuer).as_bytes(),
+        0o600,
+    )?;
+    write_new(&dir.join(CERT_FILE), server_cert.pem().as_bytes(), 0o644)?;
+    write_new(
+        &dir.join(KEY_FILE),
+        server_key.serialize_pem().as_bytes(),
+        0o600,
+    )?;
+
+    let mut id = [0u8; 8];
+    getrandom::getrandom(&mut id)?;
+    let config = BrokerConfig {
+        listen: options.listen,
+        cert_file: CERT_FILE.into(),
+        key_file: KEY_FILE.into(),
+        database: DATABASE_FILE.into(),
+        broker_id: crate::flash::source::hex(&id),
+        region: options.region.clone(),
+        iam_role: options.iam_role.clone(),
+        profile: None,
+        activation_lifetime: "1h".into(),
+        deregister_previous: false,
+        rate_limit_per_minute: 30,
+        max_body_bytes: 4096,
+        request_timeout: "20s".into(),
+    };
+    let text = format!(
+        "# piprov broker: `piprov broker serve --config {CONFIG_FILE}`.\n\
+         # Cards pin {CA_FILE}; keep {CA_KEY_FILE} offline once the server certificate is made.\n\
+         # deregister_previous = true deregisters a Pi's previous node when it registers\n\
+         # again (nodes of the same Pi serial only).\n{}",
+        toml::to_string(&config)?
+    );
+    write_new(&dir.join(CONFIG_FILE), text.as_bytes(), 0o600)?;
+    Store::open(&dir.join(DATABASE_FILE))?;
+    Ok(Initialised {
+        config: dir.join(CONFIG_FILE),
+        ca: dir.join(CA_FILE),
+    })
+}
+
+fn issuer_key_pem(issuer: &Issuer<'_, KeyPair>) -> String {
+    issuer.key().serialize_pem()
+}
+
+fn write_new(path: &Path, data: &[u8], mode: u32) -> Result<()> {
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    file.write_all(data)?;
+    file.sync_all()?;
+    Ok(())
+}
+
+fn current_year() -> i32 {
+    humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()[..4]
+        .parse()
+        .unwrap_or(2026)
+}

@@ -1,0 +1,13 @@
+//! `piprov broker`: holds the AWS credentials and hands each card that proves
+//! membership (an enrollment token) a single-use, short-lived activation, so no
+//! secret that matters lives on a card.
+//!
+//! config (broker.toml) → init (CA, certificate, database) → store (SQLite) →
+//! api (the card-facing routes) → server (HTTPS, graceful shutdown) → tokens.
+
+pub mod api;
+pub mod config;
+pub mod init;
+pub mod server;
+pub mod store;
+pub mod tokens;

@@ -1,0 +1,133 @@
+//! `piprov broker init | token | serve`.
+
+use std::io::Write as _;
+use std::os::unix::fs::OpenOptionsExt;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+
+use super::{BrokerCommand, TokenCommand};
+use crate::broker::{config, init, server, store::Store, tokens};
+
+pub fn run(action: BrokerCommand) -> Result<ExitCode> {
+    match action {
+        BrokerCommand::Init {
+            dir,
+            names,
+            listen,
+            region,
+            iam_role,
+        } => {
+            let done = init::init(&init::InitOptions {
+                dir,
+                listen,
+                names,
+                region,
+                iam_role,
+            })?;
+            println!("broker config {}", done.config.display());
+            println!(
+                "cards pin {} (recipe: activation.ca_file)",
+                done.ca.display()
+            );
+        }
+        BrokerCommand::Serve { config, ready_file } => {
+            server::serve(config::load(&config)?, ready_file.as_deref())?;
+        }
+        BrokerCommand::Token { action } => token(action)?,
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn open_store(config_path: &std::path::Path) -> Result<Store> {
+    let loaded = config::load(config_path)?;
+    Store::open(&loaded.path(&loaded.config.database))
+}
+
+fn token(action: TokenCommand) -> Result<()> {
+    match action {
+        TokenCommand::Add {
+            config,
+            name,
+            max_uses,
+            expires,
+            serials,
+            token_file,
+        } => {
+            if let Some(file) = &token_file {
+                if file.exists() {
+                    anyhow::bail!("{} exists: piprov will not overwrite it", file.display());
+                }
+            }
+            let store = open_store(&config)?;
+            let token = tokens::add(
+                &store,
+                &tokens::NewToken {
+                    name: &name,
+                    max_uses,
+                    expires,
+                    serials_file: serials.as_deref(),
+                },
+            )?;
+            match &token_file {
+                Some(file) => {
+                    let mut out = std::fs::OpenOptions::new()
+                        .write(true)
+                        .create_new(true)
+                        .mode(0o600)
+                        .open(file)
+                        .with_context(|| {
+                            format!(
+                                "token {name} was made but {} could not be created: revoke it",
+                                file.display()
+                            )
+                        })?;
+                    writeln!(out, "{token}")?;
+                    println!("token {name} written to {} (mode 0600)", file.display());
+                }
+                None => {
+                    println!("{token}");
+                    eprintln!("token {name}: shown this once; only its SHA-256 is kept");
+                }
+            }
+        }
+        TokenCommand::List { config, json } => {
+            let list = tokens::list(&open_store(&config)?)?;
+            let mut stdout = std::io::stdout().lock();
+            if json {
+                writeln!(stdout, "{}", serde_json::to_string_pretty(&list)?)?;
+            } else {
+                writeln!(
+                    stdout,
+                    "{:<20}  {:>9}  {:<20}  {:<8}  serials",
+                    "name", "used", "expires", "revoked"
+                )?;
+                let time = |t: Option<i64>| {
+                    t.map_or("-".to_string(), |t| {
+                        humantime::format_rfc3339_seconds(
+                            std::time::UNIX_EPOCH + std::time::Duration::from_secs(t as u64),
+                        )
+                        .to_string()
+                    })
+                };
+                for t in &list {
+                    writeln!(
+                        stdout,
+                        "{:<20}  {:>4}/{:<4}  {:<20}  {:<8}  {}",
+                        t.name,
+                        t.uses,
+                        t.max_uses.map_or("-".into(), |m| m.to_string()),
+                        time(t.expires_at),
+                        if t.revoked_at.is_some() { "yes" } else { "no" },
+                        t.serials.as_ref().map_or("any".into(), |s| s.len().to_string())
+                    )?;
+                }
+            }
+        }
+        TokenCommand::Revoke { config, name } => {
+            tokens::revoke(&open_store(&config)?, &name)?;
+            println!("revoked {name}");
+        }
+    }
+    Ok(())
+}
