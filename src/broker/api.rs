@@ -92,7 +92,9 @@ pub fn router(broker: Arc<Broker>) -> Router {
             move |request, next: axum::middleware::Next| async move {
                 match tokio::time::timeout(timeout, next.run(request)).await {
                     Ok(response) => response,
-                    Err(_) => err(StatusCode::SERVICE_UNAVAILABLE, "request timed out").into_response(),
+                    Err(_) => {
+                        err(StatusCode::SERVICE_UNAVAILABLE, "request timed out").into_response()
+                    }
                 }
             },
         ))
@@ -135,8 +137,8 @@ impl Broker {
         let mut buckets = self.buckets.lock().unwrap();
         let now = Instant::now();
         let (tokens, last) = buckets.entry(ip).or_insert((per_minute, now));
-        *tokens = (*tokens + now.duration_since(*last).as_secs_f64() * per_minute / 60.0)
-            .min(per_minute);
+        *tokens =
+            (*tokens + now.duration_since(*last).as_secs_f64() * per_minute / 60.0).min(per_minute);
         *last = now;
         if *tokens < 1.0 {
             return true;
@@ -176,7 +178,13 @@ impl Broker {
         if let Some(allowed) = &token.serials {
             if !allowed.iter().any(|s| s.eq_ignore_ascii_case(serial)) {
                 let store = self.store.lock().unwrap();
-                let _ = store.audit(Some(token.id), client, "refused", Some(serial), "serial not allowed");
+                let _ = store.audit(
+                    Some(token.id),
+                    client,
+                    "refused",
+                    Some(serial),
+                    "serial not allowed",
+                );
                 return Err(err(
                     StatusCode::FORBIDDEN,
                     format!("serial {serial} is not allowed for token {}", token.name),
@@ -199,7 +207,10 @@ impl Broker {
 /// The gate every card request passes: rate limit, then token.
 fn admit(broker: &Broker, peer: Peer, headers: &HeaderMap) -> Result<(Token, String), ApiError> {
     if broker.rate_limited(peer.0.ip()) {
-        return Err(err(StatusCode::TOO_MANY_REQUESTS, "too many requests: slow down"));
+        return Err(err(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too many requests: slow down",
+        ));
     }
     let client = peer.0.ip().to_string();
     let token = broker.authorize(headers, &client)?;
@@ -207,15 +218,22 @@ fn admit(broker: &Broker, peer: Peer, headers: &HeaderMap) -> Result<(Token, Str
 }
 
 fn parse<T: for<'de> Deserialize<'de>>(body: &Bytes) -> Result<T, ApiError> {
-    serde_json::from_slice(body)
-        .map_err(|e| err(StatusCode::BAD_REQUEST, format!("malformed request body: {e}")))
+    serde_json::from_slice(body).map_err(|e| {
+        err(
+            StatusCode::BAD_REQUEST,
+            format!("malformed request body: {e}"),
+        )
+    })
 }
 
 fn check_field(name: &str, value: &str, ok: bool) -> Result<(), ApiError> {
     if ok {
         Ok(())
     } else {
-        Err(err(StatusCode::BAD_REQUEST, format!("{name} {value:?} is not valid")))
+        Err(err(
+            StatusCode::BAD_REQUEST,
+            format!("{name} {value:?} is not valid"),
+        ))
     }
 }
 
@@ -249,7 +267,10 @@ async fn activations(
         "hostname",
         &request.hostname,
         request.hostname.len() <= 63
-            && request.hostname.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'),
+            && request
+                .hostname
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-'),
     )?;
     check_field(
         "machine_id",
@@ -273,11 +294,19 @@ async fn activations(
     let lock = broker.serial_lock(&serial);
     let _held = lock.lock().await;
     let region = broker.config.config.region.clone();
-    let current = broker.store.lock().unwrap().issued(&serial).map_err(internal)?;
+    let current = broker
+        .store
+        .lock()
+        .unwrap()
+        .issued(&serial)
+        .map_err(internal)?;
     if let Some(issued) = &current {
         let vended = broker.vended.lock().unwrap();
         if let Some(v) = vended.get(&serial) {
-            if !issued.used && issued.expires_at > now() + 60 && v.activation_id == issued.activation_id {
+            if !issued.used
+                && issued.expires_at > now() + 60
+                && v.activation_id == issued.activation_id
+            {
                 return Ok(axum::Json(json!({
                     "activation_id": v.activation_id, "activation_code": v.code,
                     "region": region, "expires_at": issued.expires_at, "reused": true,
@@ -290,7 +319,13 @@ async fn activations(
     {
         let store = broker.store.lock().unwrap();
         if !store.reserve_use(&token).map_err(internal)? {
-            let _ = store.audit(Some(token.id), &client, "refused", Some(&serial), "quota spent");
+            let _ = store.audit(
+                Some(token.id),
+                &client,
+                "refused",
+                Some(&serial),
+                "quota spent",
+            );
             return Err(err(
                 StatusCode::FORBIDDEN,
                 format!("token {} has no enrollments left", token.name),
@@ -301,20 +336,32 @@ async fn activations(
     // restart) is withdrawn before the new one is made.
     if let Some(old) = current.filter(|i| !i.used) {
         if let Err(e) = ssm::delete_activation(&broker.ssm, &old.activation_id).await {
-            eprintln!("piprov broker: withdrawing activation {} of {serial}: {e:#}", old.activation_id);
+            eprintln!(
+                "piprov broker: withdrawing activation {} of {serial}: {e:#}",
+                old.activation_id
+            );
         }
     }
     let hostname = (!request.hostname.is_empty()).then(|| request.hostname.to_ascii_lowercase());
     let mut tags = vec![
         (TAG_SERIAL.to_string(), serial.clone()),
-        (TAG_BROKER.to_string(), broker.config.config.broker_id.clone()),
-        (TAG_VERSION.to_string(), env!("CARGO_PKG_VERSION").to_string()),
+        (
+            TAG_BROKER.to_string(),
+            broker.config.config.broker_id.clone(),
+        ),
+        (
+            TAG_VERSION.to_string(),
+            env!("CARGO_PKG_VERSION").to_string(),
+        ),
     ];
     if let Some(h) = &hostname {
         tags.push((TAG_HOSTNAME.to_string(), h.clone()));
     }
     if !request.image_sha256.is_empty() {
-        tags.push((TAG_IMAGE.to_string(), request.image_sha256.to_ascii_lowercase()));
+        tags.push((
+            TAG_IMAGE.to_string(),
+            request.image_sha256.to_ascii_lowercase(),
+        ));
     }
     let new = ssm::NewActivation {
         iam_role: broker.config.config.iam_role.clone(),
@@ -329,9 +376,18 @@ async fn activations(
         Err(e) => {
             let store = broker.store.lock().unwrap();
             let _ = store.release_use(&token);
-            let _ = store.audit(Some(token.id), &client, "ssm-error", Some(&serial), &format!("{e:#}"));
+            let _ = store.audit(
+                Some(token.id),
+                &client,
+                "ssm-error",
+                Some(&serial),
+                &format!("{e:#}"),
+            );
             eprintln!("piprov broker: creating an activation for {serial}: {e:#}");
-            return Err(err(StatusCode::BAD_GATEWAY, "SSM did not create the activation; retry later"));
+            return Err(err(
+                StatusCode::BAD_GATEWAY,
+                "SSM did not create the activation; retry later",
+            ));
         }
     };
     let expires_at = now() + broker.config.lifetime.as_secs() as i64;
@@ -344,8 +400,12 @@ async fn activations(
             activation_id: &created.id,
             token_id: token.id,
             hostname: hostname.as_deref(),
-            machine_id: Some(&request.machine_id).filter(|s| !s.is_empty()).map(String::as_str),
-            image_sha256: Some(&request.image_sha256).filter(|s| !s.is_empty()).map(String::as_str),
+            machine_id: Some(&request.machine_id)
+                .filter(|s| !s.is_empty())
+                .map(String::as_str),
+            image_sha256: Some(&request.image_sha256)
+                .filter(|s| !s.is_empty())
+                .map(String::as_str),
             previous_instance_id: Some(&request.previous_instance_id)
                 .filter(|s| !s.is_empty())
                 .map(String::as_str),
@@ -353,7 +413,10 @@ async fn activations(
             client: &client,
         })
         .map_err(internal)?;
-    eprintln!("piprov broker: activation {} for Pi {serial} (token {})", created.id, token.name);
+    eprintln!(
+        "piprov broker: activation {} for Pi {serial} (token {})",
+        created.id, token.name
+    );
     let reply = json!({
         "activation_id": created.id, "activation_code": created.code,
         "region": region, "expires_at": expires_at, "reused": false,
@@ -378,7 +441,11 @@ async fn registrations(
     let request: RegistrationRequest = parse(&body)?;
     let serial = request.serial.to_ascii_lowercase();
     check_field("serial", &request.serial, valid_serial(&serial))?;
-    check_field("instance_id", &request.instance_id, valid_instance(&request.instance_id))?;
+    check_field(
+        "instance_id",
+        &request.instance_id,
+        valid_instance(&request.instance_id),
+    )?;
     check_field(
         "previous_instance_id",
         &request.previous_instance_id,
@@ -387,8 +454,17 @@ async fn registrations(
     broker.check_serial(&token, &serial, &client)?;
     let lock = broker.serial_lock(&serial);
     let _held = lock.lock().await;
-    let Some(issued) = broker.store.lock().unwrap().issued(&serial).map_err(internal)? else {
-        return Err(err(StatusCode::NOT_FOUND, format!("no activation was issued for serial {serial}")));
+    let Some(issued) = broker
+        .store
+        .lock()
+        .unwrap()
+        .issued(&serial)
+        .map_err(internal)?
+    else {
+        return Err(err(
+            StatusCode::NOT_FOUND,
+            format!("no activation was issued for serial {serial}"),
+        ));
     };
     let ssm_error = |e: anyhow::Error| {
         eprintln!("piprov broker: registration of {serial}: {e:#}");
@@ -399,12 +475,22 @@ async fn registrations(
     let node = ssm::describe_node(&broker.ssm, &request.instance_id)
         .await
         .map_err(ssm_error)?;
-    if node.as_ref().and_then(|n| n.activation_id.as_deref()) != Some(issued.activation_id.as_str()) {
+    if node.as_ref().and_then(|n| n.activation_id.as_deref()) != Some(issued.activation_id.as_str())
+    {
         let store = broker.store.lock().unwrap();
-        let _ = store.audit(Some(token.id), &client, "refused", Some(&serial), "node not made with this serial's activation");
+        let _ = store.audit(
+            Some(token.id),
+            &client,
+            "refused",
+            Some(&serial),
+            "node not made with this serial's activation",
+        );
         return Err(err(
             StatusCode::FORBIDDEN,
-            format!("{} was not registered with serial {serial}'s activation", request.instance_id),
+            format!(
+                "{} was not registered with serial {serial}'s activation",
+                request.instance_id
+            ),
         ));
     }
     let mut tags = vec![(TAG_SERIAL.to_string(), serial.clone())];
@@ -423,9 +509,14 @@ async fn registrations(
     let mut deregistered = false;
     let mut note = None;
     if let (true, Some(prev)) = (broker.config.config.deregister_previous, previous) {
-        match ssm::describe_node(&broker.ssm, prev).await.map_err(ssm_error)? {
+        match ssm::describe_node(&broker.ssm, prev)
+            .await
+            .map_err(ssm_error)?
+        {
             Some(old) if old.serial() == Some(serial.as_str()) => {
-                ssm::deregister(&broker.ssm, prev).await.map_err(ssm_error)?;
+                ssm::deregister(&broker.ssm, prev)
+                    .await
+                    .map_err(ssm_error)?;
                 deregistered = true;
             }
             Some(_) => note = Some(format!("{prev} belongs to another Pi serial: left alone")),
@@ -450,7 +541,11 @@ async fn registrations(
     eprintln!(
         "piprov broker: Pi {serial} registered as {}{}",
         request.instance_id,
-        if deregistered { format!(", {} deregistered", previous.unwrap_or_default()) } else { String::new() }
+        if deregistered {
+            format!(", {} deregistered", previous.unwrap_or_default())
+        } else {
+            String::new()
+        }
     );
     Ok(axum::Json(json!({
         "instance_id": request.instance_id, "tagged": true,

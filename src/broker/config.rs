@@ -95,7 +95,10 @@ pub fn load(path: &Path) -> Result<Loaded> {
         );
     }
     if config.rate_limit_per_minute == 0 {
-        bail!("{}: rate_limit_per_minute must be at least 1", path.display());
+        bail!(
+            "{}: rate_limit_per_minute must be at least 1",
+            path.display()
+        );
     }
     Ok(Loaded {
         config,

@@ -102,7 +102,10 @@ async fn run(config: Loaded, ready_file: Option<&Path>) -> Result<()> {
     }
     drop(listener);
     eprintln!("piprov broker: shutting down; finishing requests in flight");
-    if tokio::time::timeout(DRAIN, graceful.shutdown()).await.is_err() {
+    if tokio::time::timeout(DRAIN, graceful.shutdown())
+        .await
+        .is_err()
+    {
         eprintln!("piprov broker: some connections did not finish within {DRAIN:?}");
     }
     broker.store.lock().unwrap().checkpoint()?;

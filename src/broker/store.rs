@@ -133,7 +133,14 @@ impl Store {
             .execute(
                 "INSERT INTO tokens (name, sha256, max_uses, expires_at, serials, created_at)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                params![name, token_hash(token), max_uses, expires_at, serials, now()],
+                params![
+                    name,
+                    token_hash(token),
+                    max_uses,
+                    expires_at,
+                    serials,
+                    now()
+                ],
             )
             .map_err(|e| match e {
                 rusqlite::Error::SqliteFailure(f, _)
@@ -275,7 +282,13 @@ impl Store {
         tx.execute(
             "INSERT INTO audit (at, token_id, client, action, serial, detail)
              VALUES (?1, ?2, ?3, 'activation-issued', ?4, ?5)",
-            params![now(), new.token_id, new.client, new.serial, new.activation_id],
+            params![
+                now(),
+                new.token_id,
+                new.client,
+                new.serial,
+                new.activation_id
+            ],
         )?;
         tx.commit()?;
         Ok(())

@@ -119,7 +119,9 @@ fn token(action: TokenCommand) -> Result<()> {
                         t.max_uses.map_or("-".into(), |m| m.to_string()),
                         time(t.expires_at),
                         if t.revoked_at.is_some() { "yes" } else { "no" },
-                        t.serials.as_ref().map_or("any".into(), |s| s.len().to_string())
+                        t.serials
+                            .as_ref()
+                            .map_or("any".into(), |s| s.len().to_string())
                     )?;
                 }
             }

@@ -88,7 +88,12 @@ pub async fn add_node_tags(client: &Client, id: &str, tags: &[(String, String)])
         .resource_type(ResourceTypeForTagging::ManagedInstance)
         .resource_id(id);
     for (key, value) in tags {
-        request = request.tags(aws_sdk_ssm::types::Tag::builder().key(key).value(value).build()?);
+        request = request.tags(
+            aws_sdk_ssm::types::Tag::builder()
+                .key(key)
+                .value(value)
+                .build()?,
+        );
     }
     request
         .send()

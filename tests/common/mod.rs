@@ -8,6 +8,7 @@ use std::sync::{Mutex, OnceLock};
 
 use tempfile::TempDir;
 
+pub mod broker;
 pub mod card;
 pub mod ssm_endpoint;
 pub mod stub;
@@ -140,6 +141,15 @@ pub fn assert_fat_clean(image: &Path, dir: &Path) {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// SHA-256 of bytes, in hex.
+pub fn sha256_hex(data: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// SHA-256 of a file, as sha256sum prints it.

@@ -16,6 +16,11 @@ pub struct SsmEndpoint {
 
 impl SsmEndpoint {
     pub fn start(dir: &Path, throttle_first: u32) -> SsmEndpoint {
+        Self::start_for(dir, throttle_first, 300)
+    }
+
+    /// With a lifetime (seconds) for long runs.
+    pub fn start_for(dir: &Path, throttle_first: u32, lifetime: u32) -> SsmEndpoint {
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/ssm_stub.py");
         let port_file = dir.join("ssm.port");
         let log = dir.join("ssm.log");
@@ -24,7 +29,8 @@ impl SsmEndpoint {
             .arg(script)
             .arg(&port_file)
             .arg(&log)
-            .arg(throttle_first.to_string());
+            .arg(throttle_first.to_string())
+            .arg(lifetime.to_string());
         SsmEndpoint {
             stub: Stub::start(command, &port_file, "SSM stand-in"),
             log,
@@ -49,27 +55,37 @@ impl SsmEndpoint {
             .collect()
     }
 
-    /// piprov with test credentials and the endpoint set, and nothing from the
-    /// host's AWS setup.
+    /// The environment piprov runs in: test credentials, this endpoint, and
+    /// nothing from the host's AWS setup.
+    pub fn env(&self) -> Vec<(String, String)> {
+        let home = self.home.display();
+        [
+            ("PATH", std::env::var("PATH").unwrap()),
+            ("HOME", home.to_string()),
+            ("PIPROV_CACHE_DIR", format!("{home}/cache")),
+            ("AWS_CONFIG_FILE", format!("{home}/no-config")),
+            (
+                "AWS_SHARED_CREDENTIALS_FILE",
+                format!("{home}/no-credentials"),
+            ),
+            ("AWS_EC2_METADATA_DISABLED", "true".into()),
+            ("AWS_ENDPOINT_URL", self.url()),
+            ("AWS_ACCESS_KEY_ID", "AKIAEXAMPLEEXAMPLE00".into()),
+            (
+                "AWS_SECRET_ACCESS_KEY",
+                "secretsecretsecretsecretsecretsecret0000".into(),
+            ),
+            ("AWS_REGION", "eu-west-1".into()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect()
+    }
+
+    /// piprov in `env()`.
     pub fn piprov(&self) -> assert_cmd::Command {
         let mut cmd = super::piprov();
-        cmd.env_clear()
-            .env("PATH", std::env::var("PATH").unwrap())
-            .env("HOME", &self.home)
-            .env("PIPROV_CACHE_DIR", self.home.join("cache"))
-            .env("AWS_CONFIG_FILE", self.home.join("no-config"))
-            .env(
-                "AWS_SHARED_CREDENTIALS_FILE",
-                self.home.join("no-credentials"),
-            )
-            .env("AWS_EC2_METADATA_DISABLED", "true")
-            .env("AWS_ENDPOINT_URL", self.url())
-            .env("AWS_ACCESS_KEY_ID", "AKIAEXAMPLEEXAMPLE00")
-            .env(
-                "AWS_SECRET_ACCESS_KEY",
-                "secretsecretsecretsecretsecretsecret0000",
-            )
-            .env("AWS_REGION", "eu-west-1");
+        cmd.env_clear().envs(self.env());
         cmd
     }
 
@@ -131,6 +147,55 @@ impl SsmEndpoint {
                 "Tags": [{"Key": key, "Value": value}],
             }),
         );
+    }
+
+    /// Every activation SSM holds.
+    pub fn activations(&self) -> Vec<serde_json::Value> {
+        let mut all = Vec::new();
+        let mut next: Option<String> = None;
+        loop {
+            let mut body = serde_json::json!({"MaxResults": 1000});
+            if let Some(token) = &next {
+                body["NextToken"] = token.clone().into();
+            }
+            let page = self.call("AmazonSSM.DescribeActivations", &body);
+            all.extend(page["ActivationList"].as_array().unwrap().iter().cloned());
+            match page["NextToken"].as_str() {
+                Some(token) => next = Some(token.to_string()),
+                None => return all,
+            }
+        }
+    }
+
+    /// Every managed node with its tags.
+    pub fn nodes(&self) -> Vec<(String, serde_json::Value)> {
+        let mut all = Vec::new();
+        let mut next: Option<String> = None;
+        loop {
+            let mut body = serde_json::json!({"MaxResults": 1000});
+            if let Some(token) = &next {
+                body["NextToken"] = token.clone().into();
+            }
+            let page = self.call("AmazonSSM.DescribeInstanceInformation", &body);
+            for node in page["InstanceInformationList"].as_array().unwrap() {
+                let id = node["InstanceId"].as_str().unwrap().to_string();
+                let tags = self.call(
+                    "AmazonSSM.ListTagsForResource",
+                    &serde_json::json!({"ResourceType": "ManagedInstance", "ResourceId": id}),
+                );
+                let map: serde_json::Map<String, serde_json::Value> = tags["TagList"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|t| (t["Key"].as_str().unwrap().to_string(), t["Value"].clone()))
+                    .collect();
+                all.push((id, serde_json::Value::Object(map)));
+            }
+            match page["NextToken"].as_str() {
+                Some(token) => next = Some(token.to_string()),
+                None => return all,
+            }
+        }
     }
 
     /// Moves the node's last ping (and registration) `days` into the past.

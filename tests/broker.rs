@@ -1,0 +1,362 @@
+//! `piprov broker` as a real process on loopback (rustls HTTPS, SQLite) against
+//! the local SSM endpoint: setup, a stamped card enrolling through it with the
+//! device script, every refusal, idempotent retries, restarts, and tagging.
+
+mod common;
+
+use common::broker::BrokerProcess;
+use common::card::{Card, Ssm, stamp};
+use common::fixture;
+use common::ssm_endpoint::SsmEndpoint;
+use predicates::prelude::PredicateBooleanExt;
+use predicates::str::contains;
+use tempfile::TempDir;
+
+const SERIAL_A: &str = "10000000c0ffee01";
+const SERIAL_B: &str = "10000000c0ffee02";
+
+fn ask(serial: &str) -> String {
+    format!(
+        r#"{{"serial":"{serial}","hostname":"door-1","machine_id":"","image_sha256":"","previous_instance_id":""}}"#
+    )
+}
+
+fn report(serial: &str, instance: &str, previous: &str) -> String {
+    format!(
+        r#"{{"serial":"{serial}","instance_id":"{instance}","previous_instance_id":"{previous}"}}"#
+    )
+}
+
+fn creates(ssm: &SsmEndpoint) -> usize {
+    ssm.requests_for("CreateActivation").len()
+}
+
+#[test]
+fn init_makes_a_ca_a_certificate_a_config_and_a_database() {
+    let dir = TempDir::new().unwrap();
+    let ssm = SsmEndpoint::start(dir.path(), 0);
+    let broker = BrokerProcess::init(dir.path(), &ssm, &[]);
+    use std::os::unix::fs::PermissionsExt;
+    for (file, mode) in [
+        ("server.key", 0o600),
+        ("ca.key", 0o600),
+        ("broker.toml", 0o600),
+        ("ca.pem", 0o644),
+    ] {
+        let meta = std::fs::metadata(broker.dir.join(file)).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o777, mode, "{file}");
+    }
+    let verify = std::process::Command::new("openssl")
+        .args(["verify", "-CAfile"])
+        .arg(&broker.ca)
+        .arg(broker.dir.join("server.pem"))
+        .output()
+        .unwrap();
+    assert!(
+        verify.status.success(),
+        "{}",
+        String::from_utf8_lossy(&verify.stderr)
+    );
+
+    // A second init into the same place would replace the keys the cards pin.
+    broker
+        .piprov()
+        .args(["broker", "init"])
+        .arg(&broker.dir)
+        .args([
+            "--name",
+            "127.0.0.1",
+            "--region",
+            "eu-west-1",
+            "--iam-role",
+            "R",
+        ])
+        .assert()
+        .code(2)
+        .stderr(contains("is not empty"));
+
+    let token = broker.add_token("site-a", &["--max-uses", "5"]);
+    assert!(token.starts_with("pvt_") && token.len() > 60, "{token}");
+    let db = std::fs::read(broker.dir.join("broker.db")).unwrap();
+    let wal = std::fs::read(broker.dir.join("broker.db-wal")).unwrap_or_default();
+    let stored = [db, wal].concat();
+    let hash = common::sha256_hex(token.as_bytes());
+    assert!(
+        !stored.windows(token.len()).any(|w| w == token.as_bytes()),
+        "the token itself is never stored"
+    );
+    assert!(
+        stored.windows(hash.len()).any(|w| w == hash.as_bytes()),
+        "its SHA-256 is"
+    );
+    broker
+        .piprov()
+        .args(["broker", "token", "list", "--config"])
+        .arg(&broker.config)
+        .assert()
+        .success()
+        .stdout(contains("site-a"))
+        .stdout(contains(&token).not());
+    broker
+        .piprov()
+        .args(["broker", "token", "add", "--config"])
+        .arg(&broker.config)
+        .args(["--name", "site-a"])
+        .assert()
+        .code(2)
+        .stderr(contains("exists already"));
+}
+
+#[test]
+fn a_stamped_card_enrols_through_the_broker() {
+    let dir = TempDir::new().unwrap();
+    let ssm = SsmEndpoint::start(dir.path(), 0);
+    let mut broker = BrokerProcess::init(dir.path(), &ssm, &[]);
+    let token = broker.add_token("site-a", &["--max-uses", "10"]);
+    broker.start();
+    std::fs::write(dir.path().join("site.token"), format!("{token}\n")).unwrap();
+    let recipe = dir.path().join("broker.toml");
+    std::fs::write(
+        &recipe,
+        format!(
+            "region = \"eu-west-1\"\nhostname = \"pi-{{serial}}\"\n[activation]\nsource = \"broker\"\n\
+             url = \"{}\"\nca_file = \"{}\"\ntoken_file = \"site.token\"\n",
+            broker.url(),
+            broker.ca.display()
+        ),
+    )
+    .unwrap();
+    let image = fixture("registered", &dir);
+    stamp(&image, &recipe, &[]);
+    let files = Ssm::new(dir.path());
+    let card = Card::from_image(&image, dir.path(), "card", &files);
+    // The agent on the card talks to the local endpoint, as its config allows.
+    let agent_conf = card.path("/etc/amazon/ssm/amazon-ssm-agent.json");
+    std::fs::create_dir_all(agent_conf.parent().unwrap()).unwrap();
+    std::fs::write(
+        &agent_conf,
+        format!(r#"{{"Ssm":{{"Endpoint":"{}"}}}}"#, ssm.url()),
+    )
+    .unwrap();
+    card.plug_into(SERIAL_A, "dc:a6:32:00:00:01");
+    card.first_boot();
+
+    assert_eq!(card.status()["state"], "registered");
+    let instance = card.instance_id();
+    let nodes = ssm.nodes();
+    let (_, tags) = nodes
+        .iter()
+        .find(|(id, _)| *id == instance)
+        .expect("the node exists in SSM");
+    assert_eq!(tags["piprov:serial"], SERIAL_A);
+    assert_eq!(tags["piprov:hostname"], format!("pi-{SERIAL_A}"));
+    let activation = &ssm.requests_for("CreateActivation")[0]["body"];
+    assert_eq!(activation["RegistrationLimit"], 1);
+    assert_eq!(
+        card.files_containing(&token),
+        Vec::<String>::new(),
+        "the token is removed once used"
+    );
+    let log = broker.log_text();
+    assert!(
+        log.contains(&format!("Pi {SERIAL_A} registered as {instance}")),
+        "{log}"
+    );
+    assert!(!log.contains(&token));
+    let err = card.standin_log();
+    assert!(!err.contains(&token));
+}
+
+#[test]
+fn refusals_are_answered_without_calling_aws() {
+    let dir = TempDir::new().unwrap();
+    let ssm = SsmEndpoint::start(dir.path(), 0);
+    let mut broker = BrokerProcess::init(
+        dir.path(),
+        &ssm,
+        &[("max_body_bytes", "512"), ("rate_limit_per_minute", "20")],
+    );
+    let good = broker.add_token("good", &["--max-uses", "1"]);
+    let revoked = broker.add_token("revoked", &[]);
+    let short = broker.add_token("short", &["--expires", "1s"]);
+    std::fs::write(
+        dir.path().join("allow.txt"),
+        format!("# bench\n{SERIAL_B}\n"),
+    )
+    .unwrap();
+    let allow = dir.path().join("allow.txt").display().to_string();
+    let listed = broker.add_token("listed", &["--serials", &allow]);
+    broker
+        .piprov()
+        .args(["broker", "token", "revoke", "--config"])
+        .arg(&broker.config)
+        .arg("revoked")
+        .assert()
+        .success();
+    broker.start();
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+
+    let cases: Vec<(Option<&str>, String, u16, &str)> = vec![
+        (None, ask(SERIAL_A), 401, "missing bearer token"),
+        (Some("pvt_0000"), ask(SERIAL_A), 401, "unknown token"),
+        (Some(&revoked), ask(SERIAL_A), 401, "token revoked"),
+        (Some(&short), ask(SERIAL_A), 401, "token expired"),
+        (Some(&listed), ask(SERIAL_A), 403, "not allowed"),
+        (
+            Some(&good),
+            "{not json".into(),
+            400,
+            "malformed request body",
+        ),
+        (
+            Some(&good),
+            r#"{"hostname":"x"}"#.into(),
+            400,
+            "missing field `serial`",
+        ),
+        (Some(&good), ask("10000000../etc"), 400, "serial"),
+        (
+            Some(&good),
+            format!(r#"{{"serial":"{SERIAL_A}","pad":"{}"}}"#, "x".repeat(600)),
+            413,
+            "",
+        ),
+    ];
+    for (token, body, status, message) in &cases {
+        let (got, reply) = broker.post("/v1/activations", *token, body);
+        assert_eq!(got, *status, "{body}: {reply}");
+        assert!(reply.to_string().contains(message), "{reply}");
+    }
+    assert_eq!(creates(&ssm), 0, "no refusal reached AWS");
+
+    // The quota: one enrollment, then 403 without a call.
+    let (status, first) = broker.post("/v1/activations", Some(&good), &ask(SERIAL_A));
+    assert_eq!(status, 200, "{first}");
+    let (status, reply) = broker.post("/v1/activations", Some(&good), &ask(SERIAL_B));
+    assert_eq!(status, 403);
+    assert!(
+        reply["error"]
+            .as_str()
+            .unwrap()
+            .contains("no enrollments left")
+    );
+    let (status, _) = broker.post("/v1/activations", Some(&listed), &ask(SERIAL_B));
+    assert_eq!(status, 200, "an allowed serial");
+    assert_eq!(creates(&ssm), 2);
+
+    // The per-client rate limit (20 a minute; 13 used above).
+    let statuses: Vec<u16> = (0..10)
+        .map(|_| broker.post("/v1/activations", None, &ask(SERIAL_A)).0)
+        .collect();
+    assert!(statuses.contains(&429), "{statuses:?}");
+    assert_eq!(broker.post("/healthz", None, "").0, 405, "GET only");
+
+    let log = broker.log_text();
+    for secret in [&good, &revoked, &short, &listed] {
+        assert!(!log.contains(secret.as_str()), "no token in the log");
+    }
+    assert!(
+        !log.contains(first["activation_code"].as_str().unwrap()),
+        "no code in the log"
+    );
+}
+
+#[test]
+fn retries_get_the_same_activation_and_restarts_lose_nothing() {
+    let dir = TempDir::new().unwrap();
+    let ssm = SsmEndpoint::start(dir.path(), 0);
+    let mut broker = BrokerProcess::init(dir.path(), &ssm, &[]);
+    let token = broker.add_token("site-a", &["--max-uses", "10"]);
+    broker.start();
+    let (_, first) = broker.post("/v1/activations", Some(&token), &ask(SERIAL_A));
+    let (_, again) = broker.post("/v1/activations", Some(&token), &ask(SERIAL_A));
+    assert_eq!(first["activation_id"], again["activation_id"]);
+    assert_eq!(first["activation_code"], again["activation_code"]);
+    assert_eq!(again["reused"], true);
+    assert_eq!(
+        creates(&ssm),
+        1,
+        "a retry does not make a second activation"
+    );
+    assert_eq!(first["region"], "eu-west-1");
+
+    // A clean stop, then a start: the token's count and the issue are kept.
+    assert!(broker.stop().success(), "{}", broker.log_text());
+    assert!(broker.log_text().contains("stopped"));
+    broker.start();
+    let out = broker
+        .piprov()
+        .args(["broker", "token", "list", "--json", "--config"])
+        .arg(&broker.config)
+        .output()
+        .unwrap();
+    let tokens: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(tokens[0]["uses"], 1);
+    // The code lived only in memory: the card's retry gets a fresh activation and
+    // the one it never used is withdrawn, so one serial never holds two.
+    let (status, after) = broker.post("/v1/activations", Some(&token), &ask(SERIAL_A));
+    assert_eq!(status, 200);
+    assert_ne!(after["activation_id"], first["activation_id"]);
+    let live: Vec<String> = ssm
+        .activations()
+        .iter()
+        .map(|a| a["ActivationId"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(live, [after["activation_id"].as_str().unwrap()]);
+}
+
+#[test]
+fn registrations_tag_the_node_and_replace_only_the_same_pis_node() {
+    let dir = TempDir::new().unwrap();
+    let ssm = SsmEndpoint::start(dir.path(), 0);
+    let mut broker = BrokerProcess::init(dir.path(), &ssm, &[("deregister_previous", "true")]);
+    let token = broker.add_token("site-a", &[]);
+    broker.start();
+    let enrol = |serial: &str, previous: &str| -> String {
+        let (status, a) = broker.post("/v1/activations", Some(&token), &ask(serial));
+        assert_eq!(status, 200, "{a}");
+        let node = ssm.register(
+            a["activation_id"].as_str().unwrap(),
+            a["activation_code"].as_str().unwrap(),
+        );
+        let (status, r) = broker.post(
+            "/v1/registrations",
+            Some(&token),
+            &report(serial, &node, previous),
+        );
+        assert_eq!(status, 200, "{r}");
+        node
+    };
+    let first = enrol(SERIAL_A, "");
+    // The same Pi, re-imaged: a new activation, a new node, the old node dropped.
+    let second = enrol(SERIAL_A, &first);
+    // Another Pi naming A's node as its previous one: A's node is left alone.
+    let other = enrol(SERIAL_B, &second);
+    let nodes = ssm.nodes();
+    let ids: Vec<&str> = nodes.iter().map(|(id, _)| id.as_str()).collect();
+    assert!(
+        !ids.contains(&first.as_str()),
+        "A's old node was deregistered"
+    );
+    assert!(ids.contains(&second.as_str()) && ids.contains(&other.as_str()));
+    let tags = |id: &str| nodes.iter().find(|(n, _)| n == id).unwrap().1.clone();
+    assert_eq!(tags(&second)["piprov:serial"], SERIAL_A);
+    assert_eq!(tags(&other)["piprov:serial"], SERIAL_B);
+    assert_eq!(tags(&other)["piprov:hostname"], "door-1");
+    assert_eq!(ssm.requests_for("DeregisterManagedInstance").len(), 1);
+
+    // B may not claim A's node.
+    let (status, reply) = broker.post(
+        "/v1/registrations",
+        Some(&token),
+        &report(SERIAL_B, &second, ""),
+    );
+    assert_eq!(status, 403, "{reply}");
+    // A serial the broker never issued to.
+    let (status, _) = broker.post(
+        "/v1/registrations",
+        Some(&token),
+        &report("10000000dead0001", &second, ""),
+    );
+    assert_eq!(status, 404);
+}

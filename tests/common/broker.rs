@@ -1,0 +1,172 @@
+//! A real `piprov broker` on loopback, made with `piprov broker init`, talking to
+//! the local SSM endpoint; requests to it go through curl with the broker's CA.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::ssm_endpoint::SsmEndpoint;
+
+pub struct BrokerProcess {
+    child: Option<Child>,
+    pub dir: PathBuf,
+    pub config: PathBuf,
+    pub ca: PathBuf,
+    pub address: String,
+    pub log: PathBuf,
+    env: Vec<(String, String)>,
+}
+
+impl BrokerProcess {
+    /// `piprov broker init` in `dir/broker`, then `settings` (`key = value`
+    /// lines) replace the config's defaults.
+    pub fn init(dir: &Path, ssm: &SsmEndpoint, settings: &[(&str, &str)]) -> BrokerProcess {
+        let home = dir.join("broker");
+        ssm.piprov()
+            .args(["broker", "init"])
+            .arg(&home)
+            .args(["--name", "127.0.0.1", "--name", "localhost"])
+            .args(["--listen", "127.0.0.1:0", "--region", "eu-west-1"])
+            .args(["--iam-role", "SSMServiceRole"])
+            .assert()
+            .success();
+        let config = home.join("broker.toml");
+        let mut text = std::fs::read_to_string(&config).unwrap();
+        for (key, value) in settings {
+            let line = text
+                .lines()
+                .find(|l| l.starts_with(&format!("{key} =")))
+                .unwrap_or_else(|| panic!("broker.toml has no {key}"))
+                .to_string();
+            text = text.replace(&line, &format!("{key} = {value}"));
+        }
+        std::fs::write(&config, text).unwrap();
+        BrokerProcess {
+            child: None,
+            dir: home.clone(),
+            config,
+            ca: home.join("ca.pem"),
+            address: String::new(),
+            log: dir.join("broker.log"),
+            env: ssm.env(),
+        }
+    }
+
+    /// `piprov broker token add --name NAME ARGS…`; returns the token.
+    pub fn add_token(&self, name: &str, args: &[&str]) -> String {
+        let out = self
+            .piprov()
+            .args(["broker", "token", "add", "--config"])
+            .arg(&self.config)
+            .args(["--name", name])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    }
+
+    pub fn piprov(&self) -> assert_cmd::Command {
+        let mut cmd = super::piprov();
+        cmd.env_clear().envs(self.env.clone());
+        cmd
+    }
+
+    pub fn start(&mut self) {
+        assert!(self.child.is_none(), "already running");
+        let ready = self.dir.join("ready");
+        let _ = std::fs::remove_file(&ready);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_piprov"))
+            .env_clear()
+            .envs(self.env.clone())
+            .args(["broker", "serve", "--config"])
+            .arg(&self.config)
+            .arg("--ready-file")
+            .arg(&ready)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let started = Instant::now();
+        self.address = loop {
+            if let Ok(text) = std::fs::read_to_string(&ready) {
+                if text.ends_with('\n') {
+                    break text.trim().to_string();
+                }
+            }
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("the broker exited with {status}: {}", self.log_text());
+            }
+            assert!(started.elapsed().as_secs() < 30, "the broker did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        };
+    }
+
+    pub fn url(&self) -> String {
+        format!("https://{}", self.address)
+    }
+
+    /// SIGTERM, as systemd stops it; waits for the exit.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("running");
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
+        child.wait().unwrap()
+    }
+
+    /// SIGKILL: no chance to clean up.
+    pub fn kill_hard(&mut self) {
+        let mut child = self.child.take().expect("running");
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// POSTs `body` with `token` (if any): (HTTP status, JSON reply).
+    pub fn post(&self, path: &str, token: Option<&str>, body: &str) -> (u16, serde_json::Value) {
+        let mut cmd = Command::new("curl");
+        cmd.args(["-s", "--max-time", "30", "-w", "\n%{http_code}", "--cacert"])
+            .arg(&self.ca)
+            .args([
+                "-H",
+                "Content-Type: application/json",
+                "--data-binary",
+                body,
+            ]);
+        if let Some(token) = token {
+            cmd.args(["-H", &format!("Authorization: Bearer {token}")]);
+        }
+        let out = cmd.arg(format!("{}{path}", self.url())).output().unwrap();
+        let text = String::from_utf8(out.stdout).unwrap();
+        let (reply, status) = text.rsplit_once('\n').unwrap();
+        (
+            status.parse().unwrap(),
+            serde_json::from_str(reply).unwrap_or(serde_json::Value::String(reply.into())),
+        )
+    }
+}
+
+impl Drop for BrokerProcess {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
