@@ -2,7 +2,7 @@
 CARGO ?= cargo
 FUZZ_SECONDS ?= 60
 
-.PHONY: all deps build demo test lint fuzz bench clean
+.PHONY: all deps build demo test lint load fuzz bench clean
 
 all: build
 
@@ -18,10 +18,16 @@ demo: deps build
 lint: deps
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --all-targets -- -D warnings
-	shellcheck -s sh tests/fixtures/*.sh scripts/*.sh $(wildcard firstboot/*.sh)
+	shellcheck -s sh tests/fixtures/*.sh tests/standins/* scripts/*.sh $(wildcard firstboot/*.sh)
 
 test: lint
 	$(CARGO) test
+
+# The broker under load: 2,000 enrollments from 100 clients, a SIGKILL and a
+# restart part-way (tests/broker_load.rs). Release build: it measures the broker.
+# Figures go to stderr and to target/tmp/broker-load.json.
+load: deps
+	$(CARGO) test --release --test broker_load -- --ignored --nocapture
 
 # Bounded fuzzing of the partition-table and inspect path (needs cargo-fuzz).
 # `-s none`: the address sanitizer needs a nightly compiler; Rust code is memory-safe

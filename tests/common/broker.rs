@@ -18,15 +18,26 @@ pub struct BrokerProcess {
 }
 
 impl BrokerProcess {
-    /// `piprov broker init` in `dir/broker`, then `settings` (`key = value`
-    /// lines) replace the config's defaults.
+    /// `piprov broker init` in `dir/broker` on a free loopback port (kept across
+    /// restarts, as the cards know it), then `settings` (`key = value` lines)
+    /// replace the config's defaults.
     pub fn init(dir: &Path, ssm: &SsmEndpoint, settings: &[(&str, &str)]) -> BrokerProcess {
         let home = dir.join("broker");
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
         ssm.piprov()
             .args(["broker", "init"])
             .arg(&home)
             .args(["--name", "127.0.0.1", "--name", "localhost"])
-            .args(["--listen", "127.0.0.1:0", "--region", "eu-west-1"])
+            .args([
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--region",
+                "eu-west-1",
+            ])
             .args(["--iam-role", "SSMServiceRole"])
             .assert()
             .success();

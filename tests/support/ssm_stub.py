@@ -256,6 +256,8 @@ class Handler(BaseHTTPRequestHandler):
         pass
 
 
+# Many clients at once (the broker load test): a deep accept queue, so none is reset.
+ThreadingHTTPServer.request_queue_size = 512
 server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
 with open(port_file, "w") as f:
     f.write(str(server.server_address[1]))
