@@ -360,3 +360,48 @@ fn registrations_tag_the_node_and_replace_only_the_same_pis_node() {
     );
     assert_eq!(status, 404);
 }
+
+#[test]
+fn a_stop_finishes_requests_in_flight_and_slow_calls_time_out() {
+    let dir = TempDir::new().unwrap();
+    let ssm = SsmEndpoint::start_slow(dir.path(), 2.0);
+    let mut broker = BrokerProcess::init(dir.path(), &ssm, &[("request_timeout", "\"1s\"")]);
+    let token = broker.add_token("site-a", &[]);
+    broker.start();
+    // SSM slower than the request timeout: 503; the work goes on, so the card's
+    // retry gets the activation it caused, not a second one.
+    let (status, reply) = broker.post("/v1/activations", Some(&token), &ask(SERIAL_B));
+    assert_eq!(status, 503, "{reply}");
+    assert!(reply["error"].as_str().unwrap().contains("timed out"));
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let (status, reply) = broker.post("/v1/activations", Some(&token), &ask(SERIAL_B));
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!(reply["reused"], true);
+    assert_eq!(ssm.requests_for("CreateActivation").len(), 1);
+    broker.stop();
+
+    let mut broker = BrokerProcess::init(&dir.path().join("second"), &ssm, &[]);
+    let token = broker.add_token("site-a", &[]);
+    broker.start();
+    let client = broker.client();
+    let asking =
+        std::thread::spawn(move || client.post("/v1/activations", Some(&token), &ask(SERIAL_A)));
+    // SIGTERM while the request waits for SSM.
+    let started = std::time::Instant::now();
+    while ssm.requests_for("CreateActivation").len() < 2 {
+        assert!(started.elapsed().as_secs() < 10);
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert!(broker.stop().success());
+    let (status, reply) = asking.join().unwrap();
+    assert_eq!(status, 200, "the request in flight was answered: {reply}");
+    let db = rusqlite::Connection::open(broker.dir.join("broker.db")).unwrap();
+    let recorded: i64 = db
+        .query_row(
+            "SELECT count(*) FROM activations WHERE serial = ?1",
+            [SERIAL_A],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(recorded, 1, "and recorded before the broker stopped");
+}

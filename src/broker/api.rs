@@ -253,9 +253,38 @@ async fn healthz() -> impl IntoResponse {
     axum::Json(json!({"ok": true}))
 }
 
+/// Runs a request's work as its own task: if the client gives up or the request
+/// times out, the work still finishes and is recorded, and a retry finds it.
+async fn detached<F>(work: F) -> Result<Response, ApiError>
+where
+    F: std::future::Future<Output = Result<Response, ApiError>> + Send + 'static,
+{
+    tokio::spawn(work)
+        .await
+        .unwrap_or_else(|e| Err(internal(anyhow::anyhow!("request task: {e}"))))
+}
+
 async fn activations(
     State(broker): State<Arc<Broker>>,
     Extension(peer): Extension<Peer>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    detached(issue(broker, peer, headers, body)).await
+}
+
+async fn registrations(
+    State(broker): State<Arc<Broker>>,
+    Extension(peer): Extension<Peer>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    detached(register(broker, peer, headers, body)).await
+}
+
+async fn issue(
+    broker: Arc<Broker>,
+    peer: Peer,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
@@ -431,9 +460,9 @@ async fn activations(
     Ok(axum::Json(reply).into_response())
 }
 
-async fn registrations(
-    State(broker): State<Arc<Broker>>,
-    Extension(peer): Extension<Peer>,
+async fn register(
+    broker: Arc<Broker>,
+    peer: Peer,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {

@@ -151,6 +151,25 @@ impl BrokerProcess {
 
     /// POSTs `body` with `token` (if any): (HTTP status, JSON reply).
     pub fn post(&self, path: &str, token: Option<&str>, body: &str) -> (u16, serde_json::Value) {
+        self.client().post(path, token, body)
+    }
+
+    /// A client that can be handed to another thread.
+    pub fn client(&self) -> BrokerClient {
+        BrokerClient {
+            url: self.url(),
+            ca: self.ca.clone(),
+        }
+    }
+}
+
+pub struct BrokerClient {
+    url: String,
+    ca: PathBuf,
+}
+
+impl BrokerClient {
+    pub fn post(&self, path: &str, token: Option<&str>, body: &str) -> (u16, serde_json::Value) {
         let mut cmd = Command::new("curl");
         cmd.args(["-s", "--max-time", "30", "-w", "\n%{http_code}", "--cacert"])
             .arg(&self.ca)
@@ -163,7 +182,7 @@ impl BrokerProcess {
         if let Some(token) = token {
             cmd.args(["-H", &format!("Authorization: Bearer {token}")]);
         }
-        let out = cmd.arg(format!("{}{path}", self.url())).output().unwrap();
+        let out = cmd.arg(format!("{}{path}", self.url)).output().unwrap();
         let text = String::from_utf8(out.stdout).unwrap();
         let (reply, status) = text.rsplit_once('\n').unwrap();
         (

@@ -21,6 +21,15 @@ impl SsmEndpoint {
 
     /// With a lifetime (seconds) for long runs.
     pub fn start_for(dir: &Path, throttle_first: u32, lifetime: u32) -> SsmEndpoint {
+        Self::start_with(dir, throttle_first, lifetime, 0.0)
+    }
+
+    /// CreateActivation answering `slow_create` seconds late.
+    pub fn start_slow(dir: &Path, slow_create: f64) -> SsmEndpoint {
+        Self::start_with(dir, 0, 300, slow_create)
+    }
+
+    fn start_with(dir: &Path, throttle_first: u32, lifetime: u32, slow_create: f64) -> SsmEndpoint {
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/ssm_stub.py");
         let port_file = dir.join("ssm.port");
         let log = dir.join("ssm.log");
@@ -30,7 +39,8 @@ impl SsmEndpoint {
             .arg(&port_file)
             .arg(&log)
             .arg(throttle_first.to_string())
-            .arg(lifetime.to_string());
+            .arg(lifetime.to_string())
+            .env("SSM_STUB_SLOW_CREATE", slow_create.to_string());
         SsmEndpoint {
             stub: Stub::start(command, &port_file, "SSM stand-in"),
             log,

@@ -8,6 +8,8 @@ LIFETIME seconds (default 300).
 
 An IamRole named "NoPassRole" answers AccessDenied as a missing iam:PassRole does;
 the access key id ASIAEXPIREDEXPIRED00 is answered as expired session credentials.
+SSM_STUB_SLOW_CREATE=SECONDS in the environment makes CreateActivation answer that
+much later (for timeouts and shutdown with requests in flight).
 Each request is appended to LOG_FILE as a JSON line (target and body; bodies
 holding an ActivationCode are logged with it masked).
 
@@ -20,6 +22,7 @@ Seconds} moves a node's ping and registration times into the past, so tests can
 make a node that has been offline for weeks.
 """
 import json
+import os
 import re
 import secrets
 import sys
@@ -31,6 +34,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 port_file, log_path = sys.argv[1], sys.argv[2]
 throttle_left = int(sys.argv[3]) if len(sys.argv) > 3 else 0
 lifetime = float(sys.argv[4]) if len(sys.argv) > 4 else 300
+slow_create = float(os.environ.get("SSM_STUB_SLOW_CREATE", "0"))
 activations = {}
 codes = {}
 nodes = {}
@@ -231,6 +235,9 @@ class Handler(BaseHTTPRequestHandler):
             with lock:
                 with open(log_path, "a") as log:
                     log.write(json.dumps({"target": target, "body": logged}) + "\n")
+            if target == "AmazonSSM.CreateActivation" and slow_create:
+                time.sleep(slow_create)
+            with lock:
                 if "Credential=ASIAEXPIREDEXPIRED00/" in self.headers.get("Authorization", ""):
                     raise Error("ExpiredTokenException", "The security token included in the request is expired")
                 if throttle_left > 0:
