@@ -510,6 +510,72 @@ fn loop_devices_that_must_be_refused() {
     assert!(ok, "mounting {part}");
     refuse(&mounted.dev, "is mounted at");
     refuse(&part, "is a partition, not a whole card");
+
+    // A card whose partition is active swap.
+    let swap = dir.path().join("swap.img");
+    std::fs::File::create(&swap).unwrap().set_len(len).unwrap();
+    let swap = Loop::new(&swap, &[]).unwrap();
+    assert!(
+        Command::new("mkswap")
+            .arg(&swap.dev)
+            .output()
+            .unwrap()
+            .status
+            .success()
+    );
+    let on = Command::new("swapon").arg(&swap.dev).output().unwrap();
+    if on.status.success() {
+        refuse(&swap.dev, "is in use as swap");
+        assert!(
+            Command::new("swapoff")
+                .arg(&swap.dev)
+                .status()
+                .unwrap()
+                .success()
+        );
+    } else {
+        eprintln!(
+            "skipping the swap refusal: swapon {} failed here: {}",
+            swap.dev,
+            String::from_utf8_lossy(&on.stderr).trim()
+        );
+    }
+}
+
+/// The disk holding `/` is refused for that reason, ahead of every other check.
+/// Safe to run: no `--yes` and no terminal, so even a wrong answer would stop at
+/// the confirmation before writing.
+#[test]
+fn the_system_disk_is_refused() {
+    let dir = TempDir::new().unwrap();
+    let root = Command::new("findmnt")
+        .args(["-no", "SOURCE", "/"])
+        .output()
+        .unwrap();
+    let source = String::from_utf8_lossy(&root.stdout).trim().to_string();
+    if !source.starts_with("/dev/") {
+        eprintln!("skipping: / is on {source:?}, not a block device");
+        return;
+    }
+    let parent = Command::new("lsblk")
+        .args(["-no", "PKNAME", &source])
+        .output()
+        .unwrap();
+    let parent = String::from_utf8_lossy(&parent.stdout).trim().to_string();
+    let disk = if parent.is_empty() {
+        source
+    } else {
+        format!("/dev/{parent}")
+    };
+    let image = fixture("golden", &dir);
+    flash(&dir)
+        .arg(&image)
+        .arg(&disk)
+        .args(["--quiet", "--allow-non-removable", "--allow-large"])
+        .assert()
+        .code(2)
+        .stderr(contains(disk.as_str()))
+        .stderr(contains("holds the running system's root filesystem"));
 }
 
 #[test]
