@@ -24,9 +24,26 @@ adopt_boot_secret() {
 
 scrub_secrets() {
     boot=$(boot_dir)
-    rm -f "$SECRET" "$SECRET.new" "$boot/$BOOT_SECRET"
-    unset PIPROV_ACTIVATION_CODE PIPROV_BROKER_TOKEN
+    rm -f "$SECRET.new" "$boot/$BOOT_SECRET"
+    if [ "${PIPROV_SOURCE:-}" = broker ] && [ "${PIPROV_KEEP_TOKEN:-0}" = 1 ] && [ -n "${PIPROV_BROKER_TOKEN:-}" ]; then
+        # The site chose to keep the enrollment token (root-only), so that a copy
+        # of this card booted in another Pi can enrol through the broker. It only
+        # ever obtains single-use activations; the activation code itself goes.
+        (umask 077 && printf 'BROKER_TOKEN=%s\n' "$PIPROV_BROKER_TOKEN" >"$SECRET.new")
+        mv -f "$SECRET.new" "$SECRET"
+    else
+        rm -f "$SECRET"
+    fi
+    unset PIPROV_ACTIVATION_CODE PIPROV_ACTIVATION_ID PIPROV_BROKER_TOKEN
     sync
+}
+
+# What the broker knows this hardware by: the Pi serial, or the MAC without colons.
+broker_serial() {
+    case $IDENTITY in
+        serial:*) echo "${IDENTITY#serial:}" ;;
+        *) echo "${IDENTITY#*:}" | tr -d ':' ;;
+    esac
 }
 
 # POSTs JSON to the broker with the pinned CA; the token goes in a header file,
@@ -65,7 +82,7 @@ fetch_activation() {
         return 0
     fi
     if [ "${PIPROV_SOURCE:-}" = broker ] && [ -n "${PIPROV_BROKER_TOKEN:-}" ]; then
-        serial=${IDENTITY#serial:}
+        serial=$(broker_serial)
         body="{\"serial\":\"$(json_escape "$serial")\",\"hostname\":\"$(cat "$ROOT/etc/hostname" 2>/dev/null)\",\"machine_id\":\"$(tr -d '\n' <"$ROOT/etc/machine-id")\",\"image_sha256\":\"${PIPROV_IMAGE_SHA256:-}\",\"previous_instance_id\":\"$(cat "$PREVIOUS_ID_FILE" 2>/dev/null)\"}"
         if ! reply=$(broker_post /v1/activations "$body"); then
             log "broker at $PIPROV_BROKER_URL did not give an activation"
@@ -122,7 +139,7 @@ register_agent() {
 
 report_to_broker() {
     [ "${PIPROV_SOURCE:-}" = broker ] && [ -n "${PIPROV_BROKER_TOKEN:-}" ] || return 0
-    serial=${IDENTITY#serial:}
+    serial=$(broker_serial)
     body="{\"serial\":\"$(json_escape "$serial")\",\"instance_id\":\"$1\",\"previous_instance_id\":\"$(cat "$PREVIOUS_ID_FILE" 2>/dev/null)\"}"
     broker_post /v1/registrations "$body" >/dev/null || log "could not report the registration to the broker (it can tag the node later)"
 }

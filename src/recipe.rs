@@ -82,6 +82,11 @@ pub struct Activation {
     /// `broker`: file holding the enrollment token.
     #[serde(default)]
     pub token_file: Option<PathBuf>,
+    /// `broker`: keep the token on the card (root-only) after registering, so a
+    /// copy of the card booted in another Pi can enrol by itself. Off: the token
+    /// is deleted once used, and such a copy waits for a fresh secret.
+    #[serde(default)]
+    pub keep_token: bool,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -205,6 +210,9 @@ fn validate(recipe: &Recipe) -> Result<()> {
         Ok(())
     };
     match a.source {
+        Source::Shared | Source::Embedded if a.keep_token => {
+            bail!("activation.keep_token applies only when source = \"broker\"");
+        }
         Source::Shared => {
             need(a.id.is_some(), "id")?;
             need(a.code_file.is_some(), "code_file")?;

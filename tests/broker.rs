@@ -4,6 +4,8 @@
 
 mod common;
 
+use std::path::Path;
+
 use common::broker::BrokerProcess;
 use common::card::{Card, Ssm, stamp};
 use common::fixture;
@@ -107,29 +109,32 @@ fn init_makes_a_ca_a_certificate_a_config_and_a_database() {
         .stderr(contains("exists already"));
 }
 
-#[test]
-fn a_stamped_card_enrols_through_the_broker() {
-    let dir = TempDir::new().unwrap();
-    let ssm = SsmEndpoint::start(dir.path(), 0);
-    let mut broker = BrokerProcess::init(dir.path(), &ssm, &[]);
-    let token = broker.add_token("site-a", &["--max-uses", "10"]);
-    broker.start();
-    std::fs::write(dir.path().join("site.token"), format!("{token}\n")).unwrap();
-    let recipe = dir.path().join("broker.toml");
+/// A card stamped from the registered fixture with a broker recipe (`extra`
+/// lines go in its [activation] table), its agent pointed at the SSM endpoint.
+fn broker_card(
+    dir: &Path,
+    ssm: &SsmEndpoint,
+    broker: &BrokerProcess,
+    token: &str,
+    extra: &str,
+) -> Card {
+    std::fs::write(dir.join("site.token"), format!("{token}\n")).unwrap();
+    let recipe = dir.join("broker.toml");
     std::fs::write(
         &recipe,
         format!(
             "region = \"eu-west-1\"\nhostname = \"pi-{{serial}}\"\n[activation]\nsource = \"broker\"\n\
-             url = \"{}\"\nca_file = \"{}\"\ntoken_file = \"site.token\"\n",
+             url = \"{}\"\nca_file = \"{}\"\ntoken_file = \"site.token\"\n{extra}\n",
             broker.url(),
             broker.ca.display()
         ),
     )
     .unwrap();
-    let image = fixture("registered", &dir);
+    let tmp = TempDir::new_in(dir).unwrap();
+    let image = fixture("registered", &tmp);
     stamp(&image, &recipe, &[]);
-    let files = Ssm::new(dir.path());
-    let card = Card::from_image(&image, dir.path(), "card", &files);
+    let files = Ssm::new(dir);
+    let card = Card::from_image(&image, dir, "card", &files);
     // The agent on the card talks to the local endpoint, as its config allows.
     let agent_conf = card.path("/etc/amazon/ssm/amazon-ssm-agent.json");
     std::fs::create_dir_all(agent_conf.parent().unwrap()).unwrap();
@@ -138,6 +143,17 @@ fn a_stamped_card_enrols_through_the_broker() {
         format!(r#"{{"Ssm":{{"Endpoint":"{}"}}}}"#, ssm.url()),
     )
     .unwrap();
+    card
+}
+
+#[test]
+fn a_stamped_card_enrols_through_the_broker() {
+    let dir = TempDir::new().unwrap();
+    let ssm = SsmEndpoint::start(dir.path(), 0);
+    let mut broker = BrokerProcess::init(dir.path(), &ssm, &[]);
+    let token = broker.add_token("site-a", &["--max-uses", "10"]);
+    broker.start();
+    let card = broker_card(dir.path(), &ssm, &broker, &token, "");
     card.plug_into(SERIAL_A, "dc:a6:32:00:00:01");
     card.first_boot();
 
@@ -404,4 +420,64 @@ fn a_stop_finishes_requests_in_flight_and_slow_calls_time_out() {
         )
         .unwrap();
     assert_eq!(recorded, 1, "and recorded before the broker stopped");
+}
+
+#[test]
+fn with_keep_token_a_card_cloned_in_the_field_enrols_by_itself() {
+    let dir = TempDir::new().unwrap();
+    let ssm = SsmEndpoint::start(dir.path(), 0);
+    let mut broker = BrokerProcess::init(dir.path(), &ssm, &[]);
+    let token = broker.add_token("site-a", &[]);
+    broker.start();
+    let card = broker_card(dir.path(), &ssm, &broker, &token, "keep_token = true");
+    card.plug_into(SERIAL_A, "dc:a6:32:00:00:01");
+    card.first_boot();
+    let original = card.instance_id();
+    // The token stays, root-only, off the FAT partition; no activation code stays.
+    assert_eq!(
+        card.files_containing(&token),
+        ["var/lib/piprov/secret.conf"]
+    );
+    assert_eq!(card.mode("/var/lib/piprov/secret.conf"), 0o600);
+    assert!(
+        !card
+            .read("/var/lib/piprov/secret.conf")
+            .contains("ACTIVATION")
+    );
+    let before = card.snapshot();
+
+    // dd'd in the field and booted in another Pi.
+    let copy = card.clone_to(dir.path(), "copy");
+    copy.plug_into(SERIAL_B, "dc:a6:32:00:00:02");
+    for (what, out) in [("guard", copy.guard(&[])), ("register", copy.register(&[]))] {
+        assert!(
+            out.status.success(),
+            "{what}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert_eq!(copy.status()["state"], "registered");
+    let cloned = copy.instance_id();
+    assert_ne!(cloned, original);
+    let nodes = ssm.nodes();
+    let serial = |id: &str| nodes.iter().find(|(n, _)| n == id).unwrap().1["piprov:serial"].clone();
+    assert_eq!(serial(&original), SERIAL_A);
+    assert_eq!(serial(&cloned), SERIAL_B);
+    assert_eq!(card.snapshot(), before, "the original card is untouched");
+}
+
+#[test]
+fn without_keep_token_the_token_leaves_the_card() {
+    let dir = TempDir::new().unwrap();
+    let ssm = SsmEndpoint::start(dir.path(), 0);
+    let mut broker = BrokerProcess::init(dir.path(), &ssm, &[]);
+    let token = broker.add_token("site-a", &[]);
+    broker.start();
+    let card = broker_card(dir.path(), &ssm, &broker, &token, "");
+    // No Pi serial here: the card is known to the broker by its MAC.
+    card.plug_into("", "dc:a6:32:00:00:09");
+    card.first_boot();
+    assert_eq!(card.files_containing(&token), Vec::<String>::new());
+    let nodes = ssm.nodes();
+    assert_eq!(nodes[0].1["piprov:serial"], "dca632000009");
 }

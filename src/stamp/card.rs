@@ -36,6 +36,7 @@ pub struct CardSettings {
     broker_token: Option<String>,
     pub broker_url: Option<String>,
     pub broker_ca: Option<String>,
+    pub keep_token: bool,
 }
 
 /// A secret read from a file: one line, no spaces, never empty.
@@ -106,6 +107,7 @@ impl CardSettings {
             broker_token,
             broker_url: a.url.clone(),
             broker_ca,
+            keep_token: a.keep_token,
         })
     }
 
@@ -139,6 +141,9 @@ impl CardSettings {
         }
         if let Some(url) = &self.broker_url {
             lines.push(format!("BROKER_URL={}", url.trim_end_matches('/')));
+        }
+        if self.keep_token {
+            lines.push("KEEP_TOKEN=1".into());
         }
         lines.join("\n") + "\n"
     }
