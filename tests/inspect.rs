@@ -157,3 +157,46 @@ fn help_explains_exit_codes() {
         .stdout(contains("0 no risky findings, 1 risky"))
         .stdout(contains("2 error"));
 }
+
+#[test]
+fn identity_shows_the_machine_id_and_host_key_fingerprints() {
+    let dir = TempDir::new().unwrap();
+    let image = fixture("registered", &dir);
+    let report = inspect_json(&image);
+    let identity = &report["identity"];
+    let rootfs = piprov::image::Image::open(&image).unwrap();
+    let root = rootfs.rootfs().unwrap();
+    let machine_id = root.read_text("/etc/machine-id").unwrap().unwrap();
+    assert_eq!(identity["machine_id"], machine_id.trim());
+    let mut expected = Vec::new();
+    for kind in ["ecdsa", "ed25519", "rsa"] {
+        let public = root
+            .read_text(&format!("/etc/ssh/ssh_host_{kind}_key.pub"))
+            .unwrap()
+            .unwrap();
+        let file = dir.path().join(format!("{kind}.pub"));
+        std::fs::write(&file, public).unwrap();
+        let out = std::process::Command::new("ssh-keygen")
+            .arg("-lf")
+            .arg(&file)
+            .output()
+            .unwrap();
+        expected.push(
+            String::from_utf8(out.stdout)
+                .unwrap()
+                .split(' ')
+                .nth(1)
+                .unwrap()
+                .to_string(),
+        );
+    }
+    expected.sort();
+    assert_eq!(
+        identity["ssh_host_key_fingerprints"],
+        serde_json::json!(expected)
+    );
+
+    let clean = fixture("golden", &dir);
+    let report = inspect_json(&clean);
+    assert_eq!(report["identity"]["machine_id"], serde_json::Value::Null);
+}

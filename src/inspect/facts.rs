@@ -6,6 +6,7 @@ use std::io::{Read, Seek, Write};
 use anyhow::{Context, Result, bail};
 use serde::Serialize;
 use serde_json::Value;
+use sha2::Digest as _;
 
 use crate::image::{BootFs, Cmdline, FsKind, Image, RootFs, TableKind};
 use crate::layout::{agent, boot as boot_files};
@@ -28,6 +29,16 @@ pub struct Facts {
     pub cloud_init_installed: bool,
     pub stamp: Option<Value>,
     pub device_status: Option<Value>,
+    /// What tells this card from its siblings (none of it secret).
+    pub identity: IdentityFacts,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct IdentityFacts {
+    /// `/etc/machine-id`, when it holds a real id.
+    pub machine_id: Option<String>,
+    /// `ssh-keygen -l` style fingerprints of the host public keys (`SHA256:…`).
+    pub ssh_host_key_fingerprints: Vec<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -182,6 +193,7 @@ pub fn gather<D: Read + Write + Seek + Debug + 'static>(image: &Image<D>) -> Res
             || rootfs.exists("/etc/cloud/cloud.cfg")?,
         stamp: boot_json(&boot_fs, boot_files::STAMP)?,
         device_status: boot_json(&boot_fs, boot_files::STATUS)?,
+        identity: identity_facts(&rootfs)?,
         os,
         boot,
     })
@@ -442,6 +454,40 @@ fn sudo_facts(rootfs: &RootFs) -> Result<SudoFacts> {
         nopasswd_files,
         ssm_user_exists,
         ssm_user_admin_groups,
+    })
+}
+
+fn identity_facts(rootfs: &RootFs) -> Result<IdentityFacts> {
+    use base64::Engine as _;
+    let machine_id = rootfs
+        .read_text("/etc/machine-id")?
+        .filter(|t| is_real_machine_id(t))
+        .map(|t| t.trim().to_string());
+    let mut fingerprints = Vec::new();
+    for name in rootfs.list("/etc/ssh")? {
+        if !(name.starts_with("ssh_host_") && name.ends_with("_key.pub")) {
+            continue;
+        }
+        let Some(text) = rootfs.read_text(&format!("/etc/ssh/{name}"))? else {
+            continue;
+        };
+        // `type base64-blob comment`: the fingerprint is over the decoded blob.
+        if let Some(blob) = text
+            .split_whitespace()
+            .nth(1)
+            .and_then(|b| base64::engine::general_purpose::STANDARD.decode(b).ok())
+        {
+            let digest = sha2::Sha256::digest(&blob);
+            fingerprints.push(format!(
+                "SHA256:{}",
+                base64::engine::general_purpose::STANDARD_NO_PAD.encode(digest)
+            ));
+        }
+    }
+    fingerprints.sort();
+    Ok(IdentityFacts {
+        machine_id,
+        ssh_host_key_fingerprints: fingerprints,
     })
 }
 
