@@ -2,7 +2,7 @@
 CARGO ?= cargo
 FUZZ_SECONDS ?= 60
 
-.PHONY: all deps build demo test lint load fuzz bench clean
+.PHONY: all deps build demo test lint load e2e fuzz bench clean
 
 all: build
 
@@ -28,6 +28,12 @@ test: lint
 # Figures go to stderr and to target/tmp/broker-load.json.
 load: deps
 	$(CARGO) test --release --test broker_load -- --ignored --nocapture
+
+# Cards booted in virtual machines (tests/e2e.rs): a debootstrap image (cached in
+# /var/tmp/piprov-e2e, or PIPROV_E2E_CACHE), stamped, flashed, booted with QEMU;
+# KVM when it runs guests here, QEMU's emulator otherwise (the test says which).
+e2e: deps
+	$(CARGO) test --test e2e -- --ignored --nocapture
 
 # Bounded fuzzing of the partition-table and inspect path (needs cargo-fuzz).
 # `-s none`: the address sanitizer needs a nightly compiler; Rust code is memory-safe

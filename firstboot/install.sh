@@ -30,10 +30,14 @@ install_payload() {
     for agent_unit in amazon-ssm-agent.service snap.amazon-ssm-agent.amazon-ssm-agent.service; do
         mkdir -p "$ROOT/etc/systemd/system/$agent_unit.d"
         cp "$PIPROV_BOOT/piprov-agent.conf" "$ROOT/etc/systemd/system/$agent_unit.d/piprov.conf"
+        # Files on a FAT mount read as executable; systemd warns about such units.
+        chmod 644 "$ROOT/etc/systemd/system/$agent_unit.d/piprov.conf"
     done
     cp "$PIPROV_BOOT/$BOOT_CONF" "$CONF"
+    chmod 644 "$CONF"
     if [ -f "$PIPROV_BOOT/$BOOT_CA" ]; then
         cp "$PIPROV_BOOT/$BOOT_CA" "$CONF_DIR/broker-ca.pem"
+        chmod 644 "$CONF_DIR/broker-ca.pem"
     fi
     if [ -f "$PIPROV_BOOT/$BOOT_SECRET" ]; then
         (umask 077 && cat "$PIPROV_BOOT/$BOOT_SECRET" >"$SECRET.new")

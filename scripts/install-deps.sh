@@ -8,7 +8,9 @@ needed="sfdisk:fdisk mkfs.vfat:dosfstools fsck.vfat:dosfstools mcopy:mtools
 mkfs.ext4:e2fsprogs e2fsck:e2fsprogs debugfs:e2fsprogs openssl:openssl ssh-keygen:openssh-client
 curl:curl python3:python3
 shellcheck:shellcheck visudo:sudo systemd-analyze:systemd
-xz:xz-utils zstd:zstd bzip2:bzip2 zip:zip losetup:mount partx:util-linux bmaptool:bmap-tools"
+xz:xz-utils zstd:zstd bzip2:bzip2 zip:zip losetup:mount partx:util-linux bmaptool:bmap-tools
+mkswap:util-linux findmnt:util-linux lsblk:util-linux
+debootstrap:debootstrap qemu-system-x86_64:qemu-system-x86"
 
 missing=
 for pair in $needed; do

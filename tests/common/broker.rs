@@ -22,7 +22,22 @@ impl BrokerProcess {
     /// restarts, as the cards know it), then `settings` (`key = value` lines)
     /// replace the config's defaults.
     pub fn init(dir: &Path, ssm: &SsmEndpoint, settings: &[(&str, &str)]) -> BrokerProcess {
+        Self::init_named(dir, ssm, settings, &[])
+    }
+
+    /// As `init`, with more names in the certificate (e.g. the address a VM
+    /// reaches this machine by).
+    pub fn init_named(
+        dir: &Path,
+        ssm: &SsmEndpoint,
+        settings: &[(&str, &str)],
+        names: &[&str],
+    ) -> BrokerProcess {
         let home = dir.join("broker");
+        let extra: Vec<String> = names
+            .iter()
+            .flat_map(|n| ["--name".to_string(), n.to_string()])
+            .collect();
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -32,6 +47,7 @@ impl BrokerProcess {
             .args(["broker", "init"])
             .arg(&home)
             .args(["--name", "127.0.0.1", "--name", "localhost"])
+            .args(&extra)
             .args([
                 "--listen",
                 &format!("127.0.0.1:{port}"),
@@ -125,6 +141,10 @@ impl BrokerProcess {
 
     pub fn url(&self) -> String {
         format!("https://{}", self.address)
+    }
+
+    pub fn port(&self) -> u16 {
+        self.address.rsplit(':').next().unwrap().parse().unwrap()
     }
 
     /// SIGTERM, as systemd stops it; waits for the exit.

@@ -1,0 +1,393 @@
+//! End to end: cards booted in virtual machines (`make e2e`; ignored by `cargo
+//! test`). A Debian image laid out like Raspberry Pi OS is built with debootstrap
+//! (tests/e2e/), registered once as a golden taken from a working Pi, stamped,
+//! flashed to three cards; each card boots under QEMU the way the Pi firmware
+//! boots it (kernel, initrd and the stamped cmdline.txt from the FAT partition),
+//! with its own MAC as its hardware identity. Card 1 is then copied byte for
+//! byte to a fourth card booted with another MAC, and card 1 boots again. The
+//! guests reach the SSM endpoint and the broker only through QEMU user
+//! networking (10.0.2.2 is this machine's loopback).
+//!
+//! KVM is used when it can boot a kernel here; otherwise QEMU's TCG emulator
+//! runs the same boots, more slowly, and the test says why.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::broker::BrokerProcess;
+use common::inspect_json;
+use common::ssm_endpoint::SsmEndpoint;
+use tempfile::TempDir;
+
+const GUEST_HOST: &str = "10.0.2.2";
+
+fn e2e_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/e2e")
+}
+
+fn cache_dir() -> PathBuf {
+    std::env::var_os("PIPROV_E2E_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/tmp/piprov-e2e"))
+}
+
+fn boot_file(image: &Path, name: &str) -> Vec<u8> {
+    let image = piprov::image::Image::open(image).unwrap();
+    image
+        .boot()
+        .unwrap()
+        .read(name)
+        .unwrap()
+        .unwrap_or_default()
+}
+
+struct Qemu {
+    accel: &'static str,
+}
+
+impl Qemu {
+    /// KVM if it boots a kernel to its first console line within 30 s, else TCG.
+    fn choose(image: &Path, dir: &Path) -> Qemu {
+        let kvm = Qemu { accel: "kvm" };
+        if std::fs::File::options()
+            .read(true)
+            .write(true)
+            .open("/dev/kvm")
+            .is_err()
+        {
+            eprintln!("e2e: /dev/kvm cannot be opened: using QEMU's TCG emulator");
+            return Qemu { accel: "tcg" };
+        }
+        let probe = dir.join("probe.img");
+        std::fs::copy(image, &probe).unwrap();
+        let log = kvm.run(
+            &probe,
+            "52:54:00:00:00:99",
+            Duration::from_secs(30),
+            dir,
+            "probe",
+        );
+        if log.contains("Linux version") {
+            return kvm;
+        }
+        eprintln!(
+            "e2e: /dev/kvm is present but a KVM guest printed no kernel output in 30 s \
+             (nested virtualisation here does not run guests): using QEMU's TCG emulator"
+        );
+        Qemu { accel: "tcg" }
+    }
+
+    /// One power-on to power-off (or reboot) of `card`, as the Pi firmware boots:
+    /// kernel, initrd and cmdline.txt from the FAT partition. Returns the serial log.
+    fn run(&self, card: &Path, mac: &str, limit: Duration, dir: &Path, name: &str) -> String {
+        let kernel = dir.join(format!("{name}.vmlinuz"));
+        let initrd = dir.join(format!("{name}.initrd"));
+        std::fs::write(&kernel, boot_file(card, "vmlinuz")).unwrap();
+        std::fs::write(&initrd, boot_file(card, "initrd.img")).unwrap();
+        let cmdline = String::from_utf8(boot_file(card, "cmdline.txt")).unwrap();
+        let log = dir.join(format!("{name}.serial.log"));
+        let _ = std::fs::remove_file(&log);
+        let mut child = Command::new("qemu-system-x86_64")
+            .args(["-accel", self.accel, "-m", "1024", "-smp", "1"])
+            .args([
+                "-nographic",
+                "-no-reboot",
+                "-monitor",
+                "none",
+                "-display",
+                "none",
+            ])
+            .arg("-kernel")
+            .arg(&kernel)
+            .arg("-initrd")
+            .arg(&initrd)
+            .args(["-append", cmdline.trim()])
+            .arg("-drive")
+            .arg(format!("file={},format=raw,if=virtio", card.display()))
+            .args(["-netdev", "user,id=n0", "-device"])
+            .arg(format!("virtio-net-pci,netdev=n0,mac={mac}"))
+            .arg("-serial")
+            .arg(format!("file:{}", log.display()))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("qemu-system-x86_64 (apt-get install qemu-system-x86)");
+        let started = Instant::now();
+        while child.try_wait().unwrap().is_none() {
+            if started.elapsed() > limit {
+                let _ = child.kill();
+                let _ = child.wait();
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        String::from_utf8_lossy(&std::fs::read(&log).unwrap_or_default()).into_owned()
+    }
+
+    /// Boots a card until it has settled: a stamped card's first power-on runs
+    /// the hook and reboots, the next one registers and powers off.
+    fn boot(&self, card: &Path, mac: &str, dir: &Path, name: &str) -> Duration {
+        let started = Instant::now();
+        for round in 0..3 {
+            let hooked = String::from_utf8(boot_file(card, "cmdline.txt"))
+                .unwrap()
+                .contains("systemd.run=");
+            let log = self.run(
+                card,
+                mac,
+                Duration::from_secs(900),
+                dir,
+                &format!("{name}-{round}"),
+            );
+            assert!(
+                log.contains("Power down") || log.contains("reboot: Restarting"),
+                "{name} did not finish booting:\n{}",
+                tail(&log)
+            );
+            if !hooked {
+                break;
+            }
+        }
+        started.elapsed()
+    }
+}
+
+fn tail(log: &str) -> String {
+    let lines: Vec<&str> = log.lines().collect();
+    lines[lines.len().saturating_sub(40)..].join("\n")
+}
+
+#[test]
+#[ignore = "boots virtual machines: run with `make e2e`"]
+fn cloned_cards_boot_with_distinct_identities() {
+    let dir = TempDir::new_in("/var/tmp").unwrap();
+    let d = dir.path();
+    let ssm = SsmEndpoint::start_for(d, 0, 3600);
+    let mut broker = BrokerProcess::init_named(d, &ssm, &[], &[GUEST_HOST]);
+    let token = broker.add_token("e2e", &[]);
+    broker.start();
+
+    // The golden: built, then registered once through the endpoint.
+    let rootfs = Command::new("sh")
+        .arg(e2e_dir().join("make-rootfs.sh"))
+        .arg(cache_dir())
+        .output()
+        .unwrap();
+    assert!(
+        rootfs.status.success(),
+        "{}",
+        String::from_utf8_lossy(&rootfs.stderr)
+    );
+    let rootfs = String::from_utf8(rootfs.stdout).unwrap().trim().to_string();
+    let code_file = d.join("golden.code");
+    let created = ssm
+        .piprov()
+        .args([
+            "activation",
+            "create",
+            "--role",
+            "SSMServiceRole",
+            "--json",
+            "--code-file",
+        ])
+        .arg(&code_file)
+        .output()
+        .unwrap();
+    let created: serde_json::Value = serde_json::from_slice(&created.stdout).unwrap();
+    let golden = d.join("golden.img");
+    let made = Command::new("sh")
+        .arg(e2e_dir().join("make-vm-image.sh"))
+        .arg(&rootfs)
+        .arg(&golden)
+        .arg(ssm.url())
+        .arg(format!(
+            "http://{GUEST_HOST}:{}",
+            ssm.url().rsplit(':').next().unwrap()
+        ))
+        .arg(created["activation_id"].as_str().unwrap())
+        .arg(&code_file)
+        .output()
+        .unwrap();
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    let golden_id = String::from_utf8(made.stdout).unwrap().trim().to_string();
+    assert!(golden_id.starts_with("mi-"), "{golden_id}");
+    let golden_report = inspect_json(&golden);
+    assert_eq!(
+        golden_report["registration"]["instance_id"],
+        golden_id.as_str()
+    );
+
+    // Stamp the golden, flash it to three cards.
+    std::fs::write(d.join("e2e.token"), format!("{token}\n")).unwrap();
+    let recipe = d.join("e2e.toml");
+    std::fs::write(
+        &recipe,
+        format!(
+            "name = \"e2e\"\nregion = \"eu-west-1\"\nhostname = \"pi-{{mac}}\"\n[activation]\n\
+             source = \"broker\"\nurl = \"https://{GUEST_HOST}:{}\"\nca_file = \"{}\"\n\
+             token_file = \"e2e.token\"\nkeep_token = true\n",
+            broker.port(),
+            broker.ca.display()
+        ),
+    )
+    .unwrap();
+    let stamped = ssm
+        .piprov()
+        .arg("stamp")
+        .arg(&golden)
+        .arg("--recipe")
+        .arg(&recipe)
+        .output()
+        .unwrap();
+    assert!(
+        stamped.status.success(),
+        "{}",
+        String::from_utf8_lossy(&stamped.stderr)
+    );
+    let cards: Vec<PathBuf> = (1..=4).map(|i| d.join(format!("card{i}.img"))).collect();
+    let flashed = ssm
+        .piprov()
+        .arg("flash")
+        .arg(&golden)
+        .args(&cards[..3])
+        .args(["--yes", "--quiet"])
+        .output()
+        .unwrap();
+    assert!(
+        flashed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&flashed.stderr)
+    );
+
+    let qemu = Qemu::choose(&golden, d);
+    let macs = [
+        "52:54:00:00:00:01",
+        "52:54:00:00:00:02",
+        "52:54:00:00:00:03",
+        "52:54:00:00:00:04",
+    ];
+    let mut times = Vec::new();
+    for i in 0..3 {
+        times.push(qemu.boot(&cards[i], macs[i], d, &format!("card{}", i + 1)));
+    }
+    // Card 1, copied byte for byte, in another machine.
+    std::fs::copy(&cards[0], &cards[3]).unwrap();
+    times.push(qemu.boot(&cards[3], macs[3], d, "card4"));
+    let card1_before = inspect_json(&cards[0]);
+    let registrations_before = ssm.requests_for("RegisterManagedInstance").len();
+    let again = qemu.boot(&cards[0], macs[0], d, "card1-again");
+    for (i, t) in times.iter().enumerate() {
+        eprintln!(
+            "e2e ({}): card {} registered after {:.0} s",
+            qemu.accel,
+            i + 1,
+            t.as_secs_f64()
+        );
+    }
+    eprintln!(
+        "e2e ({}): card 1 booted again in {:.0} s",
+        qemu.accel,
+        again.as_secs_f64()
+    );
+
+    let reports: Vec<serde_json::Value> = cards.iter().map(|c| inspect_json(c)).collect();
+    let field =
+        |r: &serde_json::Value, path: &[&str]| path.iter().fold(r.clone(), |v, k| v[*k].clone());
+    let mut ids = BTreeSet::new();
+    let mut machine_ids = BTreeSet::new();
+    let mut keys = BTreeSet::new();
+    for (i, r) in reports.iter().enumerate() {
+        let n = i + 1;
+        assert_eq!(
+            field(r, &["device_status", "state"]),
+            "registered",
+            "card {n}: {}",
+            r["device_status"]
+        );
+        ids.insert(
+            field(r, &["registration", "instance_id"])
+                .as_str()
+                .unwrap()
+                .to_string(),
+        );
+        machine_ids.insert(
+            field(r, &["identity", "machine_id"])
+                .as_str()
+                .unwrap()
+                .to_string(),
+        );
+        keys.insert(field(r, &["identity", "ssh_host_key_fingerprints"]).to_string());
+        assert_ne!(
+            field(r, &["sudo", "ssm_agent_users"]),
+            "nopasswd",
+            "card {n}"
+        );
+        assert_eq!(
+            field(r, &["sudo", "nopasswd_files"]),
+            serde_json::json!([]),
+            "card {n}"
+        );
+        assert!(
+            boot_file(&cards[i], "piprov-secret.conf").is_empty(),
+            "card {n}: secret on FAT"
+        );
+        let image = piprov::image::Image::open(&cards[i]).unwrap();
+        let kept = image
+            .rootfs()
+            .unwrap()
+            .read_text("/var/lib/piprov/secret.conf")
+            .unwrap()
+            .unwrap_or_default();
+        assert!(
+            !kept.contains("ACTIVATION"),
+            "card {n}: no activation code stays"
+        );
+    }
+    assert_eq!(ids.len(), 4, "four distinct mi- ids: {ids:?}");
+    assert!(!ids.contains(&golden_id));
+    assert_eq!(machine_ids.len(), 4);
+    assert!(!machine_ids.contains(golden_report["identity"]["machine_id"].as_str().unwrap()));
+    assert_eq!(keys.len(), 4);
+    assert!(!keys.contains(&golden_report["identity"]["ssh_host_key_fingerprints"].to_string()));
+
+    // Card 1's second boot changed nothing that identifies it, and registered nothing.
+    for path in [
+        &["registration", "instance_id"][..],
+        &["identity"],
+        &["device_status", "instance_id"],
+    ] {
+        assert_eq!(
+            field(&reports[0], path),
+            field(&card1_before, path),
+            "{path:?}"
+        );
+    }
+    assert_eq!(
+        ssm.requests_for("RegisterManagedInstance").len(),
+        registrations_before
+    );
+
+    // The endpoint's records: the golden's node and the four cards', each card's
+    // node tagged with its own hardware identity.
+    let nodes = ssm.nodes();
+    for id in &ids {
+        let (_, tags) = nodes
+            .iter()
+            .find(|(n, _)| n == id)
+            .expect("the node exists");
+        assert!(
+            tags["piprov:serial"]
+                .as_str()
+                .is_some_and(|s| s.starts_with("525400")),
+            "{tags}"
+        );
+    }
+}
