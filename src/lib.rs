@@ -6,6 +6,7 @@ pub mod flash;
 pub mod image;
 pub mod inspect;
 pub mod layout;
+pub mod new_file;
 pub mod recipe;
 pub mod ssm;
 pub mod stamp;

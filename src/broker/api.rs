@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use axum::Router;
 use axum::body::Bytes;
@@ -249,6 +249,21 @@ fn valid_instance(s: &str) -> bool {
     s.strip_prefix("mi-").is_some_and(|rest| is_hex(rest, 17))
 }
 
+/// A Pi serial (or MAC) as the broker keys it: lower case, checked.
+fn checked_serial(raw: &str) -> Result<String, ApiError> {
+    let serial = raw.to_ascii_lowercase();
+    check_field("serial", raw, valid_serial(&serial))?;
+    Ok(serial)
+}
+
+fn check_previous(previous: &str) -> Result<(), ApiError> {
+    check_field(
+        "previous_instance_id",
+        previous,
+        previous.is_empty() || valid_instance(previous),
+    )
+}
+
 async fn healthz() -> impl IntoResponse {
     axum::Json(json!({"ok": true}))
 }
@@ -290,8 +305,7 @@ async fn issue(
 ) -> Result<Response, ApiError> {
     let (token, client) = admit(&broker, peer, &headers)?;
     let request: ActivationRequest = parse(&body)?;
-    let serial = request.serial.to_ascii_lowercase();
-    check_field("serial", &request.serial, valid_serial(&serial))?;
+    let serial = checked_serial(&request.serial)?;
     check_field(
         "hostname",
         &request.hostname,
@@ -311,11 +325,7 @@ async fn issue(
         &request.image_sha256,
         request.image_sha256.is_empty() || is_hex(&request.image_sha256, 64),
     )?;
-    check_field(
-        "previous_instance_id",
-        &request.previous_instance_id,
-        request.previous_instance_id.is_empty() || valid_instance(&request.previous_instance_id),
-    )?;
+    check_previous(&request.previous_instance_id)?;
     broker.check_serial(&token, &serial, &client)?;
 
     // One request per serial at a time: a retry racing its original gets the
@@ -468,18 +478,13 @@ async fn register(
 ) -> Result<Response, ApiError> {
     let (token, client) = admit(&broker, peer, &headers)?;
     let request: RegistrationRequest = parse(&body)?;
-    let serial = request.serial.to_ascii_lowercase();
-    check_field("serial", &request.serial, valid_serial(&serial))?;
+    let serial = checked_serial(&request.serial)?;
     check_field(
         "instance_id",
         &request.instance_id,
         valid_instance(&request.instance_id),
     )?;
-    check_field(
-        "previous_instance_id",
-        &request.previous_instance_id,
-        request.previous_instance_id.is_empty() || valid_instance(&request.previous_instance_id),
-    )?;
+    check_previous(&request.previous_instance_id)?;
     broker.check_serial(&token, &serial, &client)?;
     let lock = broker.serial_lock(&serial);
     let _held = lock.lock().await;
@@ -582,6 +587,3 @@ async fn register(
     }))
     .into_response())
 }
-
-/// How long a TLS handshake and a request's headers may take.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);

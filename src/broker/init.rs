@@ -1,9 +1,7 @@
 //! `piprov broker init DIR`: a private CA, a server certificate it signs (the
 //! cards pin the CA), a config file and an empty database.
 
-use std::io::Write as _;
 use std::net::SocketAddr;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
@@ -125,15 +123,8 @@ fn issuer_key_pem(issuer: &Issuer<'_, KeyPair>) -> String {
 }
 
 fn write_new(path: &Path, data: &[u8], mode: u32) -> Result<()> {
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(path)
-        .with_context(|| format!("creating {}", path.display()))?;
-    file.write_all(data)?;
-    file.sync_all()?;
-    Ok(())
+    crate::new_file::write_new(path, data, mode)
+        .with_context(|| format!("creating {}", path.display()))
 }
 
 fn current_year() -> i32 {

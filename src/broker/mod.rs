@@ -3,7 +3,7 @@
 //! secret that matters lives on a card.
 //!
 //! config (broker.toml) → init (CA, certificate, database) → store (SQLite) →
-//! api (the card-facing routes) → server (HTTPS, graceful shutdown) → tokens.
+//! api (the card-facing routes) → server (HTTPS, graceful shutdown) → tokens (made, shown once).
 
 pub mod api;
 pub mod config;

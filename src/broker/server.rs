@@ -15,9 +15,12 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::net::TcpListener;
 
-use super::api::{self, Broker, HANDSHAKE_TIMEOUT, Peer};
+use super::api::{self, Broker, Peer};
 use super::config::Loaded;
 use super::store::Store;
+
+/// How long a TLS handshake and a request's headers may take.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How long requests in flight may take to finish on shutdown.
 const DRAIN: Duration = Duration::from_secs(30);

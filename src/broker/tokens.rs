@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 
-use super::store::{Store, Token, now};
+use super::store::{Store, now};
 
 pub struct NewToken<'a> {
     pub name: &'a str,
@@ -68,12 +68,4 @@ fn read_serials(path: &Path) -> Result<Vec<String>> {
         bail!("{} lists no serials", path.display());
     }
     Ok(serials)
-}
-
-pub fn list(store: &Store) -> Result<Vec<Token>> {
-    store.tokens()
-}
-
-pub fn revoke(store: &Store, name: &str) -> Result<()> {
-    store.revoke_token(name)
 }

@@ -56,14 +56,8 @@ pub fn activation(action: ActivationCommand, aws: AwsArgs) -> Result<ExitCode> {
             ActivationCommand::Create { code_file, show_code, json, .. } => {
                 let created = ssm::create_activation(&client, &new.expect("made above")).await?;
                 if let Some(file) = &code_file {
-                    use std::os::unix::fs::OpenOptionsExt;
-                    let mut out = std::fs::OpenOptions::new()
-                        .write(true)
-                        .create_new(true)
-                        .mode(0o600)
-                        .open(file)
+                    crate::new_file::write_new(file, format!("{}\n", created.code).as_bytes(), 0o600)
                         .map_err(|e| anyhow::anyhow!("activation {} created, but its code could not be written to {}: {e}; delete it with `piprov activation delete {}`", created.id, file.display(), created.id))?;
-                    writeln!(out, "{}", created.code)?;
                 }
                 let code = show_code.then_some(created.code.as_str());
                 if json {

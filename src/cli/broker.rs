@@ -1,7 +1,6 @@
 //! `piprov broker init | token | serve`.
 
 use std::io::Write as _;
-use std::os::unix::fs::OpenOptionsExt;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
@@ -71,18 +70,13 @@ fn token(action: TokenCommand) -> Result<()> {
             )?;
             match &token_file {
                 Some(file) => {
-                    let mut out = std::fs::OpenOptions::new()
-                        .write(true)
-                        .create_new(true)
-                        .mode(0o600)
-                        .open(file)
+                    crate::new_file::write_new(file, format!("{token}\n").as_bytes(), 0o600)
                         .with_context(|| {
                             format!(
                                 "token {name} was made but {} could not be created: revoke it",
                                 file.display()
                             )
                         })?;
-                    writeln!(out, "{token}")?;
                     println!("token {name} written to {} (mode 0600)", file.display());
                 }
                 None => {
@@ -92,7 +86,7 @@ fn token(action: TokenCommand) -> Result<()> {
             }
         }
         TokenCommand::List { config, json } => {
-            let list = tokens::list(&open_store(&config)?)?;
+            let list = open_store(&config)?.tokens()?;
             let mut stdout = std::io::stdout().lock();
             if json {
                 writeln!(stdout, "{}", serde_json::to_string_pretty(&list)?)?;
@@ -127,7 +121,7 @@ fn token(action: TokenCommand) -> Result<()> {
             }
         }
         TokenCommand::Revoke { config, name } => {
-            tokens::revoke(&open_store(&config)?, &name)?;
+            open_store(&config)?.revoke_token(&name)?;
             println!("revoked {name}");
         }
     }
