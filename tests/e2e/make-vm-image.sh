@@ -148,12 +148,7 @@ label-id: 0x$disk_id
 start=$boot_start, size=$((boot_mib * 2048)), type=c
 start=$root_start, size=$root_sectors, type=83
 PARTS
-mkfs.vfat -F 32 -n bootfs -C "$work/boot.img" $((boot_mib * 1024)) >/dev/null 2>&1
-for f in "$boot"/*; do
-    mcopy -i "$work/boot.img" "$f" "::$(basename "$f")"
-done
-truncate -s $((root_sectors * 512)) "$work/root.img"
-mkfs.ext4 -q -F -L rootfs -d "$root" "$work/root.img"
-dd if="$work/boot.img" of="$out" bs=512 seek="$boot_start" conv=notrunc,sparse status=none
-dd if="$work/root.img" of="$out" bs=1M seek=$((root_start * 512)) oflag=seek_bytes conv=notrunc,sparse status=none
+# shellcheck source=tests/fixtures/filesystems.sh
+. "$here/../fixtures/filesystems.sh"
+write_filesystems "$out" "$work" "$boot" "$root" "$boot_start" "$boot_mib" "$root_start" "$root_sectors"
 echo "$amazon_out" | sed -n 's/.*Managed instance-id: \(mi-[0-9a-f]*\).*/\1/p'
