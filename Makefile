@@ -18,7 +18,7 @@ demo: deps build
 lint: deps
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --all-targets -- -D warnings
-	shellcheck -x -s sh tests/fixtures/*.sh tests/e2e/*.sh tests/standins/* scripts/*.sh $(wildcard firstboot/*.sh)
+	shellcheck -x -s sh tests/fixtures/*.sh bench/*.sh tests/e2e/*.sh tests/standins/* scripts/*.sh $(wildcard firstboot/*.sh)
 
 test: lint
 	$(CARGO) test

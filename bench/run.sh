@@ -35,38 +35,49 @@ drop_caches() {
     if [ "$(id -u)" = 0 ]; then echo 3 >/proc/sys/vm/drop_caches 2>/dev/null || true; fi
 }
 
-# time_ms COMMAND…: the best of $RUNS runs on fresh targets, in ms (disks are noisy).
+# Each round runs every case once, on fresh targets with caches dropped; a case's
+# figure is its best round, in ms. Rounds interleave the cases, so a slow spell
+# of the (shared, noisy) disk hits all of them alike.
 RUNS=${RUNS:-3}
-time_ms() {
-    best=
-    run=0
-    while [ "$run" -lt "$RUNS" ]; do
-        rm -f "$work"/t*.img /dev/shm/piprov-bench-t*.img
-        drop_caches
-        start=$(date +%s%N)
-        "$@" >/dev/null 2>&1
-        end=$(date +%s%N)
-        ms=$(( (end - start) / 1000000 ))
-        if [ -z "$best" ] || [ "$ms" -lt "$best" ]; then best=$ms; fi
-        run=$((run + 1))
-    done
-    echo "$best"
-}
-
 t=$work/t1.img
 flash() { "$piprov" flash "$img" "$@" --yes --quiet; }
-
-dd_ms=$(time_ms dd if="$img" of="$t" bs=4M oflag=direct conv=fsync status=none)
-bmap_ms=$(time_ms bmaptool -q copy --bmap "$bmap" "$img" "$t")
-bmap_nv_ms=$(time_ms bmaptool -q copy --no-verify --bmap "$bmap" "$img" "$t")
-full_nv_ms=$(time_ms flash "$t" --full --no-verify)
-full_ms=$(time_ms flash "$t" --full)
-map_nv_ms=$(time_ms flash "$t" --no-verify)
-map_ms=$(time_ms flash "$t")
-batch_ms=$(time_ms flash "$work/t1.img" "$work/t2.img" "$work/t3.img" "$work/t4.img")
-shm_one_ms=$(time_ms flash /dev/shm/piprov-bench-t1.img)
-shm_four_ms=$(time_ms flash /dev/shm/piprov-bench-t1.img /dev/shm/piprov-bench-t2.img /dev/shm/piprov-bench-t3.img /dev/shm/piprov-bench-t4.img)
-rm -f "$work"/t*.img /dev/shm/piprov-bench-t*.img
+shm=/dev/shm/piprov-bench
+run_case() {
+    case $1 in
+    dd) dd if="$img" of="$t" bs=4M oflag=direct conv=fsync status=none ;;
+    bmap) bmaptool -q copy --bmap "$bmap" "$img" "$t" ;;
+    bmap_nv) bmaptool -q copy --no-verify --bmap "$bmap" "$img" "$t" ;;
+    full_nv) flash "$t" --full --no-verify ;;
+    full) flash "$t" --full ;;
+    map_nv) flash "$t" --no-verify ;;
+    map) flash "$t" ;;
+    batch) flash "$work/t1.img" "$work/t2.img" "$work/t3.img" "$work/t4.img" ;;
+    shm_one) flash "$shm-t1.img" ;;
+    shm_four) flash "$shm-t1.img" "$shm-t2.img" "$shm-t3.img" "$shm-t4.img" ;;
+    esac
+}
+cases="dd bmap bmap_nv full_nv full map_nv map batch shm_one shm_four"
+round=0
+while [ "$round" -lt "$RUNS" ]; do
+    for case in $cases; do
+        rm -f "$work"/t*.img "$shm"-t*.img
+        drop_caches
+        start=$(date +%s%N)
+        run_case "$case" >/dev/null 2>&1 || { echo "$case failed" >&2; exit 1; }
+        end=$(date +%s%N)
+        ms=$(( (end - start) / 1000000 ))
+        eval "best=\${best_$case:-}"
+        if [ -z "$best" ] || [ "$ms" -lt "$best" ]; then eval "best_$case=$ms"; fi
+    done
+    round=$((round + 1))
+done
+rm -f "$work"/t*.img "$shm"-t*.img
+# shellcheck disable=SC2154 # set by eval above
+{
+    dd_ms=$best_dd bmap_ms=$best_bmap bmap_nv_ms=$best_bmap_nv full_nv_ms=$best_full_nv
+    full_ms=$best_full map_nv_ms=$best_map_nv map_ms=$best_map batch_ms=$best_batch
+    shm_one_ms=$best_shm_one shm_four_ms=$best_shm_four
+}
 
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
 mapped=$("$piprov" flash "$img" "$work/t1.img" --yes --json 2>/dev/null | tail -n 1 | sed -n 's/.*"mapped_bytes":\([0-9]*\).*/\1/p')
