@@ -96,3 +96,67 @@ piprov flash, 4 targets, 1 disk   $batch_ms   batch/one card: $(ratio "$batch_ms
 piprov flash, 1 target, tmpfs     $shm_one_ms
 piprov flash, 4 targets, tmpfs    $shm_four_ms   batch/one card: $(ratio "$shm_four_ms" "$shm_one_ms")
 REPORT
+
+# Card-speed targets: four loop devices, each throttled (cgroup v1 blkio) to
+# what a good card in a USB 3 reader does, so the targets are independent, as
+# on a bench of card readers, and the batch ratio measures piprov, not this
+# machine's two cores copying into tmpfs. dd writes with O_DIRECT and is
+# throttled alike; bmaptool is left out here: its buffered writes are flushed
+# by the kernel's writeback threads, which a v1 throttle does not hold.
+CARD_WRITE_BPS=${CARD_WRITE_BPS:-100000000}
+CARD_READ_BPS=${CARD_READ_BPS:-150000000}
+CARD_RUNS=${CARD_RUNS:-2}
+cg=/sys/fs/cgroup/blkio/piprov-bench
+if [ "$(id -u)" != 0 ] || [ ! -w /sys/fs/cgroup/blkio ] || ! command -v losetup >/dev/null; then
+    echo "card-speed targets skipped: they need root, losetup and cgroup v1 blkio"
+    exit 0
+fi
+mkdir -p "$cg"
+cards=
+cleanup() {
+    for dev in $cards; do losetup -d "$dev" 2>/dev/null || true; done
+    rm -f "$shm"-card*.img
+    rmdir "$cg" 2>/dev/null || true
+}
+trap cleanup EXIT
+for n in 1 2 3 4; do
+    truncate -s "$(( $(stat -c %s "$img") + (64 << 20) ))" "$shm-card$n.img"
+    dev=$(losetup -f --show "$shm-card$n.img")
+    cards="$cards $dev"
+    eval "card$n=$dev"
+    majmin=$(lsblk -dno MAJ:MIN "$dev" | tr -d ' ')
+    echo "$majmin $CARD_WRITE_BPS" >"$cg/blkio.throttle.write_bps_device"
+    echo "$majmin $CARD_READ_BPS" >"$cg/blkio.throttle.read_bps_device"
+done
+# throttled COMMAND…: runs it in the cgroup that holds the cards to card speed.
+throttled() { sh -c 'echo $$ >"$0/cgroup.procs" && exec "$@"' "$cg" "$@"; }
+# shellcheck disable=SC2154 # card1…card4 are set by eval above
+card_case() {
+    case $1 in
+    dd) throttled dd if="$img" of="$card1" bs=4M oflag=direct conv=fsync status=none ;;
+    one_nv) throttled "$piprov" flash "$img" "$card1" --no-verify --allow-non-removable --yes --quiet ;;
+    one) throttled "$piprov" flash "$img" "$card1" --allow-non-removable --yes --quiet ;;
+    four) throttled "$piprov" flash "$img" "$card1" "$card2" "$card3" "$card4" --allow-non-removable --yes --quiet ;;
+    esac
+}
+round=0
+while [ "$round" -lt "$CARD_RUNS" ]; do
+    for case in dd one_nv one four; do
+        drop_caches
+        start=$(date +%s%N)
+        card_case "$case" >/dev/null 2>&1 || { echo "card-speed $case failed" >&2; exit 1; }
+        end=$(date +%s%N)
+        ms=$(( (end - start) / 1000000 ))
+        eval "best=\${card_$case:-}"
+        if [ -z "$best" ] || [ "$ms" -lt "$best" ]; then eval "card_$case=$ms"; fi
+    done
+    round=$((round + 1))
+done
+# shellcheck disable=SC2154 # set by eval above
+cat <<REPORT
+card-speed targets (loop devices throttled to $((CARD_WRITE_BPS / 1000000)) MB/s writing, $((CARD_READ_BPS / 1000000)) MB/s reading), best of $CARD_RUNS runs
+dd bs=4M oflag=direct conv=fsync  $card_dd   1.00
+piprov flash --no-verify (map)    $card_one_nv   $(ratio "$card_dd" "$card_one_nv")
+piprov flash (map, verified)      $card_one   $(ratio "$card_dd" "$card_one")
+piprov flash, 4 cards             $card_four   batch/one card: $(ratio "$card_four" "$card_one")
+REPORT

@@ -523,16 +523,23 @@ fn loop_devices_that_must_be_refused() {
             .status
             .success()
     );
+    /// Turns the swap off again even when an assertion fails: a leaked swap
+    /// device would take pages from the rest of the machine's work.
+    struct SwapOn<'a>(&'a str);
+    impl Drop for SwapOn<'_> {
+        fn drop(&mut self) {
+            let off = Command::new("swapoff").arg(self.0).status();
+            assert!(
+                off.is_ok_and(|s| s.success()) || std::thread::panicking(),
+                "swapoff {}",
+                self.0
+            );
+        }
+    }
     let on = Command::new("swapon").arg(&swap.dev).output().unwrap();
     if on.status.success() {
+        let _on = SwapOn(&swap.dev);
         refuse(&swap.dev, "is in use as swap");
-        assert!(
-            Command::new("swapoff")
-                .arg(&swap.dev)
-                .status()
-                .unwrap()
-                .success()
-        );
     } else {
         eprintln!(
             "skipping the swap refusal: swapon {} failed here: {}",

@@ -422,6 +422,15 @@ mod tests {
         cards: &[std::path::PathBuf],
         after_writing: impl Fn() + Send + Sync,
     ) -> Vec<Result<Outcome>> {
+        flash_until(image, cards, after_writing, &AtomicBool::new(false))
+    }
+
+    fn flash_until(
+        image: &std::path::Path,
+        cards: &[std::path::PathBuf],
+        after_writing: impl Fn() + Send + Sync,
+        cancel: &AtomicBool,
+    ) -> Vec<Result<Outcome>> {
         let len = std::fs::metadata(image).unwrap().len();
         let extents = Extents::from_ranges(vec![(0, len)]);
         let targets: Vec<Target> = cards
@@ -449,7 +458,7 @@ mod tests {
             jobs,
             &extents,
             true,
-            &AtomicBool::new(false),
+            cancel,
         )
     }
 
@@ -503,5 +512,30 @@ mod tests {
                 "{error}"
             );
         }
+    }
+
+    #[test]
+    fn an_interrupted_read_back_says_the_card_is_written_but_not_verified() {
+        let dir = tempfile::TempDir::new().unwrap();
+        let image = image(dir.path(), 100 << 20);
+        let cards = [dir.path().join("card.img")];
+        let cancel = AtomicBool::new(false);
+        let results = flash_until(
+            &image,
+            &cards,
+            || cancel.store(true, Ordering::SeqCst),
+            &cancel,
+        );
+        let error = results.into_iter().next().unwrap().unwrap_err();
+        assert!(
+            error
+                .downcast_ref::<InterruptedError>()
+                .is_some_and(|e| e.written),
+            "{error:#}"
+        );
+        assert_eq!(
+            std::fs::read(&cards[0]).unwrap(),
+            std::fs::read(&image).unwrap()
+        );
     }
 }
