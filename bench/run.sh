@@ -30,18 +30,39 @@ mkdir -p "$work/bmap"
 [ -f "$bmap" ] || bmaptool -q create -o "$bmap" "$img"
 rm -f "$img.bmap"
 
-drop_caches() {
+shm=/dev/shm/piprov-bench
+# Before each timed run: no file targets left over, nothing in the page cache.
+fresh_start() {
+    rm -f "$work"/t*.img "$shm"-t*.img
     sync
     if [ "$(id -u)" = 0 ]; then echo 3 >/proc/sys/vm/drop_caches 2>/dev/null || true; fi
 }
 
-# Each round runs every case once, on fresh targets with caches dropped; a case's
-# figure is its best round, in ms. Rounds interleave the cases, so a slow spell
-# of the (shared, noisy) disk hits all of them alike.
+# time_rounds ROUNDS PREFIX RUNNER CASE…: each round runs every case once
+# (RUNNER CASE) from a fresh start; PREFIX_CASE is set to its best round, in ms.
+# Rounds interleave the cases, so a slow spell of the (shared, noisy) disk hits
+# all of them alike.
+time_rounds() {
+    rounds=$1 prefix=$2 runner=$3
+    shift 3
+    round=0
+    while [ "$round" -lt "$rounds" ]; do
+        for case in "$@"; do
+            fresh_start
+            start=$(date +%s%N)
+            "$runner" "$case" >/dev/null 2>&1 || { echo "$prefix $case failed" >&2; exit 1; }
+            end=$(date +%s%N)
+            ms=$(( (end - start) / 1000000 ))
+            eval "best=\${${prefix}_$case:-}"
+            if [ -z "$best" ] || [ "$ms" -lt "$best" ]; then eval "${prefix}_$case=$ms"; fi
+        done
+        round=$((round + 1))
+    done
+}
+
 RUNS=${RUNS:-3}
 t=$work/t1.img
 flash() { "$piprov" flash "$img" "$@" --yes --quiet; }
-shm=/dev/shm/piprov-bench
 run_case() {
     case $1 in
     dd) dd if="$img" of="$t" bs=4M oflag=direct conv=fsync status=none ;;
@@ -56,45 +77,26 @@ run_case() {
     shm_four) flash "$shm-t1.img" "$shm-t2.img" "$shm-t3.img" "$shm-t4.img" ;;
     esac
 }
-cases="dd bmap bmap_nv full_nv full map_nv map batch shm_one shm_four"
-round=0
-while [ "$round" -lt "$RUNS" ]; do
-    for case in $cases; do
-        rm -f "$work"/t*.img "$shm"-t*.img
-        drop_caches
-        start=$(date +%s%N)
-        run_case "$case" >/dev/null 2>&1 || { echo "$case failed" >&2; exit 1; }
-        end=$(date +%s%N)
-        ms=$(( (end - start) / 1000000 ))
-        eval "best=\${best_$case:-}"
-        if [ -z "$best" ] || [ "$ms" -lt "$best" ]; then eval "best_$case=$ms"; fi
-    done
-    round=$((round + 1))
-done
-rm -f "$work"/t*.img "$shm"-t*.img
-# shellcheck disable=SC2154 # set by eval above
-{
-    dd_ms=$best_dd bmap_ms=$best_bmap bmap_nv_ms=$best_bmap_nv full_nv_ms=$best_full_nv
-    full_ms=$best_full map_nv_ms=$best_map_nv map_ms=$best_map batch_ms=$best_batch
-    shm_one_ms=$best_shm_one shm_four_ms=$best_shm_four
-}
+time_rounds "$RUNS" best run_case dd bmap bmap_nv full_nv full map_nv map batch shm_one shm_four
+fresh_start
 
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
 mapped=$("$piprov" flash "$img" "$work/t1.img" --yes --json 2>/dev/null | tail -n 1 | sed -n 's/.*"mapped_bytes":\([0-9]*\).*/\1/p')
 rm -f "$work"/t*.img
+# shellcheck disable=SC2154 # best_* are set by time_rounds
 cat <<REPORT
 image: $(du -h --apparent-size "$img" | cut -f1) ($(du -h "$img" | cut -f1) allocated in the file), piprov map: $((mapped / 1048576)) MiB to write, best of $RUNS runs
                                    ms    speed-up over dd
-dd bs=4M oflag=direct conv=fsync  $dd_ms   1.00
-bmaptool copy                     $bmap_ms   $(ratio "$dd_ms" "$bmap_ms")
-bmaptool copy --no-verify         $bmap_nv_ms   $(ratio "$dd_ms" "$bmap_nv_ms")
-piprov flash --full --no-verify   $full_nv_ms   $(ratio "$dd_ms" "$full_nv_ms")
-piprov flash --full               $full_ms   $(ratio "$dd_ms" "$full_ms")
-piprov flash --no-verify (map)    $map_nv_ms   $(ratio "$dd_ms" "$map_nv_ms")
-piprov flash (map, verified)      $map_ms   $(ratio "$dd_ms" "$map_ms")
-piprov flash, 4 targets, 1 disk   $batch_ms   batch/one card: $(ratio "$batch_ms" "$map_ms")
-piprov flash, 1 target, tmpfs     $shm_one_ms
-piprov flash, 4 targets, tmpfs    $shm_four_ms   batch/one card: $(ratio "$shm_four_ms" "$shm_one_ms")
+dd bs=4M oflag=direct conv=fsync  $best_dd   1.00
+bmaptool copy                     $best_bmap   $(ratio "$best_dd" "$best_bmap")
+bmaptool copy --no-verify         $best_bmap_nv   $(ratio "$best_dd" "$best_bmap_nv")
+piprov flash --full --no-verify   $best_full_nv   $(ratio "$best_dd" "$best_full_nv")
+piprov flash --full               $best_full   $(ratio "$best_dd" "$best_full")
+piprov flash --no-verify (map)    $best_map_nv   $(ratio "$best_dd" "$best_map_nv")
+piprov flash (map, verified)      $best_map   $(ratio "$best_dd" "$best_map")
+piprov flash, 4 targets, 1 disk   $best_batch   batch/one card: $(ratio "$best_batch" "$best_map")
+piprov flash, 1 target, tmpfs     $best_shm_one
+piprov flash, 4 targets, tmpfs    $best_shm_four   batch/one card: $(ratio "$best_shm_four" "$best_shm_one")
 REPORT
 
 # Card-speed targets: four loop devices, each throttled (cgroup v1 blkio) to
@@ -139,20 +141,8 @@ card_case() {
     four) throttled "$piprov" flash "$img" "$card1" "$card2" "$card3" "$card4" --allow-non-removable --yes --quiet ;;
     esac
 }
-round=0
-while [ "$round" -lt "$CARD_RUNS" ]; do
-    for case in dd one_nv one four; do
-        drop_caches
-        start=$(date +%s%N)
-        card_case "$case" >/dev/null 2>&1 || { echo "card-speed $case failed" >&2; exit 1; }
-        end=$(date +%s%N)
-        ms=$(( (end - start) / 1000000 ))
-        eval "best=\${card_$case:-}"
-        if [ -z "$best" ] || [ "$ms" -lt "$best" ]; then eval "card_$case=$ms"; fi
-    done
-    round=$((round + 1))
-done
-# shellcheck disable=SC2154 # set by eval above
+time_rounds "$CARD_RUNS" card card_case dd one_nv one four
+# shellcheck disable=SC2154 # card_* are set by time_rounds
 cat <<REPORT
 card-speed targets (loop devices throttled to $((CARD_WRITE_BPS / 1000000)) MB/s writing, $((CARD_READ_BPS / 1000000)) MB/s reading), best of $CARD_RUNS runs
 dd bs=4M oflag=direct conv=fsync  $card_dd   1.00
