@@ -19,6 +19,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::config::Loaded;
+use super::serial_locks::SerialLocks;
 use super::store::{NewIssue, Store, Token, now};
 use crate::ssm::{self, TAG_BROKER, TAG_HOSTNAME, TAG_IMAGE, TAG_SERIAL, TAG_VERSION};
 
@@ -38,7 +39,7 @@ pub struct Broker {
     pub store: Mutex<Store>,
     ssm: aws_sdk_ssm::Client,
     vended: Mutex<HashMap<String, Vended>>,
-    serial_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    serial_locks: SerialLocks,
     buckets: Mutex<HashMap<IpAddr, (f64, Instant)>>,
 }
 
@@ -108,7 +109,7 @@ impl Broker {
             store: Mutex::new(store),
             ssm,
             vended: Mutex::new(HashMap::new()),
-            serial_locks: Mutex::new(HashMap::new()),
+            serial_locks: SerialLocks::default(),
             buckets: Mutex::new(HashMap::new()),
         }
     }
@@ -192,15 +193,6 @@ impl Broker {
             }
         }
         Ok(())
-    }
-
-    fn serial_lock(&self, serial: &str) -> Arc<tokio::sync::Mutex<()>> {
-        self.serial_locks
-            .lock()
-            .unwrap()
-            .entry(serial.to_string())
-            .or_default()
-            .clone()
     }
 }
 
@@ -330,7 +322,7 @@ async fn issue(
 
     // One request per serial at a time: a retry racing its original gets the
     // same activation, never a second one.
-    let lock = broker.serial_lock(&serial);
+    let lock = broker.serial_locks.get(&serial);
     let _held = lock.lock().await;
     let region = broker.config.config.region.clone();
     let current = broker
@@ -486,7 +478,7 @@ async fn register(
     )?;
     check_previous(&request.previous_instance_id)?;
     broker.check_serial(&token, &serial, &client)?;
-    let lock = broker.serial_lock(&serial);
+    let lock = broker.serial_locks.get(&serial);
     let _held = lock.lock().await;
     let Some(issued) = broker
         .store

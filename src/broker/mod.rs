@@ -8,6 +8,7 @@
 pub mod api;
 pub mod config;
 pub mod init;
+mod serial_locks;
 pub mod server;
 pub mod store;
 pub mod tokens;
