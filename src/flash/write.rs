@@ -421,14 +421,6 @@ mod tests {
         image: &std::path::Path,
         cards: &[std::path::PathBuf],
         after_writing: impl Fn() + Send + Sync,
-    ) -> Vec<Result<Outcome>> {
-        flash_until(image, cards, after_writing, &AtomicBool::new(false))
-    }
-
-    fn flash_until(
-        image: &std::path::Path,
-        cards: &[std::path::PathBuf],
-        after_writing: impl Fn() + Send + Sync,
         cancel: &AtomicBool,
     ) -> Vec<Result<Outcome>> {
         let len = std::fs::metadata(image).unwrap().len();
@@ -462,9 +454,16 @@ mod tests {
         )
     }
 
+    /// Flips every bit of two bytes, so they differ whatever they were.
     fn poke(path: &std::path::Path, at: u64) {
-        let file = OpenOptions::new().write(true).open(path).unwrap();
-        file.write_all_at(b"\xff\x00", at).unwrap();
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .unwrap();
+        let mut bytes = [0u8; 2];
+        file.read_exact_at(&mut bytes, at).unwrap();
+        file.write_all_at(&[!bytes[0], !bytes[1]], at).unwrap();
         file.sync_all().unwrap();
     }
 
@@ -476,7 +475,12 @@ mod tests {
             .map(|n| dir.path().join(format!("card{n}.img")))
             .collect();
         // In the chunk at 81..97 MiB, the seventh to be checked.
-        let results = flash(&image, &cards, || poke(&cards[1], (95 << 20) + 7));
+        let results = flash(
+            &image,
+            &cards,
+            || poke(&cards[1], (95 << 20) + 7),
+            &AtomicBool::new(false),
+        );
         assert_eq!(
             results[0].as_ref().unwrap(),
             &Outcome {
@@ -504,7 +508,12 @@ mod tests {
         let cards: Vec<_> = (1..=2)
             .map(|n| dir.path().join(format!("card{n}.img")))
             .collect();
-        let results = flash(&image, &cards, || poke(&image, 95 << 20));
+        let results = flash(
+            &image,
+            &cards,
+            || poke(&image, 95 << 20),
+            &AtomicBool::new(false),
+        );
         for result in results {
             let error = format!("{:#}", result.unwrap_err());
             assert!(
@@ -520,7 +529,7 @@ mod tests {
         let image = image(dir.path(), 100 << 20);
         let cards = [dir.path().join("card.img")];
         let cancel = AtomicBool::new(false);
-        let results = flash_until(
+        let results = flash(
             &image,
             &cards,
             || cancel.store(true, Ordering::SeqCst),
