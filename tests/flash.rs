@@ -692,6 +692,52 @@ fn a_bmap_beside_the_image_decides_what_is_written() {
     assert_eq!(root_files(&card), root_files(&image));
 }
 
+/// Bytes the filesystem has allocated to a file.
+fn allocated(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).unwrap().blocks() * 512
+}
+
+#[test]
+fn a_file_target_holds_no_blocks_of_zeroes_and_full_writes_every_byte() {
+    let dir = TempDir::new().unwrap();
+    let image = fixture("golden", &dir);
+    let card = dir.path().join("card.img");
+    let out = flash(&dir)
+        .arg(&image)
+        .arg(&card)
+        .args(["--yes", "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let summary: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    let mapped = summary["mapped_bytes"].as_u64().unwrap();
+    // The map holds the ext4 journal and the FATs' unused ends: runs of zeroes.
+    assert!(
+        allocated(&card) + (1 << 20) < mapped,
+        "{} bytes allocated for {mapped} mapped",
+        allocated(&card)
+    );
+    assert!(stdout.contains(r#""verified":true"#), "{stdout}");
+    assert_eq!(sha256_of(&card), sha256_of(&image), "the same bytes");
+
+    let full = dir.path().join("full.img");
+    flash(&dir)
+        .arg(&image)
+        .arg(&full)
+        .args(["--full", "--yes", "--quiet"])
+        .assert()
+        .success();
+    let len = std::fs::metadata(&image).unwrap().len();
+    assert!(allocated(&full) >= len, "--full writes every byte");
+    assert_eq!(sha256_of(&full), sha256_of(&image));
+}
+
 #[test]
 fn the_image_itself_is_never_a_target() {
     let dir = TempDir::new().unwrap();

@@ -270,9 +270,13 @@ pub fn flash(config: &FlashConfig, progress: &Progress) -> Result<Summary> {
             Err(_) => slots.push(None),
         }
     }
-    let mut image = File::open(&source.path)?;
+    let image = File::open(&source.path)?;
+    let mode = write::Mode {
+        verify: config.verify,
+        sparse: !config.full,
+    };
     let mut results: Vec<Option<Result<write::Outcome>>> =
-        write::write_batch(&mut image, jobs, &extents, config.verify, &CANCEL)
+        write::write_batch(&image, jobs, &extents, mode, &CANCEL)
             .into_iter()
             .map(Some)
             .collect();
