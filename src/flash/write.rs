@@ -505,20 +505,19 @@ fn card(
     })
 }
 
-/// A second handle for reading back, with O_DIRECT where the filesystem allows
-/// it (not tmpfs), so the bytes come from the card or disk, not the page cache.
+/// A second handle for reading back. On a device, O_DIRECT: the bytes must come
+/// from the card (a counterfeit one returns what it never stored), not from the
+/// page cache. A file reads through the cache, as every other reader of it
+/// will; its filesystem answers for the disk once the flush has succeeded.
 fn open_for_verify(target: &Target) -> Result<File> {
-    let open = |flags| {
-        OpenOptions::new()
-            .read(true)
-            .custom_flags(flags)
-            .open(&target.info.path)
-    };
-    match open(nix::libc::O_DIRECT) {
-        Err(e) if e.raw_os_error() == Some(nix::libc::EINVAL) => open(0),
-        opened => opened,
+    let mut options = OpenOptions::new();
+    options.read(true);
+    if target.direct {
+        options.custom_flags(nix::libc::O_DIRECT);
     }
-    .with_context(|| format!("opening {} to verify", target.info.path.display()))
+    options
+        .open(&target.info.path)
+        .with_context(|| format!("opening {} to verify", target.info.path.display()))
 }
 
 #[cfg(test)]
