@@ -39,9 +39,9 @@ fresh_start() {
 }
 
 # time_rounds ROUNDS PREFIX RUNNER CASE…: each round runs every case once
-# (RUNNER CASE) from a fresh start; PREFIX_CASE is set to its best round, in ms.
-# Rounds interleave the cases, so a slow spell of the (shared, noisy) disk hits
-# all of them alike.
+# (RUNNER CASE) from a fresh start; PREFIX_CASE is set to its best round and
+# PREFIX_CASE_median to its median, in ms. Rounds interleave the cases, so a
+# slow spell of the (shared, noisy) disk hits all of them alike.
 time_rounds() {
     rounds=$1 prefix=$2 runner=$3
     shift 3
@@ -53,10 +53,16 @@ time_rounds() {
             "$runner" "$case" >/dev/null 2>&1 || { echo "$prefix $case failed" >&2; exit 1; }
             end=$(date +%s%N)
             ms=$(( (end - start) / 1000000 ))
-            eval "best=\${${prefix}_$case:-}"
-            if [ -z "$best" ] || [ "$ms" -lt "$best" ]; then eval "${prefix}_$case=$ms"; fi
+            eval "${prefix}_${case}_all=\"\${${prefix}_${case}_all:-} $ms\""
         done
         round=$((round + 1))
+    done
+    for case in "$@"; do
+        all= && eval "all=\$${prefix}_${case}_all"
+        # shellcheck disable=SC2086 # one number per word
+        sorted=$(printf '%s\n' $all | sort -n)
+        eval "${prefix}_$case=$(echo "$sorted" | head -n 1)"
+        eval "${prefix}_${case}_median=$(echo "$sorted" | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }')"
     done
 }
 
@@ -73,31 +79,50 @@ run_case() {
     map_nv) flash "$t" --no-verify ;;
     map) flash "$t" ;;
     batch) flash "$work/t1.img" "$work/t2.img" "$work/t3.img" "$work/t4.img" ;;
+    shm_bmap_nv) bmaptool -q copy --no-verify --bmap "$bmap" "$img" "$shm-t1.img" ;;
+    shm_map_nv) flash "$shm-t1.img" --no-verify ;;
     shm_one) flash "$shm-t1.img" ;;
     shm_four) flash "$shm-t1.img" "$shm-t2.img" "$shm-t3.img" "$shm-t4.img" ;;
     esac
 }
-time_rounds "$RUNS" best run_case dd bmap bmap_nv full_nv full map_nv map batch shm_one shm_four
+time_rounds "$RUNS" best run_case dd bmap bmap_nv full_nv full map_nv map batch \
+    shm_bmap_nv shm_map_nv shm_one shm_four
 fresh_start
 
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
+# row LABEL PREFIX CASE BASE [WHAT]: best and median ms, each as a ratio: by
+# default the speed-up over BASE; with WHAT=per, CASE's time over BASE's.
+row() {
+    eval "b=\$${2}_$3 m=\$${2}_${3}_median bb=\$${2}_$4 bm=\$${2}_${4}_median"
+    # shellcheck disable=SC2154 # b, m, bb, bm are set by the eval
+    if [ "${5:-}" = per ]; then
+        printf '%-34s %7s %7s %8s %8s  (x %s)\n' "$1" "$b" "$m" "$(ratio "$b" "$bb")" "$(ratio "$m" "$bm")" "$4"
+    else
+        printf '%-34s %7s %7s %8s %8s\n' "$1" "$b" "$m" "$(ratio "$bb" "$b")" "$(ratio "$bm" "$m")"
+    fi
+}
+header() { printf '%-34s %7s %7s %8s %8s\n' "$1" best median "$2" "$2"; }
 mapped=$("$piprov" flash "$img" "$work/t1.img" --yes --json 2>/dev/null | tail -n 1 | sed -n 's/.*"mapped_bytes":\([0-9]*\).*/\1/p')
 rm -f "$work"/t*.img
-# shellcheck disable=SC2154 # best_* are set by time_rounds
-cat <<REPORT
-image: $(du -h --apparent-size "$img" | cut -f1) ($(du -h "$img" | cut -f1) allocated in the file), piprov map: $((mapped / 1048576)) MiB to write, best of $RUNS runs
-                                   ms    speed-up over dd
-dd bs=4M oflag=direct conv=fsync  $best_dd   1.00
-bmaptool copy                     $best_bmap   $(ratio "$best_dd" "$best_bmap")
-bmaptool copy --no-verify         $best_bmap_nv   $(ratio "$best_dd" "$best_bmap_nv")
-piprov flash --full --no-verify   $best_full_nv   $(ratio "$best_dd" "$best_full_nv")
-piprov flash --full               $best_full   $(ratio "$best_dd" "$best_full")
-piprov flash --no-verify (map)    $best_map_nv   $(ratio "$best_dd" "$best_map_nv")
-piprov flash (map, verified)      $best_map   $(ratio "$best_dd" "$best_map")
-piprov flash, 4 targets, 1 disk   $best_batch   batch/one card: $(ratio "$best_batch" "$best_map")
-piprov flash, 1 target, tmpfs     $best_shm_one
-piprov flash, 4 targets, tmpfs    $best_shm_four   batch/one card: $(ratio "$best_shm_four" "$best_shm_one")
-REPORT
+echo "image: $(du -h --apparent-size "$img" | cut -f1) ($(du -h "$img" | cut -f1) allocated in the file), piprov map: $((mapped / 1048576)) MiB, $RUNS rounds, ms"
+header "targets: files on the image's disk" "dd/this"
+row "dd bs=4M oflag=direct conv=fsync" best dd dd
+row "bmaptool copy" best bmap dd
+row "bmaptool copy --no-verify" best bmap_nv dd
+row "piprov flash --full --no-verify" best full_nv dd
+row "piprov flash --full" best full dd
+row "piprov flash --no-verify (map)" best map_nv dd
+row "piprov flash (map, verified)" best map dd
+header "" "bmap/this"
+row "piprov --no-verify vs bmaptool's" best map_nv bmap_nv
+row "piprov (verified) vs bmaptool copy" best map bmap
+header "batches" "this/one"
+row "piprov flash, 4 targets, 1 disk" best batch map per
+header "targets: files on tmpfs" "bmap/this"
+row "bmaptool copy --no-verify" best shm_bmap_nv shm_bmap_nv
+row "piprov flash --no-verify (map)" best shm_map_nv shm_bmap_nv
+row "piprov flash (map, verified)" best shm_one shm_bmap_nv
+row "piprov flash, 4 targets, tmpfs" best shm_four shm_one per
 
 # Card-speed targets: four loop devices, each throttled (cgroup v1 blkio) to
 # what a good card in a USB 3 reader does, so the targets are independent, as
@@ -142,11 +167,9 @@ card_case() {
     esac
 }
 time_rounds "$CARD_RUNS" card card_case dd one_nv one four
-# shellcheck disable=SC2154 # card_* are set by time_rounds
-cat <<REPORT
-card-speed targets (loop devices throttled to $((CARD_WRITE_BPS / 1000000)) MB/s writing, $((CARD_READ_BPS / 1000000)) MB/s reading), best of $CARD_RUNS runs
-dd bs=4M oflag=direct conv=fsync  $card_dd   1.00
-piprov flash --no-verify (map)    $card_one_nv   $(ratio "$card_dd" "$card_one_nv")
-piprov flash (map, verified)      $card_one   $(ratio "$card_dd" "$card_one")
-piprov flash, 4 cards             $card_four   batch/one card: $(ratio "$card_four" "$card_one")
-REPORT
+echo "card-speed targets: loop devices throttled to $((CARD_WRITE_BPS / 1000000)) MB/s writing, $((CARD_READ_BPS / 1000000)) MB/s reading, $CARD_RUNS rounds, ms"
+header "" "dd/this"
+row "dd bs=4M oflag=direct conv=fsync" card dd dd
+row "piprov flash --no-verify (map)" card one_nv dd
+row "piprov flash (map, verified)" card one dd
+row "piprov flash, 4 cards" card four one per
