@@ -41,7 +41,9 @@ fresh_start() {
 # time_rounds ROUNDS PREFIX RUNNER CASE…: each round runs every case once
 # (RUNNER CASE) from a fresh start; PREFIX_CASE is set to its best round and
 # PREFIX_CASE_median to its median, in ms. Rounds interleave the cases, so a
-# slow spell of the (shared, noisy) disk hits all of them alike.
+# slow spell of the (shared, noisy) disk hits all of them alike, and each round
+# starts one case later, so no case always follows dd's 2 GiB, which the VM's
+# host is still writing out (it made that case's median 15-20% slower).
 time_rounds() {
     rounds=$1 prefix=$2 runner=$3
     shift 3
@@ -56,6 +58,9 @@ time_rounds() {
             eval "${prefix}_${case}_all=\"\${${prefix}_${case}_all:-} $ms\""
         done
         round=$((round + 1))
+        first=$1
+        shift
+        set -- "$@" "$first"
     done
     for case in "$@"; do
         all= && eval "all=\$${prefix}_${case}_all"

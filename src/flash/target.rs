@@ -274,9 +274,9 @@ impl Target {
         let path = &info.path;
         if !info.block_device {
             // A file goes through the page cache, as with bmaptool and cp: the
-            // filesystem allocates and writes back in long runs, and
-            // `start_writeback` keeps the disk busy while the image is read.
-            // O_DIRECT here was slower than bmaptool (bench/README.md).
+            // filesystem allocates and writes back in long runs at the flush.
+            // O_DIRECT here was slower than bmaptool, and so was starting the
+            // writeback early with sync_file_range (bench/README.md).
             let file = OpenOptions::new()
                 .read(true)
                 .write(true)
@@ -328,25 +328,6 @@ impl Target {
             direct,
             image_len,
         })
-    }
-
-    /// Starts writing out a range just written through the page cache, without
-    /// waiting for it: the disk writes while the next chunks are read, instead
-    /// of everything at the final flush. Nothing to do for O_DIRECT writes.
-    pub fn start_writeback(&self, start: u64, len: u64) {
-        if self.direct {
-            return;
-        }
-        // SAFETY: a plain syscall on our own descriptor; it reads no memory.
-        // A failure only means the final flush does all the writing.
-        unsafe {
-            nix::libc::sync_file_range(
-                self.file.as_raw_fd(),
-                start as i64,
-                len as i64,
-                nix::libc::SYNC_FILE_RANGE_WRITE,
-            );
-        }
     }
 
     /// Flushes what was written and makes the system see the new card: for a

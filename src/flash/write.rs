@@ -468,7 +468,6 @@ fn card(
                         .write_all_at(&data[from..to], at)
                         .with_context(|| format!("writing {path} at byte {at}"))?;
                 }
-                target.start_writeback(start, len);
                 (job.tick)(len);
             }
             Msg::Check(_) | Msg::Checked => unreachable!("checks follow the end"),
