@@ -71,6 +71,26 @@ fn flash(dir: &TempDir) -> assert_cmd::Command {
     cmd
 }
 
+/// `piprov flash IMAGE CARD --yes --json`, which must succeed: its JSON lines.
+fn flash_json(dir: &TempDir, image: &Path, card: &Path) -> Vec<serde_json::Value> {
+    let out = flash(dir)
+        .arg(image)
+        .arg(card)
+        .args(["--yes", "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect()
+}
+
 #[test]
 fn the_map_is_safe_on_a_card_full_of_old_data() {
     let dir = TempDir::new().unwrap();
@@ -664,25 +684,7 @@ fn a_bmap_beside_the_image_decides_what_is_written() {
         .unwrap();
     let card = dir.path().join("card.img");
     fill_random(&card, std::fs::metadata(&image).unwrap().len());
-    let out = flash(&dir)
-        .arg(&image)
-        .arg(&card)
-        .args(["--yes", "--json"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let summary: serde_json::Value = serde_json::from_str(
-        String::from_utf8(out.stdout)
-            .unwrap()
-            .lines()
-            .last()
-            .unwrap(),
-    )
-    .unwrap();
+    let summary = flash_json(&dir, &image, &card).pop().unwrap();
     assert_eq!(
         summary["mapped_bytes"],
         mapped_blocks * 4096,
@@ -703,19 +705,8 @@ fn a_file_target_holds_no_blocks_of_zeroes_and_full_writes_every_byte() {
     let dir = TempDir::new().unwrap();
     let image = fixture("golden", &dir);
     let card = dir.path().join("card.img");
-    let out = flash(&dir)
-        .arg(&image)
-        .arg(&card)
-        .args(["--yes", "--json"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let stdout = String::from_utf8(out.stdout).unwrap();
-    let summary: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    let lines = flash_json(&dir, &image, &card);
+    let summary = lines.last().unwrap();
     let mapped = summary["mapped_bytes"].as_u64().unwrap();
     // The map holds the ext4 journal and the FATs' unused ends: runs of zeroes.
     assert!(
@@ -723,7 +714,7 @@ fn a_file_target_holds_no_blocks_of_zeroes_and_full_writes_every_byte() {
         "{} bytes allocated for {mapped} mapped",
         allocated(&card)
     );
-    assert!(stdout.contains(r#""verified":true"#), "{stdout}");
+    assert_eq!(lines[0]["card"]["verified"], true, "{lines:?}");
     assert_eq!(sha256_of(&card), sha256_of(&image), "the same bytes");
 
     let full = dir.path().join("full.img");
