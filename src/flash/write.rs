@@ -1,12 +1,13 @@
-//! Writing a batch of cards: one reader reads and hashes each chunk of the image
-//! once and hands it to every card's writer, so N cards cost one read and one
-//! hash of the image; only a chunk that holds a card's own stamp is patched and
-//! hashed again for that card. The slowest card sets the pace; a card that fails
-//! drops out and the others go on. On every card the first MiB is written last.
-//! Then the reader goes through the image once more, checks each chunk against
-//! the hash taken while writing, and every card compares what it reads back,
-//! bypassing the page cache, with that chunk: one more hash for the batch, not
-//! one per card.
+//! Writing a batch of cards: one reader reads each chunk of the image once and
+//! hands it to every card's writer, while other threads hash it, so N cards cost
+//! one read and one hash of the image; only a chunk that holds a card's own
+//! stamp is patched and hashed again for that card. The slowest card sets the
+//! pace; a card that fails drops out and the others go on. On every card the
+//! first MiB is written last. Then the reader goes through the image once more,
+//! the chunks are checked against the hashes taken while writing, and every
+//! card compares what it reads back (past the page cache on a device) with that
+//! chunk: one more hash for the batch, not one per card. Without a read-back
+//! nothing is hashed.
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
