@@ -265,6 +265,7 @@ pub fn check(info: &TargetInfo, policy: &Policy) -> Result<()> {
 pub struct Target {
     pub info: TargetInfo,
     pub file: File,
+    /// Written and read back with O_DIRECT: devices (unless they refuse it).
     pub direct: bool,
     image_len: u64,
 }

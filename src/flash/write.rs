@@ -33,8 +33,8 @@ pub const FIRST_MIB: u64 = 1 << 20;
 const DIRECT_ALIGN: usize = 4096;
 /// Chunks queued for each card: the reader runs this far ahead of the slowest.
 const IN_FLIGHT: usize = 2;
-/// Zeroes are looked for in blocks of this size (the ext4 and FAT cluster size
-/// of Pi OS images)...
+/// Zeroes are looked for in blocks of this size (the ext4 block size of Pi OS
+/// images)...
 const ZERO_BLOCK: usize = 4096;
 /// ...and a run of them is left out only from this length on, so the writes
 /// stay large: a card's speed comes from long writes.
@@ -284,8 +284,8 @@ pub fn write_batch(
     })
 }
 
-/// The reader: each chunk read and hashed once, sent to every card still going;
-/// then, to verify, read and hashed once more and sent again.
+/// The reader: each chunk read once and sent to every card still going (and
+/// hashed, to verify); then, to verify, read and hashed once more and sent again.
 fn feed(
     image: &File,
     rest: &[(u64, u64)],
@@ -455,8 +455,12 @@ fn card(
                         .with_context(|| format!("reading this card's stamp at byte {start}"))?;
                     own_hashes.insert(start, Sha256::digest(buf.data()));
                     own = buf;
-                    own_runs = data_runs(own.data());
-                    (own.data(), if skip_zeroes { &own_runs } else { &whole })
+                    own_runs = if skip_zeroes {
+                        data_runs(own.data())
+                    } else {
+                        whole.to_vec()
+                    };
+                    (own.data(), &own_runs)
                 } else if skip_zeroes {
                     (piece.buf.data(), piece.data_runs())
                 } else {
