@@ -5,6 +5,7 @@
 mod common;
 
 use common::ssm_endpoint::SsmEndpoint;
+use common::succeed;
 use predicates::prelude::*;
 use predicates::str::contains;
 use tempfile::TempDir;
@@ -14,28 +15,22 @@ fn create_list_delete() {
     let dir = TempDir::new().unwrap();
     let ssm = SsmEndpoint::start(dir.path(), 0);
     let code_file = dir.path().join("site.code");
-    let out = ssm
-        .piprov()
-        .arg("activation")
-        .args([
-            "create",
-            "--role",
-            "SSMServiceRole",
-            "--limit",
-            "10",
-            "--expires",
-            "7d",
-            "--name",
-            "door",
-        ])
-        .args(["--tag", "site=a", "--tag", "batch=2026-11", "--code-file"])
-        .arg(&code_file)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = succeed(
+        ssm.piprov()
+            .arg("activation")
+            .args([
+                "create",
+                "--role",
+                "SSMServiceRole",
+                "--limit",
+                "10",
+                "--expires",
+                "7d",
+                "--name",
+                "door",
+            ])
+            .args(["--tag", "site=a", "--tag", "batch=2026-11", "--code-file"])
+            .arg(&code_file),
     );
     let code = std::fs::read_to_string(&code_file)
         .unwrap()
@@ -84,17 +79,7 @@ fn create_list_delete() {
             .success()
             .stdout(contains("code "));
     }
-    let out = ssm
-        .piprov()
-        .arg("activation")
-        .args(["list", "--json"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = succeed(ssm.piprov().arg("activation").args(["list", "--json"]));
     let list: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(list.len(), 4, "every page is read");
     let ours = list.iter().find(|a| a["id"] == id.as_str()).unwrap();

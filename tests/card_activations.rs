@@ -7,7 +7,7 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use common::ssm_endpoint::SsmEndpoint;
-use common::{boot_files, build_image, fixture, sha256_of};
+use common::{boot_files, build_image, fixture, sha256_of, succeed};
 use predicates::str::contains;
 use tempfile::TempDir;
 
@@ -49,19 +49,13 @@ fn stamp_creates_a_single_use_activation_for_the_card() {
     let ssm = SsmEndpoint::start(dir.path(), 0);
     let image = fixture("golden", &dir);
     let golden_sha = sha256_of(&image);
-    let out = ssm
-        .piprov()
-        .arg("stamp")
-        .arg(&image)
-        .arg("--recipe")
-        .arg(embedded_recipe(dir.path()))
-        .args(["--hostname", "door-7", "--json"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = succeed(
+        ssm.piprov()
+            .arg("stamp")
+            .arg(&image)
+            .arg("--recipe")
+            .arg(embedded_recipe(dir.path()))
+            .args(["--hostname", "door-7", "--json"]),
     );
 
     let creates = ssm.requests_for("CreateActivation");

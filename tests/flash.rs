@@ -73,17 +73,7 @@ fn flash(dir: &TempDir) -> assert_cmd::Command {
 
 /// `piprov flash IMAGE CARD --yes --json`, which must succeed: its JSON lines.
 fn flash_json(dir: &TempDir, image: &Path, card: &Path) -> Vec<serde_json::Value> {
-    let out = flash(dir)
-        .arg(image)
-        .arg(card)
-        .args(["--yes", "--json"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = succeed(flash(dir).arg(image).arg(card).args(["--yes", "--json"]));
     String::from_utf8(out.stdout)
         .unwrap()
         .lines()

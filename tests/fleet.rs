@@ -4,33 +4,28 @@
 mod common;
 
 use common::ssm_endpoint::SsmEndpoint;
+use common::succeed;
 use predicates::str::contains;
 use tempfile::TempDir;
 
 /// An activation made through piprov (limit `limit`, tag site=`site`): (id, code).
 fn activation(ssm: &SsmEndpoint, limit: u32, site: &str) -> (String, String) {
-    let out = ssm
-        .piprov()
-        .args([
-            "activation",
-            "create",
-            "--role",
-            "R",
-            "--show-code",
-            "--json",
-        ])
-        .args([
-            "--limit",
-            &limit.to_string(),
-            "--tag",
-            &format!("site={site}"),
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = succeed(
+        ssm.piprov()
+            .args([
+                "activation",
+                "create",
+                "--role",
+                "R",
+                "--show-code",
+                "--json",
+            ])
+            .args([
+                "--limit",
+                &limit.to_string(),
+                "--tag",
+                &format!("site={site}"),
+            ]),
     );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     (

@@ -6,6 +6,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use super::ssm_endpoint::SsmEndpoint;
+use super::succeed;
 
 pub struct BrokerProcess {
     child: Option<Child>,
@@ -81,18 +82,12 @@ impl BrokerProcess {
 
     /// `piprov broker token add --name NAME ARGS…`; returns the token.
     pub fn add_token(&self, name: &str, args: &[&str]) -> String {
-        let out = self
-            .piprov()
-            .args(["broker", "token", "add", "--config"])
-            .arg(&self.config)
-            .args(["--name", name])
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
+        let out = succeed(
+            self.piprov()
+                .args(["broker", "token", "add", "--config"])
+                .arg(&self.config)
+                .args(["--name", name])
+                .args(args),
         );
         String::from_utf8(out.stdout).unwrap().trim().to_string()
     }

@@ -66,6 +66,17 @@ pub fn piprov() -> assert_cmd::Command {
     assert_cmd::Command::cargo_bin("piprov").expect("piprov binary")
 }
 
+/// Runs `cmd`, which must succeed (its stderr says why not): its output.
+pub fn succeed(cmd: &mut assert_cmd::Command) -> std::process::Output {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
 /// Start and length in bytes of partition `n` (1-based), read with sfdisk.
 pub fn partition_extent(image: &Path, n: usize) -> (u64, u64) {
     let out = Command::new("sfdisk")
