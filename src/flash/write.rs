@@ -305,18 +305,16 @@ fn feed(
         }
     };
     let pool = BufPool::default();
-    let mut written = match read_pass(image, rest, &pool, verify, cancel, &mut |piece| {
-        send_all(&|| Msg::Piece(piece.clone()))
-    })? {
-        Some(hashes) => hashes,
-        None => return Ok(()),
-    };
-    send_all(&|| Msg::Flush);
-    match read_pass(image, head, &pool, verify, cancel, &mut |piece| {
-        send_all(&|| Msg::Piece(piece.clone()))
-    })? {
-        Some(hashes) => written.extend(hashes),
-        None => return Ok(()),
+    let mut written = Hashes::new();
+    for (i, list) in [rest, head].into_iter().enumerate() {
+        let deliver = &mut |piece: &Arc<Piece>| send_all(&|| Msg::Piece(piece.clone()));
+        let Some(hashes) = read_pass(image, list, &pool, verify, cancel, deliver)? else {
+            return Ok(());
+        };
+        written.extend(hashes);
+        if i == 0 {
+            send_all(&|| Msg::Flush);
+        }
     }
     send_all(&|| Msg::End);
     if !verify {
@@ -329,11 +327,9 @@ fn feed(
         .iter()
         .map(|&(start, len, _)| (start, len))
         .collect();
-    let again = match read_pass(image, &pieces, &pool, true, cancel, &mut |piece| {
-        send_all(&|| Msg::Check(piece.clone()))
-    })? {
-        Some(hashes) => hashes,
-        None => return Ok(()),
+    let deliver = &mut |piece: &Arc<Piece>| send_all(&|| Msg::Check(piece.clone()));
+    let Some(again) = read_pass(image, &pieces, &pool, true, cancel, deliver)? else {
+        return Ok(());
     };
     if let Some(&(start, len, _)) = written
         .iter()
@@ -453,7 +449,9 @@ fn card(
                     job.overlay
                         .read_at(start, &mut buf.data_mut()[..len as usize])
                         .with_context(|| format!("reading this card's stamp at byte {start}"))?;
-                    own_hashes.insert(start, Sha256::digest(buf.data()));
+                    if mode.verify {
+                        own_hashes.insert(start, Sha256::digest(buf.data()));
+                    }
                     own = buf;
                     own_runs = if skip_zeroes {
                         data_runs(own.data())
