@@ -1,11 +1,12 @@
 //! The image model: a disk (image file, block device or memory buffer), its
 //! partition table, and the filesystems on it. No root and no mount needed.
 
-mod boot;
 mod cmdline;
+mod ext4;
+mod extents;
+mod fat;
 mod overlay;
 mod probe;
-mod rootfs;
 mod slice;
 mod table;
 
@@ -18,11 +19,12 @@ use std::rc::Rc;
 
 use anyhow::{Context, Result, anyhow, bail};
 
-pub use boot::BootFs;
 pub use cmdline::Cmdline;
+pub use ext4::{Owner, RootFs};
+pub use extents::{ALIGN, Extents};
+pub use fat::BootFs;
 pub use overlay::Overlay;
 pub use probe::FsKind;
-pub use rootfs::{Owner, RootFs};
 pub use slice::{PartitionSlice, SharedDisk};
 pub use table::{Partition, PartitionRole, PartitionTable, TableKind, read_table};
 
@@ -81,6 +83,35 @@ impl<D: Read + Write + Seek + Debug + 'static> Image<D> {
 
     pub fn probe(&self, partition: &Partition) -> FsKind {
         probe::probe(&self.slice(partition))
+    }
+
+    /// The bytes of `partition` its filesystem uses, as offsets in the image: a
+    /// filesystem never reads a block its own metadata says is free. A partition
+    /// whose filesystem piprov does not know is used whole.
+    pub fn used_by_filesystem(&self, partition: &Partition) -> Result<Extents> {
+        let slice = self.slice(partition);
+        let (used, what) = match self.probe(partition) {
+            FsKind::Fat => (fat::allocation::used(&slice), "FAT"),
+            FsKind::Ext => (ext4::allocation::used(&slice), "ext4"),
+            FsKind::Swap | FsKind::Unknown => {
+                return Ok(Extents::from_ranges(vec![(
+                    partition.start,
+                    partition.end(),
+                )]));
+            }
+        };
+        let used = used.with_context(|| {
+            format!(
+                "mapping the {what} filesystem in partition {}",
+                partition.number
+            )
+        })?;
+        Ok(Extents::from_ranges(
+            used.ranges()
+                .iter()
+                .map(|&(s, e)| (partition.start + s, partition.start + e.min(partition.size)))
+                .collect(),
+        ))
     }
 
     /// The Pi firmware loads from the first FAT partition.

@@ -1,5 +1,8 @@
-//! The ext4 root partition, read-only through ext4-view. Paths are absolute inside
-//! the image; symbolic links resolve inside the image, never on the host.
+//! The ext4 root partition: its files read through ext4-view (paths absolute
+//! inside the image; symbolic links resolve inside the image, never on the host),
+//! and which of its blocks are in use (`allocation`).
+
+pub(super) mod allocation;
 
 use anyhow::{Context, Result};
 use ext4_view::{Ext4, Ext4Error};

@@ -1,4 +1,7 @@
-//! The FAT boot partition (`bootfs`), read and written through fatfs.
+//! The FAT boot partition (`bootfs`): its files read and written through fatfs,
+//! and which of its bytes are in use (`allocation`).
+
+pub(super) mod allocation;
 
 use std::io::{self, Read, Seek, Write};
 use std::panic::{AssertUnwindSafe, catch_unwind};
