@@ -3,10 +3,12 @@
 pub mod broker;
 pub mod cli;
 pub mod flash;
+pub mod hex;
 pub mod image;
 pub mod inspect;
 pub mod layout;
 pub mod new_file;
+pub mod progress;
 pub mod recipe;
 pub mod ssm;
 pub mod stamp;

@@ -382,11 +382,19 @@ fn loop_devices_usable(dir: &TempDir) -> bool {
         .unwrap()
         .set_len(1 << 20)
         .unwrap();
-    let usable = Loop::new(&probe, &[]).is_some();
-    if !usable {
-        eprintln!("SKIPPED: loop devices are not available (needs root); CI runs these as root");
-    }
-    usable
+    available(
+        Loop::new(&probe, &[]).is_some(),
+        "a loop device (needs root)",
+    )
+}
+
+/// bmaptool, for the tests of its block maps.
+fn bmaptool_usable() -> bool {
+    let found = Command::new("bmaptool").arg("--version").output();
+    available(
+        found.is_ok_and(|o| o.status.success()),
+        "bmaptool (apt-get install bmap-tools)",
+    )
 }
 
 #[test]
@@ -629,10 +637,7 @@ fn ctrl_c_stops_cleanly_and_leaves_no_bootable_half_card() {
     let stdout = String::from_utf8(out.stdout).unwrap();
     assert_eq!(out.status.code(), Some(1), "{stdout}");
     assert!(stdout.contains("INTERRUPTED"), "{stdout}");
-    assert!(
-        stdout.contains("partition table was not written"),
-        "{stdout}"
-    );
+    assert!(stdout.contains("holds no partition table"), "{stdout}");
     let head = std::fs::read(&card).unwrap();
     assert!(
         head[..1 << 20].iter().all(|&b| b == 0),
@@ -651,35 +656,254 @@ fn build_image_sized(out: &Path, mib: u32) {
     assert!(status.success());
 }
 
+/// A used card: a loop device over `len` bytes of random data with `old` (an
+/// earlier image, if any) written at its start, as a card that held one.
+fn used_card(dir: &TempDir, name: &str, len: u64, old: Option<&Path>) -> (PathBuf, Loop) {
+    let backing = dir.path().join(format!("{name}.dev"));
+    fill_random(&backing, len);
+    if let Some(old) = old {
+        let ok = Command::new("dd")
+            .arg(format!("if={}", old.display()))
+            .arg(format!("of={}", backing.display()))
+            .args(["bs=4M", "conv=notrunc,sparse", "status=none"])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "dd {}", old.display());
+    }
+    let dev = Loop::new(&backing, &[]).unwrap();
+    (backing, dev)
+}
+
+/// What a loop device's first `len` bytes now hold, as an image file to check.
+fn card_as_image(dir: &TempDir, dev: Loop, backing: &Path, len: u64) -> PathBuf {
+    drop(dev);
+    let card = dir.path().join(format!(
+        "{}.img",
+        backing.file_stem().unwrap().to_string_lossy()
+    ));
+    std::fs::copy(backing, &card).unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&card)
+        .unwrap()
+        .set_len(len)
+        .unwrap();
+    card
+}
+
+fn read_at(path: &Path, at: u64, len: usize) -> Vec<u8> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = vec![0u8; len];
+    std::fs::File::open(path)
+        .unwrap()
+        .read_exact_at(&mut buf, at)
+        .unwrap();
+    buf
+}
+
 #[test]
-fn a_bmap_beside_the_image_decides_what_is_written() {
+fn an_interrupted_flash_of_a_used_card_leaves_it_with_no_partition_table() {
     let dir = TempDir::new().unwrap();
-    let image = fixture("golden", &dir);
-    let bmap = dir.path().join("golden.img.bmap");
-    let ok = Command::new("bmaptool")
-        .args(["-q", "create", "-o"])
-        .arg(&bmap)
-        .arg(&image)
-        .status();
-    if !ok.is_ok_and(|s| s.success()) {
-        eprintln!("SKIPPED: bmaptool is not installed (apt-get install bmap-tools)");
+    if !loop_devices_usable(&dir) {
         return;
     }
+    // The card held a GPT image, whose backup table sits at that image's end.
+    let old = fixture("gpt", &dir);
+    let old_len = std::fs::metadata(&old).unwrap().len();
+    let image = dir.path().join("big.img");
+    build_image_sized(&image, 1024);
+    let len = std::fs::metadata(&image).unwrap().len();
+    let (backing, dev) = used_card(&dir, "used", len + (64 << 20), Some(&old));
+    assert_eq!(&read_at(&backing, old_len - 512, 8), b"EFI PART");
+    let child = Command::new(assert_cmd::cargo::cargo_bin("piprov"))
+        .env("PIPROV_CACHE_DIR", dir.path().join("cache"))
+        .args([
+            "flash",
+            "--full",
+            "--yes",
+            "--quiet",
+            "--allow-non-removable",
+        ])
+        .arg(&image)
+        .arg(&dev.dev)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Interrupt once the new image is landing, before it reaches the old
+    // image's backup table (at 160 MiB).
+    let probe = 32 << 20;
+    let expected = read_at(&image, probe, 4096);
+    let started = std::time::Instant::now();
+    while read_at(&backing, probe, 4096) != expected {
+        assert!(started.elapsed().as_secs() < 60, "flash never wrote");
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(stdout.contains("INTERRUPTED"), "{stdout}");
+    assert!(stdout.contains("holds no partition table"), "{stdout}");
+    let card = card_as_image(&dir, dev, &backing, len + (64 << 20));
+    assert!(
+        read_at(&card, 0, 1 << 20).iter().all(|&b| b == 0),
+        "the first MiB (MBR, primary GPT) is erased"
+    );
+    assert!(
+        read_at(&card, old_len - (33 << 9), 33 << 9)
+            .iter()
+            .all(|&b| b == 0),
+        "the old image's backup GPT is erased"
+    );
+    let sfdisk = Command::new("sfdisk")
+        .arg("-d")
+        .arg(&card)
+        .output()
+        .unwrap();
+    assert!(
+        !sfdisk.status.success(),
+        "sfdisk finds no table: {}",
+        String::from_utf8_lossy(&sfdisk.stdout)
+    );
+}
+
+/// Runs a debugfs request (`write`, `rm`) on an image's ext4 partition, in place.
+fn edit_root(image: &Path, dir: &TempDir, request: &str) {
+    let part = dir.path().join("root.edit");
+    extract_partition(image, 2, &part);
+    let out = Command::new("debugfs")
+        .args(["-w", "-R", request])
+        .arg(&part)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let (start, _) = partition_extent(image, 2);
+    let ok = Command::new("dd")
+        .arg(format!("if={}", part.display()))
+        .arg(format!("of={}", image.display()))
+        .args(["bs=1M", "conv=notrunc", "oflag=seek_bytes", "status=none"])
+        .arg(format!("seek={start}"))
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+}
+
+/// Adds a file of random bytes at the top of an image's root filesystem.
+fn add_root_file(image: &Path, dir: &TempDir, name: &str, bytes: u64) {
+    let data = dir.path().join(format!("{name}.src"));
+    fill_random(&data, bytes);
+    edit_root(image, dir, &format!("write {} {name}", data.display()));
+}
+
+fn bmaptool_create(image: &Path, bmap: &Path) {
+    let ok = Command::new("bmaptool")
+        .args(["-q", "create", "-o"])
+        .arg(bmap)
+        .arg(image)
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "bmaptool create");
+}
+
+#[test]
+fn a_stale_bmap_is_caught_before_anything_is_written() {
+    let dir = TempDir::new().unwrap();
+    if !loop_devices_usable(&dir) || !bmaptool_usable() {
+        return;
+    }
+    let image = fixture("golden", &dir);
+    let bmap = dir.path().join("golden.img.bmap");
+    bmaptool_create(&image, &bmap);
+    // Changed after the bmap was made: a file added to its ext4.
+    add_root_file(&image, &dir, "added.bin", 3 << 20);
+    let len = std::fs::metadata(&image).unwrap().len();
+    let (backing, dev) = used_card(&dir, "used", len + (8 << 20), None);
+
+    // Named with --bmap: refused, and the card is as it was.
+    let before = sha256_of(&backing);
+    flash(&dir)
+        .arg(&image)
+        .arg(&dev.dev)
+        .arg("--bmap")
+        .arg(&bmap)
+        .args(["--yes", "--quiet", "--allow-non-removable"])
+        .assert()
+        .code(2)
+        .stderr(contains("do not match the bmap's checksum"));
+    assert_eq!(sha256_of(&backing), before, "nothing was written");
+
+    // Found beside the image: a warning, and the map of the filesystems.
+    let out = succeed(flash(&dir).arg(&image).arg(&dev.dev).args([
+        "--yes",
+        "--json",
+        "--allow-non-removable",
+    ]));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("warning: ignoring") && stderr.contains("golden.img.bmap"),
+        "{stderr}"
+    );
+    let card = card_as_image(&dir, dev, &backing, len);
+    fsck_clean(&card, dir.path());
+    let files = root_files(&card);
+    assert!(files.contains_key("/added.bin"));
+    assert_eq!(files, root_files(&image), "every file, the new one too");
+}
+
+#[test]
+fn a_bmap_that_matches_is_used_on_a_used_card() {
+    let dir = TempDir::new().unwrap();
+    if !loop_devices_usable(&dir) || !bmaptool_usable() {
+        return;
+    }
+    let image = fixture("registered", &dir);
+    // A file written and deleted: its blocks are free in the filesystem but
+    // allocated in the image file, so the bmap names them and the map does not.
+    add_root_file(&image, &dir, "deleted.bin", 2 << 20);
+    edit_root(&image, &dir, "rm deleted.bin");
+    let bmap = dir.path().join("registered.img.bmap");
+    bmaptool_create(&image, &bmap);
+    let len = std::fs::metadata(&image).unwrap().len();
+    let (backing, dev) = used_card(&dir, "used", len + (8 << 20), Some(&image));
+    let mapped = |extra: &[&str]| {
+        let out = succeed(
+            flash(&dir)
+                .arg(&image)
+                .arg(&dev.dev)
+                .args(["--yes", "--json", "--allow-non-removable"])
+                .args(extra),
+        );
+        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(!stderr.contains("warning"), "{stderr}");
+        let last = String::from_utf8(out.stdout).unwrap();
+        let summary: serde_json::Value =
+            serde_json::from_str(last.lines().last().unwrap()).unwrap();
+        assert_eq!(summary["ok"], 1, "{summary}");
+        summary["mapped_bytes"].as_u64().unwrap()
+    };
+    let without = mapped(&["--no-bmap"]);
+    fill_random(&backing, len + (8 << 20));
+    let with = mapped(&[]);
     let text = std::fs::read_to_string(&bmap).unwrap();
-    let mapped_blocks: u64 = text
+    let bmap_bytes: u64 = text
         .rsplit("<MappedBlocksCount>")
         .next()
         .and_then(|s| s.split("</MappedBlocksCount>").next())
-        .map(|s| s.trim().parse().unwrap())
+        .map(|s| s.trim().parse::<u64>().unwrap() * 4096)
         .unwrap();
-    let card = dir.path().join("card.img");
-    fill_random(&card, std::fs::metadata(&image).unwrap().len());
-    let summary = flash_json(&dir, &image, &card).pop().unwrap();
-    assert_eq!(
-        summary["mapped_bytes"],
-        mapped_blocks * 4096,
-        "the bmap's ranges were used"
+    assert!(
+        with > without && with >= bmap_bytes,
+        "the bmap's ranges join the map: {with} with, {without} without, {bmap_bytes} in the bmap"
     );
+    let card = card_as_image(&dir, dev, &backing, len);
     fsck_clean(&card, dir.path());
     assert_eq!(root_files(&card), root_files(&image));
 }

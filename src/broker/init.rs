@@ -93,7 +93,7 @@ pub fn init(options: &InitOptions) -> Result<Initialised> {
         cert_file: CERT_FILE.into(),
         key_file: KEY_FILE.into(),
         database: DATABASE_FILE.into(),
-        broker_id: crate::flash::source::hex(&id),
+        broker_id: crate::hex::hex(&id),
         region: options.region.clone(),
         iam_role: options.iam_role.clone(),
         profile: None,

@@ -63,7 +63,7 @@ pub fn now() -> i64 {
 }
 
 pub fn token_hash(token: &str) -> String {
-    crate::flash::source::hex(&Sha256::digest(token.as_bytes()))
+    crate::hex::hex(&Sha256::digest(token.as_bytes()))
 }
 
 #[derive(Debug, Clone, Serialize)]

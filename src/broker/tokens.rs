@@ -34,7 +34,7 @@ pub fn add(store: &Store, new: &NewToken) -> Result<String> {
     };
     let mut bytes = [0u8; 32];
     getrandom::getrandom(&mut bytes)?;
-    let token = format!("pvt_{}", crate::flash::source::hex(&bytes));
+    let token = format!("pvt_{}", crate::hex::hex(&bytes));
     let expires_at = new.expires.map(|d| now() + d.as_secs() as i64);
     store.add_token(
         new.name,

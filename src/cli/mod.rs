@@ -97,10 +97,14 @@ pub enum Command {
         a cache. By default only what the filesystems use is written — the FAT metadata and \
         allocated clusters, the ext4 blocks in use, everything outside the partitions — which \
         is safe on a card full of old data; --full writes every byte. With --recipe, each card \
-        is stamped as it is written (its own hostname and settings). The first MiB (the \
-        partition table) is written last, after everything else is flushed, so an interrupted \
-        card never looks bootable; then the written ranges are read back, bypassing the page \
-        cache, and compared with the SHA-256 taken while writing.\n\n\
+        is stamped as it is written (its own hostname and settings). A .bmap beside the image \
+        (or --bmap FILE) is checked as bmaptool checks it and its ranges written too.\n\n\
+        Each card's old partition tables are erased and flushed before anything else is \
+        written (the first and last MiB, and a GPT's backup wherever its header points); the \
+        new table goes on last, after everything else is flushed. A card that fails, or is \
+        interrupted, gets its table erased again: it is either right or plainly blank, never \
+        a bootable card with half-new data. The written ranges are read back, bypassing the \
+        page cache, and compared with the SHA-256 taken while writing.\n\n\
         Refused, with the reason: the system disk, a mounted or busy device, a partition, a \
         read-only or too small card; a non-removable disk without --allow-non-removable; one \
         over 128 GB without --allow-large. Nothing is written until you confirm (or --yes).\n\n\
@@ -137,6 +141,15 @@ pub enum Command {
         /// Expected SHA-256 of the decompressed image
         #[arg(long)]
         sha256: Option<String>,
+        /// bmaptool block map of the image; it must match the image (its own
+        /// checksum and every range's), or nothing is written. Without it, a
+        /// .bmap beside the image is used when it matches, and ignored with a
+        /// warning when it does not
+        #[arg(long, value_name = "FILE", conflicts_with_all = ["no_bmap", "full"])]
+        bmap: Option<PathBuf>,
+        /// Ignore any .bmap beside the image: write what the filesystems use
+        #[arg(long)]
+        no_bmap: bool,
         /// Append one JSON line per card to this file
         #[arg(long, value_name = "FILE")]
         manifest: Option<PathBuf>,
@@ -401,6 +414,8 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             full,
             no_verify,
             sha256,
+            bmap,
+            no_bmap,
             manifest,
             yes,
             allow_non_removable,
@@ -438,16 +453,21 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 allow_large,
                 sha256,
                 manifest,
+                bmap: match (bmap, no_bmap) {
+                    (Some(file), _) => crate::flash::BmapChoice::File(file),
+                    (None, true) => crate::flash::BmapChoice::Ignore,
+                    (None, false) => crate::flash::BmapChoice::Beside,
+                },
                 aws: aws.connection(),
             };
             let mode = if json {
-                crate::flash::progress::Mode::JsonLines
+                crate::progress::Mode::JsonLines
             } else if quiet {
-                crate::flash::progress::Mode::Quiet
+                crate::progress::Mode::Quiet
             } else {
-                crate::flash::progress::Mode::Bars
+                crate::progress::Mode::Bars
             };
-            let progress = crate::flash::progress::Progress::new(mode);
+            let progress = crate::progress::Progress::new(mode);
             let summary = crate::flash::flash(&config, &progress)?;
             print_flash_summary(&summary, json)
         }

@@ -9,7 +9,6 @@
 
 pub mod bmap;
 pub mod map;
-pub mod progress;
 pub mod source;
 pub mod target;
 pub mod write;
@@ -24,11 +23,11 @@ use anyhow::{Context, Result, bail};
 use serde::Serialize;
 
 use crate::image::{Image, Overlay};
+use crate::progress::Progress;
 use crate::recipe::{self, LoadedRecipe};
 use crate::ssm::CardActivations;
 use crate::stamp::{self, CardSettings};
 use map::Extents;
-use progress::Progress;
 use target::{Policy, TargetInfo};
 
 /// One card of a batch and what is particular to it.
@@ -54,6 +53,7 @@ pub struct FlashConfig {
     pub allow_large: bool,
     pub sha256: Option<String>,
     pub manifest: Option<PathBuf>,
+    pub bmap: BmapChoice,
     /// Where per-card activations are created (`source = "embedded"` without an id).
     pub aws: crate::ssm::Connection,
 }
@@ -87,28 +87,63 @@ pub struct Summary {
     pub cards: Vec<CardRecord>,
 }
 
-/// Set by Ctrl-C: writers stop at the next chunk.
+/// Set by Ctrl-C. Installed before anything with a side effect (decoding into
+/// the cache, creating activations), every long step checks it.
 static CANCEL: AtomicBool = AtomicBool::new(false);
 
-/// Parses a targets file: `device,hostname[,key=value…]` per line; `#` comments
-/// and a header line starting with `device` are skipped.
+/// Where the map of what to write comes from.
+#[derive(Debug, Clone, Default)]
+pub enum BmapChoice {
+    /// A `.bmap` beside the image, if there is one.
+    #[default]
+    Beside,
+    /// This bmap file: it must describe the image, or nothing is written.
+    File(PathBuf),
+    /// Never a bmap: the map piprov computes.
+    Ignore,
+}
+
+/// The error for an interrupt before any card was written.
+#[derive(Debug)]
+pub struct Interrupted(pub String);
+
+impl std::fmt::Display for Interrupted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "interrupted {}; no card was written", self.0)
+    }
+}
+
+impl std::error::Error for Interrupted {}
+
+fn cancelled(during: &str) -> Result<()> {
+    if CANCEL.load(Ordering::Relaxed) {
+        bail!(Interrupted(during.to_string()));
+    }
+    Ok(())
+}
+
+/// Parses a targets file: `device,hostname[,key=value…]` per record (CSV: a
+/// quoted field may hold commas); `#` comments and a header record starting
+/// with `device` are skipped.
 pub fn read_targets(path: &Path) -> Result<Vec<CardSpec>> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let file = File::open(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut reader = csv::ReaderBuilder::new()
+        .has_headers(false)
+        .flexible(true)
+        .trim(csv::Trim::All)
+        .comment(Some(b'#'))
+        .from_reader(file);
     let mut cards = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        let line = line.trim();
-        if line.is_empty()
-            || line.starts_with('#')
-            || line.starts_with("device,")
-            || line == "device"
-        {
+    for record in reader.records() {
+        let record = record.with_context(|| format!("reading {}", path.display()))?;
+        let line = record.position().map_or(0, |p| p.line());
+        let mut fields = record.iter();
+        let device = fields.next().unwrap_or_default();
+        if device == "device" || record.iter().all(str::is_empty) {
             continue;
         }
-        let mut fields = line.split(',').map(str::trim);
-        let device = fields.next().unwrap_or_default();
         if device.is_empty() {
-            bail!("{} line {}: no device", path.display(), i + 1);
+            bail!("{} line {line}: no device", path.display());
         }
         let hostname = fields.next().filter(|h| !h.is_empty()).map(str::to_string);
         let overrides: Vec<String> = fields
@@ -116,11 +151,7 @@ pub fn read_targets(path: &Path) -> Result<Vec<CardSpec>> {
             .map(str::to_string)
             .collect();
         if let Some(bad) = overrides.iter().find(|o| !o.contains('=')) {
-            bail!(
-                "{} line {}: {bad:?} is not key=value",
-                path.display(),
-                i + 1
-            );
+            bail!("{} line {line}: {bad:?} is not key=value", path.display());
         }
         cards.push(CardSpec {
             device: device.into(),
@@ -148,35 +179,27 @@ struct PreparedCard {
 }
 
 pub fn flash(config: &FlashConfig, progress: &Progress) -> Result<Summary> {
-    let mut seen = std::collections::BTreeSet::new();
-    for card in &config.cards {
-        let key = std::fs::canonicalize(&card.device).unwrap_or_else(|_| card.device.clone());
-        if !seen.insert(key) {
-            bail!("{} is listed twice", card.device.display());
-        }
-    }
+    // First of all, so that no interrupt can leave an activation or a cache
+    // file behind.
+    let _ = ctrlc::set_handler(|| CANCEL.store(true, Ordering::Relaxed));
+    refuse_duplicates(&config.cards)?;
     let recipe = match &config.recipe {
         Some(path) => Some(recipe::load(path, &config.overrides)?),
         None => None,
     };
 
-    let source = source::open(&config.image, config.sha256.as_deref(), progress)?;
+    let source =
+        source::open(&config.image, config.sha256.as_deref(), progress, &CANCEL).map_err(|e| {
+            match e.downcast_ref::<source::Cancelled>() {
+                Some(_) => anyhow::anyhow!(Interrupted("while the image was read".into())),
+                None => e,
+            }
+        })?;
     let base =
         Image::open(&source.path).with_context(|| format!("reading {}", config.image.display()))?;
-    let bmap = if config.full {
-        None
-    } else {
-        bmap::find_beside(&config.image)
-    };
-    let base_map = if config.full {
-        Extents::from_ranges(vec![(0, source.len)])
-    } else if let Some(file) = &bmap {
-        let text =
-            std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
-        bmap::parse(&text, source.len, file)?.aligned(source.len)
-    } else {
-        map::compute(&base).with_context(|| format!("mapping {}", config.image.display()))?
-    };
+    let base_map = choose_map(config, &source, &base, progress)?;
+    // Written last and erased again if the card fails: the partition tables.
+    let tables = base.table().locations(source.len);
     drop(base);
     progress.say(&format!(
         "{}: {} bytes ({}), {} to write{}",
@@ -191,11 +214,119 @@ pub fn flash(config: &FlashConfig, progress: &Progress) -> Result<Summary> {
         }
     ));
 
-    let policy = Policy {
-        required: source.len,
-        allow_non_removable: config.allow_non_removable,
-        allow_large: config.allow_large,
+    let infos = check_targets(config, &source)?;
+    confirm(&infos, config.yes)?;
+    cancelled("before any card was written")?;
+
+    // Each card opened (devices exclusively: a busy one is refused here) and
+    // stamped in memory before anything is written.
+    let mut issuer = None;
+    let mut issued = Vec::new();
+    let prepared = prepare_cards(
+        config,
+        recipe.as_ref(),
+        infos,
+        &source,
+        &base_map,
+        &mut issuer,
+        &mut issued,
+    )
+    .and_then(|prepared| {
+        cancelled("while the cards were prepared")?;
+        Ok(prepared)
+    });
+    let prepared = match prepared {
+        Ok(prepared) => prepared,
+        Err(e) => return Err(withdraw(e, issuer.as_ref(), &issued)),
     };
+    let records = write_cards(config, prepared, &source, &base_map, &tables, progress)
+        .into_iter()
+        .map(|mut record| {
+            if record.result != "ok" {
+                withdraw_for(&mut record, issuer.as_ref(), &issued);
+            }
+            progress.event(&serde_json::json!({"event": "card", "card": &record}));
+            record
+        })
+        .collect::<Vec<_>>();
+
+    if let Some(path) = &config.manifest {
+        let mut out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .with_context(|| format!("opening the manifest {}", path.display()))?;
+        for record in &records {
+            writeln!(out, "{}", serde_json::to_string(record)?)?;
+        }
+    }
+    Ok(Summary {
+        image_sha256: source.sha256,
+        image_bytes: source.len,
+        mapped_bytes: base_map.bytes(),
+        cards: records,
+    })
+}
+
+fn refuse_duplicates(cards: &[CardSpec]) -> Result<()> {
+    let mut seen = std::collections::BTreeSet::new();
+    for card in cards {
+        let key = std::fs::canonicalize(&card.device).unwrap_or_else(|_| card.device.clone());
+        if !seen.insert(key) {
+            bail!("{} is listed twice", card.device.display());
+        }
+    }
+    Ok(())
+}
+
+/// What to write: every byte with --full; otherwise the map piprov computes
+/// from the filesystems, joined with a bmap that checks out against the image.
+/// Both, because a bmap names the blocks the image file had allocated, and a
+/// block of zeroes the filesystem needs (an inode table block) may be a hole
+/// that bmaptool never writes, which on a used card leaves old bytes there.
+fn choose_map(
+    config: &FlashConfig,
+    source: &source::Source,
+    base: &Image<File>,
+    progress: &Progress,
+) -> Result<Extents> {
+    if config.full {
+        return Ok(Extents::from_ranges(vec![(0, source.len)]));
+    }
+    let computed =
+        map::compute(base).with_context(|| format!("mapping {}", config.image.display()))?;
+    let (path, explicit) = match &config.bmap {
+        BmapChoice::Ignore => return Ok(computed),
+        BmapChoice::File(path) => (path.clone(), true),
+        BmapChoice::Beside => match bmap::find_beside(&config.image) {
+            Some(path) => (path, false),
+            None => return Ok(computed),
+        },
+    };
+    let image = File::open(&source.path)?;
+    let checked = bmap::Bmap::load(&path).and_then(|bmap| {
+        bmap.check_image(&image, source.len, &CANCEL)?;
+        cancelled("while the bmap was checked")?;
+        Ok(bmap)
+    });
+    match checked {
+        Ok(bmap) => Ok(computed.union(&bmap.extents()).aligned(source.len)),
+        Err(e) if explicit || e.downcast_ref::<Interrupted>().is_some() => Err(e),
+        Err(e) => {
+            // Found, not asked for: the computed map is right for any image, so a
+            // stale bmap need not stop the bench; it is said loudly.
+            progress.warn(&format!(
+                "warning: ignoring {}: {e:#}; writing the map piprov computes from the \
+                 filesystems instead (--no-bmap to skip the check)",
+                path.display()
+            ));
+            Ok(computed)
+        }
+    }
+}
+
+/// Probes and checks every target; refuses the image itself as a target.
+fn check_targets(config: &FlashConfig, source: &source::Source) -> Result<Vec<TargetInfo>> {
     // Writing over the image being read would destroy it.
     let sources = [
         std::fs::canonicalize(&config.image).ok(),
@@ -210,37 +341,34 @@ pub fn flash(config: &FlashConfig, progress: &Progress) -> Result<Summary> {
             );
         }
     }
+    let policy = Policy {
+        required: source.len,
+        allow_non_removable: config.allow_non_removable,
+        allow_large: config.allow_large,
+    };
     let mut infos = Vec::new();
     for card in &config.cards {
         let info = target::probe(&card.device)?;
         target::check(&info, &policy)?;
         infos.push(info);
     }
-    confirm(&infos, config.yes)?;
+    Ok(infos)
+}
 
-    // Each card opened (devices exclusively: a busy one is refused here) and
-    // stamped in memory before anything is written.
-    let mut issuer = None;
-    let mut issued = Vec::new();
-    let mut prepared = match prepare_cards(
-        config,
-        recipe.as_ref(),
-        infos,
-        &source,
-        &base_map,
-        &mut issuer,
-        &mut issued,
-    ) {
-        Ok(prepared) => prepared,
-        Err(e) => return Err(withdraw(e, issuer.as_ref(), &issued)),
-    };
-
+/// Writes the prepared cards side by side: one record per card, in order.
+fn write_cards(
+    config: &FlashConfig,
+    mut prepared: Vec<PreparedCard>,
+    source: &source::Source,
+    base_map: &Extents,
+    tables: &Extents,
+    progress: &Progress,
+) -> Vec<CardRecord> {
     // One set of ranges for the batch: the image's, plus every card's stamp.
     let extents = prepared
         .iter()
         .fold(base_map.clone(), |all, card| all.union(&card.extents))
         .aligned(source.len);
-    let _ = ctrlc::set_handler(|| CANCEL.store(true, Ordering::Relaxed));
     let started = Instant::now();
     let per_card = extents.bytes() * (1 + u64::from(config.verify));
     let total = progress.bytes("total", per_card * prepared.len() as u64);
@@ -270,18 +398,26 @@ pub fn flash(config: &FlashConfig, progress: &Progress) -> Result<Summary> {
             Err(_) => slots.push(None),
         }
     }
-    let image = File::open(&source.path)?;
     let mode = write::Mode {
         verify: config.verify,
         sparse: !config.full,
     };
-    let mut results: Vec<Option<Result<write::Outcome>>> =
-        write::write_batch(&image, jobs, &extents, mode, &CANCEL)
+    let mut results: Vec<Option<Result<write::Outcome>>> = match File::open(&source.path) {
+        Ok(image) => write::write_batch(&image, jobs, &extents, tables, mode, &CANCEL)
             .into_iter()
             .map(Some)
-            .collect();
+            .collect(),
+        Err(e) => {
+            let why = format!("opening {}: {e}", source.path.display());
+            let count = jobs.len();
+            drop(jobs);
+            (0..count)
+                .map(|_| Some(Err(anyhow::anyhow!("{why}"))))
+                .collect()
+        }
+    };
     total.finish_and_clear();
-    let records: Vec<CardRecord> = prepared
+    prepared
         .into_iter()
         .zip(slots)
         .map(|(card, slot)| {
@@ -290,43 +426,28 @@ pub fn flash(config: &FlashConfig, progress: &Progress) -> Result<Summary> {
                 (None, Err(e)) => Err(anyhow::anyhow!("{e:#}")),
                 (None, Ok(_)) => unreachable!("every opened card has a job"),
             };
-            let mut record = card_record(card, result, &source.sha256, started);
-            if record.result != "ok" {
-                if let (Some(issuer), Some(id)) = (&issuer, &record.activation_id) {
-                    if issued.contains(id) {
-                        match issuer.delete(id) {
-                            Ok(()) => record.activation_deleted = true,
-                            Err(e) => {
-                                let error = record.error.take().unwrap_or_default();
-                                record.error = Some(format!(
-                                    "{error}; its activation {id} could not be deleted: {e:#}"
-                                ));
-                            }
-                        }
-                    }
-                }
-            }
-            progress.event(&serde_json::json!({"event": "card", "card": &record}));
-            record
+            card_record(card, result, &source.sha256, started)
         })
-        .collect();
+        .collect()
+}
 
-    if let Some(path) = &config.manifest {
-        let mut out = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-            .with_context(|| format!("opening the manifest {}", path.display()))?;
-        for record in &records {
-            writeln!(out, "{}", serde_json::to_string(record)?)?;
+/// Deletes the activation created for a card that failed, and says so.
+fn withdraw_for(record: &mut CardRecord, issuer: Option<&CardActivations>, issued: &[String]) {
+    let (Some(issuer), Some(id)) = (issuer, &record.activation_id) else {
+        return;
+    };
+    if !issued.contains(id) {
+        return;
+    }
+    match issuer.delete(id) {
+        Ok(()) => record.activation_deleted = true,
+        Err(e) => {
+            let error = record.error.take().unwrap_or_default();
+            record.error = Some(format!(
+                "{error}; its activation {id} could not be deleted: {e:#}"
+            ));
         }
     }
-    Ok(Summary {
-        image_sha256: source.sha256,
-        image_bytes: source.len,
-        mapped_bytes: base_map.bytes(),
-        cards: records,
-    })
 }
 
 /// Opens and stamps every card. Activations created on the way are pushed to
@@ -342,6 +463,7 @@ fn prepare_cards(
 ) -> Result<Vec<PreparedCard>> {
     let mut prepared = Vec::new();
     for (i, (spec, info)) in config.cards.iter().zip(infos).enumerate() {
+        cancelled("while the cards were prepared")?;
         let target = target::Target::open(&info, source.len);
         if info.block_device {
             if let Err(e) = target {
@@ -351,8 +473,7 @@ fn prepare_cards(
         let mut overlay = Overlay::new(File::open(&source.path)?)?;
         let (mut extents, mut hostname, mut activation_id) = (base_map.clone(), None, None);
         if let Some(recipe) = recipe {
-            let mut settings =
-                card_settings(recipe, spec, config.hostname.as_deref(), i as u32 + 1)?;
+            let mut settings = card_settings(recipe, config, spec, i as u32 + 1)?;
             let name = spec.device.display().to_string();
             if settings.needs_activation() {
                 if issuer.is_none() {
@@ -413,18 +534,26 @@ fn withdraw(
     }
 }
 
+/// The recipe with the command line's `--set` and then the card's own
+/// overrides (the card's line wins where both set a key).
 fn card_settings(
     recipe: &LoadedRecipe,
+    config: &FlashConfig,
     spec: &CardSpec,
-    pattern: Option<&str>,
     number: u32,
 ) -> Result<CardSettings> {
     let recipe = if spec.overrides.is_empty() {
         recipe.clone()
     } else {
-        recipe::load(&recipe.path, &spec.overrides)?
+        let all: Vec<String> = config
+            .overrides
+            .iter()
+            .chain(&spec.overrides)
+            .cloned()
+            .collect();
+        recipe::load(&recipe.path, &all)?
     };
-    let hostname = spec.hostname.as_deref().or(pattern);
+    let hostname = spec.hostname.as_deref().or(config.hostname.as_deref());
     CardSettings::from_recipe(&recipe, hostname, Some(number))
         .with_context(|| format!("settings for {}", spec.device.display()))
 }

@@ -7,11 +7,13 @@
 use std::fs::File;
 use std::io::{self, BufReader, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{Context, Result, bail};
 use sha2::{Digest, Sha256};
 
-use super::progress::Progress;
+use crate::hex::hex;
+use crate::progress::Progress;
 
 /// Reads and writes of this size keep the decoders and the disk busy without
 /// holding much memory.
@@ -81,8 +83,14 @@ pub fn cache_dir() -> PathBuf {
 }
 
 /// Opens (and if needed decodes) an image; `expected` is the SHA-256 the
-/// decoded image must have.
-pub fn open(path: &Path, expected: Option<&str>, progress: &Progress) -> Result<Source> {
+/// decoded image must have. `cancel` stops the work at the next piece, and
+/// leaves no partial file in the cache.
+pub fn open(
+    path: &Path,
+    expected: Option<&str>,
+    progress: &Progress,
+    cancel: &AtomicBool,
+) -> Result<Source> {
     let mut file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
     let mut head = [0u8; 8];
     let n = read_up_to(&mut file, &mut head)?;
@@ -90,7 +98,7 @@ pub fn open(path: &Path, expected: Option<&str>, progress: &Progress) -> Result<
     let source = if format == Format::Raw {
         let len = file.seek(SeekFrom::End(0))?;
         file.seek(SeekFrom::Start(0))?;
-        let sha256 = raw_hash_cached(path, &mut file, len, progress)?;
+        let sha256 = raw_hash_cached(path, &mut file, len, progress, cancel)?;
         Source {
             path: path.to_path_buf(),
             len,
@@ -98,7 +106,7 @@ pub fn open(path: &Path, expected: Option<&str>, progress: &Progress) -> Result<
             format,
         }
     } else {
-        decode_cached(path, format, progress)
+        decode_cached(path, format, progress, cancel)
             .with_context(|| format!("decoding {} ({})", path.display(), format.name()))?
     };
     if let Some(expected) = expected {
@@ -118,12 +126,18 @@ pub fn image_sha256(path: &Path, progress: &Progress) -> Result<String> {
     let mut file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
     let len = file.seek(SeekFrom::End(0))?;
     file.seek(SeekFrom::Start(0))?;
-    raw_hash_cached(path, &mut file, len, progress)
+    raw_hash_cached(path, &mut file, len, progress, &AtomicBool::new(false))
 }
 
 /// The SHA-256 of a raw image, remembered per file (device, inode, size and
 /// mtime), so a bench flashing the same image again does not read it twice.
-fn raw_hash_cached(path: &Path, file: &mut File, len: u64, progress: &Progress) -> Result<String> {
+fn raw_hash_cached(
+    path: &Path,
+    file: &mut File,
+    len: u64,
+    progress: &Progress,
+    cancel: &AtomicBool,
+) -> Result<String> {
     use std::os::unix::fs::MetadataExt;
     let meta = file.metadata()?;
     let key = format!(
@@ -138,7 +152,7 @@ fn raw_hash_cached(path: &Path, file: &mut File, len: u64, progress: &Progress) 
     if let Ok(text) = std::fs::read_to_string(&cached) {
         return Ok(text.trim().to_string());
     }
-    let sha256 = hash_reader(file, len, progress, "hashing")
+    let sha256 = hash_reader(file, len, progress, "hashing", cancel)
         .with_context(|| format!("hashing {}", path.display()))?;
     if std::fs::create_dir_all(cache_dir()).is_ok() {
         let _ = std::fs::write(&cached, format!("{sha256}\n"));
@@ -157,11 +171,37 @@ fn read_up_to(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
     Ok(n)
 }
 
-fn hash_reader(r: &mut impl Read, len: u64, progress: &Progress, what: &str) -> Result<String> {
+/// The error of a step stopped by Ctrl-C.
+#[derive(Debug)]
+pub struct Cancelled;
+
+impl std::fmt::Display for Cancelled {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("interrupted")
+    }
+}
+
+impl std::error::Error for Cancelled {}
+
+fn check(cancel: &AtomicBool) -> Result<()> {
+    if cancel.load(Ordering::Relaxed) {
+        bail!(Cancelled);
+    }
+    Ok(())
+}
+
+fn hash_reader(
+    r: &mut impl Read,
+    len: u64,
+    progress: &Progress,
+    what: &str,
+    cancel: &AtomicBool,
+) -> Result<String> {
     let bar = progress.bytes(what, len);
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; CHUNK];
     loop {
+        check(cancel)?;
         let n = read_up_to(r, &mut buf)?;
         if n == 0 {
             break;
@@ -173,14 +213,21 @@ fn hash_reader(r: &mut impl Read, len: u64, progress: &Progress, what: &str) -> 
     Ok(hex(&hasher.finalize()))
 }
 
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn decode_cached(path: &Path, format: Format, progress: &Progress) -> Result<Source> {
+fn decode_cached(
+    path: &Path,
+    format: Format,
+    progress: &Progress,
+    cancel: &AtomicBool,
+) -> Result<Source> {
     let mut archive = File::open(path)?;
     let archive_len = archive.metadata()?.len();
-    let key = hash_reader(&mut archive, archive_len, progress, "hashing archive")?;
+    let key = hash_reader(
+        &mut archive,
+        archive_len,
+        progress,
+        "hashing archive",
+        cancel,
+    )?;
     let dir = cache_dir();
     std::fs::create_dir_all(&dir)
         .with_context(|| format!("creating the cache {}", dir.display()))?;
@@ -211,11 +258,22 @@ fn decode_cached(path: &Path, format: Format, progress: &Progress) -> Result<Sou
         Format::Xz => copy_sparse(
             &mut liblzma::read::XzDecoder::new_parallel(counted),
             &mut out,
+            cancel,
         ),
-        Format::Gzip => copy_sparse(&mut flate2::read::MultiGzDecoder::new(counted), &mut out),
-        Format::Zstd => copy_sparse(&mut zstd::stream::read::Decoder::new(counted)?, &mut out),
-        Format::Bzip2 => copy_sparse(&mut bzip2::read::MultiBzDecoder::new(counted), &mut out),
-        Format::Zip => decode_zip(path, &mut out),
+        Format::Gzip => copy_sparse(
+            &mut flate2::read::MultiGzDecoder::new(counted),
+            &mut out,
+            cancel,
+        ),
+        Format::Zstd => zstd::stream::read::Decoder::new(counted)
+            .map_err(anyhow::Error::from)
+            .and_then(|mut decoder| copy_sparse(&mut decoder, &mut out, cancel)),
+        Format::Bzip2 => copy_sparse(
+            &mut bzip2::read::MultiBzDecoder::new(counted),
+            &mut out,
+            cancel,
+        ),
+        Format::Zip => decode_zip(path, &mut out, cancel),
         Format::Raw => unreachable!("raw images are not decoded"),
     };
     bar.finish_and_clear();
@@ -223,12 +281,20 @@ fn decode_cached(path: &Path, format: Format, progress: &Progress) -> Result<Sou
         Ok(done) => done,
         Err(e) => {
             let _ = std::fs::remove_file(&partial);
+            if e.downcast_ref::<Cancelled>().is_some() {
+                return Err(e);
+            }
             return Err(e).context("the archive is truncated or corrupt");
         }
     };
-    out.sync_all()?;
-    std::fs::write(&hash_file, format!("{sha256}\n"))?;
-    std::fs::rename(&partial, &image)?;
+    let kept = out
+        .sync_all()
+        .and_then(|()| std::fs::write(&hash_file, format!("{sha256}\n")))
+        .and_then(|()| std::fs::rename(&partial, &image));
+    if let Err(e) = kept {
+        let _ = std::fs::remove_file(&partial);
+        return Err(e).with_context(|| format!("keeping the decoded image in {}", dir.display()));
+    }
     Ok(Source {
         path: image,
         len,
@@ -238,7 +304,7 @@ fn decode_cached(path: &Path, format: Format, progress: &Progress) -> Result<Sou
 }
 
 /// The single disk image inside a zip (Raspberry Pi OS zips hold one `.img`).
-fn decode_zip(path: &Path, out: &mut File) -> Result<(u64, String)> {
+fn decode_zip(path: &Path, out: &mut File, cancel: &AtomicBool) -> Result<(u64, String)> {
     let mut zip = zip::ZipArchive::new(File::open(path)?).context("reading the zip directory")?;
     let names: Vec<String> = zip
         .file_names()
@@ -262,16 +328,17 @@ fn decode_zip(path: &Path, out: &mut File) -> Result<(u64, String)> {
         },
     };
     let mut entry = zip.by_name(&name)?;
-    copy_sparse(&mut entry, out)
+    copy_sparse(&mut entry, out, cancel)
 }
 
 /// Copies a stream into a file, leaving holes for long runs of zeroes, and
 /// returns its length and SHA-256.
-fn copy_sparse(r: &mut impl Read, out: &mut File) -> Result<(u64, String)> {
+fn copy_sparse(r: &mut impl Read, out: &mut File, cancel: &AtomicBool) -> Result<(u64, String)> {
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; CHUNK];
     let mut len = 0u64;
     loop {
+        check(cancel)?;
         let n = read_up_to(r, &mut buf)?;
         if n == 0 {
             break;
@@ -325,7 +392,7 @@ mod tests {
         let dir = tempfile::TempDir::new().unwrap();
         let path = dir.path().join("out");
         let mut out = File::create(&path).unwrap();
-        let (len, sha) = copy_sparse(&mut &data[..], &mut out).unwrap();
+        let (len, sha) = copy_sparse(&mut &data[..], &mut out, &AtomicBool::new(false)).unwrap();
         assert_eq!(len, 300_000);
         assert_eq!(std::fs::read(&path).unwrap(), data);
         assert_eq!(sha, hex(&Sha256::digest(&data)));

@@ -6,9 +6,12 @@ use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{Context, Result, bail};
 use serde::Serialize;
+
+use crate::image::{Extents, TABLE_HEAD, tables_on_disk};
 
 /// Raspberry Pi Imager and balenaEtcher ask twice above this: a card this big
 /// is more likely somebody's external disk.
@@ -260,6 +263,16 @@ pub fn check(info: &TargetInfo, policy: &Policy) -> Result<()> {
     Ok(())
 }
 
+/// The tables a device holds before it is written, read from its first 8 KiB.
+fn read_stale_tables(path: &Path, len: u64) -> Result<Extents> {
+    use std::os::unix::fs::FileExt;
+    let mut head = vec![0u8; 8192.min(len as usize)];
+    File::open(path)
+        .and_then(|f| f.read_exact_at(&mut head, 0))
+        .with_context(|| format!("reading the partition table of {}", path.display()))?;
+    Ok(tables_on_disk(&head, len))
+}
+
 /// An open target. Block devices are opened with O_EXCL (the kernel refuses a
 /// device that is mounted or held by another program) and O_DIRECT.
 pub struct Target {
@@ -268,6 +281,21 @@ pub struct Target {
     /// Written and read back with O_DIRECT: devices (unless they refuse it).
     pub direct: bool,
     image_len: u64,
+    /// Where the card holds partition tables from before (devices only: a file
+    /// starts empty).
+    stale_tables: Extents,
+    /// The card's length in bytes.
+    len: u64,
+    /// A file this run created: removed again if nothing was written to it.
+    remove_unless_started: AtomicBool,
+}
+
+impl Drop for Target {
+    fn drop(&mut self) {
+        if self.remove_unless_started.load(Ordering::Relaxed) {
+            let _ = std::fs::remove_file(&self.info.path);
+        }
+    }
 }
 
 impl Target {
@@ -278,6 +306,7 @@ impl Target {
             // filesystem allocates and writes back in long runs at the flush.
             // O_DIRECT here was slower than bmaptool, and so was starting the
             // writeback early with sync_file_range (bench/README.md).
+            let existed = path.exists();
             let file = OpenOptions::new()
                 .read(true)
                 .write(true)
@@ -285,14 +314,14 @@ impl Target {
                 .truncate(false)
                 .open(path)
                 .with_context(|| format!("opening {}", path.display()))?;
-            // Unwritten ranges of a file read as zeroes; stale bytes past the image go.
-            file.set_len(0)?;
-            file.set_len(image_len)?;
             return Ok(Self {
                 info: info.clone(),
                 file,
                 direct: false,
                 image_len,
+                stale_tables: Extents::default(),
+                len: image_len,
+                remove_unless_started: AtomicBool::new(!existed),
             });
         }
         let open = |flags: i32| {
@@ -323,12 +352,45 @@ impl Target {
                 info.describe()
             );
         }
+        let stale_tables = read_stale_tables(path, size)?;
         Ok(Self {
             info: info.clone(),
             file,
             direct,
             image_len,
+            stale_tables,
+            len: size,
+            remove_unless_started: AtomicBool::new(false),
         })
+    }
+
+    /// Called before the first write. A file is emptied here, not when it is
+    /// opened, so that a flash stopped before writing leaves it as it was.
+    pub fn start_writing(&self) -> Result<()> {
+        self.remove_unless_started.store(false, Ordering::Relaxed);
+        if !self.info.block_device {
+            // Unwritten ranges of a file read as zeroes; stale bytes past the image go.
+            let path = self.info.path.display();
+            self.file
+                .set_len(0)
+                .and_then(|()| self.file.set_len(self.image_len))
+                .with_context(|| format!("emptying {path}"))?;
+        }
+        Ok(())
+    }
+
+    /// What to erase before the first write and again when the card fails:
+    /// the new image's `tables`, every table the card held before, and on a
+    /// device its first and last MiB (where tools look for a GPT's backup).
+    pub fn erase_set(&self, tables: &Extents) -> Extents {
+        let mut set = tables.union(&self.stale_tables);
+        if self.info.block_device {
+            set = set.union(&Extents::from_ranges(vec![
+                (0, TABLE_HEAD.min(self.len)),
+                (self.len.saturating_sub(TABLE_HEAD), self.len),
+            ]));
+        }
+        set.aligned(self.len)
     }
 
     /// Flushes what was written and makes the system see the new card: for a

@@ -25,10 +25,8 @@ use crate::image::Overlay;
 /// O_DIRECT writes of 16 MiB keep a card's queue busy: with 4 MiB, --full was
 /// slower than dd on the same disk (bench/README.md).
 pub const CHUNK: u64 = 16 << 20;
-/// The partition table and boot code live here. Written last, after everything
-/// else is on the card, so an interrupted write never leaves a card that looks
-/// bootable.
-pub const FIRST_MIB: u64 = 1 << 20;
+/// Zeroes are written from a buffer of this size when tables are erased.
+const ERASE_PIECE: usize = 1 << 20;
 /// O_DIRECT wants buffers, offsets and lengths aligned to the logical sector.
 const DIRECT_ALIGN: usize = 4096;
 /// Chunks queued for each card: the reader runs this far ahead of the slowest.
@@ -90,27 +88,24 @@ impl BufPool {
 /// `(start, len)` pieces of the card, in the order they are written.
 type Pieces = Vec<(u64, u64)>;
 
-/// Splits the extents into chunks: those in the first MiB, and the rest.
-fn plan_chunks(extents: &Extents) -> (Pieces, Pieces) {
-    let (mut head, mut rest) = (Vec::new(), Vec::new());
-    for &(start, end) in extents.ranges() {
-        let mut at = start;
-        while at < end {
-            let limit = if at < FIRST_MIB {
-                FIRST_MIB.min(end)
-            } else {
-                end
-            };
-            let len = (limit - at).min(CHUNK);
-            if at < FIRST_MIB {
-                head.push((at, len))
-            } else {
-                rest.push((at, len))
+/// Splits the extents into chunks: those under the partition `tables`
+/// (written last), and the rest.
+fn plan_chunks(extents: &Extents, tables: &Extents) -> (Pieces, Pieces) {
+    let rest = extents.minus(tables);
+    let last = extents.minus(&rest);
+    let chunks = |e: &Extents| {
+        let mut out = Vec::new();
+        for &(start, end) in e.ranges() {
+            let mut at = start;
+            while at < end {
+                let len = (end - at).min(CHUNK);
+                out.push((at, len));
+                at += len;
             }
-            at += len;
         }
-    }
-    (head, rest)
+        out
+    };
+    (chunks(&last), chunks(&rest))
 }
 
 /// A chunk of the image, read once for all cards. Its data is padded with
@@ -224,17 +219,44 @@ pub struct Outcome {
 pub struct InterruptedError {
     /// The whole image was on the card; the read-back was cut short.
     written: bool,
+    /// Why the card's partition table could not be erased, if it could not.
+    not_erased: Option<String>,
 }
 
 impl std::fmt::Display for InterruptedError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(if self.written {
-            "interrupted while verifying: the card is written but not verified"
+            "interrupted while verifying: the card is not verified"
         } else {
-            "interrupted before the card was complete; its partition table was not written"
-        })
+            "interrupted before the card was complete"
+        })?;
+        match &self.not_erased {
+            None => f.write_str(&format!("; {ERASED}")),
+            Some(why) => write!(f, "; {} ({why}): do not use this card", NOT_ERASED),
+        }
     }
 }
+
+/// A card that failed, and what it was left as.
+#[derive(Debug)]
+struct Failed {
+    cause: String,
+    /// `ERASED`, or why it could not be.
+    left: String,
+}
+
+impl std::fmt::Display for Failed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}; {}", self.cause, self.left)
+    }
+}
+
+impl std::error::Error for Failed {}
+
+/// What a failed card is left as.
+const ERASED: &str = "its partition table is erased: the card holds no partition table and \
+                      will not boot (flash it again)";
+const NOT_ERASED: &str = "and its partition table could not be erased";
 
 impl std::error::Error for InterruptedError {}
 
@@ -249,14 +271,18 @@ pub struct Mode {
 }
 
 /// Writes `extents` of the image to every card; one result per job, in order.
+/// `tables` are where the image's partition tables lie: written after
+/// everything else is flushed, and erased (with every table the card held
+/// before) before the first write and again when a card fails.
 pub fn write_batch(
     image: &File,
     jobs: Vec<Job<'_>>,
     extents: &Extents,
+    tables: &Extents,
     mode: Mode,
     cancel: &AtomicBool,
 ) -> Vec<Result<Outcome>> {
-    let (head, rest) = plan_chunks(extents);
+    let (head, rest) = plan_chunks(extents, tables);
     let bytes = extents.bytes();
     std::thread::scope(|scope| {
         let mut senders = Vec::new();
@@ -264,7 +290,7 @@ pub fn write_batch(
         for job in jobs {
             let (tx, rx) = sync_channel::<Msg>(IN_FLIGHT);
             senders.push(Some(tx));
-            handles.push(scope.spawn(move || card(job, rx, bytes, mode, cancel)));
+            handles.push(scope.spawn(move || card(job, rx, bytes, tables, mode, cancel)));
         }
         let read = feed(image, &rest, &head, &mut senders, mode.verify, cancel);
         drop(senders);
@@ -276,7 +302,15 @@ pub fn write_batch(
                     .unwrap_or_else(|_| Err(anyhow!("card writer panicked")));
                 match (&read, result) {
                     // A card that ended early because the image could not be read says why.
-                    (Err(e), Err(_)) if !cancel.load(Ordering::Relaxed) => Err(anyhow!("{e:#}")),
+                    (Err(e), Err(card)) if !cancel.load(Ordering::Relaxed) => {
+                        Err(match card.downcast::<Failed>() {
+                            Ok(failed) => anyhow!(Failed {
+                                cause: format!("{e:#}"),
+                                ..failed
+                            }),
+                            Err(card) => card,
+                        })
+                    }
                     (_, result) => result,
                 }
             })
@@ -407,10 +441,70 @@ fn read_pass(
     })
 }
 
+/// One card, start to end: its old tables erased and flushed before anything
+/// else is written (a file target starts empty); then written and read back;
+/// and if anything fails, its tables erased again, so it is never left with a
+/// partition table over half-new data.
+fn card(
+    job: Job<'_>,
+    rx: Receiver<Msg>,
+    bytes: u64,
+    tables: &Extents,
+    mode: Mode,
+    cancel: &AtomicBool,
+) -> Result<Outcome> {
+    let target = job.target;
+    let erase_set = target.erase_set(tables);
+    target.start_writing()?;
+    if target.info.block_device {
+        erase(target, &erase_set).context("erasing the card's old partition tables")?;
+    }
+    let error = match write_and_verify(job, rx, bytes, mode, cancel) {
+        Ok(outcome) => return Ok(outcome),
+        Err(e) => e,
+    };
+    let erased = erase(target, &erase_set).map_err(|e| format!("{e:#}"));
+    if let Some(interrupted) = error.downcast_ref::<InterruptedError>() {
+        return Err(anyhow!(InterruptedError {
+            written: interrupted.written,
+            not_erased: erased.err(),
+        }));
+    }
+    Err(anyhow!(Failed {
+        cause: format!("{error:#}"),
+        left: match erased {
+            Ok(()) => ERASED.to_string(),
+            Err(why) => format!("{NOT_ERASED} ({why}): do not use this card"),
+        },
+    }))
+}
+
+/// Writes zeroes over `set` and flushes them to the card.
+fn erase(target: &Target, set: &Extents) -> Result<()> {
+    let path = target.info.path.display();
+    let zeroes = AlignedBuf::new(ERASE_PIECE);
+    for &(start, end) in set.ranges() {
+        let mut at = start;
+        while at < end {
+            let n = (end - at).min(ERASE_PIECE as u64);
+            target
+                .file
+                .write_all_at(&zeroes.data()[..n as usize], at)
+                .with_context(|| format!("writing zeroes to {path} at byte {at}"))?;
+            at += n;
+        }
+    }
+    target
+        .file
+        .sync_all()
+        .with_context(|| format!("flushing {path}"))?;
+    target.reread_partitions()
+}
+
 /// One card's writer: shared pieces as they are, pieces under its stamp patched.
 /// Then the read-back: shared pieces compared with the image, stamped pieces
 /// with the hash taken as they were written.
-fn card(
+fn write_and_verify(
     mut job: Job<'_>,
     rx: Receiver<Msg>,
     bytes: u64,
@@ -421,7 +515,10 @@ fn card(
     let path = target.info.path.display().to_string();
     let ended_early = |written| {
         if cancel.load(Ordering::Relaxed) {
-            anyhow!(InterruptedError { written })
+            anyhow!(InterruptedError {
+                written,
+                not_erased: None,
+            })
         } else {
             anyhow!("the image could not be read to the end")
         }
@@ -536,13 +633,21 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_first_mib_is_split_off_and_chunks_are_bounded() {
-        let extents = Extents::from_ranges(vec![(0, 3 << 20), (100 << 20, (100 << 20) + 4096)]);
-        let (head, rest) = plan_chunks(&extents);
-        assert_eq!(head, vec![(0, FIRST_MIB)]);
-        assert_eq!(rest, vec![(FIRST_MIB, 2 << 20), (100 << 20, 4096)]);
-        let big = Extents::from_ranges(vec![(FIRST_MIB, FIRST_MIB + 40 * (1 << 20))]);
-        assert!(plan_chunks(&big).1.iter().all(|(_, len)| *len <= CHUNK));
+    fn the_tables_are_split_off_and_chunks_are_bounded() {
+        const MIB: u64 = 1 << 20;
+        let extents = Extents::from_ranges(vec![(0, 3 * MIB), (100 * MIB, 100 * MIB + 4096)]);
+        // A GPT image: the first MiB and the backup at the end.
+        let tables = Extents::from_ranges(vec![(0, MIB), (100 * MIB, 101 * MIB)]);
+        let (last, rest) = plan_chunks(&extents, &tables);
+        assert_eq!(last, vec![(0, MIB), (100 * MIB, 4096)]);
+        assert_eq!(rest, vec![(MIB, 2 * MIB)]);
+        let big = Extents::from_ranges(vec![(MIB, 41 * MIB)]);
+        assert!(
+            plan_chunks(&big, &tables)
+                .1
+                .iter()
+                .all(|(_, len)| *len <= CHUNK)
+        );
     }
 
     #[test]
@@ -609,6 +714,7 @@ mod tests {
             &File::open(image).unwrap(),
             jobs,
             &extents,
+            &Extents::from_ranges(vec![(0, 1 << 20)]),
             Mode {
                 verify: true,
                 sparse: true,
@@ -657,11 +763,24 @@ mod tests {
                 && error.contains(&format!("bytes {}..{}", 81 << 20, 97 << 20)),
             "{error}"
         );
+        assert_erased(&cards[1], &error);
         assert!(results[2].as_ref().unwrap().verified);
         assert_eq!(
             std::fs::read(&cards[2]).unwrap(),
             std::fs::read(&image).unwrap()
         );
+    }
+
+    /// A failed or interrupted card is left with its first MiB (the partition
+    /// table) zeroes, and its error says so.
+    fn assert_erased(card: &std::path::Path, error: &str) {
+        let data = std::fs::read(card).unwrap();
+        assert!(
+            data[..1 << 20].iter().all(|&b| b == 0),
+            "the table of {} is erased",
+            card.display()
+        );
+        assert!(error.contains("holds no partition table"), "{error}");
     }
 
     #[test]
@@ -677,17 +796,18 @@ mod tests {
             || poke(&image, 95 << 20),
             &AtomicBool::new(false),
         );
-        for result in results {
+        for (result, card) in results.into_iter().zip(&cards) {
             let error = format!("{:#}", result.unwrap_err());
             assert!(
                 error.contains("the image changed while it was being written"),
                 "{error}"
             );
+            assert_erased(card, &error);
         }
     }
 
     #[test]
-    fn an_interrupted_read_back_says_the_card_is_written_but_not_verified() {
+    fn an_interrupted_read_back_says_the_card_is_not_verified_and_erases_it() {
         let dir = tempfile::TempDir::new().unwrap();
         let image = image(dir.path(), 100 << 20);
         let cards = [dir.path().join("card.img")];
@@ -705,9 +825,11 @@ mod tests {
                 .is_some_and(|e| e.written),
             "{error:#}"
         );
-        assert_eq!(
+        assert_erased(&cards[0], &format!("{error:#}"));
+        let (card, image) = (
             std::fs::read(&cards[0]).unwrap(),
-            std::fs::read(&image).unwrap()
+            std::fs::read(&image).unwrap(),
         );
+        assert_eq!(card[1 << 20..], image[1 << 20..], "the rest was written");
     }
 }

@@ -26,7 +26,9 @@ pub use fat::BootFs;
 pub use overlay::Overlay;
 pub use probe::FsKind;
 pub use slice::{PartitionSlice, SharedDisk};
-pub use table::{Partition, PartitionRole, PartitionTable, TableKind, read_table};
+pub use table::{
+    Partition, PartitionRole, PartitionTable, TABLE_HEAD, TableKind, read_table, tables_on_disk,
+};
 
 pub struct Image<D> {
     disk: SharedDisk<D>,

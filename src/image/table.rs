@@ -7,6 +7,8 @@ use anyhow::{Context, Result, bail};
 use gpt::disk::LogicalBlockSize;
 use serde::Serialize;
 
+use super::Extents;
+
 /// MBR entries count in 512-byte sectors on every card and image we handle;
 /// 4Kn media with an MBR do not exist in the Pi world.
 const MBR_SECTOR_SIZE: u64 = 512;
@@ -74,6 +76,55 @@ pub struct PartitionTable {
     pub disk_id: String,
     pub sector_size: u64,
     pub partitions: Vec<Partition>,
+}
+
+/// Where the boot code and the primary tables live (MBR, protective MBR and
+/// primary GPT); partitions start at 1 MiB or later on every Pi image.
+pub const TABLE_HEAD: u64 = 1 << 20;
+
+impl PartitionTable {
+    /// Where this table lives on a disk of `disk_len` bytes: the first MiB and,
+    /// for GPT, the backup header and entries at the end (33 sectors).
+    pub fn locations(&self, disk_len: u64) -> Extents {
+        let mut ranges = vec![(0, TABLE_HEAD.min(disk_len))];
+        if self.kind == TableKind::Gpt {
+            ranges.push((disk_len.saturating_sub(33 * self.sector_size), disk_len));
+        }
+        Extents::from_ranges(ranges).aligned(disk_len)
+    }
+}
+
+/// Where the partition tables that a disk holds now live, whatever they are,
+/// from its first 8 KiB (`head`): the first MiB, and for a GPT the backup
+/// header and entries its primary header points to (at the end of the image
+/// that was written, not necessarily of the disk). A disk erased here has no
+/// table a tool could find or recover.
+pub fn tables_on_disk(head: &[u8], disk_len: u64) -> Extents {
+    let mut ranges = vec![(0, TABLE_HEAD.min(disk_len))];
+    for sector in [512u64, 4096] {
+        let Some(header) = head.get(sector as usize..sector as usize + 92) else {
+            continue;
+        };
+        if &header[..8] != b"EFI PART" {
+            continue;
+        }
+        let le32 =
+            |at: usize| u64::from(u32::from_le_bytes(header[at..at + 4].try_into().unwrap()));
+        let le64 = |at: usize| u64::from_le_bytes(header[at..at + 8].try_into().unwrap());
+        let alternate = le64(32);
+        let entries_bytes = (le32(80) * le32(84)).min(TABLE_HEAD);
+        let entries_sectors = entries_bytes.div_ceil(sector);
+        let end = alternate
+            .saturating_add(1)
+            .saturating_mul(sector)
+            .min(disk_len);
+        let start = alternate
+            .saturating_sub(entries_sectors)
+            .saturating_mul(sector)
+            .min(end);
+        ranges.push((start, end));
+    }
+    Extents::from_ranges(ranges).aligned(disk_len)
 }
 
 fn mbr_role(sys: u8) -> PartitionRole {

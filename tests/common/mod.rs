@@ -182,3 +182,17 @@ pub fn boot_files(image: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
         })
         .collect()
 }
+
+/// Whether a test can run here. In CI (`CI` set) a missing requirement fails
+/// the test: CI installs every tool and runs as root, so a skip there would be
+/// a test that silently never ran.
+pub fn available(usable: bool, what: &str) -> bool {
+    if !usable {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "{what} is required in CI, and missing"
+        );
+        eprintln!("SKIPPED: {what} is missing; CI runs this test");
+    }
+    usable
+}

@@ -62,6 +62,17 @@ impl Progress {
         }
     }
 
+    /// A warning: on stderr in every mode (above the bars when drawing them),
+    /// and as a `warning` event in JSON mode.
+    pub fn warn(&self, line: &str) {
+        self.event(&serde_json::json!({"event": "warning", "message": line}));
+        if self.mode == Mode::Bars {
+            self.multi.suspend(|| eprintln!("{line}"));
+        } else {
+            eprintln!("{line}");
+        }
+    }
+
     /// A line for people (bars mode), printed above the bars.
     pub fn say(&self, line: &str) {
         if self.mode == Mode::Bars {
