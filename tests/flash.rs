@@ -702,19 +702,19 @@ fn read_at(path: &Path, at: u64, len: usize) -> Vec<u8> {
     buf
 }
 
-#[test]
-fn an_interrupted_flash_of_a_used_card_leaves_it_with_no_partition_table() {
-    let dir = TempDir::new().unwrap();
-    if !loop_devices_usable(&dir) {
-        return;
-    }
-    // The card held a GPT image, whose backup table sits at that image's end.
-    let old = fixture("gpt", &dir);
+/// Flashes a 1 GiB image over a used card that held a GPT image, and sends
+/// `signal` once the new image is landing but before it reaches the old
+/// image's backup table (at 160 MiB). Returns what piprov printed and the
+/// card's bytes as a file, with the old image's length.
+fn interrupted_flash(dir: &TempDir, signal: nix::sys::signal::Signal) -> (String, PathBuf, u64) {
+    let old = fixture("gpt", dir);
     let old_len = std::fs::metadata(&old).unwrap().len();
     let image = dir.path().join("big.img");
-    build_image_sized(&image, 1024);
-    let len = std::fs::metadata(&image).unwrap().len();
-    let (backing, dev) = used_card(&dir, "used", len + (64 << 20), Some(&old));
+    if !image.exists() {
+        build_image_sized(&image, 1024);
+    }
+    let len = std::fs::metadata(&image).unwrap().len() + (64 << 20);
+    let (backing, dev) = used_card(dir, &format!("used-{signal}"), len, Some(&old));
     assert_eq!(&read_at(&backing, old_len - 512, 8), b"EFI PART");
     let child = Command::new(assert_cmd::cargo::cargo_bin("piprov"))
         .env("PIPROV_CACHE_DIR", dir.path().join("cache"))
@@ -730,8 +730,6 @@ fn an_interrupted_flash_of_a_used_card_leaves_it_with_no_partition_table() {
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    // Interrupt once the new image is landing, before it reaches the old
-    // image's backup table (at 160 MiB).
     let probe = 32 << 20;
     let expected = read_at(&image, probe, 4096);
     let started = std::time::Instant::now();
@@ -739,37 +737,58 @@ fn an_interrupted_flash_of_a_used_card_leaves_it_with_no_partition_table() {
         assert!(started.elapsed().as_secs() < 60, "flash never wrote");
         std::thread::sleep(std::time::Duration::from_millis(2));
     }
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
-        nix::sys::signal::Signal::SIGINT,
-    )
-    .unwrap();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), signal).unwrap();
     let out = child.wait_with_output().unwrap();
     let stdout = String::from_utf8(out.stdout).unwrap();
-    assert_eq!(out.status.code(), Some(1), "{stdout}");
-    assert!(stdout.contains("INTERRUPTED"), "{stdout}");
-    assert!(stdout.contains("holds no partition table"), "{stdout}");
-    let card = card_as_image(&dir, dev, &backing, len + (64 << 20));
+    if signal == nix::sys::signal::Signal::SIGINT {
+        assert_eq!(out.status.code(), Some(1), "{stdout}");
+    }
+    (stdout, card_as_image(dir, dev, &backing, len), old_len)
+}
+
+/// No partition table a tool could find or recover: not the old image's, not
+/// the new one's.
+fn assert_no_partition_table(card: &Path, old_len: u64) {
     assert!(
-        read_at(&card, 0, 1 << 20).iter().all(|&b| b == 0),
+        read_at(card, 0, 1 << 20).iter().all(|&b| b == 0),
         "the first MiB (MBR, primary GPT) is erased"
     );
     assert!(
-        read_at(&card, old_len - (33 << 9), 33 << 9)
+        read_at(card, old_len - (33 << 9), 33 << 9)
             .iter()
             .all(|&b| b == 0),
         "the old image's backup GPT is erased"
     );
-    let sfdisk = Command::new("sfdisk")
-        .arg("-d")
-        .arg(&card)
-        .output()
-        .unwrap();
+    let sfdisk = Command::new("sfdisk").arg("-d").arg(card).output().unwrap();
     assert!(
         !sfdisk.status.success(),
         "sfdisk finds no table: {}",
         String::from_utf8_lossy(&sfdisk.stdout)
     );
+}
+
+#[test]
+fn an_interrupted_flash_of_a_used_card_leaves_it_with_no_partition_table() {
+    let dir = TempDir::new().unwrap();
+    if !loop_devices_usable(&dir) {
+        return;
+    }
+    let (stdout, card, old_len) = interrupted_flash(&dir, nix::sys::signal::Signal::SIGINT);
+    assert!(stdout.contains("INTERRUPTED"), "{stdout}");
+    assert!(stdout.contains("holds no partition table"), "{stdout}");
+    assert_no_partition_table(&card, old_len);
+}
+
+/// A power cut gives piprov no chance to clean up: the old tables were erased
+/// and flushed before the first byte of the new image went down.
+#[test]
+fn a_killed_flash_of_a_used_card_leaves_it_with_no_partition_table() {
+    let dir = TempDir::new().unwrap();
+    if !loop_devices_usable(&dir) {
+        return;
+    }
+    let (_, card, old_len) = interrupted_flash(&dir, nix::sys::signal::Signal::SIGKILL);
+    assert_no_partition_table(&card, old_len);
 }
 
 /// Runs a debugfs request (`write`, `rm`) on an image's ext4 partition, in place.

@@ -88,7 +88,8 @@ impl Bmap {
         Self::parse(&bytes, path)
     }
 
-    fn parse(bytes: &[u8], path: &Path) -> Result<Bmap> {
+    /// Parses the bytes of a bmap file named `path` (for messages).
+    pub fn parse(bytes: &[u8], path: &Path) -> Result<Bmap> {
         let name = path.display();
         let text = std::str::from_utf8(bytes)
             .map_err(|_| anyhow!("{name} is not a bmap file: it is not UTF-8 text"))?;

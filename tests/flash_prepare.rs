@@ -1,0 +1,204 @@
+//! `piprov flash` before the first write: Ctrl-C while the archive is decoded
+//! or while the cards' activations are created leaves nothing behind; the
+//! targets file is CSV, and `--set` reaches every card.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::card::shared_recipe;
+use common::ssm_endpoint::SsmEndpoint;
+use common::*;
+use tempfile::TempDir;
+
+fn interrupt(child: &Child) {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+}
+
+fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    let started = Instant::now();
+    while !done() {
+        assert!(started.elapsed() < Duration::from_secs(120), "{what}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn cache_files(cache: &Path) -> Vec<String> {
+    std::fs::read_dir(cache)
+        .map(|entries| {
+            entries
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn ctrl_c_while_decoding_leaves_the_cache_clean_and_the_card_untouched() {
+    let dir = TempDir::new().unwrap();
+    let image = dir.path().join("big.img");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/make-image.sh");
+    let ok = Command::new("sh")
+        .arg(script)
+        .args(["--size", "1024", "--customize"])
+        // Incompressible bytes, so that decoding takes a while.
+        .arg("head -c 600M /dev/urandom > \"$root/blob\"")
+        .arg(&image)
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+    let xz = dir.path().join("big.img.xz");
+    let ok = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "xz -T2 -0 -c '{}' > '{}'",
+            image.display(),
+            xz.display()
+        ))
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+    std::fs::remove_file(&image).unwrap();
+    let card = dir.path().join("card.img");
+    std::fs::write(&card, b"old data").unwrap();
+    let cache = dir.path().join("cache");
+    let child = Command::new(assert_cmd::cargo::cargo_bin("piprov"))
+        .env("PIPROV_CACHE_DIR", &cache)
+        .args(["flash", "--yes", "--quiet"])
+        .arg(&xz)
+        .arg(&card)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_until("the decode never started", || {
+        cache_files(&cache).iter().any(|n| n.contains(".partial"))
+    });
+    interrupt(&child);
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("interrupted while the image was read; no card was written"),
+        "{stderr}"
+    );
+    let left: Vec<String> = cache_files(&cache)
+        .into_iter()
+        .filter(|n| n.contains(".img"))
+        .collect();
+    assert!(left.is_empty(), "no partial or cached image: {left:?}");
+    assert_eq!(std::fs::read(&card).unwrap(), b"old data");
+}
+
+fn embedded_recipe(dir: &Path) -> PathBuf {
+    let recipe = dir.join("bench.toml");
+    std::fs::write(
+        &recipe,
+        "name = \"bench\"\nregion = \"eu-west-1\"\niam_role = \"SSMServiceRole\"\n\
+         [activation]\nsource = \"embedded\"\nexpires = \"2h\"\n",
+    )
+    .unwrap();
+    recipe
+}
+
+#[test]
+fn ctrl_c_while_activations_are_created_withdraws_them_and_writes_nothing() {
+    let dir = TempDir::new().unwrap();
+    // Each CreateActivation takes a second: time to interrupt between them.
+    let ssm = SsmEndpoint::start_slow(dir.path(), 1.0);
+    let image = fixture("golden", &dir);
+    let kept = dir.path().join("kept.img");
+    std::fs::write(&kept, b"old data").unwrap();
+    let new = dir.path().join("new.img");
+    let third = dir.path().join("third.img");
+    let mut command = Command::new(assert_cmd::cargo::cargo_bin("piprov"));
+    for (key, value) in ssm.env() {
+        command.env(key, value);
+    }
+    let child = command
+        .env("PIPROV_CACHE_DIR", dir.path().join("cache"))
+        .arg("flash")
+        .arg(&image)
+        .args([&kept, &new, &third])
+        .arg("--recipe")
+        .arg(embedded_recipe(dir.path()))
+        .args(["--hostname", "bench-{n}", "--yes", "--quiet"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_until("no activation was asked for", || {
+        !ssm.requests_for("CreateActivation").is_empty()
+    });
+    interrupt(&child);
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("no card was written"), "{stderr}");
+    let created = ssm.requests_for("CreateActivation").len();
+    assert!(created >= 1 && created < 3, "stopped part-way: {created}");
+    let listed = ssm.call(
+        "AmazonSSM.DescribeActivations",
+        &serde_json::json!({"MaxResults": 50}),
+    );
+    assert_eq!(
+        listed["ActivationList"],
+        serde_json::json!([]),
+        "every activation created was deleted again"
+    );
+    assert_eq!(std::fs::read(&kept).unwrap(), b"old data");
+    assert!(!new.exists() && !third.exists(), "no file left behind");
+}
+
+#[test]
+fn a_targets_file_is_csv_and_set_reaches_every_card() {
+    let dir = TempDir::new().unwrap();
+    let image = fixture("golden", &dir);
+    let recipe = shared_recipe(dir.path(), "");
+    let cards: Vec<PathBuf> = ["plain", "own, overrides"]
+        .iter()
+        .map(|name| dir.path().join(format!("{name}.img")))
+        .collect();
+    let targets = dir.path().join("targets.csv");
+    // A quoted device name holding a comma; the second card has its own override.
+    std::fs::write(
+        &targets,
+        format!(
+            "device,hostname,overrides\n# a comment\n{},lab-a\n\"{}\",lab-b,sudo.strip_nopasswd=false\n",
+            cards[0].display(),
+            cards[1].display(),
+        ),
+    )
+    .unwrap();
+    succeed(
+        piprov()
+            .env("PIPROV_CACHE_DIR", dir.path().join("cache"))
+            .arg("flash")
+            .arg(&image)
+            .arg("--targets-file")
+            .arg(&targets)
+            .arg("--recipe")
+            .arg(&recipe)
+            .args(["--set", "sudo.strip_ssm_user=false", "--yes", "--quiet"]),
+    );
+    let conf = |card: &Path| String::from_utf8(boot_files(card)["piprov.conf"].clone()).unwrap();
+    let (a, b) = (conf(&cards[0]), conf(&cards[1]));
+    assert!(a.contains("HOSTNAME_PATTERN=lab-a\n"), "{a}");
+    assert!(b.contains("HOSTNAME_PATTERN=lab-b\n"), "{b}");
+    assert!(
+        a.contains("STRIP_NOPASSWD=1\n") && b.contains("STRIP_NOPASSWD=0\n"),
+        "the card's own override: {b}"
+    );
+    for conf in [&a, &b] {
+        assert!(
+            conf.contains("STRIP_SSM_USER=0\n"),
+            "--set on every card: {conf}"
+        );
+    }
+}
