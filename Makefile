@@ -35,15 +35,19 @@ load: deps
 e2e: deps
 	$(CARGO) test --test e2e -- --ignored --nocapture
 
-# Bounded fuzzing of the partition-table and inspect path (needs cargo-fuzz).
+# Bounded fuzzing of the partition-table and inspect path, and of the flash map
+# and the bmap parser (needs cargo-fuzz), FUZZ_SECONDS each.
 # `-s none`: the address sanitizer needs a nightly compiler; Rust code is memory-safe
 # without it and the fuzzer is still coverage-guided, hunting panics and hangs.
 fuzz: deps
 	@command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked
-	mkdir -p fuzz/corpus/inspect_image
+	mkdir -p fuzz/corpus/inspect_image fuzz/corpus/flash_map
 	[ -f fuzz/corpus/inspect_image/seed.img ] || sh fuzz/make-seed.sh fuzz/corpus/inspect_image/seed.img
-	$(CARGO) fuzz run -s none inspect_image -- -max_total_time=$(FUZZ_SECONDS) \
-		-max_len=655360 -timeout=10 -rss_limit_mb=2048
+	cp fuzz/corpus/inspect_image/seed.img fuzz/corpus/flash_map/seed.img
+	for target in inspect_image flash_map; do \
+		$(CARGO) fuzz run -s none $$target fuzz/corpus/$$target -- -max_total_time=$(FUZZ_SECONDS) \
+			-max_len=655360 -timeout=10 -rss_limit_mb=2048 || exit 1; \
+	done
 
 clean:
 	$(CARGO) clean

@@ -142,7 +142,7 @@ fn ctrl_c_while_activations_are_created_withdraws_them_and_writes_nothing() {
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("no card was written"), "{stderr}");
     let created = ssm.requests_for("CreateActivation").len();
-    assert!(created >= 1 && created < 3, "stopped part-way: {created}");
+    assert!((1..3).contains(&created), "stopped part-way: {created}");
     let listed = ssm.call(
         "AmazonSSM.DescribeActivations",
         &serde_json::json!({"MaxResults": 50}),

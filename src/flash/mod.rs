@@ -216,7 +216,7 @@ pub fn flash(config: &FlashConfig, progress: &Progress) -> Result<Summary> {
 
     let infos = check_targets(config, &source)?;
     confirm(&infos, config.yes)?;
-    cancelled("before any card was written")?;
+    cancelled("after the checks")?;
 
     // Each card opened (devices exclusively: a busy one is refused here) and
     // stamped in memory before anything is written.
