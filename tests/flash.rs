@@ -81,24 +81,38 @@ fn flash_json(dir: &TempDir, image: &Path, card: &Path) -> Vec<serde_json::Value
         .collect()
 }
 
+/// A used card: it held an older image (another disk id, other files) and
+/// random bytes everywhere else. A file target starts empty, so only a device
+/// can hold stale data.
 #[test]
 fn the_map_is_safe_on_a_card_full_of_old_data() {
     let dir = TempDir::new().unwrap();
+    if !loop_devices_usable(&dir) {
+        return;
+    }
     let image = fixture("registered", &dir);
-    let card = dir.path().join("card.img");
-    fill_random(&card, std::fs::metadata(&image).unwrap().len());
+    let old = fixture("golden", &dir);
+    let len = std::fs::metadata(&image).unwrap().len();
+    let (backing, dev) = used_card(&dir, "used", len + (8 << 20), Some(&old));
     let recipe = shared_recipe(dir.path(), "");
     flash(&dir)
         .arg(&image)
-        .arg(&card)
+        .arg(&dev.dev)
         .arg("--recipe")
         .arg(&recipe)
-        .args(["--hostname", "door-{n}", "--yes", "--quiet"])
+        .args([
+            "--hostname",
+            "door-{n}",
+            "--yes",
+            "--quiet",
+            "--allow-non-removable",
+        ])
         .assert()
         .success()
         .stdout(contains("ok,"))
         .stdout(contains("verified"))
         .stdout(contains("hostname door-1"));
+    let card = card_as_image(&dir, dev, &backing, len);
     fsck_clean(&card, dir.path());
     assert_eq!(
         root_files(&card),
