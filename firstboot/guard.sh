@@ -14,7 +14,7 @@ stop_agent() {
 
 remember_previous_instance() {
     mkdir -p "$STATE_DIR"
-    previous=$(json_value ManagedInstanceID <"$AGENT_REGISTRATION" 2>/dev/null || true)
+    previous=$(last_registered_id)
     printf '%s\n' "$previous" | replace_file "$PREVIOUS_ID_FILE"
     [ -n "$previous" ] && log "the image carries the registration of $previous: wiping it"
     return 0

@@ -155,10 +155,23 @@ json_value() {
     sed -n "s/.*\"$1\"[[:space:]]*:[[:space:]]*\"\\([^\"]*\\)\".*/\\1/p" | head -n 1
 }
 
-# The mi- id the agent is registered as now, if any.
+# The value of KEY in a flat JSON FILE; empty when the file is missing. (The
+# braces matter: a redirect that fails is reported before `2>` applies.)
+json_file_value() {
+    [ -f "$2" ] || return 0
+    { json_value "$1" <"$2"; } 2>/dev/null
+}
+
+# The mi- id the agent would speak as now: the one in its key. The agent's
+# `-register -clear` and a refused registration leave the key holding no id
+# (and `registration` holding the old one), so `registration` says nothing.
 current_instance_id() {
-    [ -s "$AGENT_KEY" ] || return 0
-    json_value ManagedInstanceID <"$AGENT_REGISTRATION" 2>/dev/null
+    json_file_value instanceID "$AGENT_KEY" | grep -x 'mi-[0-9a-f]*' || true
+}
+
+# The mi- id the card was last registered as (the golden's, on a golden).
+last_registered_id() {
+    json_file_value ManagedInstanceID "$AGENT_REGISTRATION"
 }
 
 random_hex() {

@@ -9,6 +9,8 @@ set -eu
 
 RETRY=1
 FAILED=2
+# Why the last attempt failed, for the status when the retries run out.
+RETRY_CAUSE=
 
 # A secret file dropped on the boot partition (by piprov stamp, or by an operator
 # re-activating a card cloned in the field) moves into the root-only state dir.
@@ -114,26 +116,45 @@ register_agent() {
     amazon-ssm-agent -register -y -id "$ACTIVATION_ID" -code "$ACTIVATION_CODE" -region "$ACTIVATION_REGION" >"$output" 2>&1 || agent_rc=$?
     # The agent's output never holds the code; keep its last line for the journal.
     last=$(grep -v '^[[:space:]]*$' "$output" | tail -n 1 || true)
-    refused=0
-    # Exit 1 means any failure; only SSM's answer about the activation itself is
-    # final. Anything else (no network, DNS, a clock far off) is worth a retry.
-    grep -q 'InvalidActivation\|ActivationExpired\|ActivationLimitExceeded' "$output" && refused=1
+    # RegisterManagedInstance's error types name the cause; exit 1 covers all.
+    answer=other
+    grep -q 'InvalidActivation\|ActivationExpired\|RegistrationLimitExceeded' "$output" && answer=refused
+    grep -q 'InternalServerError\|TooManyUpdates' "$output" && answer=busy
+    grep -q 'InvalidPublicKey' "$output" && answer=bug
+    grep -qi 'signature expired\|InvalidSignatureException\|certificate is not yet valid\|certificate has expired' "$output" && answer=clock
     rm -f "$output"
     if [ "$agent_rc" -eq 0 ]; then
         log "agent: $last"
         failpoint registered
         return 0
     fi
-    if [ "$refused" = 1 ]; then
-        log "SSM refused activation $ACTIVATION_ID: $last"
-        if [ "${PIPROV_SOURCE:-}" = broker ]; then
-            return $RETRY
-        fi
-        scrub_secrets
-        write_status failed "activation $ACTIVATION_ID was refused (expired, used up or wrong code): $last"
-        return $FAILED
-    fi
-    log "agent exited with $agent_rc: $last"
+    case $answer in
+        refused)
+            # Final for this activation: expired, used up, or not an activation.
+            log "SSM refused activation $ACTIVATION_ID: $last"
+            if [ "${PIPROV_SOURCE:-}" = broker ]; then
+                return $RETRY
+            fi
+            scrub_secrets
+            write_status failed "activation $ACTIVATION_ID was refused (expired, used up or wrong code): $last"
+            return $FAILED ;;
+        bug)
+            # The agent's own key was refused: no retry can help, and the
+            # activation is unspent, so it is kept for the next boot.
+            write_status failed "SSM refused the agent's public key (InvalidPublicKey): a bug in the agent or piprov, please report it; $last"
+            log "SSM refused the agent's public key: $last"
+            return $FAILED ;;
+        clock)
+            RETRY_CAUSE="the clock is wrong ($(now_utc)): SSM refuses requests from a clock this far off; waiting for the time to be set (NTP)"
+            write_status pending "$RETRY_CAUSE"
+            log "clock off by too much for SSM: $last" ;;
+        busy)
+            RETRY_CAUSE="SSM is busy: $last"
+            log "$RETRY_CAUSE: retrying" ;;
+        *)
+            RETRY_CAUSE="the agent could not register: $last"
+            log "agent exited with $agent_rc: $last" ;;
+    esac
     return $RETRY
 }
 
@@ -190,7 +211,7 @@ main() {
         [ "$attempt_rc" -eq "$FAILED" ] && exit 0
         attempt=$((attempt + 1))
         if [ "$max" -gt 0 ] && [ "$attempt" -ge "$max" ]; then
-            write_status pending "gave up after $attempt attempts; will try again on the next boot"
+            write_status pending "${RETRY_CAUSE:+$RETRY_CAUSE; }gave up after $attempt attempts; will try again on the next boot"
             exit 1
         fi
         delay=$(backoff_delay "$attempt")

@@ -419,6 +419,195 @@ fn an_expired_activation_leaves_a_clear_status_and_no_secret() {
     );
 }
 
+/// RegisterManagedInstance's errors by their real names: the three about the
+/// activation are final, the two about SSM are retried, a refused public key
+/// is a bug to report.
+#[test]
+fn registration_errors_are_told_apart_by_their_real_names() {
+    for (answers, state, says, attempts, secret_kept) in [
+        (
+            &["ActivationExpired: Activation has expired."][..],
+            "failed",
+            "was refused",
+            1,
+            false,
+        ),
+        (
+            &["RegistrationLimitExceeded: Activation has reached its registration limit."],
+            "failed",
+            "was refused",
+            1,
+            false,
+        ),
+        (
+            &["InvalidActivation: Activation ID or Code is not valid."],
+            "failed",
+            "was refused",
+            1,
+            false,
+        ),
+        (
+            &[
+                "InternalServerError: Internal error",
+                "TooManyUpdates: Too many updates",
+            ],
+            "registered",
+            "registered as",
+            3,
+            false,
+        ),
+        (
+            &["InvalidPublicKey: The public key is not valid."],
+            "failed",
+            "please report it",
+            1,
+            true,
+        ),
+    ] {
+        let dir = TempDir::new().unwrap();
+        let ssm = Ssm::new(dir.path());
+        let card = stamped_card(&dir, &ssm, "");
+        assert!(card.install().status.success());
+        assert!(card.guard(&[]).status.success());
+        ssm.answer_next(answers);
+        let out = card.register(&[]);
+        assert!(out.status.success(), "{answers:?}: {}", stderr(&out));
+        let status = card.status();
+        assert_eq!(status["state"], state, "{answers:?}: {status}");
+        assert!(
+            status["message"].as_str().unwrap().contains(says),
+            "{answers:?}: {status}"
+        );
+        assert_eq!(
+            card.standin_log().matches("-register -y").count(),
+            attempts,
+            "{answers:?}"
+        );
+        assert_eq!(
+            card.exists("/var/lib/piprov/secret.conf"),
+            secret_kept,
+            "{answers:?}"
+        );
+    }
+}
+
+/// A shared activation another card used up: SSM says RegistrationLimitExceeded,
+/// and the card stops asking (it used to retry for ever).
+#[test]
+fn a_used_up_shared_activation_is_final() {
+    let dir = TempDir::new().unwrap();
+    let ssm = Ssm::new(dir.path());
+    let card = stamped_card(&dir, &ssm, "");
+    ssm.add_activation("act-1", SHARED_CODE, 0, false);
+    assert!(card.install().status.success());
+    assert!(card.guard(&[]).status.success());
+    let out = card.register(&[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(card.status()["state"], "failed");
+    assert!(
+        card.status()["message"]
+            .as_str()
+            .unwrap()
+            .contains("RegistrationLimitExceeded"),
+        "{}",
+        card.status()
+    );
+    assert_eq!(card.standin_log().matches("-register -y").count(), 1);
+}
+
+/// A Pi without a real-time clock that has not set its time yet: SSM refuses
+/// the signature; the card says so, keeps its secret and registers once the
+/// clock is right.
+#[test]
+fn a_clock_far_off_says_so_keeps_the_secret_and_retries() {
+    let dir = TempDir::new().unwrap();
+    let ssm = Ssm::new(dir.path());
+    let card = stamped_card(&dir, &ssm, "");
+    assert!(card.install().status.success());
+    assert!(card.guard(&[]).status.success());
+    let skew = "InvalidSignatureException: Signature expired: 19700101T000012Z is now earlier than 20261201T095000Z (20261201T100000Z - 10 min.)";
+    ssm.answer_next(&[skew, skew, skew]);
+    let out = card.register(&[]);
+    assert!(!out.status.success(), "gives up for now: {}", stderr(&out));
+    let status = card.status();
+    assert_eq!(status["state"], "pending");
+    assert!(
+        status["message"]
+            .as_str()
+            .unwrap()
+            .contains("the clock is wrong"),
+        "{status}"
+    );
+    assert!(
+        card.exists("/var/lib/piprov/secret.conf"),
+        "the secret is kept"
+    );
+    let out = card.register(&[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(card.status()["state"], "registered");
+}
+
+/// The agent stand-in keeps the real agent's files: after `-register -clear`
+/// and after a refused registration its key holds no instance id (but is not
+/// empty), and `registration` still names the old one. The scripts read the id
+/// the agent would speak as from the key.
+#[test]
+fn a_cleared_or_refused_agent_holds_no_identity_the_scripts_see() {
+    let dir = TempDir::new().unwrap();
+    let ssm = Ssm::new(dir.path());
+    let card = stamped_card(&dir, &ssm, "");
+    let lib = Path::new(env!("CARGO_MANIFEST_DIR")).join("firstboot/lib.sh");
+    let current = || {
+        let out = card.run_shell(&format!(". {}; current_instance_id", lib.display()));
+        assert!(
+            out.status.success() && out.stderr.is_empty(),
+            "{}",
+            stderr(&out)
+        );
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    };
+    assert_eq!(current(), GOLDEN_ID, "the golden's key names its id");
+    let out = card.run_shell("amazon-ssm-agent -register -clear");
+    assert!(out.status.success());
+    let key = card.read("/var/lib/amazon/ssm/Vault/Store/RegistrationKey");
+    assert!(
+        key.contains("\"instanceID\":\"\"") && key.len() > 100,
+        "{key}"
+    );
+    assert!(
+        card.read("/var/lib/amazon/ssm/Vault/Store/InstanceFingerprint")
+            .contains("\"hardwareHash\":null")
+    );
+    assert!(
+        card.read("/var/lib/amazon/ssm/registration")
+            .contains(GOLDEN_ID)
+    );
+    assert!(card.exists("/var/lib/amazon/ssm/mi-0a1b2c3d4e5f60718"));
+    assert_eq!(current(), "", "after a clear");
+
+    ssm.add_activation("act-2", "code-2", 5, true);
+    let out =
+        card.run_shell("amazon-ssm-agent -register -y -id act-2 -code code-2 -region eu-west-1");
+    assert!(!out.status.success());
+    let key = card.read("/var/lib/amazon/ssm/Vault/Store/RegistrationKey");
+    assert!(key.contains("\"privateKey\":\"") && !key.contains("\"privateKey\":\"\""));
+    assert_eq!(current(), "", "after a refused registration");
+
+    ssm.add_activation("act-3", "code-3", 5, false);
+    let out =
+        card.run_shell("amazon-ssm-agent -register -y -id act-3 -code code-3 -region eu-west-1");
+    assert!(out.status.success(), "{}", stderr(&out));
+    let fingerprint: serde_json::Value =
+        serde_json::from_str(&card.read("/var/lib/amazon/ssm/Vault/Store/InstanceFingerprint"))
+            .unwrap();
+    assert_eq!(fingerprint["hardwareHash"].as_object().unwrap().len(), 9);
+    assert!(current().starts_with("mi-") && current() != GOLDEN_ID);
+    // No "cannot open" noise from a missing file.
+    std::fs::remove_file(card.path("/var/lib/amazon/ssm/registration")).unwrap();
+    let out = card.run_shell(&format!(". {}; last_registered_id", lib.display()));
+    assert!(out.stderr.is_empty(), "{}", stderr(&out));
+}
+
 #[test]
 fn offline_keeps_the_secret_and_registers_once_back_online() {
     let dir = TempDir::new().unwrap();

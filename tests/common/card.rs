@@ -54,6 +54,13 @@ impl Ssm {
             .collect()
     }
 
+    /// SSM answers the next registrations with these errors (`Kind: message`).
+    pub fn answer_next(&self, errors: &[&str]) {
+        let mut text = errors.join("\n");
+        text.push('\n');
+        std::fs::write(self.dir.join("answer"), text).unwrap();
+    }
+
     pub fn set_offline(&self, offline: bool) {
         let marker = self.dir.join("offline");
         if offline {
@@ -209,6 +216,17 @@ impl Card {
             cmd.env(k, v);
         }
         for (k, v) in extra_env {
+            cmd.env(k, v);
+        }
+        cmd.output().unwrap()
+    }
+
+    /// A shell command in this card's environment (its root, the stand-ins).
+    pub fn run_shell(&self, command: &str) -> Output {
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c").arg(command);
+        cmd.env_clear().env("HOME", "/root");
+        for (k, v) in &self.env {
             cmd.env(k, v);
         }
         cmd.output().unwrap()

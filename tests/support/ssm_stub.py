@@ -111,10 +111,11 @@ def register_managed_instance(body):
     activation = activations.get(activation_id)
     if activation is None or codes.get(activation_id) != body.get("ActivationCode"):
         raise Error("InvalidActivation", "Activation ID or Code is not valid.")
+    # The error types of RegisterManagedInstance (the agent's vendored SDK model).
     if activation["ExpirationDate"] < time.time():
-        raise Error("InvalidActivation", "Activation has expired.")
+        raise Error("ActivationExpired", "Activation has expired.")
     if activation["RegistrationsCount"] >= activation["RegistrationLimit"]:
-        raise Error("InvalidActivation", "Activation has reached its registration limit.")
+        raise Error("RegistrationLimitExceeded", "Activation has reached its registration limit.")
     activation["RegistrationsCount"] += 1
     instance_id = "mi-" + secrets.token_hex(9)[:17]
     now = time.time()
