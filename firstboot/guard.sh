@@ -3,6 +3,9 @@
 # When the hardware is not the one this card is bound to (first boot of a golden
 # image, or a card cloned into another Pi) it takes away everything the card
 # shares with its siblings and marks the card for registration.
+#
+# `guard.sh --gate` is the agent's ExecCondition: it lets the agent start only
+# when the card is bound to this hardware.
 set -eu
 # shellcheck source=/dev/null
 . "$(dirname "$0")/lib.sh"
@@ -192,7 +195,44 @@ mark_needs_registration() {
     write_status pending "identity renewed on $IDENTITY; waiting to register"
 }
 
+# Keeps the agent stopped (ExecCondition exit 1) and says why on the boot partition.
+block_agent() {
+    log "amazon-ssm-agent kept stopped: $1"
+    write_status blocked "amazon-ssm-agent kept stopped: $1"
+    exit 1
+}
+
+# The agent's ExecCondition: exit 0 only when the binding matches this
+# hardware, this machine-id and the id the agent would speak as.
+gate() {
+    export PIPROV_STEP=gate
+    read_conf "$CONF"
+    IDENTITY=$(hardware_identity) || block_agent "cannot tell which hardware this is"
+    if [ -f "$NEEDS_REGISTRATION" ]; then
+        # piprov-register starts the agent once the card has its own identity.
+        log "waiting for this card's own registration: the agent starts after it"
+        exit 1
+    fi
+    [ -f "$BINDING" ] ||
+        block_agent "the card is not bound to this hardware ($IDENTITY): the guard did not finish (journalctl -u piprov-guard)"
+    bound_to=$(sed -n 's/^identity=//p' "$BINDING")
+    [ "$bound_to" = "$IDENTITY" ] ||
+        block_agent "the card is bound to $bound_to, not to this hardware ($IDENTITY): the guard did not renew its identity (journalctl -u piprov-guard)"
+    bound_machine_id=$(sed -n 's/^machine_id=//p' "$BINDING")
+    [ "$bound_machine_id" = "$(tr -d '\n' <"$ROOT/etc/machine-id" 2>/dev/null)" ] ||
+        block_agent "/etc/machine-id is not the one the card was bound with"
+    bound_id=$(sed -n 's/^instance_id=//p' "$BINDING")
+    current=$(current_instance_id)
+    if [ -z "$current" ] || [ "$current" != "$bound_id" ]; then
+        block_agent "the agent holds ${current:-no registration}, not $bound_id, the id this card was bound to"
+    fi
+    exit 0
+}
+
 main() {
+    if [ "${1:-}" = --gate ]; then
+        gate
+    fi
     export PIPROV_STEP=guard
     read_conf "$CONF"
     if ! IDENTITY=$(hardware_identity); then

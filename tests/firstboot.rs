@@ -187,6 +187,68 @@ fn a_card_cloned_into_another_pi_re_registers_and_leaves_the_original_alone() {
     assert_eq!(ssm.instances().len(), 2);
 }
 
+/// The agent's ExecCondition: the agent starts only when the card is bound to
+/// the hardware it runs on, with this machine-id and the id the agent holds.
+#[test]
+fn the_agent_starts_only_on_a_card_bound_to_this_hardware() {
+    let dir = TempDir::new().unwrap();
+    let ssm = Ssm::new(dir.path());
+    let card = stamped_card(&dir, &ssm, "");
+    assert!(card.install().status.success());
+    // Golden state, guard not run (failed, killed or missing): blocked, and said.
+    assert_eq!(card.gate().status.code(), Some(1));
+    let status = card.status();
+    assert_eq!(status["state"], "blocked");
+    assert!(
+        status["message"]
+            .as_str()
+            .unwrap()
+            .contains("the guard did not finish"),
+        "{status}"
+    );
+    assert!(card.guard(&[]).status.success());
+    assert_eq!(
+        card.gate().status.code(),
+        Some(1),
+        "waiting for registration"
+    );
+    assert_eq!(
+        card.status()["state"],
+        "pending",
+        "the wait is not an alarm"
+    );
+    assert!(card.register(&[]).status.success());
+    assert!(card.gate().status.success(), "{}", stderr(&card.gate()));
+
+    // The same card cloned into another Pi, before its guard runs.
+    let clone = card.clone_to(dir.path(), "clone");
+    clone.plug_into(PI_B.0, PI_B.1);
+    assert_eq!(clone.gate().status.code(), Some(1));
+    assert!(
+        clone.status()["message"]
+            .as_str()
+            .unwrap()
+            .contains("not to this hardware"),
+        "{}",
+        clone.status()
+    );
+    // Its own Pi, but the agent's key replaced by another node's.
+    std::fs::write(
+        card.path("/var/lib/amazon/ssm/Vault/Store/RegistrationKey"),
+        r#"{"instanceID":"mi-00000000000000001","region":"eu-west-1","privateKey":"x","privateKeyType":"Rsa"}"#,
+    )
+    .unwrap();
+    assert_eq!(card.gate().status.code(), Some(1));
+    assert!(
+        card.status()["message"]
+            .as_str()
+            .unwrap()
+            .contains("the agent holds mi-00000000000000001"),
+        "{}",
+        card.status()
+    );
+}
+
 #[test]
 fn a_power_cut_after_any_step_resumes() {
     let guard_steps = [
@@ -223,6 +285,13 @@ fn a_power_cut_after_any_step_resumes() {
             !out.status.success(),
             "the cut at {point} must stop the script"
         );
+        // Until the card is bound again, the agent is kept stopped, and the card
+        // says why where a cut left no registration pending.
+        let gate = card.gate();
+        assert_eq!(gate.status.code(), Some(1), "after a cut at {point}");
+        if !card.exists("/var/lib/piprov/needs-registration") {
+            assert_eq!(card.status()["state"], "blocked", "after a cut at {point}");
+        }
         let machine_id_after_cut = card.read("/etc/machine-id");
         let made_before_cut = guard_steps
             .iter()
@@ -235,6 +304,7 @@ fn a_power_cut_after_any_step_resumes() {
             "registered",
             "after a cut at {point}"
         );
+        assert!(card.gate().status.success(), "bound: the agent may start");
         assert_ne!(card.instance_id(), GOLDEN_ID);
         assert_eq!(
             ssm.used("act-1"),

@@ -240,6 +240,14 @@ impl Card {
         self.run("/usr/local/lib/piprov/guard.sh", extra_env)
     }
 
+    /// The agent's ExecCondition (`guard.sh --gate`): exit 0 lets the agent start.
+    pub fn gate(&self) -> Output {
+        self.run_shell(&format!(
+            "sh {} --gate",
+            self.path("/usr/local/lib/piprov/guard.sh").display()
+        ))
+    }
+
     pub fn register(&self, extra_env: &[(&str, &str)]) -> Output {
         self.run("/usr/local/lib/piprov/register.sh", extra_env)
     }
