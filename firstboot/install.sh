@@ -1,8 +1,9 @@
 #!/bin/sh
 # piprov install: the first-boot hook. Runs from the boot partition, either from
-# the kernel command line (systemd.run=, Bookworm) or from cloud-init (Trixie,
-# with --now). Installs the guard and register units into the root filesystem,
-# moves the secret off the FAT partition and removes its own hook.
+# the kernel command line (systemd.run=, Bookworm) or from a cloud-init
+# boothook (Trixie, with --now). Installs the guard and register units into the
+# root filesystem, moves the secret off the FAT partition and removes its own
+# hook.
 #
 # systemd.run powers the Pi off when the script fails, so it always exits 0 and
 # leaves a bootable card: whatever goes wrong is logged and the boot carries on.
@@ -41,8 +42,9 @@ install_payload() {
     fi
     if [ -f "$PIPROV_BOOT/$BOOT_SECRET" ]; then
         (umask 077 && cat "$PIPROV_BOOT/$BOOT_SECRET" >"$SECRET.new")
+        sync_path "$SECRET.new"
         mv -f "$SECRET.new" "$SECRET"
-        rm -f "$PIPROV_BOOT/$BOOT_SECRET"
+        scrub_file "$PIPROV_BOOT/$BOOT_SECRET"
     fi
     log "payload installed"
 }
@@ -84,8 +86,10 @@ main() {
     remove_payload_from_boot
     sync
     if [ "${1:-}" = --now ]; then
-        # cloud-init runs us late in a normal boot: run the guard now rather
-        # than after a reboot, then let registration go on in the background.
+        # A cloud-init boothook, in the init stage of a normal boot: before
+        # network-online.target, so before amazon-ssm-agent. The reload makes
+        # the agent's drop-in count for this boot; the guard runs now rather
+        # than after a reboot; registration waits for the network as usual.
         systemctl daemon-reload
         systemctl start piprov-guard.service
         systemctl start --no-block piprov-register.service

@@ -14,6 +14,9 @@ CONF_DIR=$ROOT/etc/piprov
 CONF=$CONF_DIR/piprov.conf
 STATE_DIR=$ROOT/var/lib/piprov
 SECRET=$STATE_DIR/secret.conf
+# Temporary files that may hold a secret (a request's headers, the agent's
+# output): root-only, scrubbed on exit and at the next start after a kill.
+TMP_DIR=$STATE_DIR/tmp
 JOURNAL=$STATE_DIR/journal
 BINDING=$STATE_DIR/binding
 NEEDS_REGISTRATION=$STATE_DIR/needs-registration
@@ -144,6 +147,34 @@ replace_file() {
     cat >"$tmp"
     sync_path "$tmp"
     mv -f "$tmp" "$1"
+}
+
+# Overwrites a file's bytes in place with zeroes, then removes it. On FAT (and
+# ext4) rm only marks the blocks free: whoever takes the card out would read a
+# removed secret back with `strings`.
+scrub_file() {
+    [ -f "$1" ] || return 0
+    scrub_size=$(wc -c <"$1" | tr -d ' ')
+    if [ "$scrub_size" -gt 0 ]; then
+        dd if=/dev/zero of="$1" bs="$scrub_size" count=1 conv=notrunc,fsync status=none ||
+            log "could not overwrite $1 before removing it"
+    fi
+    rm -f "$1"
+    sync_path "${1%/*}"
+}
+
+# A new empty file in TMP_DIR; prints its path.
+private_tmp() {
+    mkdir -p "$TMP_DIR"
+    chmod 700 "$TMP_DIR"
+    mktemp "$TMP_DIR/XXXXXX"
+}
+
+# Scrubs whatever a run left in TMP_DIR (a kill leaves its files behind).
+scrub_tmp() {
+    for leftover in "$TMP_DIR"/*; do
+        scrub_file "$leftover"
+    done
 }
 
 json_escape() {

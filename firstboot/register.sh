@@ -19,22 +19,27 @@ adopt_boot_secret() {
     [ -f "$boot/$BOOT_SECRET" ] || return 0
     mkdir -p "$STATE_DIR"
     (umask 077 && cat "$boot/$BOOT_SECRET" >"$SECRET.new")
+    sync_path "$SECRET.new"
+    scrub_file "$SECRET"
     mv -f "$SECRET.new" "$SECRET"
-    rm -f "$boot/$BOOT_SECRET"
+    scrub_file "$boot/$BOOT_SECRET"
     log "activation secret taken from the boot partition"
 }
 
 scrub_secrets() {
     boot=$(boot_dir)
-    rm -f "$SECRET.new" "$boot/$BOOT_SECRET"
+    scrub_file "$SECRET.new"
+    scrub_file "$boot/$BOOT_SECRET"
     if [ "${PIPROV_SOURCE:-}" = broker ] && [ "${PIPROV_KEEP_TOKEN:-0}" = 1 ] && [ -n "${PIPROV_BROKER_TOKEN:-}" ]; then
         # The site chose to keep the enrollment token (root-only), so that a copy
         # of this card booted in another Pi can enrol through the broker. It only
         # ever obtains single-use activations; the activation code itself goes.
         (umask 077 && printf 'BROKER_TOKEN=%s\n' "$PIPROV_BROKER_TOKEN" >"$SECRET.new")
+        sync_path "$SECRET.new"
+        scrub_file "$SECRET"
         mv -f "$SECRET.new" "$SECRET"
     else
-        rm -f "$SECRET"
+        scrub_file "$SECRET"
     fi
     unset PIPROV_ACTIVATION_CODE PIPROV_ACTIVATION_ID PIPROV_BROKER_TOKEN
     sync
@@ -54,22 +59,21 @@ broker_post() {
     path=$1
     body=$2
     ca=$CONF_DIR/broker-ca.pem
-    headers=$(mktemp)
-    chmod 600 "$headers"
+    headers=$(private_tmp)
     printf 'Authorization: Bearer %s\nContent-Type: application/json\n' "$PIPROV_BROKER_TOKEN" >"$headers"
     post_rc=0
     if command -v curl >/dev/null 2>&1; then
         curl -fsS --max-time 30 --cacert "$ca" -H "@$headers" --data "$body" "$PIPROV_BROKER_URL$path" || post_rc=$?
     elif command -v wget >/dev/null 2>&1; then
-        rc=$(mktemp)
+        rc=$(private_tmp)
         sed 's/^/header = /' "$headers" >"$rc"
         wget -q -O - --timeout=30 --config="$rc" --ca-certificate="$ca" --post-data="$body" "$PIPROV_BROKER_URL$path" || post_rc=$?
-        rm -f "$rc"
+        scrub_file "$rc"
     else
         log "neither curl nor wget is installed: cannot reach the broker"
         post_rc=127
     fi
-    rm -f "$headers"
+    scrub_file "$headers"
     return $post_rc
 }
 
@@ -111,7 +115,7 @@ register_agent() {
         write_status failed "no region configured"
         return $FAILED
     fi
-    output=$(mktemp)
+    output=$(private_tmp)
     agent_rc=0
     amazon-ssm-agent -register -y -id "$ACTIVATION_ID" -code "$ACTIVATION_CODE" -region "$ACTIVATION_REGION" >"$output" 2>&1 || agent_rc=$?
     # The agent's output never holds the code; keep its last line for the journal.
@@ -122,7 +126,7 @@ register_agent() {
     grep -q 'InternalServerError\|TooManyUpdates' "$output" && answer=busy
     grep -q 'InvalidPublicKey' "$output" && answer=bug
     grep -qi 'signature expired\|InvalidSignatureException\|certificate is not yet valid\|certificate has expired' "$output" && answer=clock
-    rm -f "$output"
+    scrub_file "$output"
     if [ "$agent_rc" -eq 0 ]; then
         log "agent: $last"
         failpoint registered
@@ -200,6 +204,9 @@ try_register() {
 main() {
     export PIPROV_STEP=register
     [ -f "$NEEDS_REGISTRATION" ] || { log "not marked for registration: nothing to do"; exit 0; }
+    scrub_tmp
+    trap scrub_tmp EXIT
+    trap 'exit 1' INT TERM
     read_conf "$CONF"
     IDENTITY=$(hardware_identity) || { log "cannot tell which hardware this is"; exit 0; }
     max=${PIPROV_MAX_ATTEMPTS:-0}

@@ -678,6 +678,43 @@ fn a_cleared_or_refused_agent_holds_no_identity_the_scripts_see() {
     assert!(out.stderr.is_empty(), "{}", stderr(&out));
 }
 
+/// A secret is overwritten in place before it is removed (on FAT, rm only
+/// frees the clusters): a second link to the same file reads zeroes after.
+/// The e2e boots scan the raw FAT partition of a booted card.
+#[test]
+fn secrets_are_overwritten_where_they_lay_before_they_are_removed() {
+    let dir = TempDir::new().unwrap();
+    let ssm = Ssm::new(dir.path());
+    let card = stamped_card(&dir, &ssm, "");
+    let keep = |path: &str, name: &str| {
+        let link = dir.path().join(name);
+        std::fs::hard_link(card.path(path), &link).unwrap();
+        link
+    };
+    let on_boot = keep("/boot/firmware/piprov-secret.conf", "boot-secret");
+    let length = std::fs::metadata(&on_boot).unwrap().len();
+    assert!(card.install().status.success());
+    let zeroed = |link: &Path| {
+        let data = std::fs::read(link).unwrap();
+        data.len() as u64 >= 16 && data.iter().all(|&b| b == 0)
+    };
+    assert!(!card.exists("/boot/firmware/piprov-secret.conf"));
+    assert!(zeroed(&on_boot), "the boot partition's copy");
+    assert_eq!(std::fs::metadata(&on_boot).unwrap().len(), length);
+    assert!(card.guard(&[]).status.success());
+    let in_root = keep("/var/lib/piprov/secret.conf", "root-secret");
+    // A temporary file a killed run left behind, holding the code.
+    let tmp = card.path("/var/lib/piprov/tmp");
+    std::fs::create_dir_all(&tmp).unwrap();
+    std::fs::write(tmp.join("left"), format!("ACTIVATION_CODE={SHARED_CODE}\n")).unwrap();
+    let left = keep("/var/lib/piprov/tmp/left", "left");
+    assert!(card.register(&[]).status.success());
+    assert!(zeroed(&in_root), "the root-only copy");
+    assert!(zeroed(&left), "the leftover temporary file");
+    assert_eq!(std::fs::read_dir(&tmp).unwrap().count(), 0);
+    assert_eq!(card.files_containing(SHARED_CODE), Vec::<String>::new());
+}
+
 #[test]
 fn offline_keeps_the_secret_and_registers_once_back_online() {
     let dir = TempDir::new().unwrap();
@@ -964,5 +1001,22 @@ fn units_pass_systemd_analyze_verify() {
         out.status.success() && out.stderr.is_empty(),
         "systemd-analyze verify:\n{}",
         stderr(&out)
+    );
+    // The unit that handles secrets keeps its files private, and waits for a
+    // clock that is set (a Pi has no real-time clock).
+    let register = card.read("/etc/systemd/system/piprov-register.service");
+    for line in ["UMask=0077", "PrivateTmp=yes"] {
+        assert!(register.lines().any(|l| l == line), "{line}: {register}");
+    }
+    assert!(
+        register
+            .lines()
+            .any(|l| l.starts_with("After=") && l.contains("time-sync.target")),
+        "{register}"
+    );
+    let drop_in = card.read("/etc/systemd/system/amazon-ssm-agent.service.d/piprov.conf");
+    assert!(
+        drop_in.contains("ExecCondition=/usr/local/lib/piprov/guard.sh --gate"),
+        "{drop_in}"
     );
 }

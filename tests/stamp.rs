@@ -149,6 +149,15 @@ fn unstamp_restores_the_boot_partition_exactly() {
             "{variant}: unstamp must give back the original files"
         );
         assert_fat_clean(&image, dir.path());
+        // Not in the free clusters either: a removed file is overwritten first.
+        let boot = dir.path().join("boot.part");
+        extract_partition(&image, 1, &boot);
+        let raw = std::fs::read(&boot).unwrap();
+        assert!(
+            !raw.windows(SHARED_CODE.len())
+                .any(|w| w == SHARED_CODE.as_bytes()),
+            "{variant}: the activation code is still on the FAT partition"
+        );
         piprov()
             .arg("unstamp")
             .arg(&image)
@@ -174,6 +183,10 @@ fn cloud_init_images_get_a_seed_with_a_fresh_instance_id() {
         "the image's own user-data is kept"
     );
     assert!(user_data.contains("exec sh /boot/firmware/piprov-install.sh --now"));
+    assert!(
+        user_data.contains("Content-Type: text/cloud-boothook"),
+        "a boothook runs before the agent can start: {user_data}"
+    );
     assert!(
         !String::from_utf8(files["cmdline.txt"].clone())
             .unwrap()

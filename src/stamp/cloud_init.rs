@@ -4,11 +4,21 @@ use anyhow::{Result, bail};
 
 const BOUNDARY: &str = "==piprov-boundary==";
 
-/// User-data that runs our install script once per instance, keeping whatever
+/// User-data that runs our install script as a boothook, keeping whatever
 /// user-data the image had as the first part of a MIME multipart message (so
 /// no YAML needs merging).
+///
+/// A boothook, not a shell-script part: cloud-init runs scripts in
+/// `cloud-final.service`, which Debian orders after `multi-user.target`, and
+/// so after `amazon-ssm-agent.service` has started as the golden. Boothooks run
+/// in the init stage (`cloud-init.service`, before `network-online.target`,
+/// which the agent waits for), so the guard wipes the cloned identity before the
+/// agent can start. Boothooks run on every boot; the script removes itself from
+/// the boot partition once it has run, so later boots find nothing to do.
 pub fn user_data(original: Option<&[u8]>, install_script: &str) -> Result<Vec<u8>> {
-    let script = format!("#!/bin/sh\nexec sh {install_script} --now\n");
+    let script = format!(
+        "#cloud-boothook\n#!/bin/sh\n[ -f {install_script} ] || exit 0\nexec sh {install_script} --now\n"
+    );
     let Some(original) = original else {
         return Ok(script.into_bytes());
     };
@@ -35,7 +45,7 @@ pub fn user_data(original: Option<&[u8]>, install_script: &str) -> Result<Vec<u8
         out.push(b'\n');
     }
     out.extend_from_slice(
-        format!("--{BOUNDARY}\nContent-Type: text/x-shellscript; charset=\"utf-8\"\n\n{script}--{BOUNDARY}--\n")
+        format!("--{BOUNDARY}\nContent-Type: text/cloud-boothook; charset=\"utf-8\"\n\n{script}--{BOUNDARY}--\n")
             .as_bytes(),
     );
     Ok(out)
@@ -74,13 +84,17 @@ mod tests {
             .unwrap();
         assert!(text.starts_with("Content-Type: multipart/mixed"));
         assert!(first < second);
+        assert!(text.contains("Content-Type: text/cloud-boothook"), "{text}");
         assert!(text.ends_with(&format!("--{BOUNDARY}--\n")));
     }
 
     #[test]
     fn no_original_gives_a_plain_script() {
         let data = user_data(None, "/boot/piprov-install.sh").unwrap();
-        assert_eq!(data, b"#!/bin/sh\nexec sh /boot/piprov-install.sh --now\n");
+        assert_eq!(
+            data,
+            b"#cloud-boothook\n#!/bin/sh\n[ -f /boot/piprov-install.sh ] || exit 0\nexec sh /boot/piprov-install.sh --now\n"
+        );
         assert!(user_data(Some(b"Content-Type: multipart/mixed"), "/x").is_err());
     }
 

@@ -108,7 +108,9 @@ impl<D: Read + Write + Seek> BootFs<D> {
             .with_context(|| format!("writing {name} on the boot partition"))
     }
 
-    /// Removes a file; succeeds when it is already absent.
+    /// Removes a file; succeeds when it is already absent. Its bytes are
+    /// overwritten with zeroes first: FAT only marks a removed file's clusters
+    /// free, and a secret left there is read back with `strings`.
     pub fn remove(&self, name: &str) -> Result<()> {
         guarded(&format!("removing {name} from the boot partition"), || {
             self.remove_unguarded(name)
@@ -116,12 +118,22 @@ impl<D: Read + Write + Seek> BootFs<D> {
     }
 
     fn remove_unguarded(&self, name: &str) -> Result<()> {
-        match self.fs.root_dir().remove(name) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => {
-                Err(e).with_context(|| format!("removing {name} from the boot partition"))
+        let root = self.fs.root_dir();
+        match root.open_file(name) {
+            Ok(mut file) => {
+                let len = file.seek(io::SeekFrom::End(0))?;
+                file.seek(io::SeekFrom::Start(0))?;
+                io::copy(&mut io::repeat(0).take(len), &mut file)
+                    .and_then(|_| file.flush())
+                    .with_context(|| format!("overwriting {name} on the boot partition"))?;
             }
-            _ => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => {
+                return Err(e).with_context(|| format!("opening {name} on the boot partition"));
+            }
         }
+        root.remove(name)
+            .with_context(|| format!("removing {name} from the boot partition"))
     }
 
     /// Writes back the FS info and clears the dirty flag. Dropping without this
