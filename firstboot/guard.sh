@@ -29,9 +29,8 @@ wipe_identity() {
     if command -v amazon-ssm-agent >/dev/null 2>&1; then
         amazon-ssm-agent -register -clear >/dev/null 2>&1 || log "amazon-ssm-agent -register -clear failed; deleting the files directly"
     fi
-    rm -f "$SSM_DIR/registration" "$SSM_DIR/Vault/Manifest" \
-        "$SSM_DIR/Vault/Store/RegistrationKey" "$SSM_DIR/Vault/Store/InstanceFingerprint"
-    rm -rf "$SSM_DIR/runtimeconfig"
+    rm -f "$ROOT$AGENT_REGISTRATION" "$ROOT$AGENT_MANIFEST" "$ROOT$AGENT_KEY" "$ROOT$AGENT_FINGERPRINT"
+    rm -rf "${ROOT}$AGENT_RUNTIME_CONFIG"
     for dir in "$SSM_DIR"/mi-*; do
         [ -d "$dir" ] && rm -rf "$dir"
     done
@@ -42,7 +41,7 @@ wipe_identity() {
 # The agent shares its role credentials as [default] in /root/.aws/credentials;
 # other profiles there belong to someone else and stay.
 drop_shared_credentials() {
-    creds=$ROOT/root/.aws/credentials
+    creds=$ROOT$AGENT_SHARED_CREDENTIALS
     [ -f "$creds" ] || return 0
     awk '/^\[/ { skip = ($0 == "[default]") } !skip' "$creds" | replace_file "$creds"
     chmod 600 "$creds"
@@ -70,10 +69,22 @@ new_ssh_host_keys() {
     fi
 }
 
-# Files no two machines should share (virt-sysprep's list, trimmed to a Pi).
+# Files no two machines should share: the contract's CLONE_STATE list, which
+# `piprov inspect` reports from the same source.
 forget_clone_state() {
-    rm -f "$ROOT/var/lib/systemd/random-seed" "$ROOT/etc/udev/rules.d/70-persistent-net.rules"
-    rm -f "$ROOT"/var/lib/dhcp/*.leases "$ROOT"/var/lib/dhcpcd/*.lease "$ROOT"/var/lib/NetworkManager/*.lease
+    # The list is split into patterns without globbing (that would glob the
+    # running system's paths); each pattern is then globbed inside $ROOT.
+    set -f
+    for pattern in $CLONE_STATE; do
+        set +f
+        for path in "$ROOT"$pattern; do
+            [ -e "$path" ] || [ -L "$path" ] || continue
+            rm -f "$path"
+            log "removed ${path#"$ROOT"}"
+        done
+        set -f
+    done
+    set +f
 }
 
 set_hostname() {
@@ -127,8 +138,8 @@ harden_sudo() {
     if [ "${PIPROV_STRIP_SSM_USER:-1}" = 1 ]; then
         # A file with only this comment is never rewritten by the agent
         # (the AWS-documented way to keep ssm-user out of sudo).
-        printf '#User rules for %s\n' "$ssm_user" | replace_file "$SUDOERS_D/ssm-agent-users"
-        chmod 440 "$SUDOERS_D/ssm-agent-users"
+        printf '#User rules for %s\n' "$ssm_user" | replace_file "$ROOT$AGENT_SUDOERS"
+        chmod 440 "$ROOT$AGENT_SUDOERS"
         log "ssm-user sudo stripped"
     fi
     if [ "${PIPROV_STRIP_NOPASSWD:-1}" = 1 ]; then

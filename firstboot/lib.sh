@@ -8,11 +8,18 @@
 # POSIX sh has no `local`: every function's variables are global, so each
 # function names its own with a prefix where a caller could use the same name.
 
+# The card contract (contract.sh: paths, boot partition names, the clone-state
+# list) comes first: the stamp writes the two files as one piprov-lib.sh.
+if [ -z "${CARD_CONTRACT:-}" ]; then
+    # shellcheck source=firstboot/contract.sh
+    . "$(dirname "$0")/contract.sh"
+fi
+
 ROOT=${PIPROV_ROOT:-}
-LIB_DIR=$ROOT/usr/local/lib/piprov
-CONF_DIR=$ROOT/etc/piprov
-CONF=$CONF_DIR/piprov.conf
-STATE_DIR=$ROOT/var/lib/piprov
+LIB_DIR=$ROOT$CARD_LIB_DIR
+CONF_DIR=$ROOT$CARD_CONF_DIR
+CONF=$CONF_DIR/$BOOT_CONF
+STATE_DIR=$ROOT$CARD_STATE_DIR
 SECRET=$STATE_DIR/secret.conf
 # Temporary files that may hold a secret (a request's headers, the agent's
 # output): root-only, scrubbed on exit and at the next start after a kill.
@@ -21,17 +28,11 @@ JOURNAL=$STATE_DIR/journal
 BINDING=$STATE_DIR/binding
 NEEDS_REGISTRATION=$STATE_DIR/needs-registration
 PREVIOUS_ID_FILE=$STATE_DIR/previous-instance-id
-SSM_DIR=$ROOT/var/lib/amazon/ssm
-AGENT_REGISTRATION=$SSM_DIR/registration
-AGENT_KEY=$SSM_DIR/Vault/Store/RegistrationKey
+SSM_DIR=$ROOT$AGENT_DATA_DIR
+REGISTRATION_FILE=$ROOT$AGENT_REGISTRATION
+KEY_FILE=$ROOT$AGENT_KEY
 SUDOERS=$ROOT/etc/sudoers
 SUDOERS_D=$ROOT/etc/sudoers.d
-
-# Boot partition names: the host writes these (src/layout.rs, src/stamp).
-BOOT_CONF=piprov.conf
-BOOT_SECRET=piprov-secret.conf
-BOOT_CA=piprov-broker-ca.pem
-BOOT_STATUS=piprov-status.json
 
 log() {
     # stderr reaches the journal under the units' SyslogIdentifier=piprov.
@@ -197,12 +198,12 @@ json_file_value() {
 # `-register -clear` and a refused registration leave the key holding no id
 # (and `registration` holding the old one), so `registration` says nothing.
 current_instance_id() {
-    json_file_value instanceID "$AGENT_KEY" | grep -x 'mi-[0-9a-f]*' || true
+    json_file_value instanceID "$KEY_FILE" | grep -x 'mi-[0-9a-f]*' || true
 }
 
 # The mi- id the card was last registered as (the golden's, on a golden).
 last_registered_id() {
-    json_file_value ManagedInstanceID "$AGENT_REGISTRATION"
+    json_file_value ManagedInstanceID "$REGISTRATION_FILE"
 }
 
 random_hex() {

@@ -1,18 +1,27 @@
 //! Where things live on a Raspberry Pi card: the facts the host side and the
-//! device side agree on. Sources: DESIGN.md sections 2 and 3.
+//! device side agree on. One source, `firstboot/contract.sh`, which the card's
+//! scripts read too; build.rs compiles it into `contract` below. Sources of the
+//! facts: DESIGN.md sections 2, 3 and 8.
+
+/// The card contract as written in firstboot/contract.sh.
+pub mod contract {
+    include!(concat!(env!("OUT_DIR"), "/contract.rs"));
+}
 
 /// amazon-ssm-agent's files (agent/appconfig/constants_unix.go, fsvault.go).
 pub mod agent {
+    use super::contract as c;
+
     pub const PACKAGE: &str = "amazon-ssm-agent";
-    pub const BINARY: &str = "/usr/bin/amazon-ssm-agent";
-    pub const DATA_ROOT: &str = "/var/lib/amazon/ssm";
+    pub const BINARY: &str = c::AGENT_BINARY;
+    pub const DATA_ROOT: &str = c::AGENT_DATA_DIR;
     /// `{"ManagedInstanceID":"mi-…","Region":"…"}`; `-register -clear` leaves it behind.
-    pub const REGISTRATION: &str = "/var/lib/amazon/ssm/registration";
-    pub const MANIFEST: &str = "/var/lib/amazon/ssm/Vault/Manifest";
+    pub const REGISTRATION: &str = c::AGENT_REGISTRATION;
+    pub const MANIFEST: &str = c::AGENT_MANIFEST;
     /// JSON with the instance id and its RSA private key.
-    pub const REGISTRATION_KEY: &str = "/var/lib/amazon/ssm/Vault/Store/RegistrationKey";
-    pub const FINGERPRINT: &str = "/var/lib/amazon/ssm/Vault/Store/InstanceFingerprint";
-    pub const IDENTITY_CONFIG: &str = "/var/lib/amazon/ssm/runtimeconfig/identity_config.json";
+    pub const REGISTRATION_KEY: &str = c::AGENT_KEY;
+    pub const FINGERPRINT: &str = c::AGENT_FINGERPRINT;
+    pub const IDENTITY_CONFIG: &str = c::AGENT_IDENTITY_CONFIG;
     /// Every file that makes a card one particular managed instance.
     pub const IDENTITY_FILES: [&str; 5] = [
         REGISTRATION,
@@ -22,23 +31,30 @@ pub mod agent {
         IDENTITY_CONFIG,
     ];
     /// The agent shares its temporary role credentials here (Profile.ShareCreds).
-    pub const SHARED_CREDENTIALS: &str = "/root/.aws/credentials";
+    pub const SHARED_CREDENTIALS: &str = c::AGENT_SHARED_CREDENTIALS;
     /// Written with `ssm-user ALL=(ALL) NOPASSWD:ALL` only when absent.
-    pub const SUDOERS_SSM_USER: &str = "/etc/sudoers.d/ssm-agent-users";
+    pub const SUDOERS_SSM_USER: &str = c::AGENT_SUDOERS;
 }
 
 /// Files on the FAT boot partition.
 pub mod boot {
+    use super::contract as c;
+
     pub const CMDLINE: &str = "cmdline.txt";
     pub const CONFIG: &str = "config.txt";
     /// The stamp record: settings for this card, no secrets.
-    pub const STAMP: &str = "piprov-stamp.json";
+    pub const STAMP: &str = c::BOOT_STAMP;
     /// Written by the card after its first boot so `piprov inspect` can read the outcome.
-    pub const STATUS: &str = "piprov-status.json";
+    pub const STATUS: &str = c::BOOT_STATUS;
     /// Device settings, `KEY=value` lines (no secrets); firstboot/lib.sh reads them.
-    pub const CONF: &str = "piprov.conf";
+    pub const CONF: &str = c::BOOT_CONF;
     /// The activation code or enrollment token; moved off the FAT partition on first boot.
-    pub const SECRET: &str = "piprov-secret.conf";
+    pub const SECRET: &str = c::BOOT_SECRET;
     /// The broker's CA certificate, pinned by the card.
-    pub const BROKER_CA: &str = "piprov-broker-ca.pem";
+    pub const BROKER_CA: &str = c::BOOT_CA;
 }
+
+/// What no two cards may share besides the SSM identity, the machine-id and
+/// the SSH host keys: the guard deletes these, inspect reports them. Globs with
+/// `*` inside one path component.
+pub const CLONE_STATE: &[&str] = contract::CLONE_STATE;

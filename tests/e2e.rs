@@ -161,20 +161,13 @@ fn tail(log: &str) -> String {
     lines[lines.len().saturating_sub(40)..].join("\n")
 }
 
-#[test]
-#[ignore = "boots virtual machines: run with `make e2e`"]
-fn cloned_cards_boot_with_distinct_identities() {
-    let dir = TempDir::new_in("/var/tmp").unwrap();
-    let d = dir.path();
-    let ssm = SsmEndpoint::start_for(d, 0, 3600);
-    let mut broker = BrokerProcess::init_named(d, &ssm, &[], &[GUEST_HOST]);
-    let token = broker.add_token("e2e", &[]);
-    broker.start();
-
-    // The golden: built, then registered once through the endpoint.
+/// The golden of a suite (bookworm, trixie): built, then registered once
+/// through the endpoint. Its path, its mi- id and its inspect report.
+fn golden_image(d: &Path, ssm: &SsmEndpoint, suite: &str) -> (PathBuf, String, serde_json::Value) {
     let rootfs = Command::new("sh")
         .arg(e2e_dir().join("make-rootfs.sh"))
         .arg(cache_dir())
+        .arg(suite)
         .output()
         .unwrap();
     assert!(
@@ -183,7 +176,7 @@ fn cloned_cards_boot_with_distinct_identities() {
         String::from_utf8_lossy(&rootfs.stderr)
     );
     let rootfs = String::from_utf8(rootfs.stdout).unwrap().trim().to_string();
-    let code_file = d.join("golden.code");
+    let code_file = d.join(format!("golden-{suite}.code"));
     let created = ssm
         .piprov()
         .args([
@@ -198,7 +191,7 @@ fn cloned_cards_boot_with_distinct_identities() {
         .output()
         .unwrap();
     let created: serde_json::Value = serde_json::from_slice(&created.stdout).unwrap();
-    let golden = d.join("golden.img");
+    let golden = d.join(format!("golden-{suite}.img"));
     let made = Command::new("sh")
         .arg(e2e_dir().join("make-vm-image.sh"))
         .arg(&rootfs)
@@ -219,19 +212,19 @@ fn cloned_cards_boot_with_distinct_identities() {
     );
     let golden_id = String::from_utf8(made.stdout).unwrap().trim().to_string();
     assert!(golden_id.starts_with("mi-"), "{golden_id}");
-    let golden_report = inspect_json(&golden);
-    assert_eq!(
-        golden_report["registration"]["instance_id"],
-        golden_id.as_str()
-    );
+    let report = inspect_json(&golden);
+    assert_eq!(report["registration"]["instance_id"], golden_id.as_str());
+    (golden, golden_id, report)
+}
 
-    // Stamp the golden, flash it to three cards.
+/// The broker recipe every e2e card is stamped with (`extra`: more top-level keys).
+fn broker_recipe(d: &Path, broker: &BrokerProcess, token: &str, extra: &str) -> PathBuf {
     std::fs::write(d.join("e2e.token"), format!("{token}\n")).unwrap();
     let recipe = d.join("e2e.toml");
     std::fs::write(
         &recipe,
         format!(
-            "name = \"e2e\"\nregion = \"eu-west-1\"\nhostname = \"pi-{{mac}}\"\n[activation]\n\
+            "name = \"e2e\"\nregion = \"eu-west-1\"\nhostname = \"pi-{{mac}}\"\n{extra}[activation]\n\
              source = \"broker\"\nurl = \"https://{GUEST_HOST}:{}\"\nca_file = \"{}\"\n\
              token_file = \"e2e.token\"\nkeep_token = true\n",
             broker.port(),
@@ -239,6 +232,56 @@ fn cloned_cards_boot_with_distinct_identities() {
         ),
     )
     .unwrap();
+    recipe
+}
+
+/// The agent never spoke as the golden: no ping under its id reached the endpoint.
+fn assert_no_request_as(ssm: &SsmEndpoint, golden_id: &str) {
+    let pings = ssm.requests_for("UpdateInstanceInformation");
+    let as_golden = pings
+        .iter()
+        .filter(|r| r["body"]["InstanceId"] == golden_id)
+        .count();
+    assert_eq!(
+        as_golden,
+        0,
+        "{as_golden} of {} pings came under the golden's id {golden_id}",
+        pings.len()
+    );
+}
+
+/// The raw FAT partition of a card holds none of these bytes (a secret the
+/// card used and removed, overwritten where it lay).
+fn assert_not_on_fat(card: &Path, secret: &str) {
+    let image = piprov::image::Image::open(card).unwrap();
+    let boot = image.boot_partition().unwrap().clone();
+    let mut raw = vec![0u8; boot.size as usize];
+    use std::os::unix::fs::FileExt;
+    std::fs::File::open(card)
+        .unwrap()
+        .read_exact_at(&mut raw, boot.start)
+        .unwrap();
+    assert!(
+        !raw.windows(secret.len()).any(|w| w == secret.as_bytes()),
+        "{}: the secret is still on the FAT partition",
+        card.display()
+    );
+}
+
+#[test]
+#[ignore = "boots virtual machines: run with `make e2e`"]
+fn cloned_cards_boot_with_distinct_identities() {
+    let dir = TempDir::new_in("/var/tmp").unwrap();
+    let d = dir.path();
+    let ssm = SsmEndpoint::start_for(d, 0, 3600);
+    let mut broker = BrokerProcess::init_named(d, &ssm, &[], &[GUEST_HOST]);
+    let token = broker.add_token("e2e", &[]);
+    broker.start();
+
+    let (golden, golden_id, golden_report) = golden_image(d, &ssm, "bookworm");
+
+    // Stamp the golden, flash it to three cards.
+    let recipe = broker_recipe(d, &broker, &token, "");
     let stamped = ssm
         .piprov()
         .arg("stamp")
@@ -388,6 +431,123 @@ fn cloned_cards_boot_with_distinct_identities() {
                 .as_str()
                 .is_some_and(|s| s.starts_with("525400")),
             "{tags}"
+        );
+    }
+    // Whenever an agent started, it spoke as its own card, never as the golden;
+    // the enrollment token the cards used is gone from their FAT partitions.
+    assert_no_request_as(&ssm, &golden_id);
+    assert!(!ssm.requests_for("UpdateInstanceInformation").is_empty());
+    for card in &cards {
+        assert_not_on_fat(card, &token);
+    }
+}
+
+/// Pi OS Trixie first-boots through cloud-init: piprov's part of the NoCloud
+/// seed is a boothook, which runs before the agent can start. A card booted
+/// once, a byte-for-byte copy of it in another machine, and a card whose guard
+/// is made to crash: the agent never speaks as the golden, and the crashed card
+/// keeps it stopped and says so.
+#[test]
+#[ignore = "boots virtual machines: run with `make e2e`"]
+fn trixie_cards_first_boot_through_cloud_init_and_fail_closed() {
+    let dir = TempDir::new_in("/var/tmp").unwrap();
+    let d = dir.path();
+    let ssm = SsmEndpoint::start_for(d, 0, 3600);
+    let mut broker = BrokerProcess::init_named(d, &ssm, &[], &[GUEST_HOST]);
+    let token = broker.add_token("e2e", &[]);
+    broker.start();
+    let (golden, golden_id, _) = golden_image(d, &ssm, "trixie");
+    let recipe = broker_recipe(d, &broker, &token, "hook = \"cloud-init\"\n");
+    let stamped = ssm
+        .piprov()
+        .arg("stamp")
+        .arg(&golden)
+        .arg("--recipe")
+        .arg(&recipe)
+        .output()
+        .unwrap();
+    assert!(
+        stamped.status.success(),
+        "{}",
+        String::from_utf8_lossy(&stamped.stderr)
+    );
+    let user_data = String::from_utf8(boot_file(&golden, "user-data")).unwrap();
+    assert!(user_data.contains("#cloud-boothook"), "{user_data}");
+    let cards: Vec<PathBuf> = ["a", "copy", "crash"]
+        .iter()
+        .map(|n| d.join(format!("trixie-{n}.img")))
+        .collect();
+    let flashed = ssm
+        .piprov()
+        .arg("flash")
+        .arg(&golden)
+        .arg(&cards[0])
+        .arg(&cards[2])
+        .args(["--yes", "--quiet"])
+        .output()
+        .unwrap();
+    assert!(
+        flashed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&flashed.stderr)
+    );
+    // The third card's guard dies after wiping the identity, as in a crash.
+    let failpoint = d.join("e2e-failpoint");
+    std::fs::write(&failpoint, "PIPROV_FAILPOINT=wipe_identity\n").unwrap();
+    let image = piprov::image::Image::open(&cards[2]).unwrap();
+    let boot_start = image.boot_partition().unwrap().start;
+    drop(image);
+    let copied = Command::new("mcopy")
+        .arg("-i")
+        .arg(format!("{}@@{boot_start}", cards[2].display()))
+        .arg(&failpoint)
+        .arg("::e2e-failpoint")
+        .status()
+        .unwrap();
+    assert!(copied.success());
+
+    let qemu = Qemu::choose(&golden, d);
+    let first = qemu.boot(&cards[0], "52:54:00:00:01:01", d, "trixie-a");
+    std::fs::copy(&cards[0], &cards[1]).unwrap();
+    let copy = qemu.boot(&cards[1], "52:54:00:00:01:02", d, "trixie-copy");
+    let crash = qemu.boot(&cards[2], "52:54:00:00:01:03", d, "trixie-crash");
+    eprintln!(
+        "e2e ({}): trixie card registered after {:.0} s, its copy after {:.0} s, the crashed guard's card settled after {:.0} s",
+        qemu.accel,
+        first.as_secs_f64(),
+        copy.as_secs_f64(),
+        crash.as_secs_f64()
+    );
+
+    let reports: Vec<serde_json::Value> = cards.iter().map(|c| inspect_json(c)).collect();
+    let mut ids = BTreeSet::new();
+    for (i, r) in reports[..2].iter().enumerate() {
+        assert_eq!(r["device_status"]["state"], "registered", "card {i}: {r}");
+        ids.insert(
+            r["registration"]["instance_id"]
+                .as_str()
+                .unwrap()
+                .to_string(),
+        );
+        assert_not_on_fat(&cards[i], &token);
+    }
+    assert_eq!(ids.len(), 2, "{ids:?}");
+    assert!(!ids.contains(&golden_id));
+    let crashed = &reports[2]["device_status"];
+    assert_eq!(crashed["state"], "blocked", "{crashed}");
+    assert!(
+        crashed["message"]
+            .as_str()
+            .unwrap()
+            .contains("amazon-ssm-agent kept stopped"),
+        "{crashed}"
+    );
+    assert_no_request_as(&ssm, &golden_id);
+    let pings = ssm.requests_for("UpdateInstanceInformation");
+    for id in &ids {
+        assert!(
+            pings.iter().any(|p| p["body"]["InstanceId"] == id.as_str()),
+            "the agent of {id} spoke under its own id"
         );
     }
 }

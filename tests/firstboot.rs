@@ -249,6 +249,57 @@ fn the_agent_starts_only_on_a_card_bound_to_this_hardware() {
     );
 }
 
+/// What no two cards may share is one list (firstboot/contract.sh): every
+/// entry planted in a golden image is reported by `piprov inspect` and gone
+/// after the guard.
+#[test]
+fn the_clone_state_list_is_one_for_inspect_and_the_guard() {
+    let dir = TempDir::new().unwrap();
+    // One concrete file for each glob of the list.
+    let planted: Vec<String> = piprov::layout::CLONE_STATE
+        .iter()
+        .map(|p| p.replace("/home/*/", "/home/pi/").replace('*', "eth0"))
+        .collect();
+    let code: String = planted
+        .iter()
+        .map(|p| {
+            format!(
+                "mkdir -p \"$root{}\" && echo golden-state >\"$root{p}\"; ",
+                Path::new(p).parent().unwrap().display()
+            )
+        })
+        .collect();
+    let image = dir.path().join("golden.img");
+    build_image(&image, &["--variant", "registered", "--customize", &code]);
+    let report = inspect_json(&image);
+    let reported: Vec<String> = report["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|f| f["id"] == "clone-state")
+        .map(|f| f["summary"].as_str().unwrap().to_string())
+        .collect();
+    for path in &planted {
+        assert!(
+            reported.iter().any(|s| s.starts_with(&format!("{path} "))),
+            "inspect reports {path}: {reported:?}"
+        );
+    }
+    let ssm = Ssm::new(dir.path());
+    stamp(&image, &shared_recipe(dir.path(), ""), &[]);
+    let card = Card::from_image(&image, dir.path(), "card", &ssm);
+    card.plug_into(PI_A.0, PI_A.1);
+    for path in &planted {
+        assert!(card.exists(path), "{path} is on the card");
+    }
+    assert!(card.install().status.success());
+    let out = card.guard(&[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    for path in &planted {
+        assert!(!card.exists(path), "the guard removed {path}");
+    }
+}
+
 #[test]
 fn a_power_cut_after_any_step_resumes() {
     let guard_steps = [
@@ -626,7 +677,7 @@ fn a_cleared_or_refused_agent_holds_no_identity_the_scripts_see() {
     let dir = TempDir::new().unwrap();
     let ssm = Ssm::new(dir.path());
     let card = stamped_card(&dir, &ssm, "");
-    let lib = Path::new(env!("CARGO_MANIFEST_DIR")).join("firstboot/lib.sh");
+    let lib = card.path("/boot/firmware/piprov-lib.sh");
     let current = || {
         let out = card.run_shell(&format!(". {}; current_instance_id", lib.display()));
         assert!(
@@ -748,11 +799,11 @@ fn offline_keeps_the_secret_and_registers_once_back_online() {
 
 #[test]
 fn backoff_doubles_with_jitter_and_is_capped() {
-    let lib = Path::new(env!("CARGO_MANIFEST_DIR")).join("firstboot/lib.sh");
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("firstboot");
     let run = |jitter: &str| -> Vec<u64> {
         let script = format!(
-            ". {}; for a in 0 1 2 3 4 5 6 7; do backoff_delay $a; done",
-            lib.display()
+            ". {0}/contract.sh; . {0}/lib.sh; for a in 0 1 2 3 4 5 6 7; do backoff_delay $a; done",
+            dir.display()
         );
         let out = Command::new("sh")
             .arg("-c")

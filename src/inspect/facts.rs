@@ -505,35 +505,55 @@ fn machine_id_state(rootfs: &RootFs) -> Result<MachineIdState> {
     })
 }
 
+/// Paths in the image that match the card contract's clone-state list, the
+/// list the guard deletes from.
 fn clone_state(rootfs: &RootFs) -> Result<Vec<String>> {
     let mut found = Vec::new();
-    for path in [
-        "/var/lib/systemd/random-seed",
-        "/etc/udev/rules.d/70-persistent-net.rules",
-        "/root/.bash_history",
-    ] {
-        if rootfs.exists(path)? {
-            found.push(path.to_string());
-        }
-    }
-    for dir in [
-        "/var/lib/dhcp",
-        "/var/lib/dhcpcd",
-        "/var/lib/NetworkManager",
-    ] {
-        for name in rootfs.list(dir)? {
-            if name.contains("lease") {
-                found.push(format!("{dir}/{name}"));
-            }
-        }
-    }
-    for user in rootfs.list("/home")? {
-        let history = format!("/home/{user}/.bash_history");
-        if rootfs.exists(&history)? {
-            found.push(history);
-        }
+    for pattern in crate::layout::CLONE_STATE {
+        let parts: Vec<&str> = pattern.trim_start_matches('/').split('/').collect();
+        glob(rootfs, "", &parts, &mut found)?;
     }
     Ok(found)
+}
+
+/// Expands `parts` (path components, each with at most one `*`) under `dir`.
+fn glob(rootfs: &RootFs, dir: &str, parts: &[&str], found: &mut Vec<String>) -> Result<()> {
+    let Some((first, rest)) = parts.split_first() else {
+        return Ok(());
+    };
+    let names = if first.contains('*') {
+        let listed = rootfs.list(if dir.is_empty() { "/" } else { dir })?;
+        listed
+            .into_iter()
+            .filter(|n| matches_glob(first, n))
+            .collect()
+    } else {
+        vec![first.to_string()]
+    };
+    for name in names {
+        let path = format!("{dir}/{name}");
+        if rest.is_empty() {
+            if rootfs.exists(&path)? || rootfs.is_symlink(&path)? {
+                found.push(path);
+            }
+        } else if rootfs.is_dir(&path)? {
+            glob(rootfs, &path, rest, found)?;
+        }
+    }
+    Ok(())
+}
+
+/// A shell glob with at most one `*`, which (as in sh) matches no leading dot.
+fn matches_glob(pattern: &str, name: &str) -> bool {
+    match pattern.split_once('*') {
+        None => pattern == name,
+        Some((before, after)) => {
+            name.len() >= before.len() + after.len()
+                && name.starts_with(before)
+                && name.ends_with(after)
+                && (before.starts_with('.') || !name.starts_with('.'))
+        }
+    }
 }
 
 /// A JSON file on the boot partition, with secrets redacted.

@@ -9,6 +9,13 @@ pub struct PayloadFile {
 /// Run by the first-boot hook from the boot partition.
 pub const INSTALL_SCRIPT: &str = "piprov-install.sh";
 
+/// The card's lib.sh: the card contract, then the helpers that use it.
+const LIB: &str = concat!(
+    include_str!("../../firstboot/contract.sh"),
+    "\n",
+    include_str!("../../firstboot/lib.sh")
+);
+
 pub const FILES: [PayloadFile; 7] = [
     PayloadFile {
         name: INSTALL_SCRIPT,
@@ -16,7 +23,7 @@ pub const FILES: [PayloadFile; 7] = [
     },
     PayloadFile {
         name: "piprov-lib.sh",
-        content: include_str!("../../firstboot/lib.sh"),
+        content: LIB,
     },
     PayloadFile {
         name: "piprov-guard.sh",

@@ -1,13 +1,22 @@
 #!/bin/sh
-# Debian bookworm root filesystem for the end-to-end boots, made once with
-# debootstrap and cached as a tarball (the package set below is its cache key).
+# Debian root filesystem for the end-to-end boots, made once with debootstrap
+# and cached as a tarball (the suite and package set are its cache key).
 #
-#   make-rootfs.sh CACHE_DIR      prints the tarball's path
+#   make-rootfs.sh CACHE_DIR [SUITE]      prints the tarball's path
+#
+# SUITE: bookworm (default; Pi OS Bookworm first-boots through systemd.run) or
+# trixie (with cloud-init, as Pi OS Trixie first-boots through it).
 set -eu
 cache=$1
+suite=${2:-bookworm}
 packages=systemd,systemd-sysv,udev,dbus,sudo,openssh-server,curl,linux-image-amd64,iproute2
-key=$(printf '%s bookworm minbase' "$packages" | sha256sum | cut -c1-12)
-tarball=$cache/rootfs-bookworm-$key.tar
+case $suite in
+    bookworm) ;;
+    trixie) packages=$packages,cloud-init ;;
+    *) echo "make-rootfs.sh: unknown suite $suite" >&2; exit 2 ;;
+esac
+key=$(printf '%s %s minbase' "$packages" "$suite" | sha256sum | cut -c1-12)
+tarball=$cache/rootfs-$suite-$key.tar
 if [ -s "$tarball" ]; then
     echo "$tarball"
     exit 0
@@ -15,7 +24,7 @@ fi
 mkdir -p "$cache"
 work=$(mktemp -d "$cache/debootstrap.XXXXXX")
 trap 'rm -rf "$work"' EXIT
-debootstrap --variant=minbase --include="$packages" bookworm "$work/root" \
+debootstrap --variant=minbase --include="$packages" "$suite" "$work/root" \
     "${DEBIAN_MIRROR:-http://deb.debian.org/debian}" >"$work/log" 2>&1 ||
     { tail -n 30 "$work/log" >&2; exit 1; }
 # Package caches are not part of an image.

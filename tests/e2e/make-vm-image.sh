@@ -3,7 +3,8 @@
 # /boot/firmware holding the kernel, initrd and cmdline.txt; ext4 "rootfs") from
 # the debootstrap root filesystem, with a `pi` user and 010_pi-nopasswd, the
 # amazon-ssm-agent stand-in and its unit, registered once through the local SSM
-# endpoint, as a golden image taken from a working Pi would be.
+# endpoint, as a golden image taken from a working Pi would be. A root with
+# cloud-init (trixie) gets a NoCloud seed on bootfs, as Pi OS Trixie has it.
 #
 #   make-vm-image.sh ROOTFS.tar OUT.img HOST_ENDPOINT GUEST_ENDPOINT ACTIVATION_ID CODE_FILE
 #
@@ -56,12 +57,13 @@ chroot "$root" systemctl enable ssh.service >/dev/null 2>&1 || true
 
 # ---- amazon-ssm-agent: the stand-in, its unit, its endpoint ---------------
 install -m 0755 "$standins/amazon-ssm-agent" "$root/usr/bin/amazon-ssm-agent"
-# The service pings SSM as the agent does once registered.
+# The service speaks to SSM as the real daemon does whenever it starts: under
+# the instance id in its key (the files a clone carries decide who it is).
 cat >"$root/usr/local/bin/ssm-agent-service" <<'PING'
 #!/bin/sh
 endpoint=$(sed -n 's/.*"Endpoint" *: *"\([^"]*\)".*/\1/p' /etc/amazon/ssm/amazon-ssm-agent.json)
 while :; do
-    id=$(sed -n 's/.*"ManagedInstanceID":"\([^"]*\)".*/\1/p' /var/lib/amazon/ssm/registration 2>/dev/null)
+    id=$(sed -n 's/.*"instanceID":"\([^"]*\)".*/\1/p' /var/lib/amazon/ssm/Vault/Store/RegistrationKey 2>/dev/null)
     if [ -n "$id" ]; then
         ip=$(ip -4 -o addr show scope global | awk '{print $4}' | cut -d/ -f1 | head -n 1)
         curl -s --max-time 10 -H 'X-Amz-Target: AmazonSSM.UpdateInstanceInformation' \
@@ -103,7 +105,7 @@ cat >"$root/usr/local/bin/e2e-settle" <<'SETTLE'
 #!/bin/sh
 for _ in $(seq 1 150); do
     state=$(sed -n 's/.*"state":"\([^"]*\)".*/\1/p' /boot/firmware/piprov-status.json 2>/dev/null)
-    case $state in registered|failed|needs-activation) break ;; esac
+    case $state in registered|failed|needs-activation|blocked) break ;; esac
     [ -e /boot/firmware/piprov-stamp.json ] || break
     sleep 1
 done
@@ -124,6 +126,11 @@ ExecStart=/usr/local/bin/e2e-settle
 WantedBy=multi-user.target
 UNIT
 chroot "$root" systemctl enable e2e-settle.service >/dev/null 2>&1
+# A test can make a card's guard fail: PIPROV_FAILPOINT=STEP in e2e-failpoint
+# on its boot partition kills the guard after that step, as a crash would.
+mkdir -p "$root/etc/systemd/system/piprov-guard.service.d"
+printf '[Service]\nEnvironmentFile=-/boot/firmware/e2e-failpoint\n' \
+    >"$root/etc/systemd/system/piprov-guard.service.d/e2e-failpoint.conf"
 
 # ---- boot partition: the "firmware" reads cmdline.txt, kernel and initrd ---
 cp "$root"/boot/vmlinuz-* "$boot/vmlinuz"
@@ -133,6 +140,20 @@ printf '# Raspberry Pi config.txt\narm_64bit=1\nkernel=vmlinuz\ninitramfs initrd
 head -c 16384 /dev/urandom >"$boot/start4.elf"
 head -c 8192 /dev/urandom >"$boot/bcm2711-rpi-4-b.dtb"
 echo "Raspberry Pi reference 2024-11-19" >"$boot/issue.txt"
+if [ -x "$root/usr/bin/cloud-init" ]; then
+    # Pi OS Trixie: the NoCloud seed sits on the FAT partition labelled bootfs.
+    # Networking stays with systemd-networkd, as configured above.
+    cat >"$root/etc/cloud/cloud.cfg.d/99_raspberry-pi.cfg" <<'CFG'
+datasource_list: [ NoCloud, None ]
+datasource:
+  NoCloud:
+    fs_label: bootfs
+network:
+  config: disabled
+CFG
+    printf '#cloud-config\nmanage_etc_hosts: false\n' >"$boot/user-data"
+    printf 'instance-id: rpi-golden\n' >"$boot/meta-data"
+fi
 
 # ---- assemble ----------------------------------------------------------------
 boot_start=8192
