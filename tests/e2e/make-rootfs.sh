@@ -12,7 +12,8 @@ suite=${2:-bookworm}
 packages=systemd,systemd-sysv,udev,dbus,sudo,openssh-server,curl,linux-image-amd64,iproute2
 case $suite in
     bookworm) ;;
-    trixie) packages=$packages,cloud-init ;;
+    # debootstrap resolves no versioned virtual packages: cffi named by hand.
+    trixie) packages=$packages,cloud-init,python3-cffi-backend ;;
     *) echo "make-rootfs.sh: unknown suite $suite" >&2; exit 2 ;;
 esac
 key=$(printf '%s %s minbase' "$packages" "$suite" | sha256sum | cut -c1-12)
