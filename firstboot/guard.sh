@@ -5,7 +5,8 @@
 # shares with its siblings and marks the card for registration.
 #
 # `guard.sh --gate` is the agent's ExecCondition: it lets the agent start only
-# when the card is bound to this hardware.
+# when the card is bound to this hardware. `guard.sh --after-failure` is the
+# guard unit's ExecStopPost: a failed guard says so on the boot partition.
 set -eu
 # shellcheck source=/dev/null
 . "$(dirname "$0")/lib.sh"
@@ -240,10 +241,23 @@ gate() {
     exit 0
 }
 
+# The guard unit's ExecStopPost: a guard that failed or was killed says so on
+# the boot partition (systemd sets SERVICE_RESULT, EXIT_CODE, EXIT_STATUS).
+# Its `systemctl stop` of the agent has cancelled the agent's start for this
+# boot, and the agent's gate keeps it stopped until a guard completes.
+after_failure() {
+    [ "${SERVICE_RESULT:-success}" = success ] && exit 0
+    export PIPROV_STEP=guard
+    read_conf "$CONF"
+    IDENTITY=$(hardware_identity) || IDENTITY=
+    block_agent "the guard did not finish (${SERVICE_RESULT}${EXIT_STATUS:+: $EXIT_STATUS}); it resumes on the next boot (journalctl -u piprov-guard)"
+}
+
 main() {
-    if [ "${1:-}" = --gate ]; then
-        gate
-    fi
+    case ${1:-} in
+        --gate) gate ;;
+        --after-failure) after_failure ;;
+    esac
     export PIPROV_STEP=guard
     read_conf "$CONF"
     if ! IDENTITY=$(hardware_identity); then

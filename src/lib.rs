@@ -2,6 +2,7 @@
 
 pub mod broker;
 pub mod cli;
+pub mod digest;
 pub mod flash;
 pub mod hex;
 pub mod image;

@@ -6,21 +6,11 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
+use common::card::embedded_recipe;
 use common::ssm_endpoint::SsmEndpoint;
 use common::{boot_files, build_image, fixture, sha256_of, succeed};
 use predicates::str::contains;
 use tempfile::TempDir;
-
-fn embedded_recipe(dir: &Path) -> PathBuf {
-    let recipe = dir.join("bench.toml");
-    std::fs::write(
-        &recipe,
-        "name = \"bench\"\nregion = \"eu-west-1\"\niam_role = \"SSMServiceRole\"\n\
-         [activation]\nsource = \"embedded\"\nexpires = \"2h\"\n[tags]\nbatch = \"2026-11\"\n",
-    )
-    .unwrap();
-    recipe
-}
 
 /// The activation id and code on a card's boot partition.
 fn card_secret(image: &Path) -> (String, String) {

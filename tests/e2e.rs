@@ -19,8 +19,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::broker::BrokerProcess;
-use common::inspect_json;
 use common::ssm_endpoint::SsmEndpoint;
+use common::{inspect_json, succeed};
 use tempfile::TempDir;
 
 const GUEST_HOST: &str = "10.0.2.2";
@@ -156,6 +156,38 @@ impl Qemu {
     }
 }
 
+/// Where a test's cards and logs go; kept after the run with PIPROV_E2E_KEEP=1,
+/// to look at a failed boot's serial log and cards.
+struct WorkDir {
+    /// Removes the folder when dropped; None when it is kept.
+    _removed: Option<TempDir>,
+    path: PathBuf,
+}
+
+impl WorkDir {
+    fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+fn work_dir() -> WorkDir {
+    let dir = TempDir::new_in("/var/tmp").unwrap();
+    let path = dir.path().to_path_buf();
+    if std::env::var_os("PIPROV_E2E_KEEP").is_some() {
+        eprintln!("e2e: keeping {}", path.display());
+        let _ = dir.keep();
+        WorkDir {
+            _removed: None,
+            path,
+        }
+    } else {
+        WorkDir {
+            _removed: Some(dir),
+            path,
+        }
+    }
+}
+
 fn tail(log: &str) -> String {
     let lines: Vec<&str> = log.lines().collect();
     lines[lines.len().saturating_sub(40)..].join("\n")
@@ -271,7 +303,7 @@ fn assert_not_on_fat(card: &Path, secret: &str) {
 #[test]
 #[ignore = "boots virtual machines: run with `make e2e`"]
 fn cloned_cards_boot_with_distinct_identities() {
-    let dir = TempDir::new_in("/var/tmp").unwrap();
+    let dir = work_dir();
     let d = dir.path();
     let ssm = SsmEndpoint::start_for(d, 0, 3600);
     let mut broker = BrokerProcess::init_named(d, &ssm, &[], &[GUEST_HOST]);
@@ -282,32 +314,20 @@ fn cloned_cards_boot_with_distinct_identities() {
 
     // Stamp the golden, flash it to three cards.
     let recipe = broker_recipe(d, &broker, &token, "");
-    let stamped = ssm
-        .piprov()
-        .arg("stamp")
-        .arg(&golden)
-        .arg("--recipe")
-        .arg(&recipe)
-        .output()
-        .unwrap();
-    assert!(
-        stamped.status.success(),
-        "{}",
-        String::from_utf8_lossy(&stamped.stderr)
+    succeed(
+        ssm.piprov()
+            .arg("stamp")
+            .arg(&golden)
+            .arg("--recipe")
+            .arg(&recipe),
     );
     let cards: Vec<PathBuf> = (1..=4).map(|i| d.join(format!("card{i}.img"))).collect();
-    let flashed = ssm
-        .piprov()
-        .arg("flash")
-        .arg(&golden)
-        .args(&cards[..3])
-        .args(["--yes", "--quiet"])
-        .output()
-        .unwrap();
-    assert!(
-        flashed.status.success(),
-        "{}",
-        String::from_utf8_lossy(&flashed.stderr)
+    succeed(
+        ssm.piprov()
+            .arg("flash")
+            .arg(&golden)
+            .args(&cards[..3])
+            .args(["--yes", "--quiet"]),
     );
 
     let qemu = Qemu::choose(&golden, d);
@@ -450,7 +470,7 @@ fn cloned_cards_boot_with_distinct_identities() {
 #[test]
 #[ignore = "boots virtual machines: run with `make e2e`"]
 fn trixie_cards_first_boot_through_cloud_init_and_fail_closed() {
-    let dir = TempDir::new_in("/var/tmp").unwrap();
+    let dir = work_dir();
     let d = dir.path();
     let ssm = SsmEndpoint::start_for(d, 0, 3600);
     let mut broker = BrokerProcess::init_named(d, &ssm, &[], &[GUEST_HOST]);
@@ -458,18 +478,12 @@ fn trixie_cards_first_boot_through_cloud_init_and_fail_closed() {
     broker.start();
     let (golden, golden_id, _) = golden_image(d, &ssm, "trixie");
     let recipe = broker_recipe(d, &broker, &token, "hook = \"cloud-init\"\n");
-    let stamped = ssm
-        .piprov()
-        .arg("stamp")
-        .arg(&golden)
-        .arg("--recipe")
-        .arg(&recipe)
-        .output()
-        .unwrap();
-    assert!(
-        stamped.status.success(),
-        "{}",
-        String::from_utf8_lossy(&stamped.stderr)
+    succeed(
+        ssm.piprov()
+            .arg("stamp")
+            .arg(&golden)
+            .arg("--recipe")
+            .arg(&recipe),
     );
     let user_data = String::from_utf8(boot_file(&golden, "user-data")).unwrap();
     assert!(user_data.contains("#cloud-boothook"), "{user_data}");
@@ -477,19 +491,13 @@ fn trixie_cards_first_boot_through_cloud_init_and_fail_closed() {
         .iter()
         .map(|n| d.join(format!("trixie-{n}.img")))
         .collect();
-    let flashed = ssm
-        .piprov()
-        .arg("flash")
-        .arg(&golden)
-        .arg(&cards[0])
-        .arg(&cards[2])
-        .args(["--yes", "--quiet"])
-        .output()
-        .unwrap();
-    assert!(
-        flashed.status.success(),
-        "{}",
-        String::from_utf8_lossy(&flashed.stderr)
+    succeed(
+        ssm.piprov()
+            .arg("flash")
+            .arg(&golden)
+            .arg(&cards[0])
+            .arg(&cards[2])
+            .args(["--yes", "--quiet"]),
     );
     // The third card's guard dies after wiping the identity, as in a crash.
     let failpoint = d.join("e2e-failpoint");

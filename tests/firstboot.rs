@@ -343,6 +343,23 @@ fn a_power_cut_after_any_step_resumes() {
         if !card.exists("/var/lib/piprov/needs-registration") {
             assert_eq!(card.status()["state"], "blocked", "after a cut at {point}");
         }
+        if guard_steps.contains(point) {
+            // What systemd runs after the killed guard (its ExecStopPost).
+            let after = card.run_shell(&format!(
+                "SERVICE_RESULT=signal EXIT_STATUS=KILL sh {} --after-failure",
+                card.path("/usr/local/lib/piprov/guard.sh").display()
+            ));
+            assert_eq!(after.status.code(), Some(1));
+            let status = card.status();
+            assert_eq!(status["state"], "blocked", "after a cut at {point}");
+            assert!(
+                status["message"]
+                    .as_str()
+                    .unwrap()
+                    .contains("the guard did not finish (signal: KILL)"),
+                "{status}"
+            );
+        }
         let machine_id_after_cut = card.read("/etc/machine-id");
         let made_before_cut = guard_steps
             .iter()

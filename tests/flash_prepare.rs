@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::card::shared_recipe;
+use common::card::{embedded_recipe, shared_recipe};
 use common::ssm_endpoint::SsmEndpoint;
 use common::*;
 use tempfile::TempDir;
@@ -95,17 +95,6 @@ fn ctrl_c_while_decoding_leaves_the_cache_clean_and_the_card_untouched() {
         .collect();
     assert!(left.is_empty(), "no partial or cached image: {left:?}");
     assert_eq!(std::fs::read(&card).unwrap(), b"old data");
-}
-
-fn embedded_recipe(dir: &Path) -> PathBuf {
-    let recipe = dir.join("bench.toml");
-    std::fs::write(
-        &recipe,
-        "name = \"bench\"\nregion = \"eu-west-1\"\niam_role = \"SSMServiceRole\"\n\
-         [activation]\nsource = \"embedded\"\nexpires = \"2h\"\n",
-    )
-    .unwrap();
-    recipe
 }
 
 #[test]

@@ -190,7 +190,7 @@ pub fn flash(config: &FlashConfig, progress: &Progress) -> Result<Summary> {
 
     let source =
         source::open(&config.image, config.sha256.as_deref(), progress, &CANCEL).map_err(|e| {
-            match e.downcast_ref::<source::Cancelled>() {
+            match e.downcast_ref::<crate::digest::Cancelled>() {
                 Some(_) => anyhow::anyhow!(Interrupted("while the image was read".into())),
                 None => e,
             }

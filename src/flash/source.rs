@@ -7,11 +7,12 @@
 use std::fs::File;
 use std::io::{self, BufReader, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 
 use anyhow::{Context, Result, bail};
 use sha2::{Digest, Sha256};
 
+use crate::digest::{Cancelled, cache_dir, check, hash_reader, raw_hash_cached, read_up_to};
 use crate::hex::hex;
 use crate::progress::Progress;
 
@@ -71,17 +72,6 @@ pub struct Source {
     pub format: Format,
 }
 
-pub fn cache_dir() -> PathBuf {
-    if let Some(dir) = std::env::var_os("PIPROV_CACHE_DIR") {
-        return PathBuf::from(dir);
-    }
-    let base = std::env::var_os("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
-        .unwrap_or_else(std::env::temp_dir);
-    base.join("piprov")
-}
-
 /// Opens (and if needed decodes) an image; `expected` is the SHA-256 the
 /// decoded image must have. `cancel` stops the work at the next piece, and
 /// leaves no partial file in the cache.
@@ -119,98 +109,6 @@ pub fn open(
         }
     }
     Ok(source)
-}
-
-/// The SHA-256 of a raw image file (cached like a flash source's).
-pub fn image_sha256(path: &Path, progress: &Progress) -> Result<String> {
-    let mut file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let len = file.seek(SeekFrom::End(0))?;
-    file.seek(SeekFrom::Start(0))?;
-    raw_hash_cached(path, &mut file, len, progress, &AtomicBool::new(false))
-}
-
-/// The SHA-256 of a raw image, remembered per file (device, inode, size and
-/// mtime), so a bench flashing the same image again does not read it twice.
-fn raw_hash_cached(
-    path: &Path,
-    file: &mut File,
-    len: u64,
-    progress: &Progress,
-    cancel: &AtomicBool,
-) -> Result<String> {
-    use std::os::unix::fs::MetadataExt;
-    let meta = file.metadata()?;
-    let key = format!(
-        "raw-{}-{}-{}-{}.{}.sha256",
-        meta.dev(),
-        meta.ino(),
-        len,
-        meta.mtime(),
-        meta.mtime_nsec()
-    );
-    let cached = cache_dir().join(key);
-    if let Ok(text) = std::fs::read_to_string(&cached) {
-        return Ok(text.trim().to_string());
-    }
-    let sha256 = hash_reader(file, len, progress, "hashing", cancel)
-        .with_context(|| format!("hashing {}", path.display()))?;
-    if std::fs::create_dir_all(cache_dir()).is_ok() {
-        let _ = std::fs::write(&cached, format!("{sha256}\n"));
-    }
-    Ok(sha256)
-}
-
-fn read_up_to(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
-    let mut n = 0;
-    while n < buf.len() {
-        match r.read(&mut buf[n..])? {
-            0 => break,
-            k => n += k,
-        }
-    }
-    Ok(n)
-}
-
-/// The error of a step stopped by Ctrl-C.
-#[derive(Debug)]
-pub struct Cancelled;
-
-impl std::fmt::Display for Cancelled {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("interrupted")
-    }
-}
-
-impl std::error::Error for Cancelled {}
-
-fn check(cancel: &AtomicBool) -> Result<()> {
-    if cancel.load(Ordering::Relaxed) {
-        bail!(Cancelled);
-    }
-    Ok(())
-}
-
-fn hash_reader(
-    r: &mut impl Read,
-    len: u64,
-    progress: &Progress,
-    what: &str,
-    cancel: &AtomicBool,
-) -> Result<String> {
-    let bar = progress.bytes(what, len);
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; CHUNK];
-    loop {
-        check(cancel)?;
-        let n = read_up_to(r, &mut buf)?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-        bar.inc(n as u64);
-    }
-    bar.finish_and_clear();
-    Ok(hex(&hasher.finalize()))
 }
 
 fn decode_cached(

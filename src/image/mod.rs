@@ -5,6 +5,7 @@ mod cmdline;
 mod ext4;
 mod extents;
 mod fat;
+mod le;
 mod overlay;
 mod probe;
 mod slice;

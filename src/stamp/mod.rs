@@ -97,7 +97,7 @@ pub fn stamp(config: &StampConfig) -> Result<Outcome> {
     let issued = if settings.needs_activation() && !config.dry_run {
         let issuer = CardActivations::for_recipe(&config.aws, &config.recipe.recipe)?;
         let progress = crate::progress::Progress::new(crate::progress::Mode::Bars);
-        let image_sha256 = crate::flash::source::image_sha256(&config.image, &progress)?;
+        let image_sha256 = crate::digest::image_sha256(&config.image, &progress)?;
         let created = issuer.create(settings.hostname.as_deref(), &image_sha256, &name)?;
         let id = created.id.clone();
         settings.give_activation(created.id, created.code);

@@ -78,6 +78,18 @@ pub struct Card {
 }
 
 /// A recipe plus its secret file in `dir`, sharing one activation.
+/// A recipe whose cards each get their own activation, made by piprov.
+pub fn embedded_recipe(dir: &Path) -> PathBuf {
+    let recipe = dir.join("bench.toml");
+    std::fs::write(
+        &recipe,
+        "name = \"bench\"\nregion = \"eu-west-1\"\niam_role = \"SSMServiceRole\"\n\
+         [activation]\nsource = \"embedded\"\nexpires = \"2h\"\n[tags]\nbatch = \"2026-11\"\n",
+    )
+    .unwrap();
+    recipe
+}
+
 pub fn shared_recipe(dir: &Path, extra: &str) -> PathBuf {
     std::fs::write(dir.join("site.code"), "SECRETCODE-0123456789\n").unwrap();
     let recipe = dir.join("site.toml");

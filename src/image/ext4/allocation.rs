@@ -15,6 +15,7 @@ use std::io::{Read, Seek};
 use anyhow::{Context, Result, bail};
 
 use crate::image::extents::Extents;
+use crate::image::le::{le16, le32};
 use crate::image::slice::PartitionSlice;
 
 const INCOMPAT_META_BG: u64 = 0x10;
@@ -25,14 +26,6 @@ const RO_COMPAT_GDT_CSUM: u64 = 0x10;
 const RO_COMPAT_METADATA_CSUM: u64 = 0x400;
 const BG_INODE_UNINIT: u64 = 0x1;
 const BG_BLOCK_UNINIT: u64 = 0x2;
-
-fn le16(b: &[u8], at: usize) -> u64 {
-    u64::from(u16::from_le_bytes([b[at], b[at + 1]]))
-}
-
-fn le32(b: &[u8], at: usize) -> u64 {
-    u64::from(u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]))
-}
 
 /// The superblock's geometry, checked so that every later product stays within
 /// the partition (a corrupt image gives an error, never an overflow or a huge

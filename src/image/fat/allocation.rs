@@ -8,15 +8,8 @@ use std::io::{Read, Seek};
 use anyhow::{Result, bail};
 
 use crate::image::extents::Extents;
+use crate::image::le::{le16, le32};
 use crate::image::slice::PartitionSlice;
-
-fn le16(b: &[u8], at: usize) -> u64 {
-    u64::from(u16::from_le_bytes([b[at], b[at + 1]]))
-}
-
-fn le32(b: &[u8], at: usize) -> u64 {
-    u64::from(u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]))
-}
 
 /// The geometry the boot sector gives, checked against the partition's length.
 struct Layout {
