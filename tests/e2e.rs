@@ -249,6 +249,26 @@ fn golden_image(d: &Path, ssm: &SsmEndpoint, suite: &str) -> (PathBuf, String, s
     (golden, golden_id, report)
 }
 
+/// The SSM endpoint and a broker in front of it, reachable from the guests;
+/// the broker's enrollment token.
+fn endpoint_and_broker(d: &Path) -> (SsmEndpoint, BrokerProcess, String) {
+    let ssm = SsmEndpoint::start_for(d, 0, 3600);
+    let mut broker = BrokerProcess::init_named(d, &ssm, &[], &[GUEST_HOST]);
+    let token = broker.add_token("e2e", &[]);
+    broker.start();
+    (ssm, broker, token)
+}
+
+fn stamp(ssm: &SsmEndpoint, image: &Path, recipe: &Path) {
+    succeed(
+        ssm.piprov()
+            .arg("stamp")
+            .arg(image)
+            .arg("--recipe")
+            .arg(recipe),
+    );
+}
+
 /// The broker recipe every e2e card is stamped with (`extra`: more top-level keys).
 fn broker_recipe(d: &Path, broker: &BrokerProcess, token: &str, extra: &str) -> PathBuf {
     std::fs::write(d.join("e2e.token"), format!("{token}\n")).unwrap();
@@ -305,22 +325,13 @@ fn assert_not_on_fat(card: &Path, secret: &str) {
 fn cloned_cards_boot_with_distinct_identities() {
     let dir = work_dir();
     let d = dir.path();
-    let ssm = SsmEndpoint::start_for(d, 0, 3600);
-    let mut broker = BrokerProcess::init_named(d, &ssm, &[], &[GUEST_HOST]);
-    let token = broker.add_token("e2e", &[]);
-    broker.start();
+    let (ssm, broker, token) = endpoint_and_broker(d);
 
     let (golden, golden_id, golden_report) = golden_image(d, &ssm, "bookworm");
 
     // Stamp the golden, flash it to three cards.
     let recipe = broker_recipe(d, &broker, &token, "");
-    succeed(
-        ssm.piprov()
-            .arg("stamp")
-            .arg(&golden)
-            .arg("--recipe")
-            .arg(&recipe),
-    );
+    stamp(&ssm, &golden, &recipe);
     let cards: Vec<PathBuf> = (1..=4).map(|i| d.join(format!("card{i}.img"))).collect();
     succeed(
         ssm.piprov()
@@ -472,19 +483,10 @@ fn cloned_cards_boot_with_distinct_identities() {
 fn trixie_cards_first_boot_through_cloud_init_and_fail_closed() {
     let dir = work_dir();
     let d = dir.path();
-    let ssm = SsmEndpoint::start_for(d, 0, 3600);
-    let mut broker = BrokerProcess::init_named(d, &ssm, &[], &[GUEST_HOST]);
-    let token = broker.add_token("e2e", &[]);
-    broker.start();
+    let (ssm, broker, token) = endpoint_and_broker(d);
     let (golden, golden_id, _) = golden_image(d, &ssm, "trixie");
     let recipe = broker_recipe(d, &broker, &token, "hook = \"cloud-init\"\n");
-    succeed(
-        ssm.piprov()
-            .arg("stamp")
-            .arg(&golden)
-            .arg("--recipe")
-            .arg(&recipe),
-    );
+    stamp(&ssm, &golden, &recipe);
     let user_data = String::from_utf8(boot_file(&golden, "user-data")).unwrap();
     assert!(user_data.contains("#cloud-boothook"), "{user_data}");
     let cards: Vec<PathBuf> = ["a", "copy", "crash"]

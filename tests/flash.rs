@@ -449,16 +449,8 @@ fn loop_devices_as_a_bench_of_cards() {
         ])
         .assert()
         .success();
-    for (i, (backing, l)) in loops.iter().enumerate() {
-        let _ = Command::new("losetup").arg("-d").arg(&l.dev).status();
-        let card = dir.path().join(format!("card{i}.img"));
-        std::fs::copy(backing, &card).unwrap();
-        std::fs::File::options()
-            .write(true)
-            .open(&card)
-            .unwrap()
-            .set_len(len)
-            .unwrap();
+    for (i, (backing, l)) in loops.into_iter().enumerate() {
+        let card = card_as_image(&dir, l, &backing, len);
         fsck_clean(&card, dir.path());
         assert_eq!(root_files(&card), root_files(&image));
         let conf = String::from_utf8(boot_files(&card)["piprov.conf"].clone()).unwrap();
@@ -693,7 +685,7 @@ fn used_card(dir: &TempDir, name: &str, len: u64, old: Option<&Path>) -> (PathBu
 fn card_as_image(dir: &TempDir, dev: Loop, backing: &Path, len: u64) -> PathBuf {
     drop(dev);
     let card = dir.path().join(format!(
-        "{}.img",
+        "{}.card.img",
         backing.file_stem().unwrap().to_string_lossy()
     ));
     std::fs::copy(backing, &card).unwrap();
