@@ -54,16 +54,31 @@ broker_serial() {
 }
 
 # POSTs JSON to the broker with the pinned CA; the token goes in a header file,
-# never on a command line other users can read.
+# never on a command line other users can read. EXTRA_HEADERS: a file of more
+# header lines (the device proof), or empty. The reply goes to stdout; on an
+# HTTP error the broker's own message goes to the journal, and to BROKER_REFUSAL
+# through the file $BROKER_REFUSAL_FILE (this runs in a subshell).
 broker_post() {
     path=$1
     body=$2
     ca=$CONF_DIR/broker-ca.pem
     headers=$(private_tmp)
     printf 'Authorization: Bearer %s\nContent-Type: application/json\n' "$PIPROV_BROKER_TOKEN" >"$headers"
+    [ -n "${EXTRA_HEADERS:-}" ] && cat "$EXTRA_HEADERS" >>"$headers"
     post_rc=0
     if command -v curl >/dev/null 2>&1; then
-        curl -fsS --max-time 30 --cacert "$ca" -H "@$headers" --data "$body" "$PIPROV_BROKER_URL$path" || post_rc=$?
+        reply=$(private_tmp)
+        code=$(curl -sS --max-time 30 --cacert "$ca" -H "@$headers" --data "$body" \
+            -o "$reply" -w '%{http_code}' "$PIPROV_BROKER_URL$path") || post_rc=$?
+        case $post_rc:$code in
+            0:2??) cat "$reply" ;;
+            0:*)
+                post_rc=22
+                refusal="the broker refused ($code): $(json_value error <"$reply")"
+                log "$refusal"
+                printf '%s\n' "$refusal" >"$BROKER_REFUSAL_FILE" ;;
+        esac
+        scrub_file "$reply"
     elif command -v wget >/dev/null 2>&1; then
         rc=$(private_tmp)
         sed 's/^/header = /' "$headers" >"$rc"
@@ -77,6 +92,82 @@ broker_post() {
     return $post_rc
 }
 
+# The Pi's OTP device key (rpi-fw-crypto, key 1), when the recipe asks for it:
+# DEVICE_PUBKEY is the hex of its DER public key, or empty with DEVICE_NOTE
+# saying why. The private key is never read; a blank slot gets a key only when
+# the recipe says so, since that writes OTP for good.
+device_key_ready() {
+    DEVICE_PUBKEY=
+    DEVICE_NOTE=
+    [ "${PIPROV_DEVICE_KEY:-0}" = 1 ] || return 0
+    if ! command -v rpi-fw-crypto >/dev/null 2>&1; then
+        DEVICE_NOTE="no usable device key: rpi-fw-crypto is not installed"
+        log "$DEVICE_NOTE"
+        return 0
+    fi
+    err=$(private_tmp)
+    if ! rpi-fw-crypto get-key-status 1 >"$err" 2>&1; then
+        DEVICE_NOTE="no usable device key: rpi-fw-crypto get-key-status 1 failed ($(tail -n 1 "$err"))"
+        scrub_file "$err"
+        log "$DEVICE_NOTE"
+        return 0
+    fi
+    log "device key: $(head -n 1 "$err")"
+    if ! DEVICE_PUBKEY=$(rpi-fw-crypto pubkey --key-id 1 --outform hex 2>"$err"); then
+        DEVICE_PUBKEY=
+        if [ "${PIPROV_DEVICE_KEY_GENERATE:-0}" = 1 ] && grep -q 'Last crypto error: 6 ' "$err"; then
+            log "key slot 1 is blank: writing a new device key into OTP, as the recipe asks (permanent)"
+            if rpi-fw-crypto genkey --key-id 1 --alg ec >"$err" 2>&1; then
+                log "rpi-fw-crypto: $(tail -n 1 "$err")"
+                DEVICE_PUBKEY=$(rpi-fw-crypto pubkey --key-id 1 --outform hex 2>"$err") || DEVICE_PUBKEY=
+            fi
+        fi
+    fi
+    if [ -z "$DEVICE_PUBKEY" ]; then
+        DEVICE_NOTE="no usable device key: rpi-fw-crypto pubkey --key-id 1 failed ($(tail -n 1 "$err"))"
+        log "$DEVICE_NOTE"
+    fi
+    scrub_file "$err"
+}
+
+# Signs BODY with the device key; writes the proof headers to EXTRA_HEADERS.
+sign_request() {
+    message=$(private_tmp)
+    signature=$(private_tmp)
+    printf 'piprov-enrollment-v1\n%s' "$1" >"$message"
+    sign_rc=0
+    rpi-fw-crypto sign --in "$message" --key-id 1 --alg ec --outform hex --out "$signature" 2>&1 | while IFS= read -r line; do log "rpi-fw-crypto: $line"; done
+    [ -s "$signature" ] || sign_rc=1
+    if [ "$sign_rc" -eq 0 ]; then
+        EXTRA_HEADERS=$(private_tmp)
+        printf 'X-Piprov-Device-Key: %s\nX-Piprov-Device-Signature: %s\n' "$DEVICE_PUBKEY" "$(cat "$signature")" >"$EXTRA_HEADERS"
+    fi
+    scrub_file "$message"
+    scrub_file "$signature"
+    return $sign_rc
+}
+
+# The activation request, signed with the device key when there is one: a fresh
+# challenge from the broker goes into the body, and the signature covers it all.
+ask_broker() {
+    serial=$(broker_serial)
+    fields="\"serial\":\"$(json_escape "$serial")\",\"hostname\":\"$(cat "$ROOT/etc/hostname" 2>/dev/null)\",\"machine_id\":\"$(tr -d '\n' <"$ROOT/etc/machine-id")\",\"image_sha256\":\"${PIPROV_IMAGE_SHA256:-}\",\"previous_instance_id\":\"$(cat "$PREVIOUS_ID_FILE" 2>/dev/null)\""
+    EXTRA_HEADERS=
+    if [ -z "$DEVICE_PUBKEY" ]; then
+        broker_post /v1/activations "{$fields}"
+        return
+    fi
+    challenge=$(broker_post /v1/challenges '{}' | json_value challenge) || return 1
+    [ -n "$challenge" ] || { log "the broker gave no challenge"; return 1; }
+    body="{\"challenge\":\"$challenge\",$fields}"
+    sign_request "$body" || { log "rpi-fw-crypto could not sign the request"; return 1; }
+    ask_rc=0
+    broker_post /v1/activations "$body" || ask_rc=$?
+    scrub_file "$EXTRA_HEADERS"
+    EXTRA_HEADERS=
+    return $ask_rc
+}
+
 # Sets ACTIVATION_ID, ACTIVATION_CODE and ACTIVATION_REGION, or returns RETRY/FAILED.
 fetch_activation() {
     adopt_boot_secret
@@ -88,9 +179,18 @@ fetch_activation() {
         return 0
     fi
     if [ "${PIPROV_SOURCE:-}" = broker ] && [ -n "${PIPROV_BROKER_TOKEN:-}" ]; then
-        serial=$(broker_serial)
-        body="{\"serial\":\"$(json_escape "$serial")\",\"hostname\":\"$(cat "$ROOT/etc/hostname" 2>/dev/null)\",\"machine_id\":\"$(tr -d '\n' <"$ROOT/etc/machine-id")\",\"image_sha256\":\"${PIPROV_IMAGE_SHA256:-}\",\"previous_instance_id\":\"$(cat "$PREVIOUS_ID_FILE" 2>/dev/null)\"}"
-        if ! reply=$(broker_post /v1/activations "$body"); then
+        BROKER_REFUSAL_FILE=$(private_tmp)
+        reply_file=$(private_tmp)
+        asked=0
+        ask_broker >"$reply_file" || asked=$?
+        reply=$(cat "$reply_file")
+        scrub_file "$reply_file"
+        refusal=$(cat "$BROKER_REFUSAL_FILE")
+        rm -f "$BROKER_REFUSAL_FILE"
+        if [ "$asked" -ne 0 ]; then
+            RETRY_CAUSE=${refusal:-the broker at $PIPROV_BROKER_URL did not give an activation}
+            RETRY_CAUSE="$RETRY_CAUSE${DEVICE_NOTE:+ ($DEVICE_NOTE)}"
+            write_status pending "$RETRY_CAUSE"
             log "broker at $PIPROV_BROKER_URL did not give an activation"
             return $RETRY
         fi
@@ -102,7 +202,7 @@ fetch_activation() {
             log "broker reply has no activation"
             return $RETRY
         fi
-        log "broker issued activation $ACTIVATION_ID"
+        log "broker issued activation $ACTIVATION_ID${DEVICE_PUBKEY:+ (request signed with the device key)}"
         return 0
     fi
     write_status needs-activation "no activation on this card: its secrets were used up by the card it was cloned from; put a fresh $BOOT_SECRET on the boot partition and reboot"
@@ -166,7 +266,10 @@ report_to_broker() {
     [ "${PIPROV_SOURCE:-}" = broker ] && [ -n "${PIPROV_BROKER_TOKEN:-}" ] || return 0
     serial=$(broker_serial)
     body="{\"serial\":\"$(json_escape "$serial")\",\"instance_id\":\"$1\",\"previous_instance_id\":\"$(cat "$PREVIOUS_ID_FILE" 2>/dev/null)\"}"
+    BROKER_REFUSAL_FILE=$(private_tmp)
+    EXTRA_HEADERS=
     broker_post /v1/registrations "$body" >/dev/null || log "could not report the registration to the broker (it can tag the node later)"
+    rm -f "$BROKER_REFUSAL_FILE"
 }
 
 try_register() {
@@ -197,7 +300,7 @@ try_register() {
     rm -f "$JOURNAL" "$NEEDS_REGISTRATION"
     sync
     systemctl start amazon-ssm-agent.service || log "could not start amazon-ssm-agent"
-    write_status registered "registered as $current"
+    write_status registered "registered as $current${DEVICE_NOTE:+ ($DEVICE_NOTE)}"
     log "registered as $current and bound to $IDENTITY"
 }
 
@@ -209,6 +312,7 @@ main() {
     trap 'exit 1' INT TERM
     read_conf "$CONF"
     IDENTITY=$(hardware_identity) || { log "cannot tell which hardware this is"; exit 0; }
+    device_key_ready
     max=${PIPROV_MAX_ATTEMPTS:-0}
     attempt=0
     while :; do

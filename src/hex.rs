@@ -9,3 +9,14 @@ pub fn hex(bytes: &[u8]) -> String {
             s
         })
 }
+
+/// Bytes from hex (either case); None for an odd length or a non-hex digit.
+pub fn decode(text: &str) -> Option<Vec<u8>> {
+    if text.len() % 2 != 0 || !text.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    (0..text.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
+        .collect()
+}

@@ -87,6 +87,15 @@ pub struct Activation {
     /// is deleted once used, and such a copy waits for a fresh secret.
     #[serde(default)]
     pub keep_token: bool,
+    /// `broker`: sign the activation request with the Pi's OTP device key
+    /// (`rpi-fw-crypto`, Pi 5 and Pi 4 with current firmware), so the broker
+    /// can tell this board from a copy of its card in another one.
+    #[serde(default)]
+    pub device_key: bool,
+    /// `broker`, with `device_key`: on a Pi whose key slot 1 is blank, write a
+    /// new key into OTP (`rpi-fw-crypto genkey`). Permanent: off unless asked.
+    #[serde(default)]
+    pub device_key_generate: bool,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -212,6 +221,12 @@ fn validate(recipe: &Recipe) -> Result<()> {
     match a.source {
         Source::Shared | Source::Embedded if a.keep_token => {
             bail!("activation.keep_token applies only when source = \"broker\"");
+        }
+        Source::Shared | Source::Embedded if a.device_key || a.device_key_generate => {
+            bail!("activation.device_key applies only when source = \"broker\"");
+        }
+        Source::Broker if a.device_key_generate && !a.device_key => {
+            bail!("activation.device_key_generate needs activation.device_key = true");
         }
         Source::Shared => {
             need(a.id.is_some(), "id")?;

@@ -4,11 +4,7 @@
 
 mod common;
 
-use std::path::Path;
-
-use common::broker::BrokerProcess;
-use common::card::{Card, Ssm, stamp};
-use common::fixture;
+use common::broker::{BrokerProcess, broker_card};
 use common::ssm_endpoint::SsmEndpoint;
 use predicates::prelude::PredicateBooleanExt;
 use predicates::str::contains;
@@ -109,43 +105,6 @@ fn init_makes_a_ca_a_certificate_a_config_and_a_database() {
         .stderr(contains("exists already"));
 }
 
-/// A card stamped from the registered fixture with a broker recipe (`extra`
-/// lines go in its [activation] table), its agent pointed at the SSM endpoint.
-fn broker_card(
-    dir: &Path,
-    ssm: &SsmEndpoint,
-    broker: &BrokerProcess,
-    token: &str,
-    extra: &str,
-) -> Card {
-    std::fs::write(dir.join("site.token"), format!("{token}\n")).unwrap();
-    let recipe = dir.join("broker.toml");
-    std::fs::write(
-        &recipe,
-        format!(
-            "region = \"eu-west-1\"\nhostname = \"pi-{{serial}}\"\n[activation]\nsource = \"broker\"\n\
-             url = \"{}\"\nca_file = \"{}\"\ntoken_file = \"site.token\"\n{extra}\n",
-            broker.url(),
-            broker.ca.display()
-        ),
-    )
-    .unwrap();
-    let tmp = TempDir::new_in(dir).unwrap();
-    let image = fixture("registered", &tmp);
-    stamp(&image, &recipe, &[]);
-    let files = Ssm::new(dir);
-    let card = Card::from_image(&image, dir, "card", &files);
-    // The agent on the card talks to the local endpoint, as its config allows.
-    let agent_conf = card.path("/etc/amazon/ssm/amazon-ssm-agent.json");
-    std::fs::create_dir_all(agent_conf.parent().unwrap()).unwrap();
-    std::fs::write(
-        &agent_conf,
-        format!(r#"{{"Ssm":{{"Endpoint":"{}"}}}}"#, ssm.url()),
-    )
-    .unwrap();
-    card
-}
-
 #[test]
 fn a_stamped_card_enrols_through_the_broker() {
     let dir = TempDir::new().unwrap();
@@ -153,7 +112,7 @@ fn a_stamped_card_enrols_through_the_broker() {
     let mut broker = BrokerProcess::init(dir.path(), &ssm, &[]);
     let token = broker.add_token("site-a", &["--max-uses", "10"]);
     broker.start();
-    let card = broker_card(dir.path(), &ssm, &broker, &token, "");
+    let card = broker_card(dir.path(), &ssm, &broker, &token, "", "card");
     card.plug_into(SERIAL_A, "dc:a6:32:00:00:01");
     card.first_boot();
 
@@ -429,7 +388,14 @@ fn with_keep_token_a_card_cloned_in_the_field_enrols_by_itself() {
     let mut broker = BrokerProcess::init(dir.path(), &ssm, &[]);
     let token = broker.add_token("site-a", &[]);
     broker.start();
-    let card = broker_card(dir.path(), &ssm, &broker, &token, "keep_token = true");
+    let card = broker_card(
+        dir.path(),
+        &ssm,
+        &broker,
+        &token,
+        "keep_token = true",
+        "card",
+    );
     card.plug_into(SERIAL_A, "dc:a6:32:00:00:01");
     card.first_boot();
     let original = card.instance_id();
@@ -473,7 +439,7 @@ fn without_keep_token_the_token_leaves_the_card() {
     let mut broker = BrokerProcess::init(dir.path(), &ssm, &[]);
     let token = broker.add_token("site-a", &[]);
     broker.start();
-    let card = broker_card(dir.path(), &ssm, &broker, &token, "");
+    let card = broker_card(dir.path(), &ssm, &broker, &token, "", "card");
     // No Pi serial here: the card is known to the broker by its MAC.
     card.plug_into("", "dc:a6:32:00:00:09");
     card.first_boot();

@@ -1,12 +1,12 @@
-//! The card-facing HTTP API (JSON, versioned):
+//! The card-facing HTTP API (JSON, versioned): `POST /v1/challenges`,
 //! `POST /v1/activations`, `POST /v1/registrations`, `GET /healthz`.
-//! Every refusal (bad or revoked token, serial not allowed, quota spent, rate
-//! limit, malformed body) is answered before any call to AWS. Tokens and codes
-//! never reach a log.
+//! Every refusal (bad or revoked token, serial not allowed, device proof
+//! missing or wrong, quota spent, rate limit, malformed body) is answered
+//! before any call to AWS. Tokens and codes never reach a log.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
 use axum::Router;
@@ -19,8 +19,9 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::config::Loaded;
+use super::device::{self, DeviceKey, DevicePolicy, ProofError};
 use super::serial_locks::SerialLocks;
-use super::store::{NewIssue, Store, Token, now};
+use super::store::{ChallengeOutcome, NewIssue, Store, Token, now};
 use crate::ssm::{self, TAG_BROKER, TAG_HOSTNAME, TAG_IMAGE, TAG_SERIAL, TAG_VERSION};
 
 /// The client's address, attached to each connection's requests.
@@ -62,6 +63,10 @@ fn internal(e: anyhow::Error) -> ApiError {
 
 #[derive(Debug, Deserialize)]
 struct ActivationRequest {
+    /// Required when the request is signed with a device key: what binds the
+    /// signature to this one request.
+    #[serde(default)]
+    challenge: String,
     serial: String,
     #[serde(default)]
     hostname: String,
@@ -86,6 +91,7 @@ pub fn router(broker: Arc<Broker>) -> Router {
     let timeout = broker.config.timeout;
     Router::new()
         .route("/healthz", get(healthz))
+        .route("/v1/challenges", post(challenges))
         .route("/v1/activations", post(activations))
         .route("/v1/registrations", post(registrations))
         .layer(DefaultBodyLimit::max(limit))
@@ -114,10 +120,19 @@ impl Broker {
         }
     }
 
+    /// The database, held for one step (never across an await). A panic while
+    /// it was held cannot have left a transaction half-done, so the lock is
+    /// taken back rather than every later request failing.
+    pub fn db(&self) -> MutexGuard<'_, Store> {
+        self.store
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     /// Deletes activations this broker created but never recorded (it stopped
     /// between creating one and writing it down): no card ever received their code.
     pub async fn forget_unrecorded(&self) -> anyhow::Result<usize> {
-        let known = self.store.lock().unwrap().known_activation_ids()?;
+        let known = self.db().known_activation_ids()?;
         let mine = ssm::list_activations(&self.ssm).await?;
         let mut deleted = 0;
         for a in mine {
@@ -135,7 +150,10 @@ impl Broker {
 
     fn rate_limited(&self, ip: IpAddr) -> bool {
         let per_minute = f64::from(self.config.config.rate_limit_per_minute);
-        let mut buckets = self.buckets.lock().unwrap();
+        let mut buckets = self
+            .buckets
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let now = Instant::now();
         let (tokens, last) = buckets.entry(ip).or_insert((per_minute, now));
         *tokens =
@@ -156,7 +174,7 @@ impl Broker {
             .map(str::trim)
             .filter(|t| !t.is_empty())
             .ok_or_else(|| err(StatusCode::UNAUTHORIZED, "missing bearer token"))?;
-        let store = self.store.lock().unwrap();
+        let store = self.db();
         let Some(token) = store.token_by_secret(presented).map_err(internal)? else {
             let _ = store.audit(None, client, "refused", None, "unknown token");
             return Err(err(StatusCode::UNAUTHORIZED, "unknown token"));
@@ -178,8 +196,7 @@ impl Broker {
     fn check_serial(&self, token: &Token, serial: &str, client: &str) -> Result<(), ApiError> {
         if let Some(allowed) = &token.serials {
             if !allowed.iter().any(|s| s.eq_ignore_ascii_case(serial)) {
-                let store = self.store.lock().unwrap();
-                let _ = store.audit(
+                let _ = self.db().audit(
                     Some(token.id),
                     client,
                     "refused",
@@ -289,14 +306,28 @@ async fn registrations(
     detached(register(broker, peer, headers, body)).await
 }
 
-async fn issue(
-    broker: Arc<Broker>,
-    peer: Peer,
+/// A fresh single-use challenge, for a card that signs its activation request.
+async fn challenges(
+    State(broker): State<Arc<Broker>>,
+    Extension(peer): Extension<Peer>,
     headers: HeaderMap,
-    body: Bytes,
 ) -> Result<Response, ApiError> {
-    let (token, client) = admit(&broker, peer, &headers)?;
-    let request: ActivationRequest = parse(&body)?;
+    let (token, _) = admit(&broker, peer, &headers)?;
+    let (challenge, expires_at) = broker
+        .db()
+        .new_challenge(token.id, broker.config.challenge_lifetime.as_secs() as i64)
+        .map_err(internal)?;
+    Ok(axum::Json(json!({"challenge": challenge, "expires_at": expires_at})).into_response())
+}
+
+/// An activation request whose fields are checked, with its serial normalised.
+struct Checked {
+    request: ActivationRequest,
+    serial: String,
+}
+
+fn check_activation_request(body: &Bytes) -> Result<Checked, ApiError> {
+    let request: ActivationRequest = parse(body)?;
     let serial = checked_serial(&request.serial)?;
     check_field(
         "hostname",
@@ -317,38 +348,329 @@ async fn issue(
         &request.image_sha256,
         request.image_sha256.is_empty() || is_hex(&request.image_sha256, 64),
     )?;
+    check_field(
+        "challenge",
+        &request.challenge,
+        request.challenge.is_empty() || is_hex(&request.challenge, 64),
+    )?;
     check_previous(&request.previous_instance_id)?;
-    broker.check_serial(&token, &serial, &client)?;
+    Ok(Checked { request, serial })
+}
+
+/// What the device check found out about the Pi asking.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum DeviceCheck {
+    /// No proof asked for (policy off) and none given.
+    Unproved,
+    /// Signed with a key the broker had recorded for this serial before.
+    KnownKey,
+    /// Signed with a key seen for the first time (recorded now, or policy off).
+    NewKey,
+}
+
+impl Broker {
+    fn refuse_device(
+        &self,
+        token: &Token,
+        client: &str,
+        serial: &str,
+        status: StatusCode,
+        audit: &str,
+        message: String,
+    ) -> ApiError {
+        let _ = self
+            .db()
+            .audit(Some(token.id), client, "refused", Some(serial), audit);
+        err(status, message)
+    }
+
+    /// The device proof a token's policy asks for: signature, challenge, key.
+    fn check_device(
+        &self,
+        token: &Token,
+        client: &str,
+        checked: &Checked,
+        headers: &HeaderMap,
+        body: &Bytes,
+    ) -> Result<DeviceCheck, ApiError> {
+        let serial = checked.serial.as_str();
+        let policy = token.device_policy;
+        let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+        let key = match device::proof(
+            header(device::KEY_HEADER),
+            header(device::SIGNATURE_HEADER),
+            body,
+        ) {
+            Ok(key) => key,
+            Err(ProofError::Malformed(message)) => {
+                return Err(self.refuse_device(
+                    token,
+                    client,
+                    serial,
+                    StatusCode::BAD_REQUEST,
+                    "malformed device proof",
+                    message,
+                ));
+            }
+            Err(ProofError::BadSignature) => {
+                return Err(self.refuse_device(
+                    token,
+                    client,
+                    serial,
+                    StatusCode::UNAUTHORIZED,
+                    "device signature does not verify",
+                    "the device signature does not verify over this request".into(),
+                ));
+            }
+        };
+        let Some(key) = key else {
+            if policy == DevicePolicy::Off {
+                return Ok(DeviceCheck::Unproved);
+            }
+            return Err(self.refuse_device(
+                token,
+                client,
+                serial,
+                StatusCode::UNAUTHORIZED,
+                "unsigned request",
+                format!(
+                    "token {} has device policy {policy}: the request must be signed with the \
+                     Pi's device key (recipe: activation.device_key = true)",
+                    token.name
+                ),
+            ));
+        };
+        self.take_challenge(token, client, serial, &checked.request.challenge)?;
+        let recorded = self.db().device(serial).map_err(internal)?;
+        let mismatch = |recorded: &DeviceKey| {
+            self.refuse_device(
+                token,
+                client,
+                serial,
+                StatusCode::FORBIDDEN,
+                &format!(
+                    "serial claimed by other hardware: key {} is not the recorded {}",
+                    key.fingerprint(),
+                    recorded.fingerprint()
+                ),
+                format!(
+                    "serial {serial} is claimed by other hardware: its device key is not the one recorded for it"
+                ),
+            )
+        };
+        match (policy, recorded) {
+            (_, Some(d)) if d.revoked_at.is_some() && policy != DevicePolicy::Off => Err(self
+                .refuse_device(
+                    token,
+                    client,
+                    serial,
+                    StatusCode::FORBIDDEN,
+                    "device revoked",
+                    format!("device {serial} is revoked"),
+                )),
+            (_, Some(d)) if d.key == key => {
+                self.db().device_seen(serial).map_err(internal)?;
+                Ok(DeviceCheck::KnownKey)
+            }
+            (DevicePolicy::Off, _) => Ok(DeviceCheck::NewKey),
+            (_, Some(d)) => Err(mismatch(&d.key)),
+            (DevicePolicy::Known, None) => Err(self.refuse_device(
+                token,
+                client,
+                serial,
+                StatusCode::FORBIDDEN,
+                "unknown device",
+                format!(
+                    "serial {serial} is not a known device: token {} admits only imported Pis \
+                     (piprov broker device import)",
+                    token.name
+                ),
+            )),
+            (DevicePolicy::Tofu, None) => {
+                let store = self.db();
+                if store.record_first_key(serial, &key).map_err(internal)? {
+                    let _ = store.audit(
+                        Some(token.id),
+                        client,
+                        "device-first-use",
+                        Some(serial),
+                        &key.fingerprint(),
+                    );
+                    return Ok(DeviceCheck::NewKey);
+                }
+                // Another request recorded a key for this serial just now.
+                let now_recorded = store.device(serial).map_err(internal)?;
+                drop(store);
+                match now_recorded {
+                    Some(d) if d.key == key => Ok(DeviceCheck::NewKey),
+                    Some(d) => Err(mismatch(&d.key)),
+                    None => Err(internal(anyhow::anyhow!("device {serial} vanished"))),
+                }
+            }
+        }
+    }
+
+    fn take_challenge(
+        &self,
+        token: &Token,
+        client: &str,
+        serial: &str,
+        challenge: &str,
+    ) -> Result<(), ApiError> {
+        if challenge.is_empty() {
+            return Err(self.refuse_device(
+                token,
+                client,
+                serial,
+                StatusCode::BAD_REQUEST,
+                "signed request without a challenge",
+                "a signed request names its challenge (POST /v1/challenges)".into(),
+            ));
+        }
+        let refusal = match self
+            .db()
+            .take_challenge(challenge, token.id)
+            .map_err(internal)?
+        {
+            ChallengeOutcome::Taken => return Ok(()),
+            ChallengeOutcome::Used => {
+                "the challenge was used already (a replay): fetch a fresh one"
+            }
+            ChallengeOutcome::Expired => "the challenge has expired: fetch a fresh one",
+            ChallengeOutcome::Unknown => "the challenge is not one this broker gave this token",
+        };
+        Err(self.refuse_device(
+            token,
+            client,
+            serial,
+            StatusCode::UNAUTHORIZED,
+            refusal,
+            refusal.into(),
+        ))
+    }
+
+    /// An activation already handed to this serial and not yet used: a retry gets it again.
+    fn still_vended(&self, serial: &str) -> Result<Option<Response>, ApiError> {
+        let Some(issued) = self.db().issued(serial).map_err(internal)? else {
+            return Ok(None);
+        };
+        let vended = self
+            .vended
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        Ok(vended.get(serial).and_then(|v| {
+            (!issued.used
+                && issued.expires_at > now() + 60
+                && v.activation_id == issued.activation_id)
+                .then(|| {
+                    axum::Json(json!({
+                        "activation_id": v.activation_id, "activation_code": v.code,
+                        "region": self.config.config.region, "expires_at": issued.expires_at,
+                        "reused": true,
+                    }))
+                    .into_response()
+                })
+        }))
+    }
+
+    /// Deregisters the node this Pi was before (if `deregister_previous`): the
+    /// one its card names, and, when the token checks device keys, the one the
+    /// broker recorded for this serial (a re-imaged card names none, or the
+    /// golden's). Only a node tagged with this serial is touched. Returns the
+    /// node retired (or named), whether it was deregistered, and a note.
+    async fn retire_previous(
+        &self,
+        token: &Token,
+        serial: &str,
+        instance_id: &str,
+        named: &str,
+    ) -> anyhow::Result<(Option<String>, bool, Option<String>)> {
+        let recorded = if token.device_policy == DevicePolicy::Off {
+            None
+        } else {
+            self.db().last_instance(serial)?
+        };
+        let mut candidates: Vec<String> = [non_empty(named).map(str::to_string), recorded]
+            .into_iter()
+            .flatten()
+            .filter(|p| p != instance_id)
+            .collect();
+        candidates.dedup();
+        if !self.config.config.deregister_previous || candidates.is_empty() {
+            return Ok((candidates.into_iter().next(), false, None));
+        }
+        let mut notes = Vec::new();
+        for prev in &candidates {
+            match ssm::describe_node(&self.ssm, prev).await? {
+                Some(old) if old.serial() == Some(serial) => {
+                    ssm::deregister(&self.ssm, prev).await?;
+                    return Ok((Some(prev.clone()), true, None));
+                }
+                Some(_) => notes.push(format!("{prev} belongs to another Pi serial: left alone")),
+                None => notes.push(format!("{prev} is not registered")),
+            }
+        }
+        Ok((candidates.into_iter().next(), false, Some(notes.join("; "))))
+    }
+
+    fn activation_tags(
+        &self,
+        serial: &str,
+        hostname: Option<&str>,
+        image: &str,
+    ) -> Vec<(String, String)> {
+        let mut tags = vec![
+            (TAG_SERIAL.to_string(), serial.to_string()),
+            (TAG_BROKER.to_string(), self.config.config.broker_id.clone()),
+            (
+                TAG_VERSION.to_string(),
+                env!("CARGO_PKG_VERSION").to_string(),
+            ),
+        ];
+        if let Some(h) = hostname {
+            tags.push((TAG_HOSTNAME.to_string(), h.to_string()));
+        }
+        if !image.is_empty() {
+            tags.push((TAG_IMAGE.to_string(), image.to_ascii_lowercase()));
+        }
+        tags
+    }
+}
+
+fn non_empty(s: &str) -> Option<&str> {
+    Some(s).filter(|s| !s.is_empty())
+}
+
+async fn issue(
+    broker: Arc<Broker>,
+    peer: Peer,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let (token, client) = admit(&broker, peer, &headers)?;
+    let checked = check_activation_request(&body)?;
+    broker.check_serial(&token, &checked.serial, &client)?;
+    let device = broker.check_device(&token, &client, &checked, &headers, &body)?;
+    let Checked { request, serial } = checked;
 
     // One request per serial at a time: a retry racing its original gets the
     // same activation, never a second one.
     let lock = broker.serial_locks.get(&serial);
     let _held = lock.lock().await;
-    let region = broker.config.config.region.clone();
-    let current = broker
-        .store
-        .lock()
-        .unwrap()
-        .issued(&serial)
-        .map_err(internal)?;
-    if let Some(issued) = &current {
-        let vended = broker.vended.lock().unwrap();
-        if let Some(v) = vended.get(&serial) {
-            if !issued.used
-                && issued.expires_at > now() + 60
-                && v.activation_id == issued.activation_id
-            {
-                return Ok(axum::Json(json!({
-                    "activation_id": v.activation_id, "activation_code": v.code,
-                    "region": region, "expires_at": issued.expires_at, "reused": true,
-                }))
-                .into_response());
-            }
-        }
+    if let Some(reply) = broker.still_vended(&serial)? {
+        return Ok(reply);
     }
+    let current = broker.db().issued(&serial).map_err(internal)?;
 
-    {
-        let store = broker.store.lock().unwrap();
+    // The same Pi (its device key recorded) enrolling again under a token that
+    // paid for it once, as after re-imaging its card: no second use of the quota.
+    let repeat = device == DeviceCheck::KnownKey
+        && broker
+            .db()
+            .enrolled_with(&serial, token.id)
+            .map_err(internal)?;
+    if !repeat {
+        let store = broker.db();
         if !store.reserve_use(&token).map_err(internal)? {
             let _ = store.audit(
                 Some(token.id),
@@ -373,40 +695,22 @@ async fn issue(
             );
         }
     }
-    let hostname = (!request.hostname.is_empty()).then(|| request.hostname.to_ascii_lowercase());
-    let mut tags = vec![
-        (TAG_SERIAL.to_string(), serial.clone()),
-        (
-            TAG_BROKER.to_string(),
-            broker.config.config.broker_id.clone(),
-        ),
-        (
-            TAG_VERSION.to_string(),
-            env!("CARGO_PKG_VERSION").to_string(),
-        ),
-    ];
-    if let Some(h) = &hostname {
-        tags.push((TAG_HOSTNAME.to_string(), h.clone()));
-    }
-    if !request.image_sha256.is_empty() {
-        tags.push((
-            TAG_IMAGE.to_string(),
-            request.image_sha256.to_ascii_lowercase(),
-        ));
-    }
+    let hostname = non_empty(&request.hostname).map(str::to_ascii_lowercase);
     let new = ssm::NewActivation {
         iam_role: broker.config.config.iam_role.clone(),
         registration_limit: 1,
         lifetime: broker.config.lifetime,
         default_instance_name: hostname.clone(),
         description: Some(format!("piprov broker: Pi {serial}")),
-        tags,
+        tags: broker.activation_tags(&serial, hostname.as_deref(), &request.image_sha256),
     };
     let created = match ssm::create_activation(&broker.ssm, &new).await {
         Ok(created) => created,
         Err(e) => {
-            let store = broker.store.lock().unwrap();
-            let _ = store.release_use(&token);
+            let store = broker.db();
+            if !repeat {
+                let _ = store.release_use(&token);
+            }
             let _ = store.audit(
                 Some(token.id),
                 &client,
@@ -423,42 +727,45 @@ async fn issue(
     };
     let expires_at = now() + broker.config.lifetime.as_secs() as i64;
     broker
-        .store
-        .lock()
-        .unwrap()
+        .db()
         .record_issue(&NewIssue {
             serial: &serial,
             activation_id: &created.id,
             token_id: token.id,
             hostname: hostname.as_deref(),
-            machine_id: Some(&request.machine_id)
-                .filter(|s| !s.is_empty())
-                .map(String::as_str),
-            image_sha256: Some(&request.image_sha256)
-                .filter(|s| !s.is_empty())
-                .map(String::as_str),
-            previous_instance_id: Some(&request.previous_instance_id)
-                .filter(|s| !s.is_empty())
-                .map(String::as_str),
+            machine_id: non_empty(&request.machine_id),
+            image_sha256: non_empty(&request.image_sha256),
+            previous_instance_id: non_empty(&request.previous_instance_id),
             expires_at,
             client: &client,
         })
         .map_err(internal)?;
     eprintln!(
-        "piprov broker: activation {} for Pi {serial} (token {})",
-        created.id, token.name
+        "piprov broker: activation {} for Pi {serial} (token {}{})",
+        created.id,
+        token.name,
+        match device {
+            DeviceCheck::Unproved => "",
+            DeviceCheck::KnownKey if repeat => ", device key known, enrolled again",
+            DeviceCheck::KnownKey => ", device key known",
+            DeviceCheck::NewKey => ", device key new",
+        }
     );
     let reply = json!({
         "activation_id": created.id, "activation_code": created.code,
-        "region": region, "expires_at": expires_at, "reused": false,
+        "region": broker.config.config.region, "expires_at": expires_at, "reused": false,
     });
-    broker.vended.lock().unwrap().insert(
-        serial,
-        Vended {
-            activation_id: created.id,
-            code: created.code,
-        },
-    );
+    broker
+        .vended
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .insert(
+            serial,
+            Vended {
+                activation_id: created.id,
+                code: created.code,
+            },
+        );
     Ok(axum::Json(reply).into_response())
 }
 
@@ -480,13 +787,7 @@ async fn register(
     broker.check_serial(&token, &serial, &client)?;
     let lock = broker.serial_locks.get(&serial);
     let _held = lock.lock().await;
-    let Some(issued) = broker
-        .store
-        .lock()
-        .unwrap()
-        .issued(&serial)
-        .map_err(internal)?
-    else {
+    let Some(issued) = broker.db().issued(&serial).map_err(internal)? else {
         return Err(err(
             StatusCode::NOT_FOUND,
             format!("no activation was issued for serial {serial}"),
@@ -503,8 +804,7 @@ async fn register(
         .map_err(ssm_error)?;
     if node.as_ref().and_then(|n| n.activation_id.as_deref()) != Some(issued.activation_id.as_str())
     {
-        let store = broker.store.lock().unwrap();
-        let _ = store.audit(
+        let _ = broker.db().audit(
             Some(token.id),
             &client,
             "refused",
@@ -530,45 +830,37 @@ async fn register(
         .await
         .map_err(ssm_error)?;
 
-    let previous = Some(request.previous_instance_id.as_str())
-        .filter(|p| !p.is_empty() && *p != request.instance_id);
-    let mut deregistered = false;
-    let mut note = None;
-    if let (true, Some(prev)) = (broker.config.config.deregister_previous, previous) {
-        match ssm::describe_node(&broker.ssm, prev)
-            .await
-            .map_err(ssm_error)?
-        {
-            Some(old) if old.serial() == Some(serial.as_str()) => {
-                ssm::deregister(&broker.ssm, prev)
-                    .await
-                    .map_err(ssm_error)?;
-                deregistered = true;
-            }
-            Some(_) => note = Some(format!("{prev} belongs to another Pi serial: left alone")),
-            None => note = Some(format!("{prev} is not registered")),
-        }
-    }
+    let (previous, deregistered, note) = broker
+        .retire_previous(
+            &token,
+            &serial,
+            &request.instance_id,
+            &request.previous_instance_id,
+        )
+        .await
+        .map_err(ssm_error)?;
     broker
-        .store
-        .lock()
-        .unwrap()
+        .db()
         .record_registration(
             &serial,
             &request.instance_id,
             &issued.activation_id,
-            previous,
+            previous.as_deref(),
             deregistered,
             token.id,
             &client,
         )
         .map_err(internal)?;
-    broker.vended.lock().unwrap().remove(&serial);
+    broker
+        .vended
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .remove(&serial);
     eprintln!(
         "piprov broker: Pi {serial} registered as {}{}",
         request.instance_id,
         if deregistered {
-            format!(", {} deregistered", previous.unwrap_or_default())
+            format!(", {} deregistered", previous.as_deref().unwrap_or_default())
         } else {
             String::new()
         }

@@ -40,6 +40,9 @@ pub struct BrokerConfig {
     /// Longest a request may take, e.g. "20s".
     #[serde(default = "default_timeout")]
     pub request_timeout: String,
+    /// How long a device-key challenge may be answered, e.g. "2m".
+    #[serde(default = "default_challenge")]
+    pub challenge_lifetime: String,
 }
 
 fn default_lifetime() -> String {
@@ -54,6 +57,9 @@ fn default_body() -> usize {
 fn default_timeout() -> String {
     "20s".into()
 }
+fn default_challenge() -> String {
+    "2m".into()
+}
 
 /// A loaded config with its durations parsed and paths resolved.
 #[derive(Debug, Clone)]
@@ -62,6 +68,7 @@ pub struct Loaded {
     pub dir: PathBuf,
     pub lifetime: Duration,
     pub timeout: Duration,
+    pub challenge_lifetime: Duration,
 }
 
 impl Loaded {
@@ -87,6 +94,14 @@ pub fn load(path: &Path) -> Result<Loaded> {
         );
     }
     let timeout = duration("request_timeout", &config.request_timeout)?;
+    let challenge_lifetime = duration("challenge_lifetime", &config.challenge_lifetime)?;
+    if challenge_lifetime < Duration::from_secs(1) || challenge_lifetime > Duration::from_secs(3600)
+    {
+        bail!(
+            "{}: challenge_lifetime must be between a second and an hour",
+            path.display()
+        );
+    }
     if !crate::recipe::is_region_name(&config.region) {
         bail!(
             "{}: region {:?} is not an AWS region name",
@@ -105,5 +120,6 @@ pub fn load(path: &Path) -> Result<Loaded> {
         dir: path.parent().map(Path::to_path_buf).unwrap_or_default(),
         lifetime,
         timeout,
+        challenge_lifetime,
     })
 }

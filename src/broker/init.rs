@@ -102,6 +102,7 @@ pub fn init(options: &InitOptions) -> Result<Initialised> {
         rate_limit_per_minute: 30,
         max_body_bytes: 4096,
         request_timeout: "20s".into(),
+        challenge_lifetime: "2m".into(),
     };
     let text = format!(
         "# piprov broker: `piprov broker serve --config {CONFIG_FILE}`.\n\

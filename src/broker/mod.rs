@@ -3,10 +3,12 @@
 //! secret that matters lives on a card.
 //!
 //! config (broker.toml) → init (CA, certificate, database) → store (SQLite) →
-//! api (the card-facing routes) → server (HTTPS, graceful shutdown) → tokens (made, shown once).
+//! api (the card-facing routes; device: hardware-bound proofs and policies) →
+//! server (HTTPS, graceful shutdown) → tokens (made, shown once).
 
 pub mod api;
 pub mod config;
+pub mod device;
 pub mod init;
 mod serial_locks;
 pub mod server;

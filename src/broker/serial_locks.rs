@@ -17,7 +17,10 @@ impl SerialLocks {
     /// The lock for `serial`: the same one for every request that holds or
     /// awaits it at the same time.
     pub fn get(&self, serial: &str) -> SerialLock {
-        let mut locks = self.0.lock().unwrap();
+        let mut locks = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if locks.len() >= PRUNE_AT {
             // The map's own reference is the only one left: no request has it.
             locks.retain(|_, lock| Arc::strong_count(lock) > 1);
@@ -31,7 +34,11 @@ mod tests {
     use super::*;
 
     fn kept(locks: &SerialLocks) -> usize {
-        locks.0.lock().unwrap().len()
+        locks
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .len()
     }
 
     #[test]

@@ -111,7 +111,7 @@ async fn run(config: Loaded, ready_file: Option<&Path>) -> Result<()> {
     {
         eprintln!("piprov broker: some connections did not finish within {DRAIN:?}");
     }
-    broker.store.lock().unwrap().checkpoint()?;
+    broker.db().checkpoint()?;
     eprintln!("piprov broker: stopped");
     Ok(())
 }

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 
+use super::device::DevicePolicy;
 use super::store::{Store, now};
 
 pub struct NewToken<'a> {
@@ -13,6 +14,7 @@ pub struct NewToken<'a> {
     pub expires: Option<Duration>,
     /// File with one Pi serial per line (`#` comments).
     pub serials_file: Option<&'a Path>,
+    pub device_policy: DevicePolicy,
 }
 
 /// Adds a token and returns it: the only time it is seen.
@@ -42,6 +44,7 @@ pub fn add(store: &Store, new: &NewToken) -> Result<String> {
         new.max_uses.map(i64::from),
         expires_at,
         serials.as_deref(),
+        new.device_policy,
     )?;
     Ok(token)
 }

@@ -1,12 +1,12 @@
-//! `piprov broker init | token | serve`.
+//! `piprov broker init | token | device | serve`.
 
 use std::io::Write as _;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 
-use super::{BrokerCommand, TokenCommand};
-use crate::broker::{config, init, server, store::Store, tokens};
+use super::{BrokerCommand, DeviceCommand, TokenCommand};
+use crate::broker::{config, device, init, server, store::Store, tokens};
 
 pub fn run(action: BrokerCommand) -> Result<ExitCode> {
     match action {
@@ -34,6 +34,7 @@ pub fn run(action: BrokerCommand) -> Result<ExitCode> {
             server::serve(config::load(&config)?, ready_file.as_deref())?;
         }
         BrokerCommand::Token { action } => token(action)?,
+        BrokerCommand::Device { action } => devices(action)?,
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -41,6 +42,64 @@ pub fn run(action: BrokerCommand) -> Result<ExitCode> {
 fn open_store(config_path: &std::path::Path) -> Result<Store> {
     let loaded = config::load(config_path)?;
     Store::open(&loaded.path(&loaded.config.database))
+}
+
+fn time(t: Option<i64>) -> String {
+    t.map_or("-".to_string(), |t| {
+        humantime::format_rfc3339_seconds(
+            std::time::UNIX_EPOCH + std::time::Duration::from_secs(t as u64),
+        )
+        .to_string()
+    })
+}
+
+fn devices(action: DeviceCommand) -> Result<()> {
+    match action {
+        DeviceCommand::Import {
+            config,
+            file,
+            replace,
+        } => {
+            let devices = device::read_import(&file)?;
+            let (added, replaced, unchanged) =
+                open_store(&config)?.import_devices(&devices, replace)?;
+            println!(
+                "{} device(s): {added} added, {replaced} replaced, {unchanged} unchanged",
+                devices.len()
+            );
+        }
+        DeviceCommand::List { config, json } => {
+            let list = open_store(&config)?.devices()?;
+            let mut stdout = std::io::stdout().lock();
+            if json {
+                writeln!(stdout, "{}", serde_json::to_string_pretty(&list)?)?;
+            } else {
+                writeln!(
+                    stdout,
+                    "{:<18}  {:<16}  {:<9}  {:<20}  {:<20}  revoked",
+                    "serial", "key", "source", "added", "last seen"
+                )?;
+                for d in &list {
+                    writeln!(
+                        stdout,
+                        "{:<18}  {:<16}  {:<9}  {:<20}  {:<20}  {}",
+                        d.serial,
+                        d.fingerprint,
+                        d.source,
+                        time(Some(d.added_at)),
+                        time(d.last_seen_at),
+                        time(d.revoked_at)
+                    )?;
+                }
+            }
+        }
+        DeviceCommand::Revoke { config, serial } => {
+            let serial = serial.to_ascii_lowercase();
+            open_store(&config)?.revoke_device(&serial)?;
+            println!("revoked device {serial}: it is refused under device policies tofu and known");
+        }
+    }
+    Ok(())
 }
 
 fn token(action: TokenCommand) -> Result<()> {
@@ -52,6 +111,7 @@ fn token(action: TokenCommand) -> Result<()> {
             expires,
             serials,
             token_file,
+            device_policy,
         } => {
             if let Some(file) = &token_file {
                 if file.exists() {
@@ -66,6 +126,7 @@ fn token(action: TokenCommand) -> Result<()> {
                     max_uses,
                     expires,
                     serials_file: serials.as_deref(),
+                    device_policy,
                 },
             )?;
             match &token_file {
@@ -93,26 +154,19 @@ fn token(action: TokenCommand) -> Result<()> {
             } else {
                 writeln!(
                     stdout,
-                    "{:<20}  {:>9}  {:<20}  {:<8}  serials",
-                    "name", "used", "expires", "revoked"
+                    "{:<20}  {:>9}  {:<20}  {:<8}  {:<7}  serials",
+                    "name", "used", "expires", "revoked", "devices"
                 )?;
-                let time = |t: Option<i64>| {
-                    t.map_or("-".to_string(), |t| {
-                        humantime::format_rfc3339_seconds(
-                            std::time::UNIX_EPOCH + std::time::Duration::from_secs(t as u64),
-                        )
-                        .to_string()
-                    })
-                };
                 for t in &list {
                     writeln!(
                         stdout,
-                        "{:<20}  {:>4}/{:<4}  {:<20}  {:<8}  {}",
+                        "{:<20}  {:>4}/{:<4}  {:<20}  {:<8}  {:<7}  {}",
                         t.name,
                         t.uses,
                         t.max_uses.map_or("-".into(), |m| m.to_string()),
                         time(t.expires_at),
                         if t.revoked_at.is_some() { "yes" } else { "no" },
+                        t.device_policy.as_str(),
                         t.serials
                             .as_ref()
                             .map_or("any".into(), |s| s.len().to_string())

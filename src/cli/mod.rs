@@ -7,6 +7,8 @@ use std::process::ExitCode;
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
+use crate::broker::device::DevicePolicy;
+
 mod aws;
 mod broker;
 
@@ -254,6 +256,11 @@ pub enum BrokerCommand {
         #[command(subcommand)]
         action: TokenCommand,
     },
+    /// Device keys of known Pis (for tokens with --device-policy known or tofu)
+    Device {
+        #[command(subcommand)]
+        action: DeviceCommand,
+    },
     /// Serve the card API over HTTPS until SIGTERM or Ctrl-C
     Serve {
         #[arg(long)]
@@ -284,6 +291,9 @@ pub enum TokenCommand {
         /// Write the token to this new file (mode 0600) instead of printing it
         #[arg(long, value_name = "FILE")]
         token_file: Option<PathBuf>,
+        /// What a card must prove with its Pi's device key (rpi-fw-crypto) to enrol
+        #[arg(long, value_enum, default_value_t = DevicePolicy::Off)]
+        device_policy: DevicePolicy,
     },
     List {
         #[arg(long)]
@@ -295,6 +305,42 @@ pub enum TokenCommand {
         #[arg(long)]
         config: PathBuf,
         name: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DeviceCommand {
+    /// Import Pis' public keys from a CSV of `serial,public_key`
+    #[command(
+        long_about = "Import the public keys of Pis that may enrol under a token with \
+        --device-policy known. FILE is CSV, one Pi per line: its serial and the public key \
+        of its OTP device key (key 1) as hex or base64 of the DER SubjectPublicKeyInfo, as \
+        `rpi-fw-crypto pubkey --key-id 1 --outform hex` prints it on that Pi. A header line \
+        `serial,public_key` and `#` comments are allowed. All lines are imported or none: a \
+        serial already recorded with another key stops the import unless --replace. \
+        Importing a revoked serial admits it again.",
+        after_help = "Example:\n  piprov broker device import --config broker.toml pis.csv"
+    )]
+    Import {
+        #[arg(long)]
+        config: PathBuf,
+        file: PathBuf,
+        /// Replace the recorded key of a serial that has another one (a board swapped)
+        #[arg(long)]
+        replace: bool,
+    },
+    /// Recorded devices: serial, key fingerprint, imported or first use, last seen
+    List {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Refuse a Pi from now on, under every device policy but off
+    Revoke {
+        #[arg(long)]
+        config: PathBuf,
+        serial: String,
     },
 }
 

@@ -37,6 +37,8 @@ pub struct CardSettings {
     pub broker_url: Option<String>,
     pub broker_ca: Option<String>,
     pub keep_token: bool,
+    pub device_key: bool,
+    pub device_key_generate: bool,
 }
 
 /// A secret read from a file: one line, no spaces, never empty.
@@ -108,6 +110,8 @@ impl CardSettings {
             broker_url: a.url.clone(),
             broker_ca,
             keep_token: a.keep_token,
+            device_key: a.device_key,
+            device_key_generate: a.device_key_generate,
         })
     }
 
@@ -144,6 +148,12 @@ impl CardSettings {
         }
         if self.keep_token {
             lines.push("KEEP_TOKEN=1".into());
+        }
+        if self.device_key {
+            lines.push("DEVICE_KEY=1".into());
+        }
+        if self.device_key_generate {
+            lines.push("DEVICE_KEY_GENERATE=1".into());
         }
         lines.join("\n") + "\n"
     }

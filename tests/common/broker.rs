@@ -5,8 +5,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use super::card::{Card, Ssm, stamp};
 use super::ssm_endpoint::SsmEndpoint;
-use super::succeed;
+use super::{fixture, succeed};
 
 pub struct BrokerProcess {
     child: Option<Child>,
@@ -185,7 +186,21 @@ pub struct BrokerClient {
 
 impl BrokerClient {
     pub fn post(&self, path: &str, token: Option<&str>, body: &str) -> (u16, serde_json::Value) {
+        self.post_with(path, token, &[], body)
+    }
+
+    /// POST with more headers (`Name: value`).
+    pub fn post_with(
+        &self,
+        path: &str,
+        token: Option<&str>,
+        headers: &[String],
+        body: &str,
+    ) -> (u16, serde_json::Value) {
         let mut cmd = Command::new("curl");
+        for header in headers {
+            cmd.args(["-H", header]);
+        }
         cmd.args(["-s", "--max-time", "30", "-w", "\n%{http_code}", "--cacert"])
             .arg(&self.ca)
             .args([
@@ -214,4 +229,42 @@ impl Drop for BrokerProcess {
             let _ = child.wait();
         }
     }
+}
+
+/// A card named `name` stamped from the registered fixture with a broker recipe
+/// (`extra` lines go in its [activation] table), its agent pointed at the SSM endpoint.
+pub fn broker_card(
+    dir: &Path,
+    ssm: &SsmEndpoint,
+    broker: &BrokerProcess,
+    token: &str,
+    extra: &str,
+    name: &str,
+) -> Card {
+    std::fs::write(dir.join("site.token"), format!("{token}\n")).unwrap();
+    let recipe = dir.join("broker.toml");
+    std::fs::write(
+        &recipe,
+        format!(
+            "region = \"eu-west-1\"\nhostname = \"pi-{{serial}}\"\n[activation]\nsource = \"broker\"\n\
+             url = \"{}\"\nca_file = \"{}\"\ntoken_file = \"site.token\"\n{extra}\n",
+            broker.url(),
+            broker.ca.display()
+        ),
+    )
+    .unwrap();
+    let tmp = tempfile::TempDir::new_in(dir).unwrap();
+    let image = fixture("registered", &tmp);
+    stamp(&image, &recipe, &[]);
+    let files = Ssm::new(dir);
+    let card = Card::from_image(&image, dir, name, &files);
+    // The agent on the card talks to the local endpoint, as its config allows.
+    let agent_conf = card.path("/etc/amazon/ssm/amazon-ssm-agent.json");
+    std::fs::create_dir_all(agent_conf.parent().unwrap()).unwrap();
+    std::fs::write(
+        &agent_conf,
+        format!(r#"{{"Ssm":{{"Endpoint":"{}"}}}}"#, ssm.url()),
+    )
+    .unwrap();
+    card
 }
