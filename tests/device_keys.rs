@@ -478,7 +478,7 @@ fn replays_stale_challenges_and_bad_signatures_are_refused_without_ssm() {
     let d = dir.path();
     let (ssm, mut broker, token) = start(
         d,
-        &[("challenge_lifetime", "\"1s\"")],
+        &[("challenge_lifetime", "\"3s\"")],
         &["--device-policy", "tofu"],
     );
     let other_token = broker.add_token("site-b", &["--device-policy", "tofu"]);
@@ -501,7 +501,7 @@ fn replays_stale_challenges_and_bad_signatures_are_refused_without_ssm() {
     refused(code, &reply, 401, "used already");
     // A challenge answered too late.
     let late = activation_body(&challenge(&broker, &token), SERIAL_A);
-    std::thread::sleep(std::time::Duration::from_millis(2100));
+    std::thread::sleep(std::time::Duration::from_millis(4100));
     let (code, reply) = signed(&broker, &token, &key, &pi.sign(&late), &late);
     refused(code, &reply, 401, "expired");
     // A signature made over another body (another serial).
