@@ -24,10 +24,11 @@ test: lint
 	$(CARGO) test
 
 # The broker under load: 2,000 enrollments from 100 clients, a SIGKILL and a
-# restart part-way (tests/broker_load.rs). Release build: it measures the broker.
-# Figures go to stderr and to target/tmp/broker-load.json.
+# restart part-way (tests/broker_load.rs), unsigned and then signed with device
+# keys, one after the other so the figures compare. Release build: it measures
+# the broker. Figures go to stderr and to target/tmp/broker-load*.json.
 load: deps
-	$(CARGO) test --release --test broker_load -- --ignored --nocapture
+	$(CARGO) test --release --test broker_load -- --ignored --nocapture --test-threads=1
 
 # Cards booted in virtual machines (tests/e2e.rs): a debootstrap image (cached in
 # /var/tmp/piprov-e2e, or PIPROV_E2E_CACHE), stamped, flashed, booted with QEMU;

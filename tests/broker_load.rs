@@ -2,6 +2,8 @@
 //! 100 concurrent clients (tests/support/broker_load.py), the broker killed with
 //! SIGKILL part-way and restarted. Checks that every enrollment completes, no
 //! serial holds two activations or two nodes, and the database is consistent.
+//! The same again with every Pi signing its request with its own device key
+//! under a `tofu` token, so the figures with and without signatures compare.
 //! Run by `make load` (ignored by `cargo test`: it takes a minute or more).
 //! `PIPROV_LOAD_ENROLLMENTS` and `PIPROV_LOAD_CLIENTS` change the size.
 
@@ -25,13 +27,28 @@ fn setting(name: &str, default: usize) -> usize {
 #[test]
 #[ignore = "load test: run with `make load`"]
 fn thousands_of_enrollments_survive_a_kill_and_restart() {
+    load(false);
+}
+
+#[test]
+#[ignore = "load test: run with `make load`"]
+fn thousands_of_signed_enrollments_survive_a_kill_and_restart() {
+    load(true);
+}
+
+fn load(device_keys: bool) {
     let count = setting("PIPROV_LOAD_ENROLLMENTS", 2000);
     let clients = setting("PIPROV_LOAD_CLIENTS", 100);
     let dir = TempDir::new().unwrap();
     let ssm = SsmEndpoint::start_for(dir.path(), 0, 1800);
     let mut broker =
         BrokerProcess::init(dir.path(), &ssm, &[("rate_limit_per_minute", "100000000")]);
-    let token = broker.add_token("load", &[]);
+    let policy: &[&str] = if device_keys {
+        &["--device-policy", "tofu"]
+    } else {
+        &[]
+    };
+    let token = broker.add_token("load", policy);
     broker.start();
 
     let progress = dir.path().join("progress");
@@ -49,6 +66,7 @@ fn thousands_of_enrollments_survive_a_kill_and_restart() {
         .args([count.to_string(), clients.to_string()])
         .arg(&progress)
         .arg(&result)
+        .args(device_keys.then_some("--device-keys"))
         .spawn()
         .unwrap();
     let done = || {
@@ -74,8 +92,17 @@ fn thousands_of_enrollments_survive_a_kill_and_restart() {
     assert!(status.success());
     let summary: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&result).unwrap()).unwrap();
+    let kind = if device_keys {
+        format!(
+            "signed with device keys (challenges p50 {:.1} ms, p99 {:.1} ms)",
+            summary["challenge_p50_ms"].as_f64().unwrap(),
+            summary["challenge_p99_ms"].as_f64().unwrap()
+        )
+    } else {
+        "unsigned".to_string()
+    };
     eprintln!(
-        "broker load: {count} enrollments from {clients} clients in {:.1} s = {:.0}/s; \
+        "broker load, {kind}: {count} enrollments from {clients} clients in {:.1} s = {:.0}/s; \
          activation requests p50 {:.1} ms, p99 {:.1} ms; {} retries; killed at {killed_at}",
         summary["elapsed_s"].as_f64().unwrap(),
         summary["enrollments_per_s"].as_f64().unwrap(),
@@ -86,7 +113,11 @@ fn thousands_of_enrollments_survive_a_kill_and_restart() {
     let mut report = summary.clone();
     report.as_object_mut().unwrap().remove("serials");
     report["killed_after_enrollments"] = killed_at.into();
-    let out = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("broker-load.json");
+    let out = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(if device_keys {
+        "broker-load-signed.json"
+    } else {
+        "broker-load.json"
+    });
     std::fs::write(&out, serde_json::to_string_pretty(&report).unwrap()).unwrap();
 
     assert_eq!(
@@ -136,6 +167,14 @@ fn thousands_of_enrollments_survive_a_kill_and_restart() {
         })
         .unwrap();
     assert_eq!(issued as usize, count);
+    let devices: i64 = db
+        .query_row("SELECT count(*) FROM devices", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(
+        devices as usize,
+        if device_keys { count } else { 0 },
+        "each signing Pi's key recorded on first use"
+    );
     let mut stmt = db
         .prepare(
             "SELECT r.serial, r.instance_id, r.activation_id, a.activation_id
