@@ -183,13 +183,32 @@ fn start(
     (ssm, broker, token)
 }
 
+/// `piprov ARGS… --config CONFIG [FILE]`.
+fn broker_cli(
+    broker: &BrokerProcess,
+    args: &[&str],
+    file: Option<&std::ffi::OsStr>,
+) -> std::process::Output {
+    let mut cmd = broker.piprov();
+    cmd.args(args).arg("--config").arg(&broker.config);
+    if let Some(file) = file {
+        cmd.arg(file);
+    }
+    cmd.output().unwrap()
+}
+
+/// Writes `text` to `csv` and runs `piprov broker device import` on it.
+fn import(broker: &BrokerProcess, csv: &Path, text: String) -> std::process::Output {
+    std::fs::write(csv, text).unwrap();
+    broker_cli(
+        broker,
+        &["broker", "device", "import"],
+        Some(csv.as_os_str()),
+    )
+}
+
 fn device_list(broker: &BrokerProcess) -> serde_json::Value {
-    let out = broker
-        .piprov()
-        .args(["broker", "device", "list", "--json", "--config"])
-        .arg(&broker.config)
-        .output()
-        .unwrap();
+    let out = broker_cli(broker, &["broker", "device", "list", "--json"], None);
     assert!(
         out.status.success(),
         "{}",
@@ -347,22 +366,15 @@ fn known_admits_only_imported_pis_with_their_own_keys() {
     let pi_a = Board::new(d, "pi-a", false);
     let pi_b = Board::new(d, "pi-b", false);
     let csv = d.join("pis.csv");
-    std::fs::write(
+    let out = import(
+        &broker,
         &csv,
         format!(
             "serial,public_key\n# the bench\n{},{}\n",
             SERIAL_A.to_uppercase(),
             pi_a.public_key_hex()
         ),
-    )
-    .unwrap();
-    let out = broker
-        .piprov()
-        .args(["broker", "device", "import", "--config"])
-        .arg(&broker.config)
-        .arg(&csv)
-        .output()
-        .unwrap();
+    );
     assert!(
         out.status.success(),
         "{}",
@@ -411,13 +423,11 @@ fn known_admits_only_imported_pis_with_their_own_keys() {
     assert_eq!(creates(&ssm), 1);
 
     // Revoked: refused, until imported again.
-    let revoke = broker
-        .piprov()
-        .args(["broker", "device", "revoke", "--config"])
-        .arg(&broker.config)
-        .arg(SERIAL_A)
-        .output()
-        .unwrap();
+    let revoke = broker_cli(
+        &broker,
+        &["broker", "device", "revoke"],
+        Some(SERIAL_A.as_ref()),
+    );
     assert!(
         revoke.status.success(),
         "{}",
@@ -431,22 +441,15 @@ fn known_admits_only_imported_pis_with_their_own_keys() {
     );
 
     // An import that names a known serial with another key changes nothing.
-    std::fs::write(
+    let out = import(
+        &broker,
         &csv,
         format!(
             "{SERIAL_A},{}\n{SERIAL_B},{}\n",
             pi_b.public_key_hex(),
             pi_b.public_key_hex()
         ),
-    )
-    .unwrap();
-    let out = broker
-        .piprov()
-        .args(["broker", "device", "import", "--config"])
-        .arg(&broker.config)
-        .arg(&csv)
-        .output()
-        .unwrap();
+    );
     assert_eq!(
         out.status.code(),
         Some(2),
@@ -456,14 +459,11 @@ fn known_admits_only_imported_pis_with_their_own_keys() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("recorded with another key"));
     assert_eq!(device_list(&broker).as_array().unwrap().len(), 1);
     // A typo in the key: the line is named.
-    std::fs::write(&csv, format!("{SERIAL_B},{}zz\n", pi_b.public_key_hex())).unwrap();
-    let out = broker
-        .piprov()
-        .args(["broker", "device", "import", "--config"])
-        .arg(&broker.config)
-        .arg(&csv)
-        .output()
-        .unwrap();
+    let out = import(
+        &broker,
+        &csv,
+        format!("{SERIAL_B},{}zz\n", pi_b.public_key_hex()),
+    );
     assert_eq!(out.status.code(), Some(2));
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("line 1"),
@@ -590,12 +590,7 @@ fn reimaging_the_same_pi_enrols_again_without_spending_the_quota_twice() {
         !nodes.iter().any(|(id, _)| *id == first),
         "the Pi's previous node is deregistered"
     );
-    let tokens = broker
-        .piprov()
-        .args(["broker", "token", "list", "--json", "--config"])
-        .arg(&broker.config)
-        .output()
-        .unwrap();
+    let tokens = broker_cli(&broker, &["broker", "token", "list", "--json"], None);
     let tokens: serde_json::Value = serde_json::from_slice(&tokens.stdout).unwrap();
     assert_eq!(tokens[0]["uses"], 1, "{tokens}");
     assert_eq!(tokens[0]["device_policy"], "tofu");
