@@ -479,6 +479,25 @@ fn loop_devices_that_must_be_refused() {
             .stderr(contains(dev))
             .stderr(contains(reason));
     };
+    // `piprov devices` lists each with flash's own verdict.
+    let listed = |dev: &str, reason: &str| {
+        let out = piprov().args(["devices", "--json"]).output().unwrap();
+        assert!(out.status.success());
+        let devices: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let device = devices
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|d| d["path"] == dev)
+            .unwrap_or_else(|| panic!("{dev} is listed: {devices}"));
+        assert_eq!(device["bus"], "loop");
+        let refused = device["refused"].as_str().unwrap_or_default();
+        assert!(
+            refused.contains(reason),
+            "{dev}: {refused:?} should say {reason:?}"
+        );
+        device.clone()
+    };
     let small = dir.path().join("small.img");
     std::fs::File::create(&small)
         .unwrap()
@@ -486,11 +505,13 @@ fn loop_devices_that_must_be_refused() {
         .unwrap();
     let small = Loop::new(&small, &[]).unwrap();
     refuse(&small.dev, "the image needs");
+    listed(&small.dev, "not a removable device");
 
     let ro = dir.path().join("ro.img");
     std::fs::File::create(&ro).unwrap().set_len(len).unwrap();
     let ro = Loop::new(&ro, &["-r"]).unwrap();
     refuse(&ro.dev, "read-only");
+    assert_eq!(listed(&ro.dev, "read-only")["read_only"], true);
 
     // Over 128 GB: more likely somebody's disk than an SD card (a sparse file).
     let large = dir.path().join("large.img");
@@ -500,6 +521,8 @@ fn loop_devices_that_must_be_refused() {
         .unwrap();
     let large = Loop::new(&large, &[]).unwrap();
     refuse(&large.dev, "larger than 128 GB");
+    // Not removable comes first without --allow-non-removable, as in flash.
+    listed(&large.dev, "not a removable device");
 
     // Held open exclusively by another program: the kernel answers EBUSY.
     let busy = dir.path().join("busy.img");
@@ -533,6 +556,20 @@ fn loop_devices_that_must_be_refused() {
         .success();
     assert!(ok, "mounting {part}");
     refuse(&mounted.dev, "is mounted at");
+    let device = listed(&mounted.dev, "is mounted at");
+    let name = part.trim_start_matches("/dev/");
+    assert_eq!(
+        device["in_use"],
+        serde_json::json!([format!("{name} at {}", mnt.display())])
+    );
+    let table = piprov().arg("devices").output().unwrap();
+    let table = String::from_utf8(table.stdout).unwrap();
+    assert!(
+        table.lines().any(|l| l.starts_with(&mounted.dev)
+            && l.contains("refuses: /dev/")
+            && l.contains("is mounted at")),
+        "{table}"
+    );
     refuse(&part, "is a partition, not a whole card");
 
     // A card whose partition is active swap.
@@ -564,6 +601,7 @@ fn loop_devices_that_must_be_refused() {
     if on.status.success() {
         let _on = SwapOn(&swap.dev);
         refuse(&swap.dev, "is in use as swap");
+        listed(&swap.dev, "is in use as swap");
     } else {
         eprintln!(
             "skipping the swap refusal: swapon {} failed here: {}",

@@ -38,6 +38,19 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// List the block devices a card could be, and whether flash would write each
+    #[command(
+        long_about = "List the block devices a card could be: device, size, bus (usb, mmc, \
+        nvme, …), model, serial, removable, read-only, partitions in use, and whether \
+        `piprov flash` would write it or refuse it and why (the system disk, a mounted \
+        partition, swap, read-only, not removable, larger than 128 GB). The checks are \
+        flash's own. Reading sysfs needs no root.",
+        after_help = "Examples:\n  piprov devices\n  piprov devices --json | jq '.[] | select(.refused == null) | .path'"
+    )]
+    Devices {
+        #[arg(long)]
+        json: bool,
+    },
     /// Audit an image or card for state that makes clones collide
     #[command(
         long_about = "Audit an image or card for state that makes clones collide.\n\n\
@@ -447,6 +460,15 @@ pub enum ActivationCommand {
 pub fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Inspect { image, json } => inspect(&image, json),
+        Command::Devices { json } => {
+            let devices = crate::flash::devices::list()?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&devices)?);
+            } else {
+                print!("{}", crate::flash::devices::render(&devices));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Activation { action, aws } => aws::activation(action, aws),
         Command::Fleet { action, aws } => aws::fleet(action, aws),
         Command::Broker { action } => broker::run(action),

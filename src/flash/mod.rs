@@ -8,6 +8,7 @@
 //! MiB last) → verify (read back, compare hashes).
 
 pub mod bmap;
+pub mod devices;
 pub mod map;
 pub mod source;
 pub mod target;

@@ -212,24 +212,25 @@ pub struct Policy {
 
 /// Refuses a target with a message naming it and the reason.
 pub fn check(info: &TargetInfo, policy: &Policy) -> Result<()> {
-    let what = info.describe();
-    if !info.block_device {
-        if info.read_only {
-            bail!("{what}: the file is read-only");
-        }
-        return Ok(());
+    match refusal(info, policy) {
+        Some(reason) => bail!("{reason}"),
+        None => Ok(()),
     }
-    let name = info.name.clone().unwrap_or_default();
-    if system_disk().as_deref() == Some(name.as_str()) {
-        bail!("refusing {what}: it holds the running system's root filesystem");
-    }
-    let ours = disk_and_partitions(&name);
+}
+
+/// Partitions of a disk that are mounted or in use as swap: (partition, where).
+pub fn in_use(info: &TargetInfo) -> Vec<(String, String)> {
+    let Some(name) = info.name.as_deref() else {
+        return Vec::new();
+    };
+    let ours = disk_and_partitions(name);
+    let mut used = Vec::new();
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
     for line in mountinfo.lines() {
         let f: Vec<&str> = line.split(' ').collect();
         if let (Some(dev), Some(mount)) = (f.get(2), f.get(4)) {
             if let Some((part, _)) = ours.iter().find(|(_, d)| d == dev) {
-                bail!("refusing {what}: /dev/{part} is mounted at {mount}; unmount it first");
+                used.push((part.clone(), (*mount).to_string()));
             }
         }
     }
@@ -237,33 +238,57 @@ pub fn check(info: &TargetInfo, policy: &Policy) -> Result<()> {
     for line in swaps.lines().skip(1) {
         let device = line.split_whitespace().next().unwrap_or_default();
         if let Some((part, _)) = ours.iter().find(|(n, _)| device == format!("/dev/{n}")) {
-            bail!("refusing {what}: /dev/{part} is in use as swap");
+            used.push((part.clone(), "swap".to_string()));
         }
     }
-    if info.read_only {
-        bail!("refusing {what}: the device is read-only (is the card's lock switch on?)");
-    }
-    if info.size < policy.required {
-        bail!(
-            "refusing {what}: the card holds {} bytes, the image needs {}",
-            info.size,
-            policy.required
-        );
-    }
-    if !info.removable && !policy.allow_non_removable {
-        bail!(
-            "refusing {what}: not a removable device; pass --allow-non-removable if you are sure"
-        );
-    }
-    if info.size > LARGE_DEVICE && !policy.allow_large {
-        bail!(
-            "refusing {what}: larger than 128 GB, more likely a disk than an SD card; pass --allow-large if you are sure"
-        );
-    }
-    Ok(())
+    used
 }
 
-/// The tables a device holds before it is written, read from its first 8 KiB.
+/// Why flashing would refuse this target, if it would: the message names it.
+pub fn refusal(info: &TargetInfo, policy: &Policy) -> Option<String> {
+    let what = info.describe();
+    if !info.block_device {
+        return info
+            .read_only
+            .then(|| format!("{what}: the file is read-only"));
+    }
+    let name = info.name.clone().unwrap_or_default();
+    if system_disk().as_deref() == Some(name.as_str()) {
+        return Some(format!(
+            "refusing {what}: it holds the running system's root filesystem"
+        ));
+    }
+    if let Some((part, place)) = in_use(info).into_iter().next() {
+        return Some(if place == "swap" {
+            format!("refusing {what}: /dev/{part} is in use as swap")
+        } else {
+            format!("refusing {what}: /dev/{part} is mounted at {place}; unmount it first")
+        });
+    }
+    if info.read_only {
+        return Some(format!(
+            "refusing {what}: the device is read-only (is the card's lock switch on?)"
+        ));
+    }
+    if info.size < policy.required {
+        return Some(format!(
+            "refusing {what}: the card holds {} bytes, the image needs {}",
+            info.size, policy.required
+        ));
+    }
+    if !info.removable && !policy.allow_non_removable {
+        return Some(format!(
+            "refusing {what}: not a removable device; pass --allow-non-removable if you are sure"
+        ));
+    }
+    if info.size > LARGE_DEVICE && !policy.allow_large {
+        return Some(format!(
+            "refusing {what}: larger than 128 GB, more likely a disk than an SD card; pass --allow-large if you are sure"
+        ));
+    }
+    None
+}
+
 fn read_stale_tables(path: &Path, len: u64) -> Result<Extents> {
     use std::os::unix::fs::FileExt;
     let mut head = vec![0u8; 8192.min(len as usize)];
