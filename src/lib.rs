@@ -13,6 +13,7 @@ pub mod progress;
 pub mod recipe;
 pub mod ssm;
 pub mod stamp;
+pub mod units;
 
 /// Keeps panics raised inside fatfs quiet: `image::BootFs` turns them into errors
 /// (fatfs panics on some corrupt cluster numbers). Any other panic is reported as

@@ -331,9 +331,9 @@ pub fn check_hostname_pattern(pattern: &str) -> Result<()> {
             .find('}')
             .with_context(|| format!("hostname {pattern:?}: unclosed {{"))?;
         let name = &rest[open + 1..open + close];
-        if !["serial", "mac", "n"].contains(&name) {
+        if !["serial", "mac", "n", "number"].contains(&name) {
             bail!(
-                "hostname {pattern:?}: unknown placeholder {{{name}}} (use {{serial}}, {{mac}} or {{n}})"
+                "hostname {pattern:?}: unknown placeholder {{{name}}} (use {{serial}}, {{mac}}, or {{n}} or {{number}} for the card's number)"
             );
         }
         rest = &rest[open + close + 1..];
@@ -355,12 +355,15 @@ fn check_literal(literal: &str, pattern: &str) -> Result<()> {
     Ok(())
 }
 
-/// Fills in `{n}`; `{serial}` and `{mac}` stay for the card to fill in.
+/// Fills in `{n}` (or `{number}`, the spelling `--help` can show: clap turns
+/// a literal `{n}` into a line break); `{serial}` and `{mac}` stay for the card.
 pub fn hostname_for_card(pattern: &str, number: Option<u32>) -> Result<String> {
     match number {
-        Some(n) => Ok(pattern.replace("{n}", &n.to_string())),
-        None if pattern.contains("{n}") => {
-            bail!("hostname {pattern:?} uses {{n}}: give the card's number with --number")
+        Some(n) => Ok(pattern
+            .replace("{n}", &n.to_string())
+            .replace("{number}", &n.to_string())),
+        None if pattern.contains("{n}") || pattern.contains("{number}") => {
+            bail!("hostname {pattern:?} uses the card's number: give it with --number")
         }
         None => Ok(pattern.to_string()),
     }
@@ -459,5 +462,10 @@ mod tests {
         assert!(check_hostname_pattern("Pi_1").is_err());
         assert_eq!(hostname_for_card("door-{n}", Some(7)).unwrap(), "door-7");
         assert!(hostname_for_card("door-{n}", None).is_err());
+        assert_eq!(
+            hostname_for_card("door-{number}", Some(7)).unwrap(),
+            "door-7"
+        );
+        assert!(check_hostname_pattern("door-{number}").is_ok());
     }
 }

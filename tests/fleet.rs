@@ -204,4 +204,10 @@ fn prune_is_a_dry_run_until_applied_and_spares_online_nodes() {
     let mut expected = [online.as_str(), recent.as_str()];
     expected.sort();
     assert_eq!(ids, expected);
+    // Nothing left that old: said in words, not "30days".
+    ssm.piprov()
+        .args(["fleet", "prune", "--offline-for", "30d"])
+        .assert()
+        .success()
+        .stdout(contains("no node has been offline for 30 days"));
 }

@@ -214,7 +214,7 @@ pub fn fleet(action: FleetCommand, aws: AwsArgs) -> Result<ExitCode> {
                     let report = serde_json::json!({"applied": apply, "nodes": results});
                     writeln!(stdout, "{}", serde_json::to_string_pretty(&report)?)?;
                 } else if candidates.is_empty() {
-                    writeln!(stdout, "no node has been offline for {}", humantime::format_duration(offline_for))?;
+                    writeln!(stdout, "no node has been offline for {}", crate::units::duration(offline_for))?;
                 } else if !apply {
                     writeln!(stdout, "dry run: nothing deregistered; add --apply to deregister these {}", candidates.len())?;
                 }

@@ -11,6 +11,7 @@ use crate::broker::device::DevicePolicy;
 
 mod aws;
 mod broker;
+mod docs;
 
 /// Exit codes, shaped like diff(1): 0 all well, 1 "found something", 2 trouble.
 pub mod exit {
@@ -48,8 +49,21 @@ pub enum Command {
         after_help = "Examples:\n  piprov devices\n  piprov devices --json | jq '.[] | select(.refused == null) | .path'"
     )]
     Devices {
+        /// Print JSON, for scripts
         #[arg(long)]
         json: bool,
+    },
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell)
+    #[command(
+        after_help = "Examples:\n  piprov completions bash > ~/.local/share/bash-completion/completions/piprov\n  \
+        piprov completions zsh > \"${fpath[1]}/_piprov\"\n  piprov completions fish > ~/.config/fish/completions/piprov.fish"
+    )]
+    Completions { shell: clap_complete::Shell },
+    /// Write the man pages (piprov.1, piprov-flash.1, …) into a folder
+    #[command(hide = true)]
+    Man {
+        /// Folder to write them to (made if missing)
+        dir: PathBuf,
     },
     /// Audit an image or card for state that makes clones collide
     #[command(
@@ -87,10 +101,10 @@ pub enum Command {
         /// Recipe (TOML), see image-recipes/
         #[arg(long, short)]
         recipe: PathBuf,
-        /// Hostname or pattern for this card ({serial}, {mac}, {n}); overrides the recipe
+        /// Hostname or pattern for this card ({serial}, {mac}, {number}); overrides the recipe
         #[arg(long)]
         hostname: Option<String>,
-        /// This card's number, filled in for {n}
+        /// This card's number, filled in for {number}
         #[arg(long)]
         number: Option<u32>,
         /// Override a recipe setting, e.g. --set sudo.strip_nopasswd=false (repeatable)
@@ -126,7 +140,7 @@ pub enum Command {
         Exit status: 0 every card written and verified, 1 some cards failed (the others are \
         complete), 2 error before any card was written.",
         after_help = "Examples:\n  piprov flash golden.img.xz /dev/sdb --recipe image-recipes/site.toml --hostname pi-door-07\n  \
-            piprov flash golden.img.xz /dev/sdb /dev/sdc /dev/sdd --recipe bench.toml --hostname 'door-{n}' --yes\n  \
+            piprov flash golden.img.xz /dev/sdb /dev/sdc /dev/sdd --recipe bench.toml --hostname 'door-{number}' --yes\n  \
             piprov flash golden.img --targets bench.csv --recipe bench.toml --manifest cards.jsonl\n  \
             piprov flash golden.img stamped.img --recipe site.toml     # a stamped copy as a file"
     )]
@@ -141,7 +155,7 @@ pub enum Command {
         /// Recipe to stamp each card with
         #[arg(long, short)]
         recipe: Option<PathBuf>,
-        /// Hostname pattern for every card ({n} = card number, {serial}, {mac})
+        /// Hostname pattern for every card ({number} = card number from 1, {serial}, {mac})
         #[arg(long)]
         hostname: Option<String>,
         /// Override a recipe setting (repeatable)
@@ -232,7 +246,7 @@ pub struct AwsArgs {
     /// AWS profile (default: AWS_PROFILE or the default profile)
     #[arg(long, global = true)]
     pub profile: Option<String>,
-    /// AWS region (default: the recipe's, then AWS_REGION or the profile's)
+    /// AWS region, e.g. eu-west-1 (default: the recipe's, then AWS_REGION or the profile's)
     #[arg(long, global = true)]
     pub region: Option<String>,
 }
@@ -258,6 +272,7 @@ pub enum BrokerCommand {
         /// Address to listen on
         #[arg(long, default_value = "0.0.0.0:8443")]
         listen: std::net::SocketAddr,
+        /// AWS region the broker creates activations in, e.g. eu-west-1
         #[arg(long)]
         region: String,
         /// IAM service role the registered nodes assume
@@ -311,6 +326,7 @@ pub enum TokenCommand {
     List {
         #[arg(long)]
         config: PathBuf,
+        /// Print JSON, for scripts
         #[arg(long)]
         json: bool,
     },
@@ -346,6 +362,7 @@ pub enum DeviceCommand {
     List {
         #[arg(long)]
         config: PathBuf,
+        /// Print JSON, for scripts
         #[arg(long)]
         json: bool,
     },
@@ -367,6 +384,7 @@ pub enum FleetCommand {
         /// Only nodes with this tag (repeatable; all must match)
         #[arg(long = "tag", value_name = "KEY=VALUE")]
         tags: Vec<String>,
+        /// Print JSON, for scripts
         #[arg(long)]
         json: bool,
     },
@@ -386,6 +404,7 @@ pub enum FleetCommand {
         /// Only nodes with this tag (repeatable)
         #[arg(long = "tag", value_name = "KEY=VALUE")]
         tags: Vec<String>,
+        /// Print JSON, for scripts
         #[arg(long)]
         json: bool,
     },
@@ -406,6 +425,7 @@ pub enum FleetCommand {
         /// Deregister them (without it: only list them)
         #[arg(long)]
         apply: bool,
+        /// Print JSON, for scripts
         #[arg(long)]
         json: bool,
     },
@@ -442,11 +462,13 @@ pub enum ActivationCommand {
         /// Print the activation code
         #[arg(long)]
         show_code: bool,
+        /// Print JSON, for scripts
         #[arg(long)]
         json: bool,
     },
     /// List activations: id, limit, registrations, expiry, tags
     List {
+        /// Print JSON, for scripts
         #[arg(long)]
         json: bool,
     },
@@ -460,6 +482,15 @@ pub enum ActivationCommand {
 pub fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Inspect { image, json } => inspect(&image, json),
+        Command::Completions { shell } => {
+            docs::completions(shell);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Man { dir } => {
+            let written = docs::man_pages(&dir)?;
+            eprintln!("{written} man pages in {}", dir.display());
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Devices { json } => {
             let devices = crate::flash::devices::list()?;
             if json {

@@ -39,7 +39,7 @@ impl NewActivation {
         if self.lifetime.is_zero() || self.lifetime > MAX_LIFETIME {
             bail!(
                 "--expires {}: SSM activations last from a minute up to 30 days",
-                humantime::format_duration(self.lifetime)
+                crate::units::duration(self.lifetime)
             );
         }
         Ok(())
