@@ -125,6 +125,11 @@ fn a_stamped_card_enrols_through_the_broker() {
         .expect("the node exists in SSM");
     assert_eq!(tags["piprov:serial"], SERIAL_A);
     assert_eq!(tags["piprov:hostname"], format!("pi-{SERIAL_A}"));
+    assert_eq!(
+        tags["Name"],
+        format!("pi-{SERIAL_A}"),
+        "Fleet Manager's name"
+    );
     let activation = &ssm.requests_for("CreateActivation")[0]["body"];
     assert_eq!(activation["RegistrationLimit"], 1);
     assert_eq!(

@@ -55,6 +55,7 @@ fn stamp_creates_a_single_use_activation_for_the_card() {
     assert_eq!(create["body"]["IamRole"], "SSMServiceRole");
     assert_eq!(create["body"]["DefaultInstanceName"], "door-7");
     assert_eq!(tag(create, "piprov:hostname"), Some("door-7"));
+    assert_eq!(tag(create, "Name"), Some("door-7"), "Fleet Manager's name");
     assert_eq!(
         tag(create, "piprov:image-sha256"),
         Some(golden_sha.as_str())

@@ -22,7 +22,7 @@ use super::config::Loaded;
 use super::device::{self, DeviceKey, DevicePolicy, ProofError};
 use super::serial_locks::SerialLocks;
 use super::store::{ChallengeOutcome, NewIssue, Store, Token, now};
-use crate::ssm::{self, TAG_BROKER, TAG_HOSTNAME, TAG_IMAGE, TAG_SERIAL, TAG_VERSION};
+use crate::ssm::{self, TAG_BROKER, TAG_HOSTNAME, TAG_IMAGE, TAG_NAME, TAG_SERIAL, TAG_VERSION};
 
 /// The client's address, attached to each connection's requests.
 #[derive(Debug, Clone, Copy)]
@@ -629,6 +629,7 @@ impl Broker {
         ];
         if let Some(h) = hostname {
             tags.push((TAG_HOSTNAME.to_string(), h.to_string()));
+            tags.push((TAG_NAME.to_string(), h.to_string()));
         }
         if !image.is_empty() {
             tags.push((TAG_IMAGE.to_string(), image.to_ascii_lowercase()));
@@ -822,6 +823,7 @@ async fn register(
     let mut tags = vec![(TAG_SERIAL.to_string(), serial.clone())];
     if let Some(h) = &issued.hostname {
         tags.push((TAG_HOSTNAME.to_string(), h.clone()));
+        tags.push((TAG_NAME.to_string(), h.clone()));
     }
     if let Some(i) = &issued.image_sha256 {
         tags.push((TAG_IMAGE.to_string(), i.clone()));

@@ -11,7 +11,7 @@ use aws_sdk_ssm::Client;
 
 use crate::recipe::Recipe;
 
-use super::fleet::{TAG_HOSTNAME, TAG_IMAGE, TAG_VERSION};
+use super::fleet::{TAG_HOSTNAME, TAG_IMAGE, TAG_NAME, TAG_VERSION};
 use super::{Connection, Created, NewActivation, client, create_activation, delete_activation};
 
 /// A card's activation lives this long unless the recipe says otherwise: long
@@ -70,6 +70,8 @@ impl CardActivations {
         tags.insert(TAG_VERSION.into(), env!("CARGO_PKG_VERSION").into());
         if let Some(h) = resolved {
             tags.insert(TAG_HOSTNAME.into(), h.into());
+            // A Name the recipe gives wins; else the node is named after its card.
+            tags.entry(TAG_NAME.into()).or_insert_with(|| h.into());
         }
         let new = NewActivation {
             iam_role: self.iam_role.clone(),
