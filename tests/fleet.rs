@@ -211,3 +211,72 @@ fn prune_is_a_dry_run_until_applied_and_spares_online_nodes() {
         .success()
         .stdout(contains("no node has been offline for 30 days"));
 }
+
+#[test]
+fn ssh_config_reaches_every_node_through_session_manager() {
+    let dir = TempDir::new().unwrap();
+    let ssm = SsmEndpoint::start(dir.path(), 0);
+    let (a, code) = activation(&ssm, 4, "a");
+    let door = ssm.register(&a, &code);
+    ssm.ping(&door, "door-07", "192.0.2.7");
+    // Two nodes claiming one hostname: a card and its clone.
+    let twin_a = ssm.register(&a, &code);
+    ssm.ping(&twin_a, "gate", "192.0.2.8");
+    let twin_b = ssm.register(&a, &code);
+    ssm.ping(&twin_b, "gate", "192.0.2.9");
+    let (b, code_b) = activation(&ssm, 1, "b");
+    let elsewhere = ssm.register(&b, &code_b);
+    ssm.ping(&elsewhere, "yard-1", "192.0.2.10");
+
+    let out = succeed(ssm.piprov().args([
+        "fleet",
+        "ssh-config",
+        "--tag",
+        "site=a",
+        "--user",
+        "pi",
+        "--region",
+        "eu-west-1",
+    ]));
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(!text.contains("yard-1"), "only the tagged nodes:\n{text}");
+    assert!(text.contains("gate is the name of 2 nodes"), "{text}");
+    let config = dir.path().join("ssh_config");
+    std::fs::write(&config, &text).unwrap();
+    // ssh itself reads the entries: what it would connect to, as whom, through what.
+    let resolve = |host: &str| {
+        let out = std::process::Command::new("ssh")
+            .arg("-G")
+            .arg("-F")
+            .arg(&config)
+            .arg(host)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let door_config = resolve("door-07");
+    assert!(
+        door_config.contains(&format!("hostname {door}\n")),
+        "{door_config}"
+    );
+    assert!(door_config.contains("user pi\n"));
+    assert!(
+        door_config.contains(
+            "proxycommand aws ssm start-session --target %h --document-name AWS-StartSSHSession \
+             --parameters portNumber=%p --region eu-west-1\n"
+        ),
+        "{door_config}"
+    );
+    for twin in [&twin_a, &twin_b] {
+        let resolved = resolve(&format!("gate-{twin}"));
+        assert!(
+            resolved.contains(&format!("hostname {twin}\n")),
+            "{resolved}"
+        );
+    }
+}

@@ -124,14 +124,25 @@ pub fn fleet(action: FleetCommand, aws: AwsArgs) -> Result<ExitCode> {
     let tags = match &action {
         FleetCommand::List { tags, .. }
         | FleetCommand::Doctor { tags, .. }
-        | FleetCommand::Prune { tags, .. } => parse_tags(tags)?,
+        | FleetCommand::Prune { tags, .. }
+        | FleetCommand::SshConfig { tags, .. } => parse_tags(tags)?,
     };
+    let (profile, region) = (aws.profile.clone(), aws.region.clone());
     runtime()?.block_on(async {
         let client = ssm::client(&aws.connection()).await?;
         let nodes = ssm::list_nodes(&client, &tags).await?;
         let now = std::time::SystemTime::now();
         let mut stdout = std::io::stdout().lock();
         match action {
+            FleetCommand::SshConfig { user, .. } => {
+                let options = ssm::ssh_config::SshOptions {
+                    user: user.as_deref(),
+                    profile: profile.as_deref(),
+                    region: region.as_deref(),
+                };
+                write!(stdout, "{}", ssm::ssh_config::render(&nodes, &options))?;
+                Ok(ExitCode::SUCCESS)
+            }
             FleetCommand::List { json, .. } => {
                 if json {
                     serde_json::to_writer_pretty(&mut stdout, &nodes).map_err(std::io::Error::from)?;

@@ -408,6 +408,25 @@ pub enum FleetCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Print ssh_config Host entries that reach each node over Session Manager
+    #[command(
+        long_about = "Print ssh_config Host entries, one per managed node, named after its \
+        hostname, with HostName set to its mi- id and a ProxyCommand that opens an \
+        AWS-StartSSHSession through Session Manager (with --profile and --region when \
+        given). Append them to ~/.ssh/config and `ssh pi@door-07` works without an open \
+        port. Nodes that share a hostname (a cloned card) get the mi- id in their name. \
+        Needs the AWS CLI and its Session Manager plugin where ssh runs.",
+        after_help = "Examples:\n  piprov fleet ssh-config --user pi >> ~/.ssh/config\n  \
+        piprov fleet ssh-config --tag site=a --profile fleet --region eu-west-1"
+    )]
+    SshConfig {
+        /// Only nodes with this tag (repeatable)
+        #[arg(long = "tag", value_name = "KEY=VALUE")]
+        tags: Vec<String>,
+        /// The login user for every entry (default: ssh's own)
+        #[arg(long)]
+        user: Option<String>,
+    },
     /// Deregister nodes offline for a long time (dry run unless --apply)
     #[command(
         long_about = "Deregister managed nodes that have been offline for at least --offline-for. \

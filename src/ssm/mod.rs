@@ -1,11 +1,12 @@
 //! AWS Systems Manager through aws-sdk-ssm: hybrid activations, the cards'
-//! own activations, and the managed nodes they become. Credentials and region come
+//! own activations, the managed nodes they become, and ssh_config entries for them. Credentials and region come
 //! from the standard chain (environment, profiles, SSO) unless given;
 //! `AWS_ENDPOINT_URL[_SSM]` points the client elsewhere (the tests' local endpoint).
 
 mod activations;
 mod card;
 mod fleet;
+pub mod ssh_config;
 
 pub use activations::*;
 pub use card::CardActivations;
