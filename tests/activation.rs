@@ -163,7 +163,7 @@ fn errors_are_explained_in_one_line() {
         .args(["list"])
         .assert()
         .code(2)
-        .stderr(contains("no AWS credentials found"));
+        .stderr(contains("no AWS credentials: tried the environment"));
 
     // Session credentials past their expiry.
     ssm.piprov()

@@ -280,3 +280,66 @@ fn ssh_config_reaches_every_node_through_session_manager() {
         );
     }
 }
+
+/// A network where something answers the instance-metadata address with a web
+/// page, as many corporate proxies do.
+fn proxy_on_loopback() -> String {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let mut stream = stream;
+            let mut request = [0u8; 4096];
+            let _ = stream.read(&mut request);
+            let page = "<html>corporate proxy</html>";
+            let _ = write!(
+                stream,
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{page}",
+                page.len()
+            );
+        }
+    });
+    format!("http://{address}")
+}
+
+#[test]
+fn no_credentials_are_named_as_such_even_behind_a_proxy() {
+    let home = TempDir::new().unwrap();
+    let imds = proxy_on_loopback();
+    let run = |verbose: bool| {
+        let mut cmd = common::piprov();
+        cmd.env_clear()
+            .env("PATH", std::env::var("PATH").unwrap())
+            .env("HOME", home.path())
+            .env("AWS_EC2_METADATA_SERVICE_ENDPOINT", &imds);
+        if verbose {
+            cmd.arg("-v");
+        }
+        let out = cmd
+            .args(["fleet", "list", "--region", "eu-west-1"])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2));
+        String::from_utf8(out.stderr).unwrap()
+    };
+    let said = run(false);
+    assert!(
+        said.starts_with("piprov: error: no AWS credentials: tried the environment"),
+        "{said}"
+    );
+    assert!(
+        said.contains("run `aws configure`") && said.contains("--profile"),
+        "{said}"
+    );
+    assert_eq!(said.lines().count(), 1, "one line: {said}");
+    assert!(
+        !said.contains("could not be reached") && !said.contains("DispatchFailure"),
+        "{said}"
+    );
+    let detailed = run(true);
+    assert!(
+        detailed.contains("IMDS"),
+        "-v shows the SDK's chain: {detailed}"
+    );
+}

@@ -33,6 +33,9 @@ pub mod exit {
         first-boot unit that gives every card its own identity, and writes them to cards."
 )]
 pub struct Cli {
+    /// Say more when something fails (the AWS SDK's own error chain)
+    #[arg(short, long, global = true)]
+    pub verbose: bool,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -499,6 +502,7 @@ pub enum ActivationCommand {
 }
 
 pub fn run(cli: Cli) -> Result<ExitCode> {
+    crate::ssm::set_verbose(cli.verbose);
     match cli.command {
         Command::Inspect { image, json } => inspect(&image, json),
         Command::Completions { shell } => {

@@ -42,7 +42,49 @@ pub async fn client(conn: &Connection) -> Result<Client> {
         ),
         Some(_) => {}
     }
+    check_credentials(conn, &config).await?;
     Ok(Client::new(&config))
+}
+
+/// Whether `-v` asked for the SDK's own error chains.
+static VERBOSE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+pub fn set_verbose(on: bool) {
+    VERBOSE.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+fn verbose() -> bool {
+    VERBOSE.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Resolves credentials before the first call, so that a chain that finds none
+/// says so, instead of the call failing as if SSM were unreachable (a network
+/// that answers the instance-metadata address, as many proxies do, turns the
+/// chain's last step into an HTTP error).
+async fn check_credentials(conn: &Connection, config: &aws_config::SdkConfig) -> Result<()> {
+    use aws_sdk_ssm::config::ProvideCredentials;
+    let Some(provider) = config.credentials_provider() else {
+        return Ok(());
+    };
+    if let Err(e) = provider.provide_credentials().await {
+        let profile = conn
+            .profile
+            .clone()
+            .or_else(|| std::env::var("AWS_PROFILE").ok())
+            .unwrap_or_else(|| "default".into());
+        let detail = if verbose() {
+            format!(" ({})", aws_sdk_ssm::error::DisplayErrorContext(&e))
+        } else {
+            " (-v for the details)".into()
+        };
+        bail!(
+            "no AWS credentials: tried the environment (AWS_ACCESS_KEY_ID), profile {profile:?} \
+             (~/.aws/config and ~/.aws/credentials, with SSO and credential_process), web \
+             identity, and the container and instance metadata endpoints; run `aws configure` \
+             or `aws sso login`, or pass --profile{detail}"
+        );
+    }
+    Ok(())
 }
 
 /// One line that says what went wrong and what to do about it.
@@ -90,10 +132,12 @@ where
         }
         _ => String::new(),
     };
-    let detail = if message.is_empty() {
+    let detail = if !message.is_empty() {
+        format!("{code}: {message}")
+    } else if verbose() || hint.is_empty() {
         chain
     } else {
-        format!("{code}: {message}")
+        "-v for the details".into()
     };
     if hint.is_empty() {
         anyhow!("{doing}: {detail}")
