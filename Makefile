@@ -2,7 +2,7 @@
 CARGO ?= cargo
 FUZZ_SECONDS ?= 60
 
-.PHONY: all deps build demo test lint load e2e fuzz bench clean
+.PHONY: all deps build demo test lint load e2e fuzz bench clean share deb
 
 all: build
 
@@ -49,6 +49,19 @@ fuzz: deps
 		$(CARGO) fuzz run -s none $$target fuzz/corpus/$$target -- -max_total_time=$(FUZZ_SECONDS) \
 			-max_len=655360 -timeout=10 -rss_limit_mb=2048 || exit 1; \
 	done
+
+# Man pages and shell completions, made from the command-line definitions.
+share: build
+	target/release/piprov man target/share/man
+	mkdir -p target/share/completions
+	target/release/piprov completions bash > target/share/completions/piprov
+	target/release/piprov completions zsh > target/share/completions/_piprov
+	target/release/piprov completions fish > target/share/completions/piprov.fish
+
+# A Debian package (cargo-deb): binary, man pages, completions, example recipes.
+deb: share
+	@command -v cargo-deb >/dev/null || $(CARGO) install cargo-deb --locked
+	$(CARGO) deb --no-build --output target/debian/
 
 clean:
 	$(CARGO) clean
