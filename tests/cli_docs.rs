@@ -109,28 +109,41 @@ fn help_reads_as_written() {
         !flash.lines().any(|l| l.trim_end().ends_with('(')),
         "{flash}"
     );
-    // Every option has a line of help, the AWS ones included.
+    // Every option and argument has a line of help, the AWS ones included.
     for command in [
-        &["flash"][..],
+        &["activation", "delete"][..],
+        &["broker", "token", "revoke"],
+        &["broker", "device", "revoke"],
+        &["flash"],
         &["activation", "create"],
         &["fleet", "prune"],
         &["fleet", "doctor"],
+        &["fleet", "ssh-config"],
         &["broker", "init"],
+        &["broker", "token", "add"],
+        &["broker", "device", "import"],
+        &["stamp"],
+        &["inspect"],
+        &["devices"],
     ] {
         let mut args = command.to_vec();
         args.push("--help");
         let help = stdout(&args);
         let lines: Vec<&str> = help.lines().collect();
         for (i, line) in lines.iter().enumerate() {
-            let option = line.trim_start();
-            // An option's own line: indented, and nothing but the option on it.
-            if line.starts_with("  ") && option.starts_with("--") && !option.contains("  ") {
-                let next = lines.get(i + 1).map_or("", |l| l.trim());
-                assert!(
-                    !next.is_empty(),
-                    "{command:?}: {option} has no help:\n{help}"
-                );
+            let option = line.trim();
+            let spec =
+                (option.starts_with('-') && !option.starts_with("- ")) || option.starts_with('<');
+            if !line.starts_with("  ") || !spec {
+                continue;
             }
+            // Short form: `--opt <X>   help`; long form: the help on the next lines.
+            let inline = option.split_once("  ").map_or("", |(_, help)| help.trim());
+            let below = lines.get(i + 1).map_or("", |l| l.trim());
+            assert!(
+                !inline.is_empty() || (!below.is_empty() && !below.starts_with('-')),
+                "{command:?}: {option} has no help:\n{help}"
+            );
         }
     }
 }

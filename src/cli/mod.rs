@@ -294,6 +294,7 @@ pub enum BrokerCommand {
     },
     /// Serve the card API over HTTPS until SIGTERM or Ctrl-C
     Serve {
+        /// The broker's config file (broker.toml, made by `piprov broker init`)
         #[arg(long)]
         config: PathBuf,
         /// Write the address actually listened on to this file once ready
@@ -306,8 +307,10 @@ pub enum BrokerCommand {
 pub enum TokenCommand {
     /// Make a token; it is printed (or written to --token-file) this once
     Add {
+        /// The broker's config file (broker.toml, made by `piprov broker init`)
         #[arg(long)]
         config: PathBuf,
+        /// The token's name (letters, digits, - and _), as `token list` shows it
         #[arg(long)]
         name: String,
         /// How many activations it may obtain
@@ -327,6 +330,7 @@ pub enum TokenCommand {
         device_policy: DevicePolicy,
     },
     List {
+        /// The broker's config file (broker.toml, made by `piprov broker init`)
         #[arg(long)]
         config: PathBuf,
         /// Print JSON, for scripts
@@ -334,8 +338,10 @@ pub enum TokenCommand {
         json: bool,
     },
     Revoke {
+        /// The broker's config file (broker.toml, made by `piprov broker init`)
         #[arg(long)]
         config: PathBuf,
+        /// The token's name
         name: String,
     },
 }
@@ -354,8 +360,10 @@ pub enum DeviceCommand {
         after_help = "Example:\n  piprov broker device import --config broker.toml pis.csv"
     )]
     Import {
+        /// The broker's config file (broker.toml, made by `piprov broker init`)
         #[arg(long)]
         config: PathBuf,
+        /// CSV of serial,public_key
         file: PathBuf,
         /// Replace the recorded key of a serial that has another one (a board swapped)
         #[arg(long)]
@@ -363,6 +371,7 @@ pub enum DeviceCommand {
     },
     /// Recorded devices: serial, key fingerprint, imported or first use, last seen
     List {
+        /// The broker's config file (broker.toml, made by `piprov broker init`)
         #[arg(long)]
         config: PathBuf,
         /// Print JSON, for scripts
@@ -371,8 +380,10 @@ pub enum DeviceCommand {
     },
     /// Refuse a Pi from now on, under every device policy but off
     Revoke {
+        /// The broker's config file (broker.toml, made by `piprov broker init`)
         #[arg(long)]
         config: PathBuf,
+        /// The Pi's serial
         serial: String,
     },
 }
@@ -473,6 +484,7 @@ pub enum ActivationCommand {
         /// Default instance name shown in Fleet Manager
         #[arg(long)]
         name: Option<String>,
+        /// Free text kept with the activation (what it is for)
         #[arg(long)]
         description: Option<String>,
         /// Tag as key=value (repeatable)
@@ -496,6 +508,7 @@ pub enum ActivationCommand {
     },
     /// Delete activations (nodes already registered stay registered)
     Delete {
+        /// Activation ids, as `activation list` shows them
         #[arg(required = true)]
         ids: Vec<String>,
     },
