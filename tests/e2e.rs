@@ -1,23 +1,22 @@
 //! End to end: cards booted in virtual machines (`make e2e`; ignored by `cargo
-//! test`). A Debian image laid out like Raspberry Pi OS is built with debootstrap
-//! (tests/e2e/), registered once as a golden taken from a working Pi, stamped,
-//! flashed to three cards; each card boots under QEMU the way the Pi firmware
-//! boots it (kernel, initrd and the stamped cmdline.txt from the FAT partition),
-//! with its own MAC as its hardware identity. Card 1 is then copied byte for
-//! byte to a fourth card booted with another MAC, and card 1 boots again. The
-//! guests reach the SSM endpoint and the broker only through QEMU user
-//! networking (10.0.2.2 is this machine's loopback).
-//!
-//! KVM is used when it can boot a kernel here; otherwise QEMU's TCG emulator
-//! runs the same boots, more slowly, and the test says why.
+//! test`). An arm64 Debian image laid out like Raspberry Pi OS is built with
+//! debootstrap (tests/e2e/), registered once as a golden taken from a working
+//! Pi, stamped, flashed to three cards; each card boots in its own simulated Pi
+//! (tests/e2e/board.rs: the kernel, initramfs and stamped cmdline.txt from the
+//! FAT partition, the board's serial in its device tree). Card 1 is then copied
+//! byte for byte and booted in a fourth Pi, booted again in its own, and in its
+//! own with another network card. The guests reach the SSM endpoint and the
+//! broker only through QEMU user networking (10.0.2.2 is this machine's loopback).
 
+#[path = "e2e/board.rs"]
+mod board;
 mod common;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
 
+use board::{Board, Qemu, boot_file};
 use common::broker::BrokerProcess;
 use common::ssm_endpoint::SsmEndpoint;
 use common::{inspect_json, succeed};
@@ -33,127 +32,6 @@ fn cache_dir() -> PathBuf {
     std::env::var_os("PIPROV_E2E_CACHE")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("/var/tmp/piprov-e2e"))
-}
-
-fn boot_file(image: &Path, name: &str) -> Vec<u8> {
-    let image = piprov::image::Image::open(image).unwrap();
-    image
-        .boot()
-        .unwrap()
-        .read(name)
-        .unwrap()
-        .unwrap_or_default()
-}
-
-struct Qemu {
-    accel: &'static str,
-}
-
-impl Qemu {
-    /// KVM if it boots a kernel to its first console line within 30 s, else TCG.
-    fn choose(image: &Path, dir: &Path) -> Qemu {
-        let kvm = Qemu { accel: "kvm" };
-        if std::fs::File::options()
-            .read(true)
-            .write(true)
-            .open("/dev/kvm")
-            .is_err()
-        {
-            eprintln!("e2e: /dev/kvm cannot be opened: using QEMU's TCG emulator");
-            return Qemu { accel: "tcg" };
-        }
-        let probe = dir.join("probe.img");
-        std::fs::copy(image, &probe).unwrap();
-        let log = kvm.run(
-            &probe,
-            "52:54:00:00:00:99",
-            Duration::from_secs(30),
-            dir,
-            "probe",
-        );
-        if log.contains("Linux version") {
-            return kvm;
-        }
-        eprintln!(
-            "e2e: /dev/kvm is present but a KVM guest printed no kernel output in 30 s \
-             (nested virtualisation here does not run guests): using QEMU's TCG emulator"
-        );
-        Qemu { accel: "tcg" }
-    }
-
-    /// One power-on to power-off (or reboot) of `card`, as the Pi firmware boots:
-    /// kernel, initrd and cmdline.txt from the FAT partition. Returns the serial log.
-    fn run(&self, card: &Path, mac: &str, limit: Duration, dir: &Path, name: &str) -> String {
-        let kernel = dir.join(format!("{name}.vmlinuz"));
-        let initrd = dir.join(format!("{name}.initrd"));
-        std::fs::write(&kernel, boot_file(card, "vmlinuz")).unwrap();
-        std::fs::write(&initrd, boot_file(card, "initrd.img")).unwrap();
-        let cmdline = String::from_utf8(boot_file(card, "cmdline.txt")).unwrap();
-        let log = dir.join(format!("{name}.serial.log"));
-        let _ = std::fs::remove_file(&log);
-        let mut child = Command::new("qemu-system-x86_64")
-            .args(["-accel", self.accel, "-m", "1024", "-smp", "1"])
-            .args([
-                "-nographic",
-                "-no-reboot",
-                "-monitor",
-                "none",
-                "-display",
-                "none",
-            ])
-            .arg("-kernel")
-            .arg(&kernel)
-            .arg("-initrd")
-            .arg(&initrd)
-            .args(["-append", cmdline.trim()])
-            .arg("-drive")
-            .arg(format!("file={},format=raw,if=virtio", card.display()))
-            .args(["-netdev", "user,id=n0", "-device"])
-            .arg(format!("virtio-net-pci,netdev=n0,mac={mac}"))
-            .arg("-serial")
-            .arg(format!("file:{}", log.display()))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("qemu-system-x86_64 (apt-get install qemu-system-x86)");
-        let started = Instant::now();
-        while child.try_wait().unwrap().is_none() {
-            if started.elapsed() > limit {
-                let _ = child.kill();
-                let _ = child.wait();
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        String::from_utf8_lossy(&std::fs::read(&log).unwrap_or_default()).into_owned()
-    }
-
-    /// Boots a card until it has settled: a stamped card's first power-on runs
-    /// the hook and reboots, the next one registers and powers off.
-    fn boot(&self, card: &Path, mac: &str, dir: &Path, name: &str) -> Duration {
-        let started = Instant::now();
-        for round in 0..3 {
-            let hooked = String::from_utf8(boot_file(card, "cmdline.txt"))
-                .unwrap()
-                .contains("systemd.run=");
-            let log = self.run(
-                card,
-                mac,
-                Duration::from_secs(900),
-                dir,
-                &format!("{name}-{round}"),
-            );
-            assert!(
-                log.contains("Power down") || log.contains("reboot: Restarting"),
-                "{name} did not finish booting:\n{}",
-                tail(&log)
-            );
-            if !hooked {
-                break;
-            }
-        }
-        started.elapsed()
-    }
 }
 
 /// Where a test's cards and logs go; kept after the run with PIPROV_E2E_KEEP=1,
@@ -186,11 +64,6 @@ fn work_dir() -> WorkDir {
             path,
         }
     }
-}
-
-fn tail(log: &str) -> String {
-    let lines: Vec<&str> = log.lines().collect();
-    lines[lines.len().saturating_sub(40)..].join("\n")
 }
 
 /// The golden of a suite (bookworm, trixie): built, then registered once
@@ -249,12 +122,17 @@ fn golden_image(d: &Path, ssm: &SsmEndpoint, suite: &str) -> (PathBuf, String, s
     (golden, golden_id, report)
 }
 
+/// A Pi 4's serial, as its firmware writes it into the device tree: 16 hex digits.
+fn pi_serial(board: u32) -> String {
+    format!("10000000e2e0{board:04x}")
+}
+
 /// The SSM endpoint and a broker in front of it, reachable from the guests;
 /// the broker's enrollment token.
-fn endpoint_and_broker(d: &Path) -> (SsmEndpoint, BrokerProcess, String) {
+fn endpoint_and_broker(d: &Path, token_args: &[&str]) -> (SsmEndpoint, BrokerProcess, String) {
     let ssm = SsmEndpoint::start_for(d, 0, 3600);
     let mut broker = BrokerProcess::init_named(d, &ssm, &[], &[GUEST_HOST]);
-    let token = broker.add_token("e2e", &[]);
+    let token = broker.add_token("e2e", token_args);
     broker.start();
     (ssm, broker, token)
 }
@@ -269,16 +147,23 @@ fn stamp(ssm: &SsmEndpoint, image: &Path, recipe: &Path) {
     );
 }
 
-/// The broker recipe every e2e card is stamped with (`extra`: more top-level keys).
-fn broker_recipe(d: &Path, broker: &BrokerProcess, token: &str, extra: &str) -> PathBuf {
+/// The broker recipe every e2e card is stamped with (`extra`: more top-level
+/// keys; `activation`: more keys of its [activation] table).
+fn broker_recipe(
+    d: &Path,
+    broker: &BrokerProcess,
+    token: &str,
+    extra: &str,
+    activation: &str,
+) -> PathBuf {
     std::fs::write(d.join("e2e.token"), format!("{token}\n")).unwrap();
     let recipe = d.join("e2e.toml");
     std::fs::write(
         &recipe,
         format!(
-            "name = \"e2e\"\nregion = \"eu-west-1\"\nhostname = \"pi-{{mac}}\"\n{extra}[activation]\n\
+            "name = \"e2e\"\nregion = \"eu-west-1\"\nhostname = \"pi-{{serial}}\"\n{extra}[activation]\n\
              source = \"broker\"\nurl = \"https://{GUEST_HOST}:{}\"\nca_file = \"{}\"\n\
-             token_file = \"e2e.token\"\nkeep_token = true\n",
+             token_file = \"e2e.token\"\nkeep_token = true\n{activation}",
             broker.port(),
             broker.ca.display()
         ),
@@ -325,12 +210,14 @@ fn assert_not_on_fat(card: &Path, secret: &str) {
 fn cloned_cards_boot_with_distinct_identities() {
     let dir = work_dir();
     let d = dir.path();
-    let (ssm, broker, token) = endpoint_and_broker(d);
+    // Every Pi here signs with its OTP device key; the broker trusts each
+    // serial's first key (tofu).
+    let (ssm, broker, token) = endpoint_and_broker(d, &["--device-policy", "tofu"]);
 
     let (golden, golden_id, golden_report) = golden_image(d, &ssm, "bookworm");
 
     // Stamp the golden, flash it to three cards.
-    let recipe = broker_recipe(d, &broker, &token, "");
+    let recipe = broker_recipe(d, &broker, &token, "", "device_key = true\n");
     stamp(&ssm, &golden, &recipe);
     let cards: Vec<PathBuf> = (1..=4).map(|i| d.join(format!("card{i}.img"))).collect();
     succeed(
@@ -341,36 +228,50 @@ fn cloned_cards_boot_with_distinct_identities() {
             .args(["--yes", "--quiet"]),
     );
 
-    let qemu = Qemu::choose(&golden, d);
-    let macs = [
-        "52:54:00:00:00:01",
-        "52:54:00:00:00:02",
-        "52:54:00:00:00:03",
-        "52:54:00:00:00:04",
-    ];
+    let qemu = Qemu::new(d);
+    let boards: Vec<Board> = (1..=4)
+        .map(|i| qemu.board(d, &pi_serial(i), &format!("52:54:00:00:00:0{i}"), true))
+        .collect();
     let mut times = Vec::new();
     for i in 0..3 {
-        times.push(qemu.boot(&cards[i], macs[i], d, &format!("card{}", i + 1)));
+        times.push(qemu.boot(&cards[i], &boards[i], d, &format!("card{}", i + 1)));
     }
-    // Card 1, copied byte for byte, in another machine.
+    // Card 1, copied byte for byte, in another Pi: a field clone.
     std::fs::copy(&cards[0], &cards[3]).unwrap();
-    times.push(qemu.boot(&cards[3], macs[3], d, "card4"));
-    let card1_before = inspect_json(&cards[0]);
-    let registrations_before = ssm.requests_for("RegisterManagedInstance").len();
-    let again = qemu.boot(&cards[0], macs[0], d, "card1-again");
+    times.push(qemu.boot(&cards[3], &boards[3], d, "card4"));
     for (i, t) in times.iter().enumerate() {
         eprintln!(
-            "e2e ({}): card {} registered after {:.0} s",
+            "e2e (arm64, {}): card {} in the Pi with serial {} ({}) registered after {:.0} s",
             qemu.accel,
             i + 1,
+            boards[i].serial,
+            boards[i].mac,
             t.as_secs_f64()
         );
     }
-    eprintln!(
-        "e2e ({}): card 1 booted again in {:.0} s",
-        qemu.accel,
-        again.as_secs_f64()
-    );
+    // Card 1 again in its own Pi, then in its own Pi with another network card:
+    // the serial, not the MAC, is the identity, so neither boot changes anything.
+    let card1_before = inspect_json(&cards[0]);
+    let registrations_before = ssm.requests_for("RegisterManagedInstance").len();
+    let new_nic = qemu.with_mac(&boards[0], "52:54:00:00:00:15");
+    for (board, name) in [(&boards[0], "card1-again"), (&new_nic, "card1-new-nic")] {
+        let t = qemu.boot(&cards[0], board, d, name);
+        eprintln!(
+            "e2e (arm64, {}): card 1 booted again in the Pi with serial {} ({}) in {:.0} s",
+            qemu.accel,
+            board.serial,
+            board.mac,
+            t.as_secs_f64()
+        );
+        let after = inspect_json(&cards[0]);
+        for path in ["registration", "identity"] {
+            assert_eq!(after[path], card1_before[path], "{name}: {path}");
+        }
+        assert_eq!(
+            after["device_status"]["instance_id"], card1_before["device_status"]["instance_id"],
+            "{name}"
+        );
+    }
 
     let reports: Vec<serde_json::Value> = cards.iter().map(|c| inspect_json(c)).collect();
     let field =
@@ -432,37 +333,53 @@ fn cloned_cards_boot_with_distinct_identities() {
     assert_eq!(keys.len(), 4);
     assert!(!keys.contains(&golden_report["identity"]["ssh_host_key_fingerprints"].to_string()));
 
-    // Card 1's second boot changed nothing that identifies it, and registered nothing.
-    for path in [
-        &["registration", "instance_id"][..],
-        &["identity"],
-        &["device_status", "instance_id"],
-    ] {
-        assert_eq!(
-            field(&reports[0], path),
-            field(&card1_before, path),
-            "{path:?}"
-        );
-    }
+    // Neither later boot of card 1 registered anything.
     assert_eq!(
         ssm.requests_for("RegisterManagedInstance").len(),
         registrations_before
     );
 
-    // The endpoint's records: the golden's node and the four cards', each card's
-    // node tagged with its own hardware identity.
+    // The endpoint's records: each card's node tagged with the serial of the Pi
+    // it registered in, as the guard read it from the device tree.
     let nodes = ssm.nodes();
-    for id in &ids {
+    for (r, board) in reports.iter().zip(&boards) {
+        let id = r["registration"]["instance_id"].as_str().unwrap();
         let (_, tags) = nodes
             .iter()
             .find(|(n, _)| n == id)
             .expect("the node exists");
-        assert!(
-            tags["piprov:serial"]
-                .as_str()
-                .is_some_and(|s| s.starts_with("525400")),
-            "{tags}"
+        assert_eq!(tags["piprov:serial"], board.serial.as_str(), "{id}: {tags}");
+        let status = &r["device_status"];
+        assert_eq!(
+            status["identity"],
+            format!("serial:{}", board.serial),
+            "{status}"
         );
+        assert_eq!(
+            status["hostname"],
+            format!("pi-{}", board.serial),
+            "{status}"
+        );
+    }
+    // Each Pi signed its enrollment with its own OTP key: the broker recorded
+    // four serials, each with the key of the board it was first seen in.
+    let listed = broker
+        .piprov()
+        .args(["broker", "device", "list", "--json", "--config"])
+        .arg(&broker.config)
+        .output()
+        .unwrap();
+    let devices: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();
+    assert_eq!(devices.as_array().unwrap().len(), 4, "{devices}");
+    for board in &boards {
+        let device = devices
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|d| d["serial"] == board.serial.as_str())
+            .unwrap_or_else(|| panic!("{} is recorded: {devices}", board.serial));
+        assert_eq!(device["public_key"], board.device_key.as_deref().unwrap());
+        assert_eq!(device["source"], "first-use");
     }
     // Whenever an agent started, it spoke as its own card, never as the golden;
     // the enrollment token the cards used is gone from their FAT partitions.
@@ -483,9 +400,9 @@ fn cloned_cards_boot_with_distinct_identities() {
 fn trixie_cards_first_boot_through_cloud_init_and_fail_closed() {
     let dir = work_dir();
     let d = dir.path();
-    let (ssm, broker, token) = endpoint_and_broker(d);
+    let (ssm, broker, token) = endpoint_and_broker(d, &[]);
     let (golden, golden_id, _) = golden_image(d, &ssm, "trixie");
-    let recipe = broker_recipe(d, &broker, &token, "hook = \"cloud-init\"\n");
+    let recipe = broker_recipe(d, &broker, &token, "hook = \"cloud-init\"\n", "");
     stamp(&ssm, &golden, &recipe);
     let user_data = String::from_utf8(boot_file(&golden, "user-data")).unwrap();
     assert!(user_data.contains("#cloud-boothook"), "{user_data}");
@@ -516,16 +433,31 @@ fn trixie_cards_first_boot_through_cloud_init_and_fail_closed() {
         .unwrap();
     assert!(copied.success());
 
-    let qemu = Qemu::choose(&golden, d);
-    let first = qemu.boot(&cards[0], "52:54:00:00:01:01", d, "trixie-a");
+    let qemu = Qemu::new(d);
+    let boards: Vec<Board> = (1..=3)
+        .map(|i| {
+            qemu.board(
+                d,
+                &pi_serial(0x100 + i),
+                &format!("52:54:00:00:01:0{i}"),
+                false,
+            )
+        })
+        .collect();
+    let first = qemu.boot(&cards[0], &boards[0], d, "trixie-a");
     std::fs::copy(&cards[0], &cards[1]).unwrap();
-    let copy = qemu.boot(&cards[1], "52:54:00:00:01:02", d, "trixie-copy");
-    let crash = qemu.boot(&cards[2], "52:54:00:00:01:03", d, "trixie-crash");
+    let copy = qemu.boot(&cards[1], &boards[1], d, "trixie-copy");
+    let crash = qemu.boot(&cards[2], &boards[2], d, "trixie-crash");
     eprintln!(
-        "e2e ({}): trixie card registered after {:.0} s, its copy after {:.0} s, the crashed guard's card settled after {:.0} s",
+        "e2e (arm64, {}): trixie card registered in the Pi with serial {} after {:.0} s, \
+         its copy in the Pi with serial {} after {:.0} s, the crashed guard's card \
+         settled in the Pi with serial {} after {:.0} s",
         qemu.accel,
+        boards[0].serial,
         first.as_secs_f64(),
+        boards[1].serial,
         copy.as_secs_f64(),
+        boards[2].serial,
         crash.as_secs_f64()
     );
 

@@ -1,7 +1,7 @@
 #!/bin/sh
-# A disk image laid out like Raspberry Pi OS (MBR; FAT32 "bootfs" mounted at
-# /boot/firmware holding the kernel, initrd and cmdline.txt; ext4 "rootfs") from
-# the debootstrap root filesystem, with a `pi` user and 010_pi-nopasswd, the
+# An arm64 disk image laid out like Raspberry Pi OS (MBR; FAT32 "bootfs" mounted
+# at /boot/firmware holding kernel8.img, initramfs8, config.txt and cmdline.txt;
+# ext4 "rootfs") from the debootstrap root filesystem, with a `pi` user and 010_pi-nopasswd, the
 # amazon-ssm-agent stand-in and its unit, registered once through the local SSM
 # endpoint, as a golden image taken from a working Pi would be. A root with
 # cloud-init (trixie) gets a NoCloud seed on bootfs, as Pi OS Trixie has it.
@@ -34,11 +34,12 @@ PARTUUID=$disk_id-02  /               ext4  defaults,noatime  0  1
 FSTAB
 mkdir -p "$root/boot/firmware"
 echo "Raspberry Pi reference 2024-11-19" >"$root/etc/rpi-issue"
-chroot "$root" useradd -m -s /bin/bash -G sudo pi
+# Host tools working on the root (no arm64 program runs here).
+useradd --root "$root" -m -s /bin/bash -G sudo pi
 echo 'pi ALL=(ALL) NOPASSWD: ALL' >"$root/etc/sudoers.d/010_pi-nopasswd"
 chmod 0440 "$root/etc/sudoers.d/010_pi-nopasswd"
 # The golden Pi was used with Session Manager: the agent made ssm-user and its rule.
-chroot "$root" useradd -m -s /bin/sh -G sudo ssm-user
+useradd --root "$root" -m -s /bin/sh -G sudo ssm-user
 printf '# User rules for ssm-user\nssm-user ALL=(ALL) NOPASSWD:ALL\n' >"$root/etc/sudoers.d/ssm-agent-users"
 chmod 0440 "$root/etc/sudoers.d/ssm-agent-users"
 # A machine-id of its own, as a Pi that has booted has.
@@ -52,11 +53,12 @@ Name=en* eth*
 [Network]
 DHCP=ipv4
 NET
-chroot "$root" systemctl enable systemd-networkd.service systemd-networkd-wait-online.service >/dev/null 2>&1
-chroot "$root" systemctl enable ssh.service >/dev/null 2>&1 || true
+systemctl --root="$root" enable systemd-networkd.service systemd-networkd-wait-online.service ssh.service >/dev/null 2>&1
 
 # ---- amazon-ssm-agent: the stand-in, its unit, its endpoint ---------------
 install -m 0755 "$standins/amazon-ssm-agent" "$root/usr/bin/amazon-ssm-agent"
+# rpi-fw-crypto as on a Pi 4/5; each simulated board's key is in its device tree.
+install -m 0755 "$standins/rpi-fw-crypto" "$root/usr/bin/rpi-fw-crypto"
 # The service speaks to SSM as the real daemon does whenever it starts: under
 # the instance id in its key (the files a clone carries decide who it is).
 cat >"$root/usr/local/bin/ssm-agent-service" <<'PING'
@@ -90,7 +92,7 @@ RestartSec=90
 [Install]
 WantedBy=multi-user.target
 UNIT
-chroot "$root" systemctl enable amazon-ssm-agent.service >/dev/null 2>&1
+systemctl --root="$root" enable amazon-ssm-agent.service >/dev/null 2>&1
 mkdir -p "$root/etc/amazon/ssm" "$root/var/lib/amazon/ssm"
 printf '{"Ssm":{"Endpoint":"%s"}}\n' "$host_endpoint" >"$root/etc/amazon/ssm/amazon-ssm-agent.json"
 amazon_out=$(PIPROV_ROOT=$root sh "$standins/amazon-ssm-agent" -register -y \
@@ -125,18 +127,19 @@ ExecStart=/usr/local/bin/e2e-settle
 [Install]
 WantedBy=multi-user.target
 UNIT
-chroot "$root" systemctl enable e2e-settle.service >/dev/null 2>&1
+systemctl --root="$root" enable e2e-settle.service >/dev/null 2>&1
 # A test can make a card's guard fail: PIPROV_FAILPOINT=STEP in e2e-failpoint
 # on its boot partition kills the guard after that step, as a crash would.
 mkdir -p "$root/etc/systemd/system/piprov-guard.service.d"
 printf '[Service]\nEnvironmentFile=-/boot/firmware/e2e-failpoint\n' \
     >"$root/etc/systemd/system/piprov-guard.service.d/e2e-failpoint.conf"
 
-# ---- boot partition: the "firmware" reads cmdline.txt, kernel and initrd ---
-cp "$root"/boot/vmlinuz-* "$boot/vmlinuz"
-cp "$root"/boot/initrd.img-* "$boot/initrd.img"
-printf 'console=ttyS0,115200 root=PARTUUID=%s-02 rootfstype=ext4 fsck.repair=yes rootwait\n' "$disk_id" >"$boot/cmdline.txt"
-printf '# Raspberry Pi config.txt\narm_64bit=1\nkernel=vmlinuz\ninitramfs initrd.img followkernel\n' >"$boot/config.txt"
+# ---- boot partition: the "firmware" reads config.txt, cmdline.txt, kernel and initramfs
+cp "$root"/boot/vmlinuz-*-arm64 "$boot/kernel8.img"
+cp "$root"/boot/initrd.img-*-arm64 "$boot/initramfs8"
+# ttyAMA0: the PL011 UART, on a Pi as on QEMU's virt machine.
+printf 'console=ttyAMA0,115200 root=PARTUUID=%s-02 rootfstype=ext4 fsck.repair=yes rootwait\n' "$disk_id" >"$boot/cmdline.txt"
+printf '# Raspberry Pi config.txt\narm_64bit=1\nkernel=kernel8.img\ninitramfs initramfs8 followkernel\n' >"$boot/config.txt"
 head -c 16384 /dev/urandom >"$boot/start4.elf"
 head -c 8192 /dev/urandom >"$boot/bcm2711-rpi-4-b.dtb"
 echo "Raspberry Pi reference 2024-11-19" >"$boot/issue.txt"
