@@ -24,6 +24,7 @@ AGENT_RUNTIME_CONFIG=/var/lib/amazon/ssm/runtimeconfig
 AGENT_IDENTITY_CONFIG=/var/lib/amazon/ssm/runtimeconfig/identity_config.json
 AGENT_SHARED_CREDENTIALS=/root/.aws/credentials
 AGENT_SUDOERS=/etc/sudoers.d/ssm-agent-users
+AGENT_CONFIG=/etc/amazon/ssm/amazon-ssm-agent.json
 
 # Files on the FAT boot partition.
 BOOT_CONF=piprov.conf

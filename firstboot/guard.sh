@@ -200,6 +200,38 @@ remove_from_admin_groups() {
     done
 }
 
+# Profile.KeyAutoRotateDays in the agent's config, every other setting kept: the
+# agent then replaces its private key every N days (a clone that still shared a
+# key with its original would break it at the next rotation). JSON edited as
+# text, so only the shapes the agent's own config takes: the key present (its
+# template has it), a Profile object without it, or no Profile at all.
+set_key_rotation() {
+    days=${PIPROV_KEY_AUTO_ROTATE_DAYS:-}
+    [ -n "$days" ] || return 0
+    case $days in *[!0-9]*) log "KEY_AUTO_ROTATE_DAYS=$days is not a number: left alone"; return 0 ;; esac
+    config=$ROOT$AGENT_CONFIG
+    mkdir -p "$(dirname "$config")"
+    text=$(tr '\n' ' ' <"$config" 2>/dev/null || true)
+    case $text in
+        *[![:space:]]*) ;;
+        *) text='{}' ;;
+    esac
+    if printf '%s' "$text" | grep -q '"KeyAutoRotateDays"[[:space:]]*:'; then
+        text=$(printf '%s' "$text" | sed "s/\"KeyAutoRotateDays\"[[:space:]]*:[[:space:]]*[0-9]*/\"KeyAutoRotateDays\": $days/")
+    elif printf '%s' "$text" | grep -q '"Profile"[[:space:]]*:[[:space:]]*{[[:space:]]*}'; then
+        text=$(printf '%s' "$text" | sed "s/\"Profile\"[[:space:]]*:[[:space:]]*{[[:space:]]*}/\"Profile\": {\"KeyAutoRotateDays\": $days}/")
+    elif printf '%s' "$text" | grep -q '"Profile"[[:space:]]*:[[:space:]]*{'; then
+        text=$(printf '%s' "$text" | sed "s/\"Profile\"[[:space:]]*:[[:space:]]*{/\"Profile\": {\"KeyAutoRotateDays\": $days, /")
+    elif printf '%s' "$text" | grep -q '^[[:space:]]*{[[:space:]]*}[[:space:]]*$'; then
+        text="{\"Profile\": {\"KeyAutoRotateDays\": $days}}"
+    else
+        text=$(printf '%s' "$text" | sed "s/^[[:space:]]*{/{\"Profile\": {\"KeyAutoRotateDays\": $days}, /")
+    fi
+    printf '%s\n' "$text" | replace_file "$config"
+    chmod 644 "$config"
+    log "the agent rotates its private key every $days days"
+}
+
 mark_needs_registration() {
     mkdir -p "$STATE_DIR"
     : >"$NEEDS_REGISTRATION"
@@ -279,6 +311,7 @@ main() {
     run_step forget_clone_state forget_clone_state
     run_step set_hostname set_hostname
     run_step harden_sudo harden_sudo
+    run_step agent_settings set_key_rotation
     run_step mark_registration mark_needs_registration
 }
 

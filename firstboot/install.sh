@@ -34,6 +34,11 @@ install_payload() {
         # Files on a FAT mount read as executable; systemd warns about such units.
         chmod 644 "$ROOT/etc/systemd/system/$agent_unit.d/piprov.conf"
     done
+    if [ -f "$PIPROV_BOOT/piprov-card.7" ]; then
+        mkdir -p "$ROOT/usr/local/share/man/man7"
+        cp "$PIPROV_BOOT/piprov-card.7" "$ROOT/usr/local/share/man/man7/piprov-card.7"
+        chmod 644 "$ROOT/usr/local/share/man/man7/piprov-card.7"
+    fi
     cp "$PIPROV_BOOT/$BOOT_CONF" "$CONF"
     chmod 644 "$CONF"
     if [ -f "$PIPROV_BOOT/$BOOT_CA" ]; then

@@ -60,7 +60,8 @@ read_conf() {
         case $key in
             SOURCE|REGION|HOSTNAME_PATTERN|STRIP_SSM_USER|STRIP_NOPASSWD|NOPASSWD_FILE|\
             SSM_USER|SUDO_RULE|BROKER_URL|IMAGE_SHA256|ACTIVATION_ID|ACTIVATION_CODE|\
-            ACTIVATION_REGION|BROKER_TOKEN|KEEP_TOKEN|DEVICE_KEY|DEVICE_KEY_GENERATE|FORMAT)
+            ACTIVATION_REGION|BROKER_TOKEN|KEEP_TOKEN|DEVICE_KEY|DEVICE_KEY_GENERATE|\
+            KEY_AUTO_ROTATE_DAYS|FORMAT)
                 export "PIPROV_$key=$value" ;;
             ''|'#'*) ;;
             *) log "ignoring unknown setting $key in $1" ;;

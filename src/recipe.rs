@@ -35,6 +35,18 @@ pub struct Recipe {
     pub activation: Activation,
     #[serde(default)]
     pub sudo: SudoPolicy,
+    #[serde(default)]
+    pub agent: AgentSettings,
+}
+
+/// amazon-ssm-agent settings the card writes into its config on first boot.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentSettings {
+    /// `Profile.KeyAutoRotateDays` (1 to 365): the agent replaces its private
+    /// key this often. Absent: the agent's default, never.
+    #[serde(default)]
+    pub key_auto_rotate_days: Option<u32>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
@@ -190,6 +202,11 @@ fn apply_override(table: &mut toml::Table, item: &str) -> Result<()> {
 }
 
 fn validate(recipe: &Recipe) -> Result<()> {
+    if let Some(days) = recipe.agent.key_auto_rotate_days {
+        if !(1..=365).contains(&days) {
+            bail!("agent.key_auto_rotate_days = {days}: the agent takes 1 to 365 days");
+        }
+    }
     if !is_region_name(&recipe.region) {
         bail!(
             "region {:?} is not an AWS region name (like eu-west-1)",

@@ -7,7 +7,7 @@ mod common;
 use std::path::Path;
 use std::process::Command;
 
-use common::card::{Card, SHARED_CODE, Ssm, shared_recipe, stamp};
+use common::card::{Card, SHARED_CODE, Ssm, shared_recipe, stamp, stamp_cmd};
 use common::stub::{Stub, logged_requests};
 use common::*;
 use tempfile::TempDir;
@@ -311,6 +311,7 @@ fn a_power_cut_after_any_step_resumes() {
         "forget_clone_state",
         "set_hostname",
         "harden_sudo",
+        "agent_settings",
         "mark_registration",
     ];
     let register_points = ["registered", "bound"];
@@ -1055,7 +1056,10 @@ fn units_pass_systemd_analyze_verify() {
         .status()
         .unwrap();
     assert!(status.success());
+    // The units' Documentation= is the man page the stamp put on the card.
+    assert!(card.exists("/usr/local/share/man/man7/piprov-card.7"));
     let out = Command::new("systemd-analyze")
+        .env("MANPATH", card.path("/usr/local/share/man"))
         .arg("verify")
         .arg(format!("--root={}", card.root.display()))
         .args([
@@ -1087,4 +1091,71 @@ fn units_pass_systemd_analyze_verify() {
         drop_in.contains("ExecCondition=/usr/local/lib/piprov/guard.sh --gate"),
         "{drop_in}"
     );
+}
+
+#[test]
+fn the_agent_rotates_its_key_when_the_recipe_says_so() {
+    let dir = TempDir::new().unwrap();
+    let image = fixture("registered", &dir);
+    let recipe = shared_recipe(dir.path(), "[agent]\nkey_auto_rotate_days = 30\n");
+    stamp(&image, &recipe, &[]);
+    // The shapes the agent's config takes: its own template (the key present),
+    // a Profile without it, an empty Profile, no Profile, no file at all.
+    let template = r#"{
+    "Agent": {"Region": "", "OrchestrationRootDir": ""},
+    "Profile": {
+        "ShareCreds": true,
+        "ShareProfile": "",
+        "ForceUpdateCreds": false,
+        "KeyAutoRotateDays": 0
+    },
+    "Ssm": {"Endpoint": "http://127.0.0.1:9"}
+}"#;
+    let shapes = [
+        ("template", Some(template)),
+        (
+            "profile",
+            Some(r#"{"Profile": {"ShareCreds": false}, "Ssm": {"Endpoint": "x"}}"#),
+        ),
+        ("empty-profile", Some(r#"{"Profile": {}}"#)),
+        ("no-profile", Some(r#"{"Ssm": {"Endpoint": "x"}}"#)),
+        ("empty", Some("{}")),
+        ("absent", None),
+    ];
+    for (i, (name, config)) in shapes.iter().enumerate() {
+        let ssm = Ssm::new(&dir.path().join(format!("ssm-{i}")));
+        let card = Card::from_image(&image, dir.path(), name, &ssm);
+        card.plug_into(PI_A.0, PI_A.1);
+        let path = card.path("/etc/amazon/ssm/amazon-ssm-agent.json");
+        let before: Option<serde_json::Value> = config.map(|c| serde_json::from_str(c).unwrap());
+        match config {
+            Some(text) => std::fs::write(&path, text).unwrap(),
+            None => {
+                let _ = std::fs::remove_file(&path);
+            }
+        }
+        assert!(card.install().status.success());
+        let out = card.guard(&[]);
+        assert!(out.status.success(), "{name}: {}", stderr(&out));
+        let after: serde_json::Value =
+            serde_json::from_str(&card.read("/etc/amazon/ssm/amazon-ssm-agent.json"))
+                .unwrap_or_else(|e| panic!("{name}: not JSON any more: {e}"));
+        assert_eq!(after["Profile"]["KeyAutoRotateDays"], 30, "{name}: {after}");
+        // Everything else is as it was.
+        if let Some(mut before) = before {
+            before["Profile"]["KeyAutoRotateDays"] = 30.into();
+            assert_eq!(after, before, "{name}");
+        }
+    }
+    // Outside what the agent takes: refused when stamping, naming the key.
+    for days in ["0", "366"] {
+        let bad = shared_recipe(
+            dir.path(),
+            &format!("[agent]\nkey_auto_rotate_days = {days}\n"),
+        );
+        stamp_cmd(&image, &bad)
+            .assert()
+            .code(2)
+            .stderr(predicates::str::contains("agent.key_auto_rotate_days"));
+    }
 }

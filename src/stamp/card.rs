@@ -39,6 +39,7 @@ pub struct CardSettings {
     pub keep_token: bool,
     pub device_key: bool,
     pub device_key_generate: bool,
+    pub key_auto_rotate_days: Option<u32>,
 }
 
 /// A secret read from a file: one line, no spaces, never empty.
@@ -112,6 +113,7 @@ impl CardSettings {
             keep_token: a.keep_token,
             device_key: a.device_key,
             device_key_generate: a.device_key_generate,
+            key_auto_rotate_days: r.agent.key_auto_rotate_days,
         })
     }
 
@@ -154,6 +156,9 @@ impl CardSettings {
         }
         if self.device_key_generate {
             lines.push("DEVICE_KEY_GENERATE=1".into());
+        }
+        if let Some(days) = self.key_auto_rotate_days {
+            lines.push(format!("KEY_AUTO_ROTATE_DAYS={days}"));
         }
         lines.join("\n") + "\n"
     }

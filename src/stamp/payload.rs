@@ -16,7 +16,7 @@ const LIB: &str = concat!(
     include_str!("../../firstboot/lib.sh")
 );
 
-pub const FILES: [PayloadFile; 7] = [
+pub const FILES: [PayloadFile; 8] = [
     PayloadFile {
         name: INSTALL_SCRIPT,
         content: include_str!("../../firstboot/install.sh"),
@@ -44,5 +44,10 @@ pub const FILES: [PayloadFile; 7] = [
     PayloadFile {
         name: "piprov-agent.conf",
         content: include_str!("../../firstboot/piprov-agent.conf"),
+    },
+    // The units' Documentation=: what piprov did to this card, on the card.
+    PayloadFile {
+        name: "piprov-card.7",
+        content: include_str!("../../firstboot/piprov-card.7"),
     },
 ];
