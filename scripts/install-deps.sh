@@ -10,7 +10,7 @@ curl:curl python3:python3
 shellcheck:shellcheck visudo:sudo systemd-analyze:systemd
 xz:xz-utils zstd:zstd bzip2:bzip2 zip:zip losetup:mount partx:util-linux bmaptool:bmap-tools
 mkswap:util-linux findmnt:util-linux lsblk:util-linux
-debootstrap:debootstrap qemu-system-aarch64:qemu-system-arm qemu-aarch64-static:qemu-user-static
+mmdebstrap:mmdebstrap qemu-system-aarch64:qemu-system-arm qemu-aarch64-static:qemu-user-static
 update-binfmts:binfmt-support dtc:device-tree-compiler man:man-db dpkg-shlibdeps:dpkg-dev"
 
 missing=

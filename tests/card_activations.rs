@@ -201,6 +201,6 @@ fn no_credentials_means_no_card_is_touched() {
         .arg(embedded_recipe(dir.path()))
         .assert()
         .code(2)
-        .stderr(contains("no AWS credentials found"));
+        .stderr(contains("no AWS credentials: tried the environment"));
     assert_eq!(sha256_of(&image), before);
 }
