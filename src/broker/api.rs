@@ -19,9 +19,10 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::config::Loaded;
-use super::device::{self, DeviceKey, DevicePolicy, ProofError};
+use super::device::DevicePolicy;
+use super::device_check::DeviceCheck;
 use super::serial_locks::SerialLocks;
-use super::store::{ChallengeOutcome, NewIssue, Store, Token, now};
+use super::store::{NewIssue, Store, Token, now};
 use crate::ssm::{self, TAG_BROKER, TAG_HOSTNAME, TAG_IMAGE, TAG_NAME, TAG_SERIAL, TAG_VERSION};
 
 /// The client's address, attached to each connection's requests.
@@ -52,21 +53,21 @@ impl IntoResponse for ApiError {
     }
 }
 
-fn err(status: StatusCode, message: impl Into<String>) -> ApiError {
+pub(super) fn err(status: StatusCode, message: impl Into<String>) -> ApiError {
     ApiError(status, message.into())
 }
 
-fn internal(e: anyhow::Error) -> ApiError {
+pub(super) fn internal(e: anyhow::Error) -> ApiError {
     eprintln!("piprov broker: {e:#}");
     err(StatusCode::INTERNAL_SERVER_ERROR, "internal error")
 }
 
 #[derive(Debug, Deserialize)]
-struct ActivationRequest {
+pub(super) struct ActivationRequest {
     /// Required when the request is signed with a device key: what binds the
     /// signature to this one request.
     #[serde(default)]
-    challenge: String,
+    pub(super) challenge: String,
     serial: String,
     #[serde(default)]
     hostname: String,
@@ -321,9 +322,9 @@ async fn challenges(
 }
 
 /// An activation request whose fields are checked, with its serial normalised.
-struct Checked {
-    request: ActivationRequest,
-    serial: String,
+pub(super) struct Checked {
+    pub(super) request: ActivationRequest,
+    pub(super) serial: String,
 }
 
 fn check_activation_request(body: &Bytes) -> Result<Checked, ApiError> {
@@ -357,198 +358,7 @@ fn check_activation_request(body: &Bytes) -> Result<Checked, ApiError> {
     Ok(Checked { request, serial })
 }
 
-/// What the device check found out about the Pi asking.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum DeviceCheck {
-    /// No proof asked for (policy off) and none given.
-    Unproved,
-    /// Signed with a key the broker had recorded for this serial before.
-    KnownKey,
-    /// Signed with a key seen for the first time (recorded now, or policy off).
-    NewKey,
-}
-
 impl Broker {
-    fn refuse_device(
-        &self,
-        token: &Token,
-        client: &str,
-        serial: &str,
-        status: StatusCode,
-        audit: &str,
-        message: String,
-    ) -> ApiError {
-        let _ = self
-            .db()
-            .audit(Some(token.id), client, "refused", Some(serial), audit);
-        err(status, message)
-    }
-
-    /// The device proof a token's policy asks for: signature, challenge, key.
-    fn check_device(
-        &self,
-        token: &Token,
-        client: &str,
-        checked: &Checked,
-        headers: &HeaderMap,
-        body: &Bytes,
-    ) -> Result<DeviceCheck, ApiError> {
-        let serial = checked.serial.as_str();
-        let policy = token.device_policy;
-        let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
-        let key = match device::proof(
-            header(device::KEY_HEADER),
-            header(device::SIGNATURE_HEADER),
-            body,
-        ) {
-            Ok(key) => key,
-            Err(ProofError::Malformed(message)) => {
-                return Err(self.refuse_device(
-                    token,
-                    client,
-                    serial,
-                    StatusCode::BAD_REQUEST,
-                    "malformed device proof",
-                    message,
-                ));
-            }
-            Err(ProofError::BadSignature) => {
-                return Err(self.refuse_device(
-                    token,
-                    client,
-                    serial,
-                    StatusCode::UNAUTHORIZED,
-                    "device signature does not verify",
-                    "the device signature does not verify over this request".into(),
-                ));
-            }
-        };
-        let Some(key) = key else {
-            if policy == DevicePolicy::Off {
-                return Ok(DeviceCheck::Unproved);
-            }
-            return Err(self.refuse_device(
-                token,
-                client,
-                serial,
-                StatusCode::UNAUTHORIZED,
-                "unsigned request",
-                format!(
-                    "token {} has device policy {policy}: the request must be signed with the \
-                     Pi's device key (recipe: activation.device_key = true)",
-                    token.name
-                ),
-            ));
-        };
-        self.take_challenge(token, client, serial, &checked.request.challenge)?;
-        let recorded = self.db().device(serial).map_err(internal)?;
-        let mismatch = |recorded: &DeviceKey| {
-            self.refuse_device(
-                token,
-                client,
-                serial,
-                StatusCode::FORBIDDEN,
-                &format!(
-                    "serial claimed by other hardware: key {} is not the recorded {}",
-                    key.fingerprint(),
-                    recorded.fingerprint()
-                ),
-                format!(
-                    "serial {serial} is claimed by other hardware: its device key is not the one recorded for it"
-                ),
-            )
-        };
-        match (policy, recorded) {
-            (_, Some(d)) if d.revoked_at.is_some() && policy != DevicePolicy::Off => Err(self
-                .refuse_device(
-                    token,
-                    client,
-                    serial,
-                    StatusCode::FORBIDDEN,
-                    "device revoked",
-                    format!("device {serial} is revoked"),
-                )),
-            (_, Some(d)) if d.key == key => {
-                self.db().device_seen(serial).map_err(internal)?;
-                Ok(DeviceCheck::KnownKey)
-            }
-            (DevicePolicy::Off, _) => Ok(DeviceCheck::NewKey),
-            (_, Some(d)) => Err(mismatch(&d.key)),
-            (DevicePolicy::Known, None) => Err(self.refuse_device(
-                token,
-                client,
-                serial,
-                StatusCode::FORBIDDEN,
-                "unknown device",
-                format!(
-                    "serial {serial} is not a known device: token {} admits only imported Pis \
-                     (piprov broker device import)",
-                    token.name
-                ),
-            )),
-            (DevicePolicy::Tofu, None) => {
-                let store = self.db();
-                if store.record_first_key(serial, &key).map_err(internal)? {
-                    let _ = store.audit(
-                        Some(token.id),
-                        client,
-                        "device-first-use",
-                        Some(serial),
-                        &key.fingerprint(),
-                    );
-                    return Ok(DeviceCheck::NewKey);
-                }
-                // Another request recorded a key for this serial just now.
-                let now_recorded = store.device(serial).map_err(internal)?;
-                drop(store);
-                match now_recorded {
-                    Some(d) if d.key == key => Ok(DeviceCheck::NewKey),
-                    Some(d) => Err(mismatch(&d.key)),
-                    None => Err(internal(anyhow::anyhow!("device {serial} vanished"))),
-                }
-            }
-        }
-    }
-
-    fn take_challenge(
-        &self,
-        token: &Token,
-        client: &str,
-        serial: &str,
-        challenge: &str,
-    ) -> Result<(), ApiError> {
-        if challenge.is_empty() {
-            return Err(self.refuse_device(
-                token,
-                client,
-                serial,
-                StatusCode::BAD_REQUEST,
-                "signed request without a challenge",
-                "a signed request names its challenge (POST /v1/challenges)".into(),
-            ));
-        }
-        let refusal = match self
-            .db()
-            .take_challenge(challenge, token.id)
-            .map_err(internal)?
-        {
-            ChallengeOutcome::Taken => return Ok(()),
-            ChallengeOutcome::Used => {
-                "the challenge was used already (a replay): fetch a fresh one"
-            }
-            ChallengeOutcome::Expired => "the challenge has expired: fetch a fresh one",
-            ChallengeOutcome::Unknown => "the challenge is not one this broker gave this token",
-        };
-        Err(self.refuse_device(
-            token,
-            client,
-            serial,
-            StatusCode::UNAUTHORIZED,
-            refusal,
-            refusal.into(),
-        ))
-    }
-
     /// An activation already handed to this serial and not yet used: a retry gets it again.
     fn still_vended(&self, serial: &str) -> Result<Option<Response>, ApiError> {
         let Some(issued) = self.db().issued(serial).map_err(internal)? else {

@@ -3,12 +3,14 @@
 //! secret that matters lives on a card.
 //!
 //! config (broker.toml) → init (CA, certificate, database) → store (SQLite) →
-//! api (the card-facing routes; device: hardware-bound proofs and policies) →
+//! api (the card-facing routes; device: hardware-bound proofs, device_check:
+//! what each policy asks of a request) →
 //! server (HTTPS, graceful shutdown) → tokens (made, shown once).
 
 pub mod api;
 pub mod config;
 pub mod device;
+mod device_check;
 pub mod init;
 mod serial_locks;
 pub mod server;
