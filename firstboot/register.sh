@@ -157,7 +157,8 @@ ask_broker() {
         broker_post /v1/activations "{$fields}"
         return
     fi
-    challenge=$(broker_post /v1/challenges '{}' | json_value challenge) || return 1
+    # A refused or failed request leaves the challenge empty (the refusal is logged).
+    challenge=$(broker_post /v1/challenges '{}' | json_value challenge)
     [ -n "$challenge" ] || { log "the broker gave no challenge"; return 1; }
     body="{\"challenge\":\"$challenge\",$fields}"
     sign_request "$body" || { log "rpi-fw-crypto could not sign the request"; return 1; }
