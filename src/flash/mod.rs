@@ -13,6 +13,7 @@ pub mod map;
 pub mod source;
 pub mod target;
 pub mod write;
+pub mod xz;
 
 use std::fs::File;
 use std::io::Write as _;

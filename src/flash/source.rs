@@ -144,20 +144,21 @@ fn decode_cached(
     }
     archive.seek(SeekFrom::Start(0))?;
     let bar = progress.bytes("decoding", archive_len);
-    let counted = Counted {
-        inner: BufReader::with_capacity(CHUNK, archive),
-        bar: bar.clone(),
-    };
+    let counted = BufReader::with_capacity(
+        CHUNK,
+        Counted {
+            inner: archive,
+            bar: bar.clone(),
+        },
+    );
     // Per process: two runs decoding the same archive must not share a file.
     let partial = dir.join(format!("{key}.img.partial.{}", std::process::id()));
     let mut out =
         File::create(&partial).with_context(|| format!("creating {}", partial.display()))?;
     let result = match format {
-        Format::Xz => copy_sparse(
-            &mut liblzma::read::XzDecoder::new_parallel(counted),
-            &mut out,
-            cancel,
-        ),
+        Format::Xz => super::xz::Decoder::new(counted, super::xz::threads())
+            .map_err(anyhow::Error::from)
+            .and_then(|mut decoder| copy_sparse(&mut decoder, &mut out, cancel)),
         Format::Gzip => copy_sparse(
             &mut flate2::read::MultiGzDecoder::new(counted),
             &mut out,
