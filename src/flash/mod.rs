@@ -10,7 +10,9 @@
 pub mod bmap;
 pub mod devices;
 pub mod map;
+pub mod prefill;
 pub mod source;
+pub mod stream;
 pub mod target;
 pub mod write;
 pub mod xz;
@@ -189,20 +191,57 @@ pub fn flash(config: &FlashConfig, progress: &Progress) -> Result<Summary> {
         Some(path) => Some(recipe::load(path, &config.overrides)?),
         None => None,
     };
-
-    let source =
-        source::open(&config.image, config.sha256.as_deref(), progress, &CANCEL).map_err(|e| {
-            match e.downcast_ref::<crate::digest::Cancelled>() {
-                Some(_) => anyhow::anyhow!(Interrupted("while the image was read".into())),
-                None => e,
-            }
+    let opened = source::open_for_flash(&config.image, config.sha256.as_deref(), progress, &CANCEL)
+        .map_err(|e| match e.downcast_ref::<crate::digest::Cancelled>() {
+            Some(_) => anyhow::anyhow!(Interrupted("while the image was read".into())),
+            None => e,
         })?;
+    match opened {
+        source::Opened::Ready(source) => {
+            let (base_map, tables) = map_image(config, &source, progress)?;
+            let infos = check_targets(config, &[&source.path], source.len)?;
+            confirm(&infos, config.yes)?;
+            cancelled("after the checks")?;
+            let targets = open_targets(&infos, source.len)?;
+            let cards = Cards {
+                infos,
+                targets,
+                prefilled: None,
+            };
+            finish(
+                config,
+                recipe.as_ref(),
+                cards,
+                &source,
+                &base_map,
+                &tables,
+                progress,
+            )
+        }
+        source::Opened::Streamable { entry, len } => {
+            flash_while_decoding(config, recipe.as_ref(), entry, len, progress)
+        }
+    }
+}
+
+/// The cards of a batch, checked and opened, and what a first pass left on them.
+struct Cards {
+    infos: Vec<TargetInfo>,
+    targets: Vec<Result<target::Target>>,
+    prefilled: Option<Extents>,
+}
+
+/// The image's map, and where its partition tables lie.
+fn map_image(
+    config: &FlashConfig,
+    source: &source::Source,
+    progress: &Progress,
+) -> Result<(Extents, Extents)> {
     let base =
         Image::open(&source.path).with_context(|| format!("reading {}", config.image.display()))?;
-    let base_map = choose_map(config, &source, &base, progress)?;
+    let base_map = choose_map(config, source, &base, progress)?;
     // Written last and erased again if the card fails: the partition tables.
     let tables = base.table().locations(source.len);
-    drop(base);
     progress.say(&format!(
         "{}: {} bytes ({}), {} to write{}",
         config.image.display(),
@@ -215,21 +254,119 @@ pub fn flash(config: &FlashConfig, progress: &Progress) -> Result<Summary> {
             " (allocated data only)"
         }
     ));
+    Ok((base_map, tables))
+}
 
-    let infos = check_targets(config, &source)?;
+/// An xz archive not yet in the cache: the cards are checked against the length
+/// its index gives, and written from the decoded stream as it arrives
+/// (`prefill`). Only when the whole archive has decoded, and its image has the
+/// expected SHA-256, are the filesystems read for the map, each card stamped,
+/// and the rest written, the partition tables last.
+fn flash_while_decoding(
+    config: &FlashConfig,
+    recipe: Option<&LoadedRecipe>,
+    entry: source::Entry,
+    len: u64,
+    progress: &Progress,
+) -> Result<Summary> {
+    let infos = check_targets(config, &[&entry.partial], len)?;
     confirm(&infos, config.yes)?;
     cancelled("after the checks")?;
+    let mut targets = open_targets(&infos, len)?;
+    let growing = stream::Growing::start(entry, source::Format::Xz, len, progress, &CANCEL)?;
+    let mut head = vec![0u8; 8192.min(len as usize)];
+    if let Err(e) = growing.read_exact_at(&mut head, 0) {
+        let decoded = growing.finish();
+        return Err(decoded.err().unwrap_or(e))
+            .with_context(|| format!("decoding {}", config.image.display()));
+    }
+    progress.say(&format!(
+        "{}: {len} bytes (xz), written while it is decoded",
+        config.image.display()
+    ));
+    let prefill = {
+        let open: Vec<&target::Target> = targets.iter().flatten().collect();
+        let bar = progress.bytes("decoded", len);
+        let done = prefill::prefill(&growing, &open, &maybe_tables(&head, len), &CANCEL, &|n| {
+            bar.inc(n)
+        });
+        bar.finish_and_clear();
+        done
+    };
+    let not_bootable = "the cards were written in part and hold no partition table: \
+                        they will not boot (flash them again)";
+    let source = growing
+        .finish()
+        .and_then(|source| source::check_expected(&config.image, source, config.sha256.as_deref()))
+        .map_err(|e| match e.downcast_ref::<crate::digest::Cancelled>() {
+            Some(_) => anyhow::anyhow!("interrupted while the archive was decoded"),
+            None => e,
+        })
+        .with_context(|| not_bootable.to_string())?;
+    let mut results = prefill.results.into_iter();
+    for target in targets.iter_mut().filter(|t| t.is_ok()) {
+        if let Some(Err(e)) = results.next() {
+            *target = Err(e);
+        }
+    }
+    let (base_map, tables) = map_image(config, &source, progress).context(not_bootable)?;
+    let cards = Cards {
+        infos,
+        targets,
+        prefilled: Some(prefill.written),
+    };
+    finish(config, recipe, cards, &source, &base_map, &tables, progress)
+}
 
-    // Each card opened (devices exclusively: a busy one is refused here) and
-    // stamped in memory before anything is written.
+/// Wherever the image's partition tables might lie, from its first 8 KiB and
+/// its length, before the table itself is parsed: kept off the cards until the
+/// end.
+fn maybe_tables(head: &[u8], len: u64) -> Extents {
+    const MIB: u64 = 1 << 20;
+    crate::image::tables_on_disk(head, len)
+        .union(&Extents::from_ranges(vec![
+            (0, MIB.min(len)),
+            (len.saturating_sub(MIB), len),
+        ]))
+        .aligned(len)
+}
+
+/// Every card opened (devices exclusively: a busy one is refused here) before
+/// anything is written; a file that cannot be created fails only its own card.
+fn open_targets(infos: &[TargetInfo], len: u64) -> Result<Vec<Result<target::Target>>> {
+    let mut targets = Vec::new();
+    for info in infos {
+        let target = target::Target::open(info, len);
+        if info.block_device {
+            targets.push(Ok(target?));
+        } else {
+            targets.push(target);
+        }
+    }
+    Ok(targets)
+}
+
+/// The cards stamped (activations created on the way), written and verified;
+/// one record per card.
+fn finish(
+    config: &FlashConfig,
+    recipe: Option<&LoadedRecipe>,
+    cards: Cards,
+    source: &source::Source,
+    base_map: &Extents,
+    tables: &Extents,
+    progress: &Progress,
+) -> Result<Summary> {
+    let prefilled = cards.prefilled.clone();
+    // Each card stamped in memory before anything more is written.
     let mut issuer = None;
     let mut issued = Vec::new();
     let prepared = prepare_cards(
         config,
-        recipe.as_ref(),
-        infos,
-        &source,
-        &base_map,
+        recipe,
+        cards,
+        source,
+        base_map,
         &mut issuer,
         &mut issued,
     )
@@ -241,16 +378,24 @@ pub fn flash(config: &FlashConfig, progress: &Progress) -> Result<Summary> {
         Ok(prepared) => prepared,
         Err(e) => return Err(withdraw(e, issuer.as_ref(), &issued)),
     };
-    let records = write_cards(config, prepared, &source, &base_map, &tables, progress)
-        .into_iter()
-        .map(|mut record| {
-            if record.result != "ok" {
-                withdraw_for(&mut record, issuer.as_ref(), &issued);
-            }
-            progress.event(&serde_json::json!({"event": "card", "card": &record}));
-            record
-        })
-        .collect::<Vec<_>>();
+    let records = write_cards(
+        config,
+        prepared,
+        source,
+        base_map,
+        tables,
+        prefilled.as_ref(),
+        progress,
+    )
+    .into_iter()
+    .map(|mut record| {
+        if record.result != "ok" {
+            withdraw_for(&mut record, issuer.as_ref(), &issued);
+        }
+        progress.event(&serde_json::json!({"event": "card", "card": &record}));
+        record
+    })
+    .collect::<Vec<_>>();
 
     if let Some(path) = &config.manifest {
         let mut out = std::fs::OpenOptions::new()
@@ -263,7 +408,7 @@ pub fn flash(config: &FlashConfig, progress: &Progress) -> Result<Summary> {
         }
     }
     Ok(Summary {
-        image_sha256: source.sha256,
+        image_sha256: source.sha256.clone(),
         image_bytes: source.len,
         mapped_bytes: base_map.bytes(),
         cards: records,
@@ -327,13 +472,14 @@ fn choose_map(
     }
 }
 
-/// Probes and checks every target; refuses the image itself as a target.
-fn check_targets(config: &FlashConfig, source: &source::Source) -> Result<Vec<TargetInfo>> {
+/// Probes and checks every target (each must hold `len` bytes); refuses the
+/// image itself, or the file it is decoded into, as a target.
+fn check_targets(config: &FlashConfig, decoded: &[&Path], len: u64) -> Result<Vec<TargetInfo>> {
     // Writing over the image being read would destroy it.
-    let sources = [
-        std::fs::canonicalize(&config.image).ok(),
-        std::fs::canonicalize(&source.path).ok(),
-    ];
+    let sources: Vec<_> = std::iter::once(config.image.as_path())
+        .chain(decoded.iter().copied())
+        .map(|p| std::fs::canonicalize(p).ok())
+        .collect();
     for card in &config.cards {
         let target = std::fs::canonicalize(&card.device).ok();
         if target.is_some() && sources.contains(&target) {
@@ -344,7 +490,7 @@ fn check_targets(config: &FlashConfig, source: &source::Source) -> Result<Vec<Ta
         }
     }
     let policy = Policy {
-        required: source.len,
+        required: len,
         allow_non_removable: config.allow_non_removable,
         allow_large: config.allow_large,
     };
@@ -364,6 +510,7 @@ fn write_cards(
     source: &source::Source,
     base_map: &Extents,
     tables: &Extents,
+    prefilled: Option<&Extents>,
     progress: &Progress,
 ) -> Vec<CardRecord> {
     // One set of ranges for the batch: the image's, plus every card's stamp.
@@ -405,7 +552,7 @@ fn write_cards(
         sparse: !config.full,
     };
     let mut results: Vec<Option<Result<write::Outcome>>> = match File::open(&source.path) {
-        Ok(image) => write::write_batch(&image, jobs, &extents, tables, mode, &CANCEL)
+        Ok(image) => write::write_batch(&image, jobs, &extents, tables, prefilled, mode, &CANCEL)
             .into_iter()
             .map(Some)
             .collect(),
@@ -452,29 +599,25 @@ fn withdraw_for(record: &mut CardRecord, issuer: Option<&CardActivations>, issue
     }
 }
 
-/// Opens and stamps every card. Activations created on the way are pushed to
+/// Stamps every card still going. Activations created on the way are pushed to
 /// `issued` as soon as they exist, so the caller can withdraw them on an error.
 fn prepare_cards(
     config: &FlashConfig,
     recipe: Option<&LoadedRecipe>,
-    infos: Vec<TargetInfo>,
+    cards: Cards,
     source: &source::Source,
     base_map: &Extents,
     issuer: &mut Option<CardActivations>,
     issued: &mut Vec<String>,
 ) -> Result<Vec<PreparedCard>> {
     let mut prepared = Vec::new();
-    for (i, (spec, info)) in config.cards.iter().zip(infos).enumerate() {
+    let each = config.cards.iter().zip(cards.infos).zip(cards.targets);
+    for (i, ((spec, info), target)) in each.enumerate() {
         cancelled("while the cards were prepared")?;
-        let target = target::Target::open(&info, source.len);
-        if info.block_device {
-            if let Err(e) = target {
-                return Err(e);
-            }
-        }
         let mut overlay = Overlay::new(File::open(&source.path)?)?;
         let (mut extents, mut hostname, mut activation_id) = (base_map.clone(), None, None);
-        if let Some(recipe) = recipe {
+        // A card that failed already gets no stamp, and no activation.
+        if let (Some(recipe), true) = (recipe, target.is_ok()) {
             let mut settings = card_settings(recipe, config, spec, i as u32 + 1)?;
             let name = spec.device.display().to_string();
             if settings.needs_activation() {

@@ -81,11 +81,9 @@ pub fn open(
     progress: &Progress,
     cancel: &AtomicBool,
 ) -> Result<Source> {
-    let mut file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let mut head = [0u8; 8];
-    let n = read_up_to(&mut file, &mut head)?;
-    let format = Format::detect(&head[..n]);
+    let format = detect_file(path)?;
     let source = if format == Format::Raw {
+        let mut file = File::open(path)?;
         let len = file.seek(SeekFrom::End(0))?;
         file.seek(SeekFrom::Start(0))?;
         let sha256 = raw_hash_cached(path, &mut file, len, progress, cancel)?;
@@ -96,9 +94,47 @@ pub fn open(
             format,
         }
     } else {
-        decode_cached(path, format, progress, cancel)
-            .with_context(|| format!("decoding {} ({})", path.display(), format.name()))?
+        decode_cached(path, format, progress, cancel)?
     };
+    check_expected(path, source, expected)
+}
+
+/// An image for `flash`: ready to be written, or an archive to decode while
+/// the cards are written (xz not yet in the cache, whose index gives its
+/// decoded length).
+pub enum Opened {
+    Ready(Source),
+    Streamable { entry: Entry, len: u64 },
+}
+
+pub fn open_for_flash(
+    path: &Path,
+    expected: Option<&str>,
+    progress: &Progress,
+    cancel: &AtomicBool,
+) -> Result<Opened> {
+    let format = detect_file(path)?;
+    if format != Format::Xz {
+        return open(path, expected, progress, cancel).map(Opened::Ready);
+    }
+    let len = super::xz::decoded_len(&mut File::open(path)?)?;
+    let source = match (cache_entry(path, format, progress, cancel)?, len) {
+        (Cached::Ready(source), _) => source,
+        (Cached::Missing(entry), Some(len)) => return Ok(Opened::Streamable { entry, len }),
+        (Cached::Missing(entry), None) => entry.decode(progress, cancel, &|_| {})?,
+    };
+    check_expected(path, source, expected).map(Opened::Ready)
+}
+
+fn detect_file(path: &Path) -> Result<Format> {
+    let mut file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut head = [0u8; 8];
+    let n = read_up_to(&mut file, &mut head)?;
+    Ok(Format::detect(&head[..n]))
+}
+
+/// The source, if its SHA-256 is the `expected` one.
+pub fn check_expected(path: &Path, source: Source, expected: Option<&str>) -> Result<Source> {
     if let Some(expected) = expected {
         if !expected.eq_ignore_ascii_case(&source.sha256) {
             bail!(
@@ -117,6 +153,34 @@ fn decode_cached(
     progress: &Progress,
     cancel: &AtomicBool,
 ) -> Result<Source> {
+    match cache_entry(path, format, progress, cancel)? {
+        Cached::Ready(source) => Ok(source),
+        Cached::Missing(entry) => entry.decode(progress, cancel, &|_| {}),
+    }
+}
+
+/// An archive's place in the cache: decoded already, or to be decoded there.
+pub enum Cached {
+    Ready(Source),
+    Missing(Entry),
+}
+
+/// Where an archive's decoded image is kept, keyed by the archive's SHA-256.
+pub struct Entry {
+    archive: PathBuf,
+    format: Format,
+    image: PathBuf,
+    hash_file: PathBuf,
+    /// Per process: two runs decoding the same archive must not share a file.
+    pub partial: PathBuf,
+}
+
+pub fn cache_entry(
+    path: &Path,
+    format: Format,
+    progress: &Progress,
+    cancel: &AtomicBool,
+) -> Result<Cached> {
     let mut archive = File::open(path)?;
     let archive_len = archive.metadata()?.len();
     let key = hash_reader(
@@ -135,75 +199,147 @@ fn decode_cached(
         std::fs::metadata(&image),
         std::fs::read_to_string(&hash_file),
     ) {
-        return Ok(Source {
+        return Ok(Cached::Ready(Source {
             path: image,
             len: meta.len(),
             sha256: sha256.trim().into(),
             format,
-        });
+        }));
     }
-    archive.seek(SeekFrom::Start(0))?;
-    let bar = progress.bytes("decoding", archive_len);
-    let counted = BufReader::with_capacity(
-        CHUNK,
-        Counted {
-            inner: archive,
-            bar: bar.clone(),
-        },
-    );
-    // Per process: two runs decoding the same archive must not share a file.
-    let partial = dir.join(format!("{key}.img.partial.{}", std::process::id()));
-    let mut out =
-        File::create(&partial).with_context(|| format!("creating {}", partial.display()))?;
-    let result = match format {
-        Format::Xz => super::xz::Decoder::new(counted, super::xz::threads())
-            .map_err(anyhow::Error::from)
-            .and_then(|mut decoder| copy_sparse(&mut decoder, &mut out, cancel)),
-        Format::Gzip => copy_sparse(
-            &mut flate2::read::MultiGzDecoder::new(counted),
-            &mut out,
-            cancel,
-        ),
-        Format::Zstd => zstd::stream::read::Decoder::new(counted)
-            .map_err(anyhow::Error::from)
-            .and_then(|mut decoder| copy_sparse(&mut decoder, &mut out, cancel)),
-        Format::Bzip2 => copy_sparse(
-            &mut bzip2::read::MultiBzDecoder::new(counted),
-            &mut out,
-            cancel,
-        ),
-        Format::Zip => decode_zip(path, &mut out, cancel),
-        Format::Raw => unreachable!("raw images are not decoded"),
-    };
-    bar.finish_and_clear();
-    let (len, sha256) = match result {
-        Ok(done) => done,
-        Err(e) => {
-            let _ = std::fs::remove_file(&partial);
-            if e.downcast_ref::<Cancelled>().is_some() {
-                return Err(e);
-            }
-            return Err(e).context("the archive is truncated or corrupt");
-        }
-    };
-    let kept = out
-        .sync_all()
-        .and_then(|()| std::fs::write(&hash_file, format!("{sha256}\n")))
-        .and_then(|()| std::fs::rename(&partial, &image));
-    if let Err(e) = kept {
-        let _ = std::fs::remove_file(&partial);
-        return Err(e).with_context(|| format!("keeping the decoded image in {}", dir.display()));
-    }
-    Ok(Source {
-        path: image,
-        len,
-        sha256,
+    Ok(Cached::Missing(Entry {
+        archive: path.to_path_buf(),
         format,
-    })
+        partial: dir.join(format!("{key}.img.partial.{}", std::process::id())),
+        image,
+        hash_file,
+    }))
+}
+
+impl Entry {
+    /// Creates the partial file the image is decoded into.
+    pub fn create(&self) -> Result<File> {
+        File::create(&self.partial).with_context(|| format!("creating {}", self.partial.display()))
+    }
+
+    /// Decodes the archive into the cache; `decoded` is told how many bytes of
+    /// the partial file are final after each piece. The entry is kept only
+    /// whole: on any error no partial file is left.
+    pub fn decode(
+        self,
+        progress: &Progress,
+        cancel: &AtomicBool,
+        decoded: &dyn Fn(u64),
+    ) -> Result<Source> {
+        let out = self.create()?;
+        self.decode_into(out, &self.bar(progress)?, cancel, decoded, None)
+            .with_context(|| {
+                format!(
+                    "decoding {} ({})",
+                    self.archive.display(),
+                    self.format.name()
+                )
+            })
+    }
+
+    /// As `decode`, into `out` (the partial file); with `expected_len`, an
+    /// image of another length is an error.
+    pub fn decode_into(
+        &self,
+        mut out: File,
+        bar: &indicatif::ProgressBar,
+        cancel: &AtomicBool,
+        decoded: &dyn Fn(u64),
+        expected_len: Option<u64>,
+    ) -> Result<Source> {
+        let result = self.decode_to(&mut out, bar, cancel, decoded);
+        let result = result.and_then(|(len, sha256)| match expected_len {
+            Some(expected) if expected != len => {
+                bail!("it decodes to {len} bytes, but its index says {expected}")
+            }
+            _ => Ok((len, sha256)),
+        });
+        let (len, sha256) = match result {
+            Ok(done) => done,
+            Err(e) => {
+                let _ = std::fs::remove_file(&self.partial);
+                if e.downcast_ref::<Cancelled>().is_some() {
+                    return Err(e);
+                }
+                return Err(e).context("the archive is truncated or corrupt");
+            }
+        };
+        let dir = self.image.parent().unwrap_or(Path::new("."));
+        let kept = out
+            .sync_all()
+            .and_then(|()| std::fs::write(&self.hash_file, format!("{sha256}\n")))
+            .and_then(|()| std::fs::rename(&self.partial, &self.image));
+        if let Err(e) = kept {
+            let _ = std::fs::remove_file(&self.partial);
+            return Err(e)
+                .with_context(|| format!("keeping the decoded image in {}", dir.display()));
+        }
+        Ok(Source {
+            path: self.image.clone(),
+            len,
+            sha256,
+            format: self.format,
+        })
+    }
+
+    /// A bar for the decoding, counting the archive's bytes.
+    pub fn bar(&self, progress: &Progress) -> Result<indicatif::ProgressBar> {
+        Ok(progress.bytes("decoding", std::fs::metadata(&self.archive)?.len()))
+    }
+
+    fn decode_to(
+        &self,
+        out: &mut File,
+        bar: &indicatif::ProgressBar,
+        cancel: &AtomicBool,
+        decoded: &dyn Fn(u64),
+    ) -> Result<(u64, String)> {
+        let archive = File::open(&self.archive)?;
+        let counted = BufReader::with_capacity(
+            CHUNK,
+            Counted {
+                inner: archive,
+                bar: bar.clone(),
+            },
+        );
+        let result = match self.format {
+            Format::Xz => super::xz::Decoder::new(counted, super::xz::threads())
+                .map_err(anyhow::Error::from)
+                .and_then(|mut decoder| copy_sparse(&mut decoder, out, cancel, decoded)),
+            Format::Gzip => copy_sparse(
+                &mut flate2::read::MultiGzDecoder::new(counted),
+                out,
+                cancel,
+                decoded,
+            ),
+            Format::Zstd => zstd::stream::read::Decoder::new(counted)
+                .map_err(anyhow::Error::from)
+                .and_then(|mut decoder| copy_sparse(&mut decoder, out, cancel, decoded)),
+            Format::Bzip2 => copy_sparse(
+                &mut bzip2::read::MultiBzDecoder::new(counted),
+                out,
+                cancel,
+                decoded,
+            ),
+            Format::Zip => decode_zip(&self.archive, out, cancel, decoded),
+            Format::Raw => unreachable!("raw images are not decoded"),
+        };
+        bar.finish_and_clear();
+        result
+    }
 }
 
 /// The single disk image inside a zip (Raspberry Pi OS zips hold one `.img`).
-fn decode_zip(path: &Path, out: &mut File, cancel: &AtomicBool) -> Result<(u64, String)> {
+fn decode_zip(
+    path: &Path,
+    out: &mut File,
+    cancel: &AtomicBool,
+    decoded: &dyn Fn(u64),
+) -> Result<(u64, String)> {
     let mut zip = zip::ZipArchive::new(File::open(path)?).context("reading the zip directory")?;
     let names: Vec<String> = zip
         .file_names()
@@ -227,12 +363,18 @@ fn decode_zip(path: &Path, out: &mut File, cancel: &AtomicBool) -> Result<(u64, 
         },
     };
     let mut entry = zip.by_name(&name)?;
-    copy_sparse(&mut entry, out, cancel)
+    copy_sparse(&mut entry, out, cancel, decoded)
 }
 
 /// Copies a stream into a file, leaving holes for long runs of zeroes, and
-/// returns its length and SHA-256.
-fn copy_sparse(r: &mut impl Read, out: &mut File, cancel: &AtomicBool) -> Result<(u64, String)> {
+/// returns its length and SHA-256. `copied` hears the length so far after
+/// each piece: readers of the file may read that far.
+fn copy_sparse(
+    r: &mut impl Read,
+    out: &mut File,
+    cancel: &AtomicBool,
+    copied: &dyn Fn(u64),
+) -> Result<(u64, String)> {
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; CHUNK];
     let mut len = 0u64;
@@ -243,14 +385,21 @@ fn copy_sparse(r: &mut impl Read, out: &mut File, cancel: &AtomicBool) -> Result
             break;
         }
         hasher.update(&buf[..n]);
+        let mut ends_in_hole = false;
         for piece in buf[..n].chunks(HOLE) {
-            if piece.iter().all(|&b| b == 0) {
+            ends_in_hole = piece.iter().all(|&b| b == 0);
+            if ends_in_hole {
                 out.seek(SeekFrom::Current(piece.len() as i64))?;
             } else {
                 out.write_all(piece)?;
             }
         }
         len += n as u64;
+        if ends_in_hole {
+            // So that a reader finds the hole, not the end of the file.
+            out.set_len(len)?;
+        }
+        copied(len);
     }
     out.set_len(len)?;
     Ok((len, hex(&hasher.finalize())))
@@ -291,7 +440,8 @@ mod tests {
         let dir = tempfile::TempDir::new().unwrap();
         let path = dir.path().join("out");
         let mut out = File::create(&path).unwrap();
-        let (len, sha) = copy_sparse(&mut &data[..], &mut out, &AtomicBool::new(false)).unwrap();
+        let (len, sha) =
+            copy_sparse(&mut &data[..], &mut out, &AtomicBool::new(false), &|_| {}).unwrap();
         assert_eq!(len, 300_000);
         assert_eq!(std::fs::read(&path).unwrap(), data);
         assert_eq!(sha, hex(&Sha256::digest(&data)));

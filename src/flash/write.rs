@@ -30,7 +30,7 @@ const ERASE_PIECE: usize = 1 << 20;
 /// O_DIRECT wants buffers, offsets and lengths aligned to the logical sector.
 const DIRECT_ALIGN: usize = 4096;
 /// Chunks queued for each card: the reader runs this far ahead of the slowest.
-const IN_FLIGHT: usize = 2;
+pub(super) const IN_FLIGHT: usize = 2;
 /// Zeroes are looked for in blocks of this size (the ext4 block size of Pi OS
 /// images)...
 const ZERO_BLOCK: usize = 4096;
@@ -39,7 +39,7 @@ const ZERO_BLOCK: usize = 4096;
 const MIN_HOLE: usize = 256 << 10;
 
 #[derive(Default)]
-struct AlignedBuf {
+pub(super) struct AlignedBuf {
     raw: Vec<u8>,
     offset: usize,
     len: usize,
@@ -52,7 +52,7 @@ impl AlignedBuf {
         Self { raw, offset, len }
     }
 
-    fn data(&self) -> &[u8] {
+    pub(super) fn data(&self) -> &[u8] {
         &self.raw[self.offset..self.offset + self.len]
     }
 
@@ -65,7 +65,7 @@ impl AlignedBuf {
 /// 16 MiB buffer per chunk cost the kernel a page fault and a zeroed page for
 /// every 4 KiB of the image (a tenth of a 4-card batch's time on tmpfs).
 #[derive(Clone, Default)]
-struct BufPool(Arc<Mutex<Vec<AlignedBuf>>>);
+pub(super) struct BufPool(Arc<Mutex<Vec<AlignedBuf>>>);
 
 impl BufPool {
     /// A buffer of `len` bytes, at most `CHUNK`; its contents are left over.
@@ -93,28 +93,30 @@ type Pieces = Vec<(u64, u64)>;
 fn plan_chunks(extents: &Extents, tables: &Extents) -> (Pieces, Pieces) {
     let rest = extents.minus(tables);
     let last = extents.minus(&rest);
-    let chunks = |e: &Extents| {
-        let mut out = Vec::new();
-        for &(start, end) in e.ranges() {
-            let mut at = start;
-            while at < end {
-                let len = (end - at).min(CHUNK);
-                out.push((at, len));
-                at += len;
-            }
-        }
-        out
-    };
     (chunks(&last), chunks(&rest))
+}
+
+/// The extents cut into pieces of at most `CHUNK`.
+fn chunks(extents: &Extents) -> Pieces {
+    let mut out = Vec::new();
+    for &(start, end) in extents.ranges() {
+        let mut at = start;
+        while at < end {
+            let len = (end - at).min(CHUNK);
+            out.push((at, len));
+            at += len;
+        }
+    }
+    out
 }
 
 /// A chunk of the image, read once for all cards. Its data is padded with
 /// zeroes to whole sectors for O_DIRECT: a card is longer than the image, and a
 /// file target is cut back to the image's length afterwards.
-struct Piece {
-    start: u64,
-    len: u64,
-    buf: AlignedBuf,
+pub(super) struct Piece {
+    pub(super) start: u64,
+    pub(super) len: u64,
+    pub(super) buf: AlignedBuf,
     pool: BufPool,
     /// Where the data is not zeroes, found once for all cards that need it.
     data_runs: std::sync::OnceLock<Vec<(usize, usize)>>,
@@ -122,12 +124,24 @@ struct Piece {
 
 impl Piece {
     fn read(image: &File, start: u64, len: u64, pool: &BufPool) -> Result<Self> {
+        Self::read_with(start, len, pool, |data| {
+            image
+                .read_exact_at(data, start)
+                .with_context(|| format!("reading the image at byte {start}"))
+        })
+    }
+
+    /// A piece filled by `read`, which is given exactly `len` bytes to fill.
+    pub(super) fn read_with(
+        start: u64,
+        len: u64,
+        pool: &BufPool,
+        read: impl FnOnce(&mut [u8]) -> Result<()>,
+    ) -> Result<Self> {
         let mut buf = pool.take(len.next_multiple_of(512) as usize);
         let (data, padding) = buf.data_mut().split_at_mut(len as usize);
         padding.fill(0);
-        image
-            .read_exact_at(data, start)
-            .with_context(|| format!("reading the image at byte {start}"))?;
+        read(data)?;
         Ok(Self {
             start,
             len,
@@ -137,7 +151,7 @@ impl Piece {
         })
     }
 
-    fn data_runs(&self) -> &[(usize, usize)] {
+    pub(super) fn data_runs(&self) -> &[(usize, usize)] {
         self.data_runs.get_or_init(|| data_runs(self.buf.data()))
     }
 }
@@ -218,9 +232,9 @@ pub struct Outcome {
 #[derive(Debug)]
 pub struct InterruptedError {
     /// The whole image was on the card; the read-back was cut short.
-    written: bool,
+    pub(super) written: bool,
     /// Why the card's partition table could not be erased, if it could not.
-    not_erased: Option<String>,
+    pub(super) not_erased: Option<String>,
 }
 
 impl std::fmt::Display for InterruptedError {
@@ -239,10 +253,10 @@ impl std::fmt::Display for InterruptedError {
 
 /// A card that failed, and what it was left as.
 #[derive(Debug)]
-struct Failed {
-    cause: String,
+pub(super) struct Failed {
+    pub(super) cause: String,
     /// `ERASED`, or why it could not be.
-    left: String,
+    pub(super) left: String,
 }
 
 impl std::fmt::Display for Failed {
@@ -254,9 +268,9 @@ impl std::fmt::Display for Failed {
 impl std::error::Error for Failed {}
 
 /// What a failed card is left as.
-const ERASED: &str = "its partition table is erased: the card holds no partition table and \
+pub(super) const ERASED: &str = "its partition table is erased: the card holds no partition table and \
                       will not boot (flash it again)";
-const NOT_ERASED: &str = "and its partition table could not be erased";
+pub(super) const NOT_ERASED: &str = "and its partition table could not be erased";
 
 impl std::error::Error for InterruptedError {}
 
@@ -274,25 +288,48 @@ pub struct Mode {
 /// `tables` are where the image's partition tables lie: written after
 /// everything else is flushed, and erased (with every table the card held
 /// before) before the first write and again when a card fails.
+///
+/// With `prefilled`, the cards hold those ranges of the image already
+/// (`prefill::prefill`, old tables erased): only the rest of `extents` and each
+/// card's stamp are written, and all of `extents` is read back.
 pub fn write_batch(
     image: &File,
     jobs: Vec<Job<'_>>,
     extents: &Extents,
     tables: &Extents,
+    prefilled: Option<&Extents>,
     mode: Mode,
     cancel: &AtomicBool,
 ) -> Vec<Result<Outcome>> {
-    let (head, rest) = plan_chunks(extents, tables);
-    let bytes = extents.bytes();
+    let to_write = match prefilled {
+        Some(done) => jobs.iter().fold(extents.minus(done), |all, job| {
+            all.union(&Extents::from_ranges(job.overlay.changed()))
+        }),
+        None => extents.clone(),
+    };
+    let (head, rest) = plan_chunks(&to_write, tables);
+    let on_card_already = chunks(&extents.minus(&to_write));
+    let plan = Plan {
+        bytes: extents.bytes(),
+        already: extents.minus(&to_write).bytes(),
+        continued: prefilled.is_some(),
+    };
     std::thread::scope(|scope| {
         let mut senders = Vec::new();
         let mut handles = Vec::new();
         for job in jobs {
             let (tx, rx) = sync_channel::<Msg>(IN_FLIGHT);
             senders.push(Some(tx));
-            handles.push(scope.spawn(move || card(job, rx, bytes, tables, mode, cancel)));
+            handles.push(scope.spawn(move || card(job, rx, plan, tables, mode, cancel)));
         }
-        let read = feed(image, &rest, &head, &mut senders, mode.verify, cancel);
+        let read = feed(
+            image,
+            [&rest, &head],
+            &on_card_already,
+            &mut senders,
+            mode.verify,
+            cancel,
+        );
         drop(senders);
         handles
             .into_iter()
@@ -300,30 +337,47 @@ pub fn write_batch(
                 let result = h
                     .join()
                     .unwrap_or_else(|_| Err(anyhow!("card writer panicked")));
-                match (&read, result) {
-                    // A card that ended early because the image could not be read says why.
-                    (Err(e), Err(card)) if !cancel.load(Ordering::Relaxed) => {
-                        Err(match card.downcast::<Failed>() {
-                            Ok(failed) => anyhow!(Failed {
-                                cause: format!("{e:#}"),
-                                ..failed
-                            }),
-                            Err(card) => card,
-                        })
-                    }
-                    (_, result) => result,
-                }
+                explain(&read, result, cancel)
             })
             .collect()
     })
 }
 
+/// A card that ended early because the image could not be read says why.
+pub(super) fn explain<T>(read: &Result<()>, card: Result<T>, cancel: &AtomicBool) -> Result<T> {
+    match (read, card) {
+        (Err(e), Err(card)) if !cancel.load(Ordering::Relaxed) => {
+            Err(match card.downcast::<Failed>() {
+                Ok(failed) => anyhow!(Failed {
+                    cause: format!("{e:#}"),
+                    ..failed
+                }),
+                Err(card) => card,
+            })
+        }
+        (_, result) => result,
+    }
+}
+
+/// What each card of a batch is to do.
+#[derive(Debug, Clone, Copy)]
+struct Plan {
+    /// Bytes of the image the card must hold.
+    bytes: u64,
+    /// Of those, the bytes a first pass left on it.
+    already: u64,
+    /// A first pass started the card: its old tables are erased, and a file
+    /// is not emptied again.
+    continued: bool,
+}
+
 /// The reader: each chunk read once and sent to every card still going (and
-/// hashed, to verify); then, to verify, read and hashed once more and sent again.
+/// hashed, to verify); then, to verify, read and hashed once more and sent
+/// again, with the pieces a first pass wrote (`on_card_already`).
 fn feed(
     image: &File,
-    rest: &[(u64, u64)],
-    head: &[(u64, u64)],
+    [rest, head]: [&[(u64, u64)]; 2],
+    on_card_already: &[(u64, u64)],
     senders: &mut [Option<std::sync::mpsc::SyncSender<Msg>>],
     verify: bool,
     cancel: &AtomicBool,
@@ -356,19 +410,25 @@ fn feed(
     }
     // Read back in the card's order, from its start. A card passes only on
     // `Checked`, sent once every piece it compared has hashed as when written.
-    written.sort_unstable_by_key(|&(start, _, _)| start);
-    let pieces: Vec<(u64, u64)> = written
+    let mut checks: Vec<(u64, u64, Option<[u8; 32]>)> = written
         .iter()
-        .map(|&(start, len, _)| (start, len))
+        .map(|&(start, len, sha256)| (start, len, Some(sha256)))
+        .chain(
+            on_card_already
+                .iter()
+                .map(|&(start, len)| (start, len, None)),
+        )
         .collect();
+    checks.sort_unstable_by_key(|&(start, _, _)| start);
+    let pieces: Vec<(u64, u64)> = checks.iter().map(|&(start, len, _)| (start, len)).collect();
     let deliver = &mut |piece: &Arc<Piece>| send_all(&|| Msg::Check(piece.clone()));
     let Some(again) = read_pass(image, &pieces, &pool, true, cancel, deliver)? else {
         return Ok(());
     };
-    if let Some(&(start, len, _)) = written
+    if let Some(&(start, len, _)) = checks
         .iter()
         .zip(&again)
-        .find(|(a, b)| a != b)
+        .find(|(a, b)| a.2.is_some_and(|sha256| sha256 != b.2))
         .map(|(a, _)| a)
     {
         bail!(
@@ -448,18 +508,20 @@ fn read_pass(
 fn card(
     job: Job<'_>,
     rx: Receiver<Msg>,
-    bytes: u64,
+    plan: Plan,
     tables: &Extents,
     mode: Mode,
     cancel: &AtomicBool,
 ) -> Result<Outcome> {
     let target = job.target;
     let erase_set = target.erase_set(tables);
-    target.start_writing()?;
-    if target.info.block_device {
-        erase(target, &erase_set).context("erasing the card's old partition tables")?;
+    if !plan.continued {
+        target.start_writing()?;
+        if target.info.block_device {
+            erase(target, &erase_set).context("erasing the card's old partition tables")?;
+        }
     }
-    let error = match write_and_verify(job, rx, bytes, mode, cancel) {
+    let error = match write_and_verify(job, rx, plan, mode, cancel) {
         Ok(outcome) => return Ok(outcome),
         Err(e) => e,
     };
@@ -480,7 +542,7 @@ fn card(
 }
 
 /// Writes zeroes over `set` and flushes them to the card.
-fn erase(target: &Target, set: &Extents) -> Result<()> {
+pub(super) fn erase(target: &Target, set: &Extents) -> Result<()> {
     let path = target.info.path.display();
     let zeroes = AlignedBuf::new(ERASE_PIECE);
     for &(start, end) in set.ranges() {
@@ -507,10 +569,12 @@ fn erase(target: &Target, set: &Extents) -> Result<()> {
 fn write_and_verify(
     mut job: Job<'_>,
     rx: Receiver<Msg>,
-    bytes: u64,
+    plan: Plan,
     mode: Mode,
     cancel: &AtomicBool,
 ) -> Result<Outcome> {
+    let bytes = plan.bytes;
+    (job.tick)(plan.already);
     let target = job.target;
     let path = target.info.path.display().to_string();
     let ended_early = |written| {
@@ -715,6 +779,7 @@ mod tests {
             jobs,
             &extents,
             &Extents::from_ranges(vec![(0, 1 << 20)]),
+            None,
             Mode {
                 verify: true,
                 sparse: true,

@@ -1,0 +1,172 @@
+//! The first pass over the cards while an archive is still being decoded:
+//! every piece that holds data is written as soon as it is decoded, to every
+//! card. Nothing here needs the image's filesystems, which are only read once
+//! the whole archive has decoded and checked out, so it is conservative: it
+//! writes what data the image holds and leaves out runs of zeroes, whichever
+//! the map will want. The second pass (`write::write_batch`) then writes what
+//! the map wants that is not on the cards yet (the zeroes a filesystem needs,
+//! each card's stamp) and, last, the partition tables.
+//!
+//! The tables are never written here: every card's old tables are erased and
+//! flushed before the first piece, so a card that stops here, for any reason,
+//! holds no partition table.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+
+use anyhow::{Context, Result, anyhow};
+
+use super::map::Extents;
+use super::stream::Growing;
+use super::target::Target;
+use super::write::{
+    BufPool, CHUNK, ERASED, Failed, IN_FLIGHT, InterruptedError, NOT_ERASED, Piece, erase, explain,
+};
+
+/// What the first pass left on the cards.
+pub struct Prefill {
+    /// One per target, in order.
+    pub results: Vec<Result<()>>,
+    /// The byte ranges now on every card that did not fail.
+    pub written: Extents,
+}
+
+enum Msg {
+    Piece(Arc<Piece>),
+    /// Every piece was sent.
+    Done,
+}
+
+/// Writes the data of `image` to every target as it is decoded, leaving out
+/// `tables` (the image's partition tables, and conservatively wherever they
+/// might be). `tick` hears the image bytes gone through.
+pub fn prefill(
+    image: &Growing,
+    targets: &[&Target],
+    tables: &Extents,
+    cancel: &AtomicBool,
+    tick: &(dyn Fn(u64) + Sync),
+) -> Prefill {
+    let pieces = Extents::from_ranges(vec![(0, image.len)]).minus(tables);
+    let written = std::sync::Mutex::new(Vec::new());
+    let results = std::thread::scope(|scope| {
+        let mut senders = Vec::new();
+        let mut handles = Vec::new();
+        for &target in targets {
+            let (tx, rx) = sync_channel::<Msg>(IN_FLIGHT);
+            senders.push(Some(tx));
+            handles.push(scope.spawn(move || card(target, rx, tables, cancel)));
+        }
+        let read = feed(image, &pieces, &mut senders, &written, cancel, tick);
+        drop(senders);
+        handles
+            .into_iter()
+            .map(|h| {
+                let result = h
+                    .join()
+                    .unwrap_or_else(|_| Err(anyhow!("card writer panicked")));
+                explain(&read, result, cancel)
+            })
+            .collect()
+    });
+    let written = written.into_inner().unwrap_or_else(|e| e.into_inner());
+    Prefill {
+        results,
+        written: Extents::from_ranges(written),
+    }
+}
+
+/// The reader: each piece waited for, read once, its data runs found once, and
+/// sent to every card still going.
+fn feed(
+    image: &Growing,
+    pieces: &Extents,
+    senders: &mut [Option<SyncSender<Msg>>],
+    written: &std::sync::Mutex<Vec<(u64, u64)>>,
+    cancel: &AtomicBool,
+    tick: &(dyn Fn(u64) + Sync),
+) -> Result<()> {
+    let pool = BufPool::default();
+    let mut send_all = |msg: &dyn Fn() -> Msg| {
+        for slot in senders.iter_mut() {
+            if let Some(tx) = slot {
+                if tx.send(msg()).is_err() {
+                    *slot = None;
+                }
+            }
+        }
+    };
+    for &(start, end) in pieces.ranges() {
+        let mut at = start;
+        while at < end {
+            if cancel.load(Ordering::Relaxed) {
+                return Ok(());
+            }
+            let len = (end - at).min(CHUNK);
+            let piece = Arc::new(Piece::read_with(at, len, &pool, |data| {
+                image.read_exact_at(data, at)
+            })?);
+            written.lock().unwrap_or_else(|e| e.into_inner()).extend(
+                piece
+                    .data_runs()
+                    .iter()
+                    .map(|&(from, to)| (at + from as u64, (at + to as u64).min(at + len))),
+            );
+            send_all(&|| Msg::Piece(piece.clone()));
+            tick(len);
+            at += len;
+        }
+    }
+    send_all(&|| Msg::Done);
+    Ok(())
+}
+
+/// One card: its old tables erased and flushed first, then the pieces' data;
+/// on any failure its tables erased again.
+fn card(target: &Target, rx: Receiver<Msg>, tables: &Extents, cancel: &AtomicBool) -> Result<()> {
+    let erase_set = target.erase_set(tables);
+    target.start_writing()?;
+    if target.info.block_device {
+        erase(target, &erase_set).context("erasing the card's old partition tables")?;
+    }
+    let error = match write_pieces(target, rx) {
+        Ok(()) => return Ok(()),
+        Err(e) => e,
+    };
+    let erased = erase(target, &erase_set).map_err(|e| format!("{e:#}"));
+    if cancel.load(Ordering::Relaxed) {
+        return Err(anyhow!(InterruptedError {
+            written: false,
+            not_erased: erased.err(),
+        }));
+    }
+    Err(anyhow!(Failed {
+        cause: format!("{error:#}"),
+        left: match erased {
+            Ok(()) => ERASED.to_string(),
+            Err(why) => format!("{NOT_ERASED} ({why}): do not use this card"),
+        },
+    }))
+}
+
+fn write_pieces(target: &Target, rx: Receiver<Msg>) -> Result<()> {
+    use std::os::unix::fs::FileExt;
+    let path = target.info.path.display();
+    loop {
+        match rx.recv() {
+            Ok(Msg::Piece(piece)) => {
+                let data = piece.buf.data();
+                for &(from, to) in piece.data_runs() {
+                    let at = piece.start + from as u64;
+                    target
+                        .file
+                        .write_all_at(&data[from..to], at)
+                        .with_context(|| format!("writing {path} at byte {at}"))?;
+                }
+            }
+            Ok(Msg::Done) => return Ok(()),
+            Err(_) => return Err(anyhow!("the archive could not be decoded to the end")),
+        }
+    }
+}
