@@ -4,65 +4,14 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use common::card::shared_recipe;
+use common::disk::*;
 use common::*;
-use piprov::image::{Image, RootFs};
 use predicates::str::contains;
 use tempfile::TempDir;
-
-/// Every regular file in an image's root filesystem, with its content.
-fn root_files(image: &Path) -> BTreeMap<String, Vec<u8>> {
-    fn walk(fs: &RootFs, dir: &str, out: &mut BTreeMap<String, Vec<u8>>) {
-        for name in fs.list(dir).unwrap() {
-            let path = format!("{}/{name}", dir.trim_end_matches('/'));
-            if fs.is_symlink(&path).unwrap() {
-                continue;
-            }
-            if fs.is_dir(&path).unwrap() {
-                walk(fs, &path, out);
-            } else if let Some(data) = fs.read(&path).unwrap() {
-                out.insert(path, data);
-            }
-        }
-    }
-    let image = Image::open(image).unwrap();
-    let fs = image.rootfs().unwrap();
-    let mut out = BTreeMap::new();
-    walk(&fs, "/", &mut out);
-    out
-}
-
-fn fill_random(path: &Path, bytes: u64) {
-    let status = Command::new("sh")
-        .arg("-c")
-        .arg(format!(
-            "head -c {bytes} /dev/urandom > '{}'",
-            path.display()
-        ))
-        .status()
-        .unwrap();
-    assert!(status.success());
-}
-
-fn fsck_clean(image: &Path, dir: &Path) {
-    assert_fat_clean(image, dir);
-    let part = dir.join("root.part");
-    extract_partition(image, 2, &part);
-    let out = Command::new("e2fsck")
-        .args(["-fn"])
-        .arg(&part)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "e2fsck -fn: {}",
-        String::from_utf8_lossy(&out.stdout)
-    );
-}
 
 fn flash(dir: &TempDir) -> assert_cmd::Command {
     let mut cmd = piprov();
@@ -329,77 +278,6 @@ fn existing_data_is_not_overwritten_without_confirmation() {
         .code(2)
         .stderr(contains("without confirmation: pass --yes"));
     assert_eq!(std::fs::read(&card).unwrap(), b"precious");
-}
-
-/// A loop device over a file, detached on drop.
-struct Loop {
-    dev: String,
-}
-
-impl Loop {
-    fn new(file: &Path, extra: &[&str]) -> Option<Loop> {
-        let out = Command::new("losetup")
-            .args(["-f", "--show"])
-            .args(extra)
-            .arg(file)
-            .output()
-            .ok()?;
-        out.status.success().then(|| Loop {
-            dev: String::from_utf8(out.stdout).unwrap().trim().to_string(),
-        })
-    }
-}
-
-impl Drop for Loop {
-    fn drop(&mut self) {
-        let part = format!("{}p2", self.dev);
-        if Path::new(&part).exists() {
-            let _ = Command::new("umount").arg(&part).output();
-        }
-        let _ = Command::new("losetup").arg("-d").arg(&self.dev).output();
-    }
-}
-
-/// Without udev (containers) the kernel's partition has no /dev node: make it
-/// from the numbers sysfs gives.
-fn make_partition_node(part: &str) {
-    if Path::new(part).exists() {
-        return;
-    }
-    let name = part.trim_start_matches("/dev/");
-    let disk = name
-        .trim_end_matches(|c: char| c.is_ascii_digit())
-        .trim_end_matches('p');
-    if !Path::new(&format!("/sys/block/{disk}/{name}")).exists() {
-        // Some kernels leave a fresh loop device's partitions unscanned.
-        let _ = Command::new("partx")
-            .args(["-a", &format!("/dev/{disk}")])
-            .output();
-        if Path::new(part).exists() {
-            return;
-        }
-    }
-    let dev = std::fs::read_to_string(format!("/sys/block/{disk}/{name}/dev")).unwrap();
-    let (major, minor) = dev.trim().split_once(':').unwrap();
-    let ok = Command::new("mknod")
-        .args([part, "b", major, minor])
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok, "mknod {part}");
-}
-
-/// Loop devices need root; without it these tests say why they skip.
-fn loop_devices_usable(dir: &TempDir) -> bool {
-    let probe = dir.path().join("probe.img");
-    std::fs::File::create(&probe)
-        .unwrap()
-        .set_len(1 << 20)
-        .unwrap();
-    available(
-        Loop::new(&probe, &[]).is_some(),
-        "a loop device (needs root)",
-    )
 }
 
 /// bmaptool, for the tests of its block maps.
@@ -689,63 +567,6 @@ fn ctrl_c_stops_cleanly_and_leaves_no_bootable_half_card() {
     );
 }
 
-fn build_image_sized(out: &Path, mib: u32) {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/make-image.sh");
-    let status = Command::new("sh")
-        .arg(script)
-        .args(["--size", &mib.to_string()])
-        .arg(out)
-        .status()
-        .unwrap();
-    assert!(status.success());
-}
-
-/// A used card: a loop device over `len` bytes of random data with `old` (an
-/// earlier image, if any) written at its start, as a card that held one.
-fn used_card(dir: &TempDir, name: &str, len: u64, old: Option<&Path>) -> (PathBuf, Loop) {
-    let backing = dir.path().join(format!("{name}.dev"));
-    fill_random(&backing, len);
-    if let Some(old) = old {
-        let ok = Command::new("dd")
-            .arg(format!("if={}", old.display()))
-            .arg(format!("of={}", backing.display()))
-            .args(["bs=4M", "conv=notrunc,sparse", "status=none"])
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "dd {}", old.display());
-    }
-    let dev = Loop::new(&backing, &[]).unwrap();
-    (backing, dev)
-}
-
-/// What a loop device's first `len` bytes now hold, as an image file to check.
-fn card_as_image(dir: &TempDir, dev: Loop, backing: &Path, len: u64) -> PathBuf {
-    drop(dev);
-    let card = dir.path().join(format!(
-        "{}.card.img",
-        backing.file_stem().unwrap().to_string_lossy()
-    ));
-    std::fs::copy(backing, &card).unwrap();
-    std::fs::File::options()
-        .write(true)
-        .open(&card)
-        .unwrap()
-        .set_len(len)
-        .unwrap();
-    card
-}
-
-fn read_at(path: &Path, at: u64, len: usize) -> Vec<u8> {
-    use std::os::unix::fs::FileExt;
-    let mut buf = vec![0u8; len];
-    std::fs::File::open(path)
-        .unwrap()
-        .read_exact_at(&mut buf, at)
-        .unwrap();
-    buf
-}
-
 /// Flashes a 1 GiB image over a used card that held a GPT image, and sends
 /// `signal` once the new image is landing but before it reaches the old
 /// image's backup table (at 160 MiB). Returns what piprov printed and the
@@ -788,27 +609,6 @@ fn interrupted_flash(dir: &TempDir, signal: nix::sys::signal::Signal) -> (String
         assert_eq!(out.status.code(), Some(1), "{stdout}");
     }
     (stdout, card_as_image(dir, dev, &backing, len), old_len)
-}
-
-/// No partition table a tool could find or recover: not the old image's, not
-/// the new one's.
-fn assert_no_partition_table(card: &Path, old_len: u64) {
-    assert!(
-        read_at(card, 0, 1 << 20).iter().all(|&b| b == 0),
-        "the first MiB (MBR, primary GPT) is erased"
-    );
-    assert!(
-        read_at(card, old_len - (33 << 9), 33 << 9)
-            .iter()
-            .all(|&b| b == 0),
-        "the old image's backup GPT is erased"
-    );
-    let sfdisk = Command::new("sfdisk").arg("-d").arg(card).output().unwrap();
-    assert!(
-        !sfdisk.status.success(),
-        "sfdisk finds no table: {}",
-        String::from_utf8_lossy(&sfdisk.stdout)
-    );
 }
 
 #[test]

@@ -643,6 +643,7 @@ fn print_flash_summary(summary: &crate::flash::Summary, json: bool) -> Result<Ex
             "image_sha256": summary.image_sha256,
             "image_bytes": summary.image_bytes,
             "mapped_bytes": summary.mapped_bytes,
+            "decoded_while_writing": summary.decoded_while_writing,
             "ok": summary.cards.iter().filter(|c| c.result == "ok").count(),
             "failed": summary.cards.iter().filter(|c| c.result != "ok").count(),
         });

@@ -88,6 +88,8 @@ pub struct Summary {
     pub image_sha256: String,
     pub image_bytes: u64,
     pub mapped_bytes: u64,
+    /// The cards were written while the archive was decoded (its first flash).
+    pub decoded_while_writing: bool,
     pub cards: Vec<CardRecord>,
 }
 
@@ -294,22 +296,22 @@ fn flash_while_decoding(
         done
     };
     let not_bootable = "the cards were written in part and hold no partition table: \
-                        they will not boot (flash them again)";
+                        they will not boot (flash them again once the image is right)";
     let source = growing
         .finish()
         .and_then(|source| source::check_expected(&config.image, source, config.sha256.as_deref()))
         .map_err(|e| match e.downcast_ref::<crate::digest::Cancelled>() {
-            Some(_) => anyhow::anyhow!("interrupted while the archive was decoded"),
-            None => e,
-        })
-        .with_context(|| not_bootable.to_string())?;
+            Some(_) => anyhow::anyhow!("interrupted while the archive was decoded; {not_bootable}"),
+            None => anyhow::anyhow!("{e:#}; {not_bootable}"),
+        })?;
     let mut results = prefill.results.into_iter();
     for target in targets.iter_mut().filter(|t| t.is_ok()) {
         if let Some(Err(e)) = results.next() {
             *target = Err(e);
         }
     }
-    let (base_map, tables) = map_image(config, &source, progress).context(not_bootable)?;
+    let (base_map, tables) = map_image(config, &source, progress)
+        .map_err(|e| anyhow::anyhow!("{e:#}; {not_bootable}"))?;
     let cards = Cards {
         infos,
         targets,
@@ -411,6 +413,7 @@ fn finish(
         image_sha256: source.sha256.clone(),
         image_bytes: source.len,
         mapped_bytes: base_map.bytes(),
+        decoded_while_writing: prefilled.is_some(),
         cards: records,
     })
 }

@@ -10,6 +10,7 @@ use tempfile::TempDir;
 
 pub mod broker;
 pub mod card;
+pub mod disk;
 pub mod ssm_endpoint;
 pub mod stub;
 
