@@ -7,6 +7,7 @@ use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, OnceLock};
 
 use anyhow::{Context, Result, bail};
 use sha2::{Digest, Sha256};
@@ -45,26 +46,94 @@ pub(crate) fn raw_hash_cached(
     progress: &Progress,
     cancel: &AtomicBool,
 ) -> Result<String> {
+    let remembered = remembered_path(file, len)?;
+    if let Some(sha256) = remembered_hash(&remembered) {
+        return Ok(sha256);
+    }
+    let sha256 = hash_reader(file, len, progress, "hashing", cancel)
+        .with_context(|| format!("hashing {}", path.display()))?;
+    remember(&remembered, &sha256);
+    Ok(sha256)
+}
+
+/// Where a raw image's hash is remembered: keyed by the file's identity.
+fn remembered_path(file: &File, len: u64) -> Result<PathBuf> {
     use std::os::unix::fs::MetadataExt;
     let meta = file.metadata()?;
-    let key = format!(
+    Ok(cache_dir().join(format!(
         "raw-{}-{}-{}-{}.{}.sha256",
         meta.dev(),
         meta.ino(),
         len,
         meta.mtime(),
         meta.mtime_nsec()
-    );
-    let cached = cache_dir().join(key);
-    if let Ok(text) = std::fs::read_to_string(&cached) {
-        return Ok(text.trim().to_string());
-    }
-    let sha256 = hash_reader(file, len, progress, "hashing", cancel)
-        .with_context(|| format!("hashing {}", path.display()))?;
+    )))
+}
+
+fn remembered_hash(path: &Path) -> Option<String> {
+    std::fs::read_to_string(path)
+        .ok()
+        .map(|text| text.trim().to_string())
+}
+
+fn remember(path: &Path, sha256: &str) {
     if std::fs::create_dir_all(cache_dir()).is_ok() {
-        let _ = std::fs::write(&cached, format!("{sha256}\n"));
+        let _ = std::fs::write(path, format!("{sha256}\n"));
     }
-    Ok(sha256)
+}
+
+/// The remembered SHA-256 of a raw image, if it was hashed before.
+pub(crate) fn raw_hash_remembered(file: &File, len: u64) -> Option<String> {
+    remembered_hash(&remembered_path(file, len).ok()?)
+}
+
+/// An image's SHA-256: known, or being worked out on its own thread while the
+/// image is written (a raw image hashed for the first time), then remembered.
+pub enum ImageHash {
+    Known(String),
+    Pending {
+        worker: Mutex<Option<std::thread::JoinHandle<Result<String>>>>,
+        done: OnceLock<std::result::Result<String, String>>,
+    },
+}
+
+impl ImageHash {
+    /// Starts hashing the raw image at `path` (`len` bytes).
+    pub fn start(path: &Path, len: u64, cancel: &'static AtomicBool) -> Result<ImageHash> {
+        let mut file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+        let remembered = remembered_path(&file, len)?;
+        let shown = path.display().to_string();
+        let worker = std::thread::spawn(move || {
+            let quiet = Progress::new(crate::progress::Mode::Quiet);
+            let sha256 = hash_reader(&mut file, len, &quiet, "hashing", cancel)
+                .with_context(|| format!("hashing {shown}"))?;
+            remember(&remembered, &sha256);
+            Ok(sha256)
+        });
+        Ok(ImageHash::Pending {
+            worker: Mutex::new(Some(worker)),
+            done: OnceLock::new(),
+        })
+    }
+
+    /// The hash, once it is known.
+    pub fn wait(&self) -> Result<String> {
+        match self {
+            ImageHash::Known(sha256) => Ok(sha256.clone()),
+            ImageHash::Pending { worker, done } => {
+                let done = done.get_or_init(|| {
+                    let worker = worker.lock().unwrap_or_else(|e| e.into_inner()).take();
+                    match worker.map(|w| w.join()) {
+                        Some(Ok(Ok(sha256))) => Ok(sha256),
+                        Some(Ok(Err(e))) => Err(format!("{e:#}")),
+                        Some(Err(_)) => Err("hashing the image panicked".into()),
+                        None => Err("the image's hash was waited for twice at once".into()),
+                    }
+                });
+                done.clone().map_err(|e| anyhow::anyhow!(e))
+            }
+        }
+    }
 }
 
 pub(crate) fn read_up_to(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {

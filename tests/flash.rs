@@ -183,8 +183,25 @@ fn a_wrong_sha256_is_refused() {
         .args(["--quiet", "--sha256", &"0".repeat(64)])
         .assert()
         .code(2)
+        .stderr(contains("not the expected 0000"))
+        .stderr(contains("hold no partition table"));
+    // A raw image is hashed while it is written, and checked before the
+    // tables go down.
+    let head = std::fs::read(&card).unwrap();
+    assert!(
+        head[..1 << 20].iter().all(|&b| b == 0),
+        "no partition table"
+    );
+    // Once its hash is known, a wrong one is refused before anything is written.
+    let other = dir.path().join("other.img");
+    flash(&dir)
+        .arg(&image)
+        .arg(&other)
+        .args(["--quiet", "--sha256", &"0".repeat(64)])
+        .assert()
+        .code(2)
         .stderr(contains("not the expected 0000"));
-    assert!(!card.exists());
+    assert!(!other.exists());
 }
 
 #[test]

@@ -26,6 +26,7 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use serde::Serialize;
 
+use crate::digest::ImageHash;
 use crate::image::{Image, Overlay};
 use crate::progress::Progress;
 use crate::recipe::{self, LoadedRecipe};
@@ -198,33 +199,56 @@ pub fn flash(config: &FlashConfig, progress: &Progress) -> Result<Summary> {
             Some(_) => anyhow::anyhow!(Interrupted("while the image was read".into())),
             None => e,
         })?;
-    match opened {
-        source::Opened::Ready(source) => {
-            let (base_map, tables) = map_image(config, &source, progress)?;
-            let infos = check_targets(config, &[&source.path], source.len)?;
-            confirm(&infos, config.yes)?;
-            cancelled("after the checks")?;
-            let targets = open_targets(&infos, source.len)?;
-            let cards = Cards {
-                infos,
-                targets,
-                prefilled: None,
-            };
-            finish(
-                config,
-                recipe.as_ref(),
-                cards,
-                &source,
-                &base_map,
-                &tables,
-                progress,
-            )
-        }
+    let (source, hash) = match opened {
         source::Opened::Streamable { entry, len } => {
-            flash_while_decoding(config, recipe.as_ref(), entry, len, progress)
+            return flash_while_decoding(config, recipe.as_ref(), entry, len, progress);
         }
+        source::Opened::Ready(source) => {
+            let hash = ImageHash::Known(source.sha256.clone());
+            (source, hash)
+        }
+        source::Opened::Unhashed(source) => {
+            let hash = ImageHash::start(&source.path, source.len, &CANCEL)?;
+            (source, hash)
+        }
+    };
+    let (base_map, tables) = map_image(config, &source, progress)?;
+    let infos = check_targets(config, &[&source.path], source.len)?;
+    confirm(&infos, config.yes)?;
+    cancelled("after the checks")?;
+    let targets = open_targets(&infos, source.len)?;
+    let cards = Cards {
+        infos,
+        targets,
+        prefilled: None,
+    };
+    let summary = finish(
+        config,
+        recipe.as_ref(),
+        cards,
+        &source,
+        &hash,
+        &base_map,
+        &tables,
+        progress,
+    )?;
+    if CANCEL.load(Ordering::Relaxed) {
+        return Ok(summary);
     }
+    // Hashed while written, and not the image asked for: the check before the
+    // tables failed every card.
+    hash.wait()
+        .and_then(|sha256| {
+            let hashed = source::Source { sha256, ..source };
+            source::check_expected(&config.image, hashed, config.sha256.as_deref())
+        })
+        .map_err(|e| anyhow::anyhow!("{e:#}; {NOT_BOOTABLE}"))?;
+    Ok(summary)
 }
+
+/// Said when the cards had data written before the image was found wrong.
+const NOT_BOOTABLE: &str = "the cards were written in part and hold no partition table: \
+                            they will not boot (flash them again once the image is right)";
 
 /// The cards of a batch, checked and opened, and what a first pass left on them.
 struct Cards {
@@ -295,8 +319,7 @@ fn flash_while_decoding(
         bar.finish_and_clear();
         done
     };
-    let not_bootable = "the cards were written in part and hold no partition table: \
-                        they will not boot (flash them again once the image is right)";
+    let not_bootable = NOT_BOOTABLE;
     let source = growing
         .finish()
         .and_then(|source| source::check_expected(&config.image, source, config.sha256.as_deref()))
@@ -317,7 +340,10 @@ fn flash_while_decoding(
         targets,
         prefilled: Some(prefill.written),
     };
-    finish(config, recipe, cards, &source, &base_map, &tables, progress)
+    let hash = ImageHash::Known(source.sha256.clone());
+    finish(
+        config, recipe, cards, &source, &hash, &base_map, &tables, progress,
+    )
 }
 
 /// Wherever the image's partition tables might lie, from its first 8 KiB and
@@ -350,11 +376,13 @@ fn open_targets(infos: &[TargetInfo], len: u64) -> Result<Vec<Result<target::Tar
 
 /// The cards stamped (activations created on the way), written and verified;
 /// one record per card.
+#[allow(clippy::too_many_arguments)]
 fn finish(
     config: &FlashConfig,
     recipe: Option<&LoadedRecipe>,
     cards: Cards,
     source: &source::Source,
+    hash: &ImageHash,
     base_map: &Extents,
     tables: &Extents,
     progress: &Progress,
@@ -368,6 +396,7 @@ fn finish(
         recipe,
         cards,
         source,
+        hash,
         base_map,
         &mut issuer,
         &mut issued,
@@ -384,6 +413,7 @@ fn finish(
         config,
         prepared,
         source,
+        hash,
         base_map,
         tables,
         prefilled.as_ref(),
@@ -410,7 +440,7 @@ fn finish(
         }
     }
     Ok(Summary {
-        image_sha256: source.sha256.clone(),
+        image_sha256: hash.wait().unwrap_or_default(),
         image_bytes: source.len,
         mapped_bytes: base_map.bytes(),
         decoded_while_writing: prefilled.is_some(),
@@ -507,10 +537,12 @@ fn check_targets(config: &FlashConfig, decoded: &[&Path], len: u64) -> Result<Ve
 }
 
 /// Writes the prepared cards side by side: one record per card, in order.
+#[allow(clippy::too_many_arguments)]
 fn write_cards(
     config: &FlashConfig,
     mut prepared: Vec<PreparedCard>,
     source: &source::Source,
+    hash: &ImageHash,
     base_map: &Extents,
     tables: &Extents,
     prefilled: Option<&Extents>,
@@ -555,10 +587,29 @@ fn write_cards(
         sparse: !config.full,
     };
     let mut results: Vec<Option<Result<write::Outcome>>> = match File::open(&source.path) {
-        Ok(image) => write::write_batch(&image, jobs, &extents, tables, prefilled, mode, &CANCEL)
-            .into_iter()
-            .map(Some)
-            .collect(),
+        Ok(image) => write::write_batch(
+            &image,
+            jobs,
+            &write::Batch {
+                extents: &extents,
+                tables,
+                prefilled,
+                before_tables: &|| {
+                    let sha256 = hash.wait()?;
+                    let hashed = source::Source {
+                        sha256,
+                        ..source.clone()
+                    };
+                    source::check_expected(&config.image, hashed, config.sha256.as_deref())
+                        .map(drop)
+                },
+                mode,
+            },
+            &CANCEL,
+        )
+        .into_iter()
+        .map(Some)
+        .collect(),
         Err(e) => {
             let why = format!("opening {}: {e}", source.path.display());
             let count = jobs.len();
@@ -569,6 +620,7 @@ fn write_cards(
         }
     };
     total.finish_and_clear();
+    let sha256 = hash.wait().unwrap_or_default();
     prepared
         .into_iter()
         .zip(slots)
@@ -578,7 +630,7 @@ fn write_cards(
                 (None, Err(e)) => Err(anyhow::anyhow!("{e:#}")),
                 (None, Ok(_)) => unreachable!("every opened card has a job"),
             };
-            card_record(card, result, &source.sha256, started)
+            card_record(card, result, &sha256, started)
         })
         .collect()
 }
@@ -604,11 +656,13 @@ fn withdraw_for(record: &mut CardRecord, issuer: Option<&CardActivations>, issue
 
 /// Stamps every card still going. Activations created on the way are pushed to
 /// `issued` as soon as they exist, so the caller can withdraw them on an error.
+#[allow(clippy::too_many_arguments)]
 fn prepare_cards(
     config: &FlashConfig,
     recipe: Option<&LoadedRecipe>,
     cards: Cards,
     source: &source::Source,
+    hash: &ImageHash,
     base_map: &Extents,
     issuer: &mut Option<CardActivations>,
     issued: &mut Vec<String>,
@@ -627,9 +681,11 @@ fn prepare_cards(
                 if issuer.is_none() {
                     *issuer = Some(CardActivations::for_recipe(&config.aws, &recipe.recipe)?);
                 }
+                // Tagged with the image's hash: an image hashed for the first
+                // time is waited for here.
                 let created = issuer.as_ref().expect("made above").create(
                     settings.hostname.as_deref(),
-                    &source.sha256,
+                    &hash.wait()?,
                     &name,
                 )?;
                 issued.push(created.id.clone());

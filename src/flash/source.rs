@@ -12,7 +12,9 @@ use std::sync::atomic::AtomicBool;
 use anyhow::{Context, Result, bail};
 use sha2::{Digest, Sha256};
 
-use crate::digest::{Cancelled, cache_dir, check, hash_reader, raw_hash_cached, read_up_to};
+use crate::digest::{
+    Cancelled, cache_dir, check, hash_reader, raw_hash_cached, raw_hash_remembered, read_up_to,
+};
 use crate::hex::hex;
 use crate::progress::Progress;
 
@@ -104,7 +106,12 @@ pub fn open(
 /// decoded length).
 pub enum Opened {
     Ready(Source),
-    Streamable { entry: Entry, len: u64 },
+    Streamable {
+        entry: Entry,
+        len: u64,
+    },
+    /// A raw image never hashed before: hashed while it is written.
+    Unhashed(Source),
 }
 
 pub fn open_for_flash(
@@ -114,6 +121,22 @@ pub fn open_for_flash(
     cancel: &AtomicBool,
 ) -> Result<Opened> {
     let format = detect_file(path)?;
+    if format == Format::Raw {
+        let mut file = File::open(path)?;
+        let len = file.seek(SeekFrom::End(0))?;
+        let source = Source {
+            path: path.to_path_buf(),
+            len,
+            sha256: String::new(),
+            format,
+        };
+        return Ok(match raw_hash_remembered(&file, len) {
+            Some(sha256) => {
+                Opened::Ready(check_expected(path, Source { sha256, ..source }, expected)?)
+            }
+            None => Opened::Unhashed(source),
+        });
+    }
     if format != Format::Xz {
         return open(path, expected, progress, cancel).map(Opened::Ready);
     }

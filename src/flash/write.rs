@@ -284,23 +284,38 @@ pub struct Mode {
     pub sparse: bool,
 }
 
-/// Writes `extents` of the image to every card; one result per job, in order.
-/// `tables` are where the image's partition tables lie: written after
-/// everything else is flushed, and erased (with every table the card held
-/// before) before the first write and again when a card fails.
-///
-/// With `prefilled`, the cards hold those ranges of the image already
-/// (`prefill::prefill`, old tables erased): only the rest of `extents` and each
-/// card's stamp are written, and all of `extents` is read back.
+/// What a batch writes.
+pub struct Batch<'a> {
+    /// The ranges of the image every card must hold.
+    pub extents: &'a Extents,
+    /// Where the image's partition tables lie: written after everything else
+    /// is flushed, and erased (with every table the card held before) before
+    /// the first write and again when a card fails.
+    pub tables: &'a Extents,
+    /// Ranges a first pass left on the cards (`prefill::prefill`, old tables
+    /// erased): only the rest of `extents` and each card's stamp are written,
+    /// and all of `extents` is read back.
+    pub prefilled: Option<&'a Extents>,
+    /// Asked before the tables go down; an error fails every card (the image's
+    /// hash, worked out meanwhile, is not the one asked for).
+    pub before_tables: &'a (dyn Fn() -> Result<()> + Sync),
+    pub mode: Mode,
+}
+
+/// Writes the batch to every card; one result per job, in order.
 pub fn write_batch(
     image: &File,
     jobs: Vec<Job<'_>>,
-    extents: &Extents,
-    tables: &Extents,
-    prefilled: Option<&Extents>,
-    mode: Mode,
+    batch: &Batch<'_>,
     cancel: &AtomicBool,
 ) -> Vec<Result<Outcome>> {
+    let Batch {
+        extents,
+        tables,
+        prefilled,
+        before_tables,
+        mode,
+    } = *batch;
     let to_write = match prefilled {
         Some(done) => jobs.iter().fold(extents.minus(done), |all, job| {
             all.union(&Extents::from_ranges(job.overlay.changed()))
@@ -309,7 +324,7 @@ pub fn write_batch(
     };
     let (head, rest) = plan_chunks(&to_write, tables);
     let on_card_already = chunks(&extents.minus(&to_write));
-    let plan = Plan {
+    let plan = CardPlan {
         bytes: extents.bytes(),
         already: extents.minus(&to_write).bytes(),
         continued: prefilled.is_some(),
@@ -327,6 +342,7 @@ pub fn write_batch(
             [&rest, &head],
             &on_card_already,
             &mut senders,
+            before_tables,
             mode.verify,
             cancel,
         );
@@ -361,7 +377,7 @@ pub(super) fn explain<T>(read: &Result<()>, card: Result<T>, cancel: &AtomicBool
 
 /// What each card of a batch is to do.
 #[derive(Debug, Clone, Copy)]
-struct Plan {
+struct CardPlan {
     /// Bytes of the image the card must hold.
     bytes: u64,
     /// Of those, the bytes a first pass left on it.
@@ -379,6 +395,7 @@ fn feed(
     [rest, head]: [&[(u64, u64)]; 2],
     on_card_already: &[(u64, u64)],
     senders: &mut [Option<std::sync::mpsc::SyncSender<Msg>>],
+    before_tables: &(dyn Fn() -> Result<()> + Sync),
     verify: bool,
     cancel: &AtomicBool,
 ) -> Result<()> {
@@ -401,6 +418,7 @@ fn feed(
         };
         written.extend(hashes);
         if i == 0 {
+            before_tables()?;
             send_all(&|| Msg::Flush);
         }
     }
@@ -508,7 +526,7 @@ fn read_pass(
 fn card(
     job: Job<'_>,
     rx: Receiver<Msg>,
-    plan: Plan,
+    plan: CardPlan,
     tables: &Extents,
     mode: Mode,
     cancel: &AtomicBool,
@@ -569,7 +587,7 @@ pub(super) fn erase(target: &Target, set: &Extents) -> Result<()> {
 fn write_and_verify(
     mut job: Job<'_>,
     rx: Receiver<Msg>,
-    plan: Plan,
+    plan: CardPlan,
     mode: Mode,
     cancel: &AtomicBool,
 ) -> Result<Outcome> {
@@ -777,12 +795,15 @@ mod tests {
         write_batch(
             &File::open(image).unwrap(),
             jobs,
-            &extents,
-            &Extents::from_ranges(vec![(0, 1 << 20)]),
-            None,
-            Mode {
-                verify: true,
-                sparse: true,
+            &Batch {
+                extents: &extents,
+                tables: &Extents::from_ranges(vec![(0, 1 << 20)]),
+                prefilled: None,
+                before_tables: &|| Ok(()),
+                mode: Mode {
+                    verify: true,
+                    sparse: true,
+                },
             },
             cancel,
         )
