@@ -29,11 +29,17 @@ bmap=$work/bmap/bench.bmap
 mkdir -p "$work/bmap"
 [ -f "$bmap" ] || bmaptool -q create -o "$bmap" "$img"
 rm -f "$img.bmap"
+# The archive, as Raspberry Pi OS ships its images: xz in many blocks.
+xz=$work/xz/bench.img.xz
+mkdir -p "$work/xz"
+[ -f "$xz" ] || xz -T0 -3 -c "$img" >"$xz"
 
 shm=/dev/shm/piprov-bench
 # Before each timed run: no file targets left over, nothing in the page cache.
 fresh_start() {
     rm -f "$work"/t*.img "$shm"-t*.img
+    # An archive's first flash: nothing of it decoded yet (raw images' hashes stay).
+    rm -f "$PIPROV_CACHE_DIR"/*.img "$PIPROV_CACHE_DIR"/*.img.*
     sync
     if [ "$(id -u)" = 0 ]; then echo 3 >/proc/sys/vm/drop_caches 2>/dev/null || true; fi
 }
@@ -88,10 +94,15 @@ run_case() {
     shm_map_nv) flash "$shm-t1.img" --no-verify ;;
     shm_one) flash "$shm-t1.img" ;;
     shm_four) flash "$shm-t1.img" "$shm-t2.img" "$shm-t3.img" "$shm-t4.img" ;;
+    xz_dc) xz -T0 -dc "$xz" >/dev/null ;;
+    xz_bmap) bmaptool -q copy --bmap "$bmap" "$xz" "$t" ;;
+    xz_bmap_nv) bmaptool -q copy --no-verify --bmap "$bmap" "$xz" "$t" ;;
+    xz_map_nv) "$piprov" flash "$xz" "$t" --no-verify --yes --quiet ;;
+    xz_map) "$piprov" flash "$xz" "$t" --yes --quiet ;;
     esac
 }
 time_rounds "$RUNS" best run_case dd bmap bmap_nv full_nv full map_nv map batch \
-    shm_bmap_nv shm_map_nv shm_one shm_four
+    shm_bmap_nv shm_map_nv shm_one shm_four xz_dc xz_bmap xz_bmap_nv xz_map_nv xz_map
 fresh_start
 
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
@@ -128,6 +139,13 @@ row "bmaptool copy --no-verify" best shm_bmap_nv shm_bmap_nv
 row "piprov flash --no-verify (map)" best shm_map_nv shm_bmap_nv
 row "piprov flash (map, verified)" best shm_one shm_bmap_nv
 row "piprov flash, 4 targets, tmpfs" best shm_four shm_one per
+echo "archive: $(du -h "$xz" | cut -f1) of xz -3 ($(xz --robot -l "$xz" | awk '$1 == "totals" { print $3 }') blocks), decoded fresh each run"
+header "targets: files, from the .xz" "bmap/this"
+row "xz -T0 -dc > /dev/null" best xz_dc xz_bmap_nv
+row "bmaptool copy --no-verify" best xz_bmap_nv xz_bmap_nv
+row "piprov flash --no-verify" best xz_map_nv xz_bmap_nv
+row "bmaptool copy" best xz_bmap xz_bmap
+row "piprov flash (verified)" best xz_map xz_bmap
 
 # Card-speed targets: four loop devices, each throttled (cgroup v1 blkio) to
 # what a good card in a USB 3 reader does, so the targets are independent, as
@@ -169,12 +187,29 @@ card_case() {
     one_nv) throttled "$piprov" flash "$img" "$card1" --no-verify --allow-non-removable --yes --quiet ;;
     one) throttled "$piprov" flash "$img" "$card1" --allow-non-removable --yes --quiet ;;
     four) throttled "$piprov" flash "$img" "$card1" "$card2" "$card3" "$card4" --allow-non-removable --yes --quiet ;;
+    xz_dc) xz -T0 -dc "$xz" >/dev/null ;;
+    xz_one_nv) throttled "$piprov" flash "$xz" "$card1" --no-verify --allow-non-removable --yes --quiet ;;
+    xz_one) throttled "$piprov" flash "$xz" "$card1" --allow-non-removable --yes --quiet ;;
     esac
 }
-time_rounds "$CARD_RUNS" card card_case dd one_nv one four
+time_rounds "$CARD_RUNS" card card_case dd one_nv one four xz_dc xz_one_nv xz_one
 echo "card-speed targets: loop devices throttled to $((CARD_WRITE_BPS / 1000000)) MB/s writing, $((CARD_READ_BPS / 1000000)) MB/s reading, $CARD_RUNS rounds, ms"
 header "" "dd/this"
 row "dd bs=4M oflag=direct conv=fsync" card dd dd
 row "piprov flash --no-verify (map)" card one_nv dd
 row "piprov flash (map, verified)" card one dd
 row "piprov flash, 4 cards" card four one per
+# From the archive at card speed, against the slower of its two halves done
+# alone: decoding it (xz -T0) and writing the decoded image (piprov, cached).
+# shellcheck disable=SC2154 # card_* are set by time_rounds
+{
+    slower=$card_xz_dc_median
+    [ "$card_one_nv_median" -gt "$slower" ] && slower=$card_one_nv_median
+    # shellcheck disable=SC2034 # read by row, through eval
+    card_alone=$slower card_alone_median=$slower
+    header "from the .xz, decoded fresh" "this/alone"
+    row "xz -T0 -dc alone" card xz_dc alone per
+    row "piprov --no-verify, raw, cached" card one_nv alone per
+    row "piprov flash --no-verify (.xz)" card xz_one_nv alone per
+    row "piprov flash (.xz, verified)" card xz_one one per
+}

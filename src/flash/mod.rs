@@ -16,6 +16,7 @@ pub mod stream;
 pub mod target;
 pub mod write;
 pub mod xz;
+pub mod zeroes;
 
 use std::fs::File;
 use std::io::Write as _;

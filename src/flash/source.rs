@@ -410,7 +410,7 @@ fn copy_sparse(
         hasher.update(&buf[..n]);
         let mut ends_in_hole = false;
         for piece in buf[..n].chunks(HOLE) {
-            ends_in_hole = piece.iter().all(|&b| b == 0);
+            ends_in_hole = super::zeroes::is_zero(piece);
             if ends_in_hole {
                 out.seek(SeekFrom::Current(piece.len() as i64))?;
             } else {

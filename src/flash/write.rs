@@ -160,12 +160,7 @@ impl Piece {
 /// written: every run of at least `MIN_HOLE` whole zero blocks is left out.
 /// Starts are multiples of `ZERO_BLOCK`, so O_DIRECT alignment is kept.
 fn data_runs(data: &[u8]) -> Vec<(usize, usize)> {
-    // OR-folding 512 bytes at a time vectorises; `all` on bytes would not.
-    let is_zero = |block: &[u8]| {
-        block
-            .chunks(512)
-            .all(|c| c.iter().fold(0u8, |acc, &b| acc | b) == 0)
-    };
+    use super::zeroes::is_zero;
     let mut runs: Vec<(usize, usize)> = Vec::new();
     let mut zeroes_from = None;
     let keep = |runs: &mut Vec<(usize, usize)>, start: usize, end: usize| match runs.last_mut() {
