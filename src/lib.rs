@@ -1,5 +1,6 @@
 //! piprov: provision Raspberry Pi SD cards for fleets managed by AWS Systems Manager.
 
+pub mod account;
 pub mod broker;
 pub mod cli;
 pub mod digest;

@@ -92,6 +92,29 @@ fn stamp_creates_a_single_use_activation_for_the_card() {
     );
 }
 
+/// Fleet Manager names a node after its activation's DefaultInstanceName: the
+/// card's hostname, unless the recipe names every node itself.
+#[test]
+fn a_recipes_instance_name_wins_over_the_hostname() {
+    let dir = TempDir::new().unwrap();
+    let ssm = SsmEndpoint::start(dir.path(), 0);
+    let image = fixture("golden", &dir);
+    let recipe = embedded_recipe(dir.path());
+    let text = std::fs::read_to_string(&recipe).unwrap();
+    std::fs::write(&recipe, format!("default_instance_name = \"lab\"\n{text}")).unwrap();
+    succeed(
+        ssm.piprov()
+            .arg("stamp")
+            .arg(&image)
+            .arg("--recipe")
+            .arg(&recipe)
+            .args(["--hostname", "door-8"]),
+    );
+    let create = &ssm.requests_for("CreateActivation")[0];
+    assert_eq!(create["body"]["DefaultInstanceName"], "lab");
+    assert_eq!(tag(create, "piprov:hostname"), Some("door-8"));
+}
+
 #[test]
 fn a_card_that_cannot_be_stamped_has_its_activation_deleted() {
     let dir = TempDir::new().unwrap();

@@ -5,7 +5,8 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 
-use super::{ActivationCommand, AwsArgs, FleetCommand};
+use super::{ActivationCommand, AwsArgs, FleetCommand, SetupCommand};
+use crate::account::role;
 use crate::ssm;
 
 pub fn activation(action: ActivationCommand, aws: AwsArgs) -> Result<ExitCode> {
@@ -125,8 +126,15 @@ pub fn fleet(action: FleetCommand, aws: AwsArgs) -> Result<ExitCode> {
         FleetCommand::List { tags, .. }
         | FleetCommand::Doctor { tags, .. }
         | FleetCommand::Prune { tags, .. }
+        | FleetCommand::AccessPolicy { tags, .. }
         | FleetCommand::SshConfig { tags, .. } => parse_tags(tags)?,
     };
+    if let FleetCommand::AccessPolicy { documents, .. } = &action {
+        // Made here, not asked of AWS: no credentials needed.
+        let policy = ssm::access_policy::operator_policy(&tags, documents);
+        println!("{}", serde_json::to_string_pretty(&policy)?);
+        return Ok(ExitCode::SUCCESS);
+    }
     let (profile, region) = (aws.profile.clone(), aws.region.clone());
     runtime()?.block_on(async {
         let client = ssm::client(&aws.connection()).await?;
@@ -134,6 +142,7 @@ pub fn fleet(action: FleetCommand, aws: AwsArgs) -> Result<ExitCode> {
         let now = std::time::SystemTime::now();
         let mut stdout = std::io::stdout().lock();
         match action {
+            FleetCommand::AccessPolicy { .. } => unreachable!("answered above"),
             FleetCommand::SshConfig { user, .. } => {
                 let options = ssm::ssh_config::SshOptions {
                     user: user.as_deref(),
@@ -177,17 +186,26 @@ pub fn fleet(action: FleetCommand, aws: AwsArgs) -> Result<ExitCode> {
             }
             FleetCommand::Doctor { offline_days, json, .. } => {
                 let activations = ssm::list_activations(&client).await?;
+                let tier = ssm::instance_tier(&client).await?;
                 let offline_after = std::time::Duration::from_secs(offline_days * 86_400);
-                let problems = ssm::diagnose(&nodes, &activations, offline_after, now);
+                let mut problems = ssm::diagnose(&nodes, &activations, offline_after, now);
+                problems.extend(ssm::diagnose_tier(&tier));
                 if json {
                     let report = serde_json::json!({
                         "nodes": nodes.len(),
                         "activations": activations.len(),
+                        "tier": tier,
                         "problems": problems,
                     });
                     writeln!(stdout, "{}", serde_json::to_string_pretty(&report)?)?;
                 } else {
                     writeln!(stdout, "{} nodes, {} activations", nodes.len(), activations.len())?;
+                    let limit = tier.node_limit.map_or("no limit".to_string(), |l| format!("{l} allowed"));
+                    writeln!(
+                        stdout,
+                        "instance tier: {} ({} hybrid nodes in the account and region, {limit})",
+                        tier.setting, tier.hybrid_nodes
+                    )?;
                     for p in &problems {
                         writeln!(stdout, "- {}", p.describe())?;
                     }
@@ -233,4 +251,99 @@ pub fn fleet(action: FleetCommand, aws: AwsArgs) -> Result<ExitCode> {
             }
         }
     })
+}
+
+pub fn setup(action: SetupCommand, aws: AwsArgs) -> Result<ExitCode> {
+    let SetupCommand::Role {
+        name,
+        policies,
+        update_trust,
+        apply,
+        json,
+    } = action;
+    runtime()?.block_on(async {
+        let client = crate::account::iam_client(&aws.connection()).await?;
+        let request = role::Request {
+            role: &name,
+            policies: &policies,
+            update_trust,
+        };
+        let plan = role::plan(&client, &request).await?;
+        let arn = if apply && !plan.steps.is_empty() {
+            Some(role::apply(&client, &plan).await?)
+        } else {
+            plan.arn.clone()
+        };
+        let mut stdout = std::io::stdout().lock();
+        if json {
+            let report = serde_json::json!({
+                "applied": apply,
+                "arn": arn,
+                "plan": plan,
+            });
+            writeln!(stdout, "{}", serde_json::to_string_pretty(&report)?)?;
+        } else {
+            print_role_plan(&mut stdout, &plan, apply, arn.as_deref())?;
+        }
+        let pending = !plan.held_back.is_empty() || (!apply && !plan.steps.is_empty());
+        Ok(if pending {
+            ExitCode::from(1)
+        } else {
+            ExitCode::SUCCESS
+        })
+    })
+}
+
+fn print_role_plan(
+    out: &mut impl std::io::Write,
+    plan: &role::Plan,
+    applied: bool,
+    arn: Option<&str>,
+) -> Result<()> {
+    let name = &plan.role;
+    if let Some(problem) = &plan.trust_problem {
+        writeln!(out, "role {name}: {problem}")?;
+        if let Some(found) = &plan.found_trust_policy {
+            writeln!(
+                out,
+                "  its trust policy:\n{}",
+                indent(&serde_json::to_string_pretty(found)?)
+            )?;
+        }
+        writeln!(
+            out,
+            "  piprov's:\n{}",
+            indent(&serde_json::to_string_pretty(&role::trust_policy())?)
+        )?;
+    }
+    for step in &plan.held_back {
+        writeln!(out, "held back (add --update-trust): {}", step.describe())?;
+    }
+    if plan.steps.is_empty() {
+        if plan.held_back.is_empty() {
+            writeln!(out, "role {name} is ready: nothing to do")?;
+        }
+    } else {
+        let verb = if applied { "done" } else { "would" };
+        for step in &plan.steps {
+            writeln!(out, "{verb}: {}", step.describe())?;
+        }
+        if !applied {
+            writeln!(
+                out,
+                "dry run: nothing changed; add --apply to make these changes"
+            )?;
+        }
+    }
+    if let Some(arn) = arn.filter(|a| !a.is_empty()) {
+        writeln!(out, "role ARN: {arn} (the recipe's iam_role: {name})")?;
+    }
+    Ok(())
+}
+
+fn indent(text: &str) -> String {
+    text.lines()
+        .map(|l| format!("    {l}"))
+        .collect::<Vec<_>>()
+        .join("\n")
 }

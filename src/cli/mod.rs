@@ -203,6 +203,13 @@ pub enum Command {
         #[command(flatten)]
         aws: AwsArgs,
     },
+    /// Prepare the AWS account: the IAM service role hybrid nodes assume
+    Setup {
+        #[command(subcommand)]
+        action: SetupCommand,
+        #[command(flatten)]
+        aws: AwsArgs,
+    },
     /// Create, list and delete SSM hybrid activations
     Activation {
         #[command(subcommand)]
@@ -389,6 +396,41 @@ pub enum DeviceCommand {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum SetupCommand {
+    /// Create the IAM service role the Pis assume (shows the plan unless --apply)
+    #[command(
+        long_about = "The IAM service role every hybrid activation names: trusted by \
+        ssm.amazonaws.com for sts:AssumeRole, with AmazonSSMManagedInstanceCore attached (and \
+        each --policy, e.g. CloudWatchAgentServerPolicy or your own S3 policy). Without --apply \
+        it shows what it would create or attach and changes nothing. A role that is already \
+        right is left as it is. A role whose trust policy does not let SSM assume it is \
+        reported, with what it trusts instead, and changed only with --update-trust.\n\n\
+        Exit status: 0 done (or nothing to do), 1 something is held back or would change \
+        (without --apply), 2 error.",
+        after_help = "Examples:\n  piprov setup role\n  piprov setup role --apply\n  \
+        piprov setup role --name PiFleetRole --policy arn:aws:iam::aws:policy/CloudWatchAgentServerPolicy --apply\n  \
+        piprov setup role --update-trust --apply"
+    )]
+    Role {
+        /// The role's name (the recipe's iam_role)
+        #[arg(long, default_value = crate::account::role::DEFAULT_ROLE)]
+        name: String,
+        /// A further policy ARN to attach (repeatable)
+        #[arg(long = "policy", value_name = "ARN")]
+        policies: Vec<String>,
+        /// Replace a trust policy that does not let ssm.amazonaws.com assume the role
+        #[arg(long)]
+        update_trust: bool,
+        /// Make the changes (without it: only show them)
+        #[arg(long)]
+        apply: bool,
+        /// Print JSON, for scripts
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 pub enum FleetCommand {
     /// Managed nodes: ping status, agent version, computer name, IP, registration, piprov tags
     #[command(
@@ -407,7 +449,9 @@ pub enum FleetCommand {
         long_about = "Find what needs attention in the fleet: several nodes claiming one Pi serial \
         (piprov:serial tag) or one hostname (a cloned card, or a Pi that re-registered and left \
         its old node behind), nodes offline longer than --offline-days, and activations that \
-        have expired or have no registrations left.\n\n\
+        have expired or have no registrations left; and the account's instance tier: on the \
+        standard tier Session Manager cannot reach hybrid nodes, and at most 1,000 of them may \
+        register (GetServiceSetting /ssm/managed-instance/activation-tier).\n\n\
         Exit status: 0 nothing found, 1 problems found, 2 error.",
         after_help = "Examples:\n  piprov fleet doctor\n  piprov fleet doctor --offline-days 7 --json"
     )]
@@ -440,6 +484,28 @@ pub enum FleetCommand {
         /// The login user for every entry (default: ssh's own)
         #[arg(long)]
         user: Option<String>,
+    },
+    /// Print a least-privilege IAM policy for operators: sessions on the fleet's nodes, nothing more
+    #[command(
+        long_about = "Print an IAM policy (JSON) for the people who operate the fleet: \
+        ssm:StartSession on managed (hybrid) nodes that carry every --tag given (a resource-tag \
+        condition, not a list of node ids, so new cards are covered), only through the session \
+        documents chosen (with ssm:SessionDocumentAccessCheck), TerminateSession and \
+        ResumeSession on the caller's own sessions (${aws:username}-*), and the read-only calls \
+        Session Manager makes. Without --tag: every node piprov created an activation for (they \
+        carry piprov:version). Nothing is sent to AWS: attach the policy to the operators' group \
+        or role.",
+        after_help = "Examples:\n  piprov fleet access-policy --tag site=a > operators.json\n  \
+        piprov fleet access-policy --documents ssh,port-forwarding\n  \
+        aws iam create-policy --policy-name PiFleetOperators --policy-document file://operators.json"
+    )]
+    AccessPolicy {
+        /// Only nodes with this tag (repeatable; all must match)
+        #[arg(long = "tag", value_name = "KEY=VALUE")]
+        tags: Vec<String>,
+        /// The session documents operators may use
+        #[arg(long, value_delimiter = ',', default_value = "ssh,shell")]
+        documents: Vec<crate::ssm::SessionDocument>,
     },
     /// Deregister nodes offline for a long time (dry run unless --apply)
     #[command(
@@ -538,6 +604,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Activation { action, aws } => aws::activation(action, aws),
         Command::Fleet { action, aws } => aws::fleet(action, aws),
+        Command::Setup { action, aws } => aws::setup(action, aws),
         Command::Broker { action } => broker::run(action),
         Command::Flash {
             image,

@@ -303,7 +303,7 @@ fn flash_while_decoding(
     let growing = stream::Growing::start(entry, source::Format::Xz, len, progress, &CANCEL)?;
     let mut head = vec![0u8; 8192.min(len as usize)];
     if let Err(e) = growing.read_exact_at(&mut head, 0) {
-        let decoded = growing.finish();
+        let decoded = growing.finish().map(drop);
         return Err(decoded.err().unwrap_or(e))
             .with_context(|| format!("decoding {}", config.image.display()));
     }
@@ -314,37 +314,62 @@ fn flash_while_decoding(
     let prefill = {
         let open: Vec<&target::Target> = targets.iter().flatten().collect();
         let bar = progress.bytes("decoded", len);
-        let done = prefill::prefill(&growing, &open, &maybe_tables(&head, len), &CANCEL, &|n| {
+        let tables = maybe_tables(&head, len);
+        let done = prefill::prefill(&growing, &open, &tables, config.full, &CANCEL, &|n| {
             bar.inc(n)
         });
         bar.finish_and_clear();
         done
     };
     let not_bootable = NOT_BOOTABLE;
-    let source = growing
-        .finish()
-        .and_then(|source| source::check_expected(&config.image, source, config.sha256.as_deref()))
-        .map_err(|e| match e.downcast_ref::<crate::digest::Cancelled>() {
-            Some(_) => anyhow::anyhow!("interrupted while the archive was decoded; {not_bootable}"),
-            None => anyhow::anyhow!("{e:#}; {not_bootable}"),
-        })?;
+    let (source, keeping) =
+        growing
+            .finish()
+            .map_err(|e| match e.downcast_ref::<crate::digest::Cancelled>() {
+                Some(_) => {
+                    anyhow::anyhow!("interrupted while the archive was decoded; {not_bootable}")
+                }
+                None => anyhow::anyhow!("{e:#}; {not_bootable}"),
+            })?;
+    // The cache is made durable while the cards are finished.
+    let kept = |keeping: stream::Keeping| {
+        if let Err(e) = keeping.wait() {
+            progress.warn(&format!(
+                "warning: the decoded image is not kept in the cache: {e:#}"
+            ));
+        }
+    };
+    let source = match source::check_expected(&config.image, source, config.sha256.as_deref()) {
+        Ok(source) => source,
+        Err(e) => {
+            kept(keeping);
+            bail!("{e:#}; {not_bootable}");
+        }
+    };
     let mut results = prefill.results.into_iter();
     for target in targets.iter_mut().filter(|t| t.is_ok()) {
         if let Some(Err(e)) = results.next() {
             *target = Err(e);
         }
     }
-    let (base_map, tables) = map_image(config, &source, progress)
-        .map_err(|e| anyhow::anyhow!("{e:#}; {not_bootable}"))?;
+    let (base_map, tables) = match map_image(config, &source, progress) {
+        Ok(mapped) => mapped,
+        Err(e) => {
+            kept(keeping);
+            bail!("{e:#}; {not_bootable}");
+        }
+    };
     let cards = Cards {
         infos,
         targets,
         prefilled: Some(prefill.written),
     };
     let hash = ImageHash::Known(source.sha256.clone());
-    finish(
+    let summary = finish(
         config, recipe, cards, &source, &hash, &base_map, &tables, progress,
-    )
+    );
+    kept(keeping);
+    summary
 }
 
 /// Wherever the image's partition tables might lie, from its first 8 KiB and

@@ -11,18 +11,19 @@
 //! flushed before the first piece, so a card that stops here, for any reason,
 //! holds no partition table.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+use std::sync::{Arc, OnceLock};
 
 use anyhow::{Context, Result, anyhow};
 
-use super::map::Extents;
+use super::map::{self, Extents};
 use super::stream::Growing;
 use super::target::Target;
 use super::write::{
     BufPool, CHUNK, ERASED, Failed, IN_FLIGHT, InterruptedError, NOT_ERASED, Piece, erase, explain,
 };
+use crate::image::Image;
 
 /// What the first pass left on the cards.
 pub struct Prefill {
@@ -33,7 +34,9 @@ pub struct Prefill {
 }
 
 enum Msg {
-    Piece(Arc<Piece>),
+    /// A piece, and whether all of it is to be written (the map wants it), not
+    /// only its data.
+    Piece(Arc<Piece>, bool),
     /// Every piece was sent.
     Done,
 }
@@ -45,12 +48,27 @@ pub fn prefill(
     image: &Growing,
     targets: &[&Target],
     tables: &Extents,
+    full: bool,
     cancel: &AtomicBool,
     tick: &(dyn Fn(u64) + Sync),
 ) -> Prefill {
-    let pieces = Extents::from_ranges(vec![(0, image.len)]).minus(tables);
     let written = std::sync::Mutex::new(Vec::new());
+    let map = OnceLock::new();
+    if full {
+        let _ = map.set(Extents::from_ranges(vec![(0, image.len)]));
+    }
     let results = std::thread::scope(|scope| {
+        if !full {
+            // The filesystems' metadata lies near their starts: once it has
+            // decoded, the map is known, and what follows is written by it.
+            let disk = image.disk();
+            scope.spawn(|| {
+                let mapped = Image::from_disk(disk).and_then(|disk| map::compute(&disk));
+                if let Ok(mapped) = mapped {
+                    let _ = map.set(mapped);
+                }
+            });
+        }
         let mut senders = Vec::new();
         let mut handles = Vec::new();
         for &target in targets {
@@ -58,7 +76,7 @@ pub fn prefill(
             senders.push(Some(tx));
             handles.push(scope.spawn(move || card(target, rx, tables, cancel)));
         }
-        let read = feed(image, &pieces, &mut senders, &written, cancel, tick);
+        let read = feed(image, tables, &map, &mut senders, &written, cancel, tick);
         drop(senders);
         handles
             .into_iter()
@@ -77,11 +95,14 @@ pub fn prefill(
     }
 }
 
-/// The reader: each piece waited for, read once, its data runs found once, and
-/// sent to every card still going.
+/// The reader: each piece waited for, read once, and sent to every card still
+/// going. Until the map is known, only what the decoder wrote (its holes are
+/// zeroes, which the second pass writes where the map wants them), less runs
+/// of zeroes; from then on, what the map names, zeroes and all.
 fn feed(
     image: &Growing,
-    pieces: &Extents,
+    tables: &Extents,
+    map: &OnceLock<Extents>,
     senders: &mut [Option<SyncSender<Msg>>],
     written: &std::sync::Mutex<Vec<(u64, u64)>>,
     cancel: &AtomicBool,
@@ -97,29 +118,55 @@ fn feed(
             }
         }
     };
-    for &(start, end) in pieces.ranges() {
-        let mut at = start;
-        while at < end {
-            if cancel.load(Ordering::Relaxed) {
-                return Ok(());
-            }
-            let len = (end - at).min(CHUNK);
-            let piece = Arc::new(Piece::read_with(at, len, &pool, |data| {
-                image.read_exact_at(data, at)
+    let mut at = 0;
+    loop {
+        if cancel.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let known = map.get();
+        let next = match known {
+            Some(map) => next_range(map, at, CHUNK),
+            None => image.next_data(at, CHUNK)?,
+        };
+        let Some((start, end)) = next else { break };
+        tick(end - at);
+        at = end;
+        for &(from, to) in Extents::from_ranges(vec![(start, end)])
+            .minus(tables)
+            .ranges()
+        {
+            let len = to - from;
+            let piece = Arc::new(Piece::read_with(from, len, &pool, |data| {
+                image.read_exact_at(data, from)
             })?);
-            written.lock().unwrap_or_else(|e| e.into_inner()).extend(
-                piece
-                    .data_runs()
-                    .iter()
-                    .map(|&(from, to)| (at + from as u64, (at + to as u64).min(at + len))),
-            );
-            send_all(&|| Msg::Piece(piece.clone()));
-            tick(len);
-            at += len;
+            let mut written = written.lock().unwrap_or_else(|e| e.into_inner());
+            if known.is_some() {
+                written.push((from, to));
+            } else {
+                written.extend(
+                    piece
+                        .data_runs()
+                        .iter()
+                        .map(|&(a, b)| (from + a as u64, (from + b as u64).min(to))),
+                );
+            }
+            drop(written);
+            send_all(&|| Msg::Piece(piece.clone(), known.is_some()));
         }
     }
+    tick(image.len.saturating_sub(at));
     send_all(&|| Msg::Done);
     Ok(())
+}
+
+/// The part of `extents` from `at` on, at most `max` bytes of one range.
+fn next_range(extents: &Extents, at: u64, max: u64) -> Option<(u64, u64)> {
+    let ranges = extents.ranges();
+    let i = ranges.partition_point(|&(_, end)| end <= at);
+    ranges.get(i).map(|&(start, end)| {
+        let start = start.max(at);
+        (start, end.min(start + max))
+    })
 }
 
 /// One card: its old tables erased and flushed first, then the pieces' data;
@@ -155,9 +202,16 @@ fn write_pieces(target: &Target, rx: Receiver<Msg>) -> Result<()> {
     let path = target.info.path.display();
     loop {
         match rx.recv() {
-            Ok(Msg::Piece(piece)) => {
+            Ok(Msg::Piece(piece, whole)) => {
                 let data = piece.buf.data();
-                for &(from, to) in piece.data_runs() {
+                // A new file reads as zeroes already; a card does not.
+                let all = [(0, data.len())];
+                let runs = if whole && target.info.block_device {
+                    &all[..]
+                } else {
+                    piece.data_runs()
+                };
+                for &(from, to) in runs {
                     let at = piece.start + from as u64;
                     target
                         .file

@@ -64,6 +64,10 @@ impl Format {
     }
 }
 
+/// Told, as decoding goes, how many bytes are final and which ranges of them
+/// hold data (the rest are holes).
+pub type Decoded<'a> = dyn Fn(u64, &[(u64, u64)]) + 'a;
+
 /// A decoded image ready to be written: a file with random access, and the
 /// SHA-256 of its bytes.
 #[derive(Debug, Clone)]
@@ -144,7 +148,7 @@ pub fn open_for_flash(
     let source = match (cache_entry(path, format, progress, cancel)?, len) {
         (Cached::Ready(source), _) => source,
         (Cached::Missing(entry), Some(len)) => return Ok(Opened::Streamable { entry, len }),
-        (Cached::Missing(entry), None) => entry.decode(progress, cancel, &|_| {})?,
+        (Cached::Missing(entry), None) => entry.decode(progress, cancel, &|_, _| {})?,
     };
     check_expected(path, source, expected).map(Opened::Ready)
 }
@@ -178,7 +182,7 @@ fn decode_cached(
 ) -> Result<Source> {
     match cache_entry(path, format, progress, cancel)? {
         Cached::Ready(source) => Ok(source),
-        Cached::Missing(entry) => entry.decode(progress, cancel, &|_| {}),
+        Cached::Missing(entry) => entry.decode(progress, cancel, &|_, _| {}),
     }
 }
 
@@ -251,30 +255,35 @@ impl Entry {
         self,
         progress: &Progress,
         cancel: &AtomicBool,
-        decoded: &dyn Fn(u64),
+        decoded: &Decoded<'_>,
     ) -> Result<Source> {
         let out = self.create()?;
-        self.decode_into(out, &self.bar(progress)?, cancel, decoded, None)
+        let source = self
+            .decode_into(&out, &self.bar(progress)?, cancel, decoded, None)
             .with_context(|| {
                 format!(
                     "decoding {} ({})",
                     self.archive.display(),
                     self.format.name()
                 )
-            })
+            })?;
+        self.commit(&out, &source)?;
+        Ok(source)
     }
 
-    /// As `decode`, into `out` (the partial file); with `expected_len`, an
-    /// image of another length is an error.
+    /// As `decode`, into `out` (the partial file), which then takes the
+    /// image's place in the cache; the entry counts only once `commit` has
+    /// made it durable. With `expected_len`, an image of another length is an
+    /// error.
     pub fn decode_into(
         &self,
-        mut out: File,
+        out: &File,
         bar: &indicatif::ProgressBar,
         cancel: &AtomicBool,
-        decoded: &dyn Fn(u64),
+        decoded: &Decoded<'_>,
         expected_len: Option<u64>,
     ) -> Result<Source> {
-        let result = self.decode_to(&mut out, bar, cancel, decoded);
+        let result = self.decode_to(out, bar, cancel, decoded);
         let result = result.and_then(|(len, sha256)| match expected_len {
             Some(expected) if expected != len => {
                 bail!("it decodes to {len} bytes, but its index says {expected}")
@@ -291,15 +300,9 @@ impl Entry {
                 return Err(e).context("the archive is truncated or corrupt");
             }
         };
-        let dir = self.image.parent().unwrap_or(Path::new("."));
-        let kept = out
-            .sync_all()
-            .and_then(|()| std::fs::write(&self.hash_file, format!("{sha256}\n")))
-            .and_then(|()| std::fs::rename(&self.partial, &self.image));
-        if let Err(e) = kept {
+        if let Err(e) = std::fs::rename(&self.partial, &self.image) {
             let _ = std::fs::remove_file(&self.partial);
-            return Err(e)
-                .with_context(|| format!("keeping the decoded image in {}", dir.display()));
+            return Err(e).with_context(|| format!("keeping {}", self.image.display()));
         }
         Ok(Source {
             path: self.image.clone(),
@@ -309,6 +312,22 @@ impl Entry {
         })
     }
 
+    /// Makes the decoded image durable, then writes its hash beside it: an
+    /// entry without its hash file is decoded again, so a crash at any point
+    /// leaves no entry that is believed and wrong. On an error the image goes.
+    pub fn commit(&self, out: &File, source: &Source) -> Result<()> {
+        let kept = out
+            .sync_all()
+            .and_then(|()| std::fs::write(&self.hash_file, format!("{}\n", source.sha256)));
+        if let Err(e) = kept {
+            let _ = std::fs::remove_file(&self.image);
+            let dir = self.image.parent().unwrap_or(Path::new("."));
+            return Err(e)
+                .with_context(|| format!("keeping the decoded image in {}", dir.display()));
+        }
+        Ok(())
+    }
+
     /// A bar for the decoding, counting the archive's bytes.
     pub fn bar(&self, progress: &Progress) -> Result<indicatif::ProgressBar> {
         Ok(progress.bytes("decoding", std::fs::metadata(&self.archive)?.len()))
@@ -316,10 +335,10 @@ impl Entry {
 
     fn decode_to(
         &self,
-        out: &mut File,
+        out: &File,
         bar: &indicatif::ProgressBar,
         cancel: &AtomicBool,
-        decoded: &dyn Fn(u64),
+        decoded: &Decoded<'_>,
     ) -> Result<(u64, String)> {
         let archive = File::open(&self.archive)?;
         let counted = BufReader::with_capacity(
@@ -359,9 +378,9 @@ impl Entry {
 /// The single disk image inside a zip (Raspberry Pi OS zips hold one `.img`).
 fn decode_zip(
     path: &Path,
-    out: &mut File,
+    out: &File,
     cancel: &AtomicBool,
-    decoded: &dyn Fn(u64),
+    decoded: &Decoded<'_>,
 ) -> Result<(u64, String)> {
     let mut zip = zip::ZipArchive::new(File::open(path)?).context("reading the zip directory")?;
     let names: Vec<String> = zip
@@ -390,14 +409,16 @@ fn decode_zip(
 }
 
 /// Copies a stream into a file, leaving holes for long runs of zeroes, and
-/// returns its length and SHA-256. `copied` hears the length so far after
-/// each piece: readers of the file may read that far.
+/// returns its length and SHA-256. `copied` hears, after each piece, the length
+/// so far (readers of the file may read that far) and the ranges of it that
+/// were written rather than left as holes.
 fn copy_sparse(
     r: &mut impl Read,
-    out: &mut File,
+    out: &File,
     cancel: &AtomicBool,
-    copied: &dyn Fn(u64),
+    copied: &Decoded<'_>,
 ) -> Result<(u64, String)> {
+    let mut out = out;
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; CHUNK];
     let mut len = 0u64;
@@ -409,20 +430,28 @@ fn copy_sparse(
         }
         hasher.update(&buf[..n]);
         let mut ends_in_hole = false;
+        let mut data: Vec<(u64, u64)> = Vec::new();
+        let mut at = len;
         for piece in buf[..n].chunks(HOLE) {
             ends_in_hole = super::zeroes::is_zero(piece);
             if ends_in_hole {
                 out.seek(SeekFrom::Current(piece.len() as i64))?;
             } else {
                 out.write_all(piece)?;
+                let end = at + piece.len() as u64;
+                match data.last_mut() {
+                    Some(last) if last.1 == at => last.1 = end,
+                    _ => data.push((at, end)),
+                }
             }
+            at += piece.len() as u64;
         }
         len += n as u64;
         if ends_in_hole {
             // So that a reader finds the hole, not the end of the file.
             out.set_len(len)?;
         }
-        copied(len);
+        copied(len, &data);
     }
     out.set_len(len)?;
     Ok((len, hex(&hasher.finalize())))
@@ -462,9 +491,9 @@ mod tests {
         data[299_999] = 2;
         let dir = tempfile::TempDir::new().unwrap();
         let path = dir.path().join("out");
-        let mut out = File::create(&path).unwrap();
+        let out = File::create(&path).unwrap();
         let (len, sha) =
-            copy_sparse(&mut &data[..], &mut out, &AtomicBool::new(false), &|_| {}).unwrap();
+            copy_sparse(&mut &data[..], &out, &AtomicBool::new(false), &|_, _| {}).unwrap();
         assert_eq!(len, 300_000);
         assert_eq!(std::fs::read(&path).unwrap(), data);
         assert_eq!(sha, hex(&Sha256::digest(&data)));

@@ -77,9 +77,11 @@ impl CardActivations {
             iam_role: self.iam_role.clone(),
             registration_limit: 1,
             lifetime: self.lifetime,
-            default_instance_name: resolved
-                .map(str::to_string)
-                .or_else(|| self.default_instance_name.clone()),
+            // Fleet Manager's node name: the recipe's, else the card's hostname.
+            default_instance_name: self
+                .default_instance_name
+                .clone()
+                .or_else(|| resolved.map(str::to_string)),
             description: Some(format!(
                 "piprov card {}",
                 resolved.or(hostname).unwrap_or(card)

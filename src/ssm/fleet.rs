@@ -167,6 +167,61 @@ async fn nodes_matching(client: &Client, filters: &[(String, String)]) -> Result
     Ok(nodes)
 }
 
+/// How many hybrid nodes the account has in this region (no tags read).
+pub async fn count_hybrid_nodes(client: &Client) -> Result<usize> {
+    let request = client.describe_instance_information().filters(
+        InstanceInformationStringFilter::builder()
+            .key("ResourceType")
+            .values("ManagedInstance")
+            .build()?,
+    );
+    let mut count = 0;
+    let mut pages = request.into_paginator().send();
+    while let Some(page) = pages.next().await {
+        count += page
+            .map_err(|e| explain(e, "counting managed nodes"))?
+            .instance_information_list()
+            .len();
+    }
+    Ok(count)
+}
+
+/// The service setting that holds the account's instance tier in a region.
+pub const TIER_SETTING: &str = "/ssm/managed-instance/activation-tier";
+/// Hybrid nodes the standard tier allows per account and region.
+pub const STANDARD_NODE_LIMIT: usize = 1000;
+
+/// The account's instance tier: `standard` (free, up to 1,000 hybrid nodes, no
+/// Session Manager on them) or `advanced` (charged per node-hour).
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Tier {
+    pub setting: String,
+    pub hybrid_nodes: usize,
+    /// The standard tier's limit; none on the advanced tier.
+    pub node_limit: Option<usize>,
+}
+
+pub async fn instance_tier(client: &Client) -> Result<Tier> {
+    let out = client
+        .get_service_setting()
+        .setting_id(TIER_SETTING)
+        .send()
+        .await
+        .map_err(|e| explain(e, "reading the instance tier (GetServiceSetting)"))?;
+    let setting = out
+        .service_setting()
+        .and_then(|s| s.setting_value())
+        .unwrap_or("standard")
+        .to_ascii_lowercase();
+    let hybrid_nodes = count_hybrid_nodes(client).await?;
+    let node_limit = (setting != "advanced").then_some(STANDARD_NODE_LIMIT);
+    Ok(Tier {
+        setting,
+        hybrid_nodes,
+        node_limit,
+    })
+}
+
 pub async fn deregister(client: &Client, id: &str) -> Result<()> {
     client
         .deregister_managed_instance()
@@ -201,6 +256,14 @@ pub enum Problem {
     ActivationUsedUp {
         activation: String,
     },
+    /// The standard tier: Session Manager (and so `fleet ssh-config`) cannot
+    /// reach hybrid nodes.
+    StandardTier,
+    /// Most of the standard tier's hybrid nodes are used.
+    NearNodeLimit {
+        nodes: usize,
+        limit: usize,
+    },
 }
 
 impl Problem {
@@ -219,6 +282,16 @@ impl Problem {
             Problem::ActivationUsedUp { activation } => {
                 format!("activation {activation} has no registrations left: delete it")
             }
+            Problem::StandardTier => "the account is on the standard-instances tier in this \
+                region: Session Manager cannot reach hybrid nodes (no shells, no `fleet \
+                ssh-config`); switch to the advanced-instances tier (charged per node-hour) in \
+                Fleet Manager's settings, or with `aws ssm update-service-setting --setting-id \
+                /ssm/managed-instance/activation-tier --setting-value advanced`"
+                .to_string(),
+            Problem::NearNodeLimit { nodes, limit } => format!(
+                "{nodes} of the standard tier's {limit} hybrid nodes are registered: \
+                 more need the advanced-instances tier"
+            ),
         }
     }
 }
@@ -277,6 +350,23 @@ pub fn diagnose(
                 activation: a.id.clone(),
             });
         }
+    }
+    problems
+}
+
+/// What the instance tier means for the fleet: the standard tier cannot give
+/// Session Manager on hybrid nodes, and allows only so many of them (said
+/// from 90 % on).
+pub fn diagnose_tier(tier: &Tier) -> Vec<Problem> {
+    let Some(limit) = tier.node_limit else {
+        return Vec::new();
+    };
+    let mut problems = vec![Problem::StandardTier];
+    if tier.hybrid_nodes * 10 >= limit * 9 {
+        problems.push(Problem::NearNodeLimit {
+            nodes: tier.hybrid_nodes,
+            limit,
+        });
     }
     problems
 }

@@ -3,11 +3,13 @@
 //! from the standard chain (environment, profiles, SSO) unless given;
 //! `AWS_ENDPOINT_URL[_SSM]` points the client elsewhere (the tests' local endpoint).
 
+pub mod access_policy;
 mod activations;
 mod card;
 mod fleet;
 pub mod ssh_config;
 
+pub use access_policy::SessionDocument;
 pub use activations::*;
 pub use card::CardActivations;
 pub use fleet::*;
@@ -24,6 +26,16 @@ pub struct Connection {
 }
 
 pub async fn client(conn: &Connection) -> Result<Client> {
+    Ok(Client::new(&sdk_config(conn, None).await?))
+}
+
+/// The SDK's configuration: the standard chain with `conn`'s overrides, a
+/// region (`default_region` if none is set: IAM is global), and credentials
+/// that resolve.
+pub async fn sdk_config(
+    conn: &Connection,
+    default_region: Option<&'static str>,
+) -> Result<aws_config::SdkConfig> {
     let mut loader = aws_config::defaults(BehaviorVersion::latest());
     if let Some(profile) = &conn.profile {
         loader = loader.profile_name(profile);
@@ -31,7 +43,13 @@ pub async fn client(conn: &Connection) -> Result<Client> {
     if let Some(region) = &conn.region {
         loader = loader.region(aws_config::Region::new(region.clone()));
     }
-    let config = loader.load().await;
+    let mut config = loader.load().await;
+    if let (None, Some(region)) = (config.region(), default_region) {
+        config = config
+            .into_builder()
+            .region(aws_config::Region::new(region))
+            .build();
+    }
     match config.region() {
         None => bail!(
             "no AWS region: pass --region, set AWS_REGION, or set one in the recipe or your profile"
@@ -43,7 +61,7 @@ pub async fn client(conn: &Connection) -> Result<Client> {
         Some(_) => {}
     }
     check_credentials(conn, &config).await?;
-    Ok(Client::new(&config))
+    Ok(config)
 }
 
 /// Whether `-v` asked for the SDK's own error chains.

@@ -65,6 +65,52 @@ impl SsmEndpoint {
             .collect()
     }
 
+    /// The forms of the IAM requests for one action, e.g. "CreateRole".
+    pub fn requests_for_iam(&self, action: &str) -> Vec<serde_json::Value> {
+        let target = format!("IAM.{action}");
+        self.requests()
+            .into_iter()
+            .filter(|r| r["target"] == target.as_str())
+            .map(|r| r["body"].clone())
+            .collect()
+    }
+
+    /// Calls IAM's side of the endpoint directly (the Query protocol), as
+    /// another tool that made a role before piprov would.
+    pub fn iam(&self, form: &[(&str, &str)]) -> String {
+        let body: String = form
+            .iter()
+            .chain(&[("Version", "2010-05-08")])
+            .map(|(k, v)| {
+                let enc = |s: &str| {
+                    s.bytes()
+                        .map(|b| match b {
+                            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' => {
+                                (b as char).to_string()
+                            }
+                            _ => format!("%{b:02X}"),
+                        })
+                        .collect::<String>()
+                };
+                format!("{}={}", enc(k), enc(v))
+            })
+            .collect::<Vec<_>>()
+            .join("&");
+        let mut stream = TcpStream::connect(("127.0.0.1", self.stub.port)).unwrap();
+        write!(
+            stream,
+            "POST / HTTP/1.0\r\nHost: 127.0.0.1\r\n\
+             Content-Type: application/x-www-form-urlencoded; charset=utf-8\r\n\
+             Content-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        let mut reply = String::new();
+        stream.read_to_string(&mut reply).unwrap();
+        assert!(reply.starts_with("HTTP/1.0 200"), "{reply}");
+        reply
+    }
+
     /// The environment piprov runs in: test credentials, this endpoint, and
     /// nothing from the host's AWS setup.
     pub fn env(&self) -> Vec<(String, String)> {

@@ -1,5 +1,6 @@
 """A local SSM-compatible endpoint for the tests (moto implements none of the
-activation or managed-node calls): the JSON 1.1 protocol (`POST /`,
+activation or managed-node calls), serving IAM beside it (iam_query.py: the
+Query-protocol requests, those without X-Amz-Target): the JSON 1.1 protocol (`POST /`,
 `X-Amz-Target: AmazonSSM.<Op>`), state kept in memory, limits and errors as AWS
 documents them. Signatures are not checked. Loopback only; stops by itself after
 LIFETIME seconds (default 300).
@@ -19,7 +20,8 @@ activation's tags carry over to the node, as AWS does), then
 UpdateInstanceInformation pings. A node is Online while it pinged in the last
 five minutes. One operation is not AWS's: `PiprovTest.Backdate` {InstanceId,
 Seconds} moves a node's ping and registration times into the past, so tests can
-make a node that has been offline for weeks.
+make a node that has been offline for weeks. Service settings start as a new
+account's: the activation tier is `standard` until UpdateServiceSetting changes it.
 """
 import json
 import os
@@ -30,6 +32,8 @@ import threading
 import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import iam_query
 
 port_file, log_path = sys.argv[1], sys.argv[2]
 throttle_left = int(sys.argv[3]) if len(sys.argv) > 3 else 0
@@ -212,7 +216,45 @@ def backdate(body):
     return {}
 
 
+# Service settings as a new account has them: the standard-instances tier.
+TIER = "/ssm/managed-instance/activation-tier"
+settings = {TIER: {"value": "standard", "status": "Default"}}
+
+
+def setting_id(body):
+    wanted = body.get("SettingId", "")
+    # By name or by ARN (arn:aws:ssm:REGION:ACCOUNT:servicesetting/ssm/...).
+    name = wanted.split(":servicesetting", 1)[-1] if ":servicesetting" in wanted else wanted
+    if name not in settings:
+        raise Error("ServiceSettingNotFound", f"ServiceSetting {wanted} is not found", 400)
+    return name
+
+
+def get_service_setting(body):
+    name = setting_id(body)
+    found = settings[name]
+    return {"ServiceSetting": {
+        "SettingId": name,
+        "SettingValue": found["value"],
+        "ARN": f"arn:aws:ssm:us-east-1:123456789012:servicesetting{name}",
+        "Status": found["status"],
+        "LastModifiedDate": time.time(),
+        "LastModifiedUser": "System",
+    }}
+
+
+def update_service_setting(body):
+    name = setting_id(body)
+    value = body.get("SettingValue", "")
+    if name == TIER and value not in ("standard", "advanced"):
+        raise Error("ValidationException", f"Invalid value {value} for {name}: standard or advanced")
+    settings[name] = {"value": value, "status": "Customized"}
+    return {}
+
+
 OPERATIONS = {
+    "AmazonSSM.GetServiceSetting": get_service_setting,
+    "AmazonSSM.UpdateServiceSetting": update_service_setting,
     "AmazonSSM.CreateActivation": create_activation,
     "AmazonSSM.DescribeActivations": describe_activations,
     "AmazonSSM.DeleteActivation": delete_activation,
@@ -230,7 +272,10 @@ class Handler(BaseHTTPRequestHandler):
     def do_POST(self):
         global throttle_left
         target = self.headers.get("X-Amz-Target", "")
-        body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
+        raw = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        if not target and self.headers.get("Content-Type", "").startswith("application/x-www-form-urlencoded"):
+            return self.iam(raw)
+        body = json.loads(raw or b"{}")
         logged = dict(body, ActivationCode="***") if "ActivationCode" in body else body
         try:
             with lock:
@@ -250,6 +295,19 @@ class Handler(BaseHTTPRequestHandler):
             self.reply(200, result)
         except Error as e:
             self.reply(e.status, {"__type": e.kind, "message": e.message})
+
+    def iam(self, raw):
+        with lock:
+            status, xml, form = iam_query.handle(raw, self.headers.get("Authorization", ""))
+            with open(log_path, "a") as log:
+                log.write(json.dumps({"target": "IAM." + form.get("Action", ""), "body": form}) + "\n")
+        data = xml.encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "text/xml")
+        self.send_header("x-amzn-RequestId", str(uuid.uuid4()))
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
 
     def reply(self, status, payload):
         data = json.dumps(payload).encode()
