@@ -144,6 +144,28 @@ fn a_card_that_cannot_be_stamped_has_its_activation_deleted() {
     assert_eq!(listed["ActivationList"], serde_json::json!([]));
 }
 
+/// A 128 KiB tmpfs (the golden image holds some 490 KB of data), unmounted on
+/// drop (needs root).
+struct SmallFs(PathBuf);
+
+impl SmallFs {
+    fn mount(at: &Path) -> Option<SmallFs> {
+        std::fs::create_dir_all(at).unwrap();
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=128k", "tmpfs"])
+            .arg(at)
+            .output()
+            .is_ok_and(|o| o.status.success());
+        common::available(ok, "mounting a small tmpfs (needs root)").then(|| SmallFs(at.into()))
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).output();
+    }
+}
+
 #[test]
 fn a_batch_gets_one_activation_per_card_and_a_failed_card_gives_its_back() {
     let dir = TempDir::new().unwrap();
@@ -152,7 +174,13 @@ fn a_batch_gets_one_activation_per_card_and_a_failed_card_gives_its_back() {
     let cards: Vec<PathBuf> = (1..=2)
         .map(|i| dir.path().join(format!("card{i}.img")))
         .collect();
-    let unwritable = dir.path().join("no/such/dir/card3.img");
+    // A file on a full filesystem: it opens, then its writes fail, after its
+    // activation exists.
+    let small = SmallFs::mount(&dir.path().join("small"));
+    if small.is_none() {
+        return;
+    }
+    let unwritable = dir.path().join("small/card3.img");
     let manifest = dir.path().join("cards.jsonl");
     let out = ssm
         .piprov()
