@@ -108,6 +108,14 @@ fn list_shows_nodes_with_status_and_tags() {
 fn doctor_finds_clones_stale_nodes_and_dead_activations() {
     let dir = TempDir::new().unwrap();
     let ssm = SsmEndpoint::start(dir.path(), 0);
+    // The tier's own findings are tests/account.rs's.
+    ssm.call(
+        "AmazonSSM.UpdateServiceSetting",
+        &serde_json::json!({
+            "SettingId": "/ssm/managed-instance/activation-tier",
+            "SettingValue": "advanced"
+        }),
+    );
     let (a, code_a) = activation(&ssm, 3, "a");
     let (single, code_single) = activation(&ssm, 1, "a");
     // One Pi's card cloned: two nodes with its serial; the old one long silent.
