@@ -223,16 +223,13 @@ pub fn flash(config: &FlashConfig, progress: &Progress) -> Result<Summary> {
         targets,
         prefilled: None,
     };
-    let summary = finish(
-        config,
-        recipe.as_ref(),
-        cards,
-        &source,
-        &hash,
-        &base_map,
-        &tables,
-        progress,
-    )?;
+    let basis = Basis {
+        source: &source,
+        hash: &hash,
+        base_map: &base_map,
+        tables: &tables,
+    };
+    let summary = finish(config, recipe.as_ref(), cards, basis, progress)?;
     if CANCEL.load(Ordering::Relaxed) {
         return Ok(summary);
     }
@@ -250,6 +247,16 @@ pub fn flash(config: &FlashConfig, progress: &Progress) -> Result<Summary> {
 /// Said when the cards had data written before the image was found wrong.
 const NOT_BOOTABLE: &str = "the cards were written in part and hold no partition table: \
                             they will not boot (flash them again once the image is right)";
+
+/// What every card of a batch is written from: the image, its hash (known, or
+/// worked out while writing), its map and where its tables lie.
+#[derive(Clone, Copy)]
+struct Basis<'a> {
+    source: &'a source::Source,
+    hash: &'a ImageHash,
+    base_map: &'a Extents,
+    tables: &'a Extents,
+}
 
 /// The cards of a batch, checked and opened, and what a first pass left on them.
 struct Cards {
@@ -365,9 +372,13 @@ fn flash_while_decoding(
         prefilled: Some(prefill.written),
     };
     let hash = ImageHash::Known(source.sha256.clone());
-    let summary = finish(
-        config, recipe, cards, &source, &hash, &base_map, &tables, progress,
-    );
+    let basis = Basis {
+        source: &source,
+        hash: &hash,
+        base_map: &base_map,
+        tables: &tables,
+    };
+    let summary = finish(config, recipe, cards, basis, progress);
     kept(keeping);
     summary
 }
@@ -402,58 +413,43 @@ fn open_targets(infos: &[TargetInfo], len: u64) -> Result<Vec<Result<target::Tar
 
 /// The cards stamped (activations created on the way), written and verified;
 /// one record per card.
-#[allow(clippy::too_many_arguments)]
 fn finish(
     config: &FlashConfig,
     recipe: Option<&LoadedRecipe>,
     cards: Cards,
-    source: &source::Source,
-    hash: &ImageHash,
-    base_map: &Extents,
-    tables: &Extents,
+    basis: Basis<'_>,
     progress: &Progress,
 ) -> Result<Summary> {
+    let Basis {
+        source,
+        hash,
+        base_map,
+        ..
+    } = basis;
     let prefilled = cards.prefilled.clone();
     // Each card stamped in memory before anything more is written.
     let mut issuer = None;
     let mut issued = Vec::new();
-    let prepared = prepare_cards(
-        config,
-        recipe,
-        cards,
-        source,
-        hash,
-        base_map,
-        &mut issuer,
-        &mut issued,
-    )
-    .and_then(|prepared| {
-        cancelled("while the cards were prepared")?;
-        Ok(prepared)
-    });
+    let prepared = prepare_cards(config, recipe, cards, basis, &mut issuer, &mut issued).and_then(
+        |prepared| {
+            cancelled("while the cards were prepared")?;
+            Ok(prepared)
+        },
+    );
     let prepared = match prepared {
         Ok(prepared) => prepared,
         Err(e) => return Err(withdraw(e, issuer.as_ref(), &issued)),
     };
-    let records = write_cards(
-        config,
-        prepared,
-        source,
-        hash,
-        base_map,
-        tables,
-        prefilled.as_ref(),
-        progress,
-    )
-    .into_iter()
-    .map(|mut record| {
-        if record.result != "ok" {
-            withdraw_for(&mut record, issuer.as_ref(), &issued);
-        }
-        progress.event(&serde_json::json!({"event": "card", "card": &record}));
-        record
-    })
-    .collect::<Vec<_>>();
+    let records = write_cards(config, prepared, basis, prefilled.as_ref(), progress)
+        .into_iter()
+        .map(|mut record| {
+            if record.result != "ok" {
+                withdraw_for(&mut record, issuer.as_ref(), &issued);
+            }
+            progress.event(&serde_json::json!({"event": "card", "card": &record}));
+            record
+        })
+        .collect::<Vec<_>>();
 
     if let Some(path) = &config.manifest {
         let mut out = std::fs::OpenOptions::new()
@@ -563,17 +559,19 @@ fn check_targets(config: &FlashConfig, decoded: &[&Path], len: u64) -> Result<Ve
 }
 
 /// Writes the prepared cards side by side: one record per card, in order.
-#[allow(clippy::too_many_arguments)]
 fn write_cards(
     config: &FlashConfig,
     mut prepared: Vec<PreparedCard>,
-    source: &source::Source,
-    hash: &ImageHash,
-    base_map: &Extents,
-    tables: &Extents,
+    basis: Basis<'_>,
     prefilled: Option<&Extents>,
     progress: &Progress,
 ) -> Vec<CardRecord> {
+    let Basis {
+        source,
+        hash,
+        base_map,
+        tables,
+    } = basis;
     // One set of ranges for the batch: the image's, plus every card's stamp.
     let extents = prepared
         .iter()
@@ -682,17 +680,20 @@ fn withdraw_for(record: &mut CardRecord, issuer: Option<&CardActivations>, issue
 
 /// Stamps every card still going. Activations created on the way are pushed to
 /// `issued` as soon as they exist, so the caller can withdraw them on an error.
-#[allow(clippy::too_many_arguments)]
 fn prepare_cards(
     config: &FlashConfig,
     recipe: Option<&LoadedRecipe>,
     cards: Cards,
-    source: &source::Source,
-    hash: &ImageHash,
-    base_map: &Extents,
+    basis: Basis<'_>,
     issuer: &mut Option<CardActivations>,
     issued: &mut Vec<String>,
 ) -> Result<Vec<PreparedCard>> {
+    let Basis {
+        source,
+        hash,
+        base_map,
+        ..
+    } = basis;
     let mut prepared = Vec::new();
     let each = config.cards.iter().zip(cards.infos).zip(cards.targets);
     for (i, ((spec, info), target)) in each.enumerate() {
