@@ -93,13 +93,7 @@ fn an_archive_is_written_to_file_targets_while_it_decodes() {
         .stdout(contains(STREAMED))
         .stdout(contains("\"hostname\":\"gate-2\""));
     for (card, name) in [(&one, "gate-1"), (&two, "gate-2")] {
-        fsck_clean(card, dir.path());
-        assert_eq!(root_files(card), root_files(&image));
-        let conf = String::from_utf8(boot_files(card)["piprov.conf"].clone()).unwrap();
-        assert!(
-            conf.contains(&format!("HOSTNAME_PATTERN={name}\n")),
-            "{conf}"
-        );
+        assert_card_holds(card, &image, name, dir.path());
     }
     let again = dir.path().join("again.img");
     let out = succeed(flash(&dir).arg(&archive).arg(&again).arg("--json"));
@@ -141,15 +135,7 @@ fn an_archive_is_written_to_a_used_card_while_it_decodes() {
         .stdout(contains(STREAMED))
         .stdout(contains("\"verified\":true"));
     let card = card_as_image(&dir, dev, &backing, len);
-    fsck_clean(&card, dir.path());
-    assert_eq!(root_files(&card), root_files(&image));
-    let (source, written) = (boot_files(&image), boot_files(&card));
-    for (name, data) in &source {
-        if name != "cmdline.txt" {
-            assert_eq!(&written[name], data, "{name}");
-        }
-    }
-    assert!(String::from_utf8_lossy(&written["piprov.conf"]).contains("HOSTNAME_PATTERN=door-1\n"));
+    assert_card_holds(&card, &image, "door-1", dir.path());
 }
 
 /// An archive whose index is whole but whose data is not, from its first block

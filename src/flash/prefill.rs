@@ -21,7 +21,8 @@ use super::map::{self, Extents};
 use super::stream::Growing;
 use super::target::Target;
 use super::write::{
-    BufPool, CHUNK, ERASED, Failed, IN_FLIGHT, InterruptedError, NOT_ERASED, Piece, erase, explain,
+    BufPool, CHUNK, ERASED, Failed, IN_FLIGHT, InterruptedError, NOT_ERASED, Piece, erase,
+    join_cards,
 };
 use crate::image::Image;
 
@@ -78,15 +79,7 @@ pub fn prefill(
         }
         let read = feed(image, tables, &map, &mut senders, &written, cancel, tick);
         drop(senders);
-        handles
-            .into_iter()
-            .map(|h| {
-                let result = h
-                    .join()
-                    .unwrap_or_else(|_| Err(anyhow!("card writer panicked")));
-                explain(&read, result, cancel)
-            })
-            .collect()
+        join_cards(handles, &read, cancel)
     });
     let written = written.into_inner().unwrap_or_else(|e| e.into_inner());
     Prefill {

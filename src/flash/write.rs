@@ -342,20 +342,29 @@ pub fn write_batch(
             cancel,
         );
         drop(senders);
-        handles
-            .into_iter()
-            .map(|h| {
-                let result = h
-                    .join()
-                    .unwrap_or_else(|_| Err(anyhow!("card writer panicked")));
-                explain(&read, result, cancel)
-            })
-            .collect()
+        join_cards(handles, &read, cancel)
     })
 }
 
+/// Every card writer's result, in order; `read` is the reader's.
+pub(super) fn join_cards<T>(
+    handles: Vec<std::thread::ScopedJoinHandle<'_, Result<T>>>,
+    read: &Result<()>,
+    cancel: &AtomicBool,
+) -> Vec<Result<T>> {
+    handles
+        .into_iter()
+        .map(|h| {
+            let result = h
+                .join()
+                .unwrap_or_else(|_| Err(anyhow!("card writer panicked")));
+            explain(read, result, cancel)
+        })
+        .collect()
+}
+
 /// A card that ended early because the image could not be read says why.
-pub(super) fn explain<T>(read: &Result<()>, card: Result<T>, cancel: &AtomicBool) -> Result<T> {
+fn explain<T>(read: &Result<()>, card: Result<T>, cancel: &AtomicBool) -> Result<T> {
     match (read, card) {
         (Err(e), Err(card)) if !cancel.load(Ordering::Relaxed) => {
             Err(match card.downcast::<Failed>() {

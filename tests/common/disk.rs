@@ -208,3 +208,26 @@ pub fn assert_no_partition_table(card: &Path, old_len: u64) {
         String::from_utf8_lossy(&sfdisk.stdout)
     );
 }
+
+/// A card written from `image` and stamped with `hostname`: its filesystems
+/// check clean and hold the image's files (the boot partition's as they were,
+/// but `cmdline.txt`, which the stamp changes), and its stamp names the hostname.
+pub fn assert_card_holds(card: &Path, image: &Path, hostname: &str, dir: &Path) {
+    fsck_clean(card, dir);
+    assert_eq!(
+        root_files(card),
+        root_files(image),
+        "every file in the root filesystem"
+    );
+    let (source, written) = (boot_files(image), boot_files(card));
+    for (name, data) in &source {
+        if name != "cmdline.txt" {
+            assert_eq!(&written[name], data, "{name}");
+        }
+    }
+    let conf = String::from_utf8(written["piprov.conf"].clone()).unwrap();
+    assert!(
+        conf.contains(&format!("HOSTNAME_PATTERN={hostname}\n")),
+        "{conf}"
+    );
+}
