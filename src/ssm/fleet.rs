@@ -465,6 +465,30 @@ mod tests {
     }
 
     #[test]
+    fn the_standard_tier_is_flagged_and_its_limit_from_nine_tenths() {
+        let tier = |setting: &str, nodes| Tier {
+            setting: setting.into(),
+            hybrid_nodes: nodes,
+            node_limit: (setting == "standard").then_some(STANDARD_NODE_LIMIT),
+        };
+        assert_eq!(
+            diagnose_tier(&tier("standard", 899)),
+            [Problem::StandardTier]
+        );
+        assert_eq!(
+            diagnose_tier(&tier("standard", 900)),
+            [
+                Problem::StandardTier,
+                Problem::NearNodeLimit {
+                    nodes: 900,
+                    limit: 1000
+                }
+            ]
+        );
+        assert!(diagnose_tier(&tier("advanced", 5000)).is_empty());
+    }
+
+    #[test]
     fn an_online_node_is_never_pruned() {
         let now = SystemTime::UNIX_EPOCH + 1000 * DAY;
         // An Online status with an old recorded ping (SSM's ping time lags).
