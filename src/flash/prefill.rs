@@ -20,10 +20,7 @@ use anyhow::{Context, Result, anyhow};
 use super::map::{self, Extents};
 use super::stream::Growing;
 use super::target::Target;
-use super::write::{
-    BufPool, CHUNK, ERASED, Failed, IN_FLIGHT, InterruptedError, NOT_ERASED, Piece, erase,
-    join_cards,
-};
+use super::write::{BufPool, CHUNK, IN_FLIGHT, Piece, erase_after, join_cards, start_card};
 use crate::image::Image;
 
 /// What the first pass left on the cards.
@@ -166,28 +163,13 @@ fn next_range(extents: &Extents, at: u64, max: u64) -> Option<(u64, u64)> {
 /// on any failure its tables erased again.
 fn card(target: &Target, rx: Receiver<Msg>, tables: &Extents, cancel: &AtomicBool) -> Result<()> {
     let erase_set = target.erase_set(tables);
-    target.start_writing()?;
-    if target.info.block_device {
-        erase(target, &erase_set).context("erasing the card's old partition tables")?;
-    }
+    start_card(target, &erase_set)?;
     let error = match write_pieces(target, rx) {
         Ok(()) => return Ok(()),
         Err(e) => e,
     };
-    let erased = erase(target, &erase_set).map_err(|e| format!("{e:#}"));
-    if cancel.load(Ordering::Relaxed) {
-        return Err(anyhow!(InterruptedError {
-            written: false,
-            not_erased: erased.err(),
-        }));
-    }
-    Err(anyhow!(Failed {
-        cause: format!("{error:#}"),
-        left: match erased {
-            Ok(()) => ERASED.to_string(),
-            Err(why) => format!("{NOT_ERASED} ({why}): do not use this card"),
-        },
-    }))
+    let interrupted = cancel.load(Ordering::Relaxed).then_some(false);
+    Err(erase_after(target, &erase_set, error, interrupted))
 }
 
 fn write_pieces(target: &Target, rx: Receiver<Msg>) -> Result<()> {

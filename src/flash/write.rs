@@ -263,9 +263,9 @@ impl std::fmt::Display for Failed {
 impl std::error::Error for Failed {}
 
 /// What a failed card is left as.
-pub(super) const ERASED: &str = "its partition table is erased: the card holds no partition table and \
+const ERASED: &str = "its partition table is erased: the card holds no partition table and \
                       will not boot (flash it again)";
-pub(super) const NOT_ERASED: &str = "and its partition table could not be erased";
+const NOT_ERASED: &str = "and its partition table could not be erased";
 
 impl std::error::Error for InterruptedError {}
 
@@ -538,33 +538,55 @@ fn card(
     let target = job.target;
     let erase_set = target.erase_set(tables);
     if !plan.continued {
-        target.start_writing()?;
-        if target.info.block_device {
-            erase(target, &erase_set).context("erasing the card's old partition tables")?;
-        }
+        start_card(target, &erase_set)?;
     }
     let error = match write_and_verify(job, rx, plan, mode, cancel) {
         Ok(outcome) => return Ok(outcome),
         Err(e) => e,
     };
-    let erased = erase(target, &erase_set).map_err(|e| format!("{e:#}"));
-    if let Some(interrupted) = error.downcast_ref::<InterruptedError>() {
-        return Err(anyhow!(InterruptedError {
-            written: interrupted.written,
-            not_erased: erased.err(),
-        }));
+    let interrupted = error
+        .downcast_ref::<InterruptedError>()
+        .map(|interrupted| interrupted.written);
+    Err(erase_after(target, &erase_set, error, interrupted))
+}
+
+/// Before a card's first write: a file emptied, a device's old tables erased
+/// and flushed.
+pub(super) fn start_card(target: &Target, erase_set: &Extents) -> Result<()> {
+    target.start_writing()?;
+    if target.info.block_device {
+        erase(target, erase_set).context("erasing the card's old partition tables")?;
     }
-    Err(anyhow!(Failed {
+    Ok(())
+}
+
+/// A card that failed (`interrupted`: stopped by Ctrl-C, with whether the whole
+/// image was on it) gets its tables erased again; the error says what it is
+/// left as.
+pub(super) fn erase_after(
+    target: &Target,
+    erase_set: &Extents,
+    error: anyhow::Error,
+    interrupted: Option<bool>,
+) -> anyhow::Error {
+    let erased = erase(target, erase_set).map_err(|e| format!("{e:#}"));
+    if let Some(written) = interrupted {
+        return anyhow!(InterruptedError {
+            written,
+            not_erased: erased.err(),
+        });
+    }
+    anyhow!(Failed {
         cause: format!("{error:#}"),
         left: match erased {
             Ok(()) => ERASED.to_string(),
             Err(why) => format!("{NOT_ERASED} ({why}): do not use this card"),
         },
-    }))
+    })
 }
 
 /// Writes zeroes over `set` and flushes them to the card.
-pub(super) fn erase(target: &Target, set: &Extents) -> Result<()> {
+fn erase(target: &Target, set: &Extents) -> Result<()> {
     let path = target.info.path.display();
     let zeroes = AlignedBuf::new(ERASE_PIECE);
     for &(start, end) in set.ranges() {
