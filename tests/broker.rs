@@ -272,17 +272,34 @@ fn retries_get_the_same_activation_and_restarts_lose_nothing() {
         .unwrap();
     let tokens: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(tokens[0]["uses"], 1);
-    // The code lived only in memory: the card's retry gets a fresh activation and
-    // the one it never used is withdrawn, so one serial never holds two.
+    // The code was kept sealed with the vend key: the card's retry after the
+    // restart gets the same activation, and nothing new is made.
     let (status, after) = broker.post("/v1/activations", Some(&token), &ask(SERIAL_A));
-    assert_eq!(status, 200);
-    assert_ne!(after["activation_id"], first["activation_id"]);
+    assert_eq!(status, 200, "{after}");
+    assert_eq!(after["activation_id"], first["activation_id"]);
+    assert_eq!(after["activation_code"], first["activation_code"]);
+    assert_eq!(after["reused"], true);
+    assert_eq!(creates(&ssm), 1);
+
+    // Without the vend key, a sealed code does not open: the retry gets a fresh
+    // activation and the one never used is withdrawn, so one serial never holds two.
+    broker.stop();
+    std::fs::write(
+        broker.dir.join("vend.key"),
+        format!("{}\n", "ab".repeat(32)),
+    )
+    .unwrap();
+    broker.start();
+    let (status, fresh) = broker.post("/v1/activations", Some(&token), &ask(SERIAL_A));
+    assert_eq!(status, 200, "{fresh}");
+    assert_ne!(fresh["activation_id"], first["activation_id"]);
+    assert_eq!(fresh["reused"], false);
     let live: Vec<String> = ssm
         .activations()
         .iter()
         .map(|a| a["ActivationId"].as_str().unwrap().to_string())
         .collect();
-    assert_eq!(live, [after["activation_id"].as_str().unwrap()]);
+    assert_eq!(live, [fresh["activation_id"].as_str().unwrap()]);
 }
 
 #[test]

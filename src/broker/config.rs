@@ -8,6 +8,9 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
+use super::sealing::VendKey;
+use super::store::{Location, Store};
+
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct BrokerConfig {
@@ -16,8 +19,20 @@ pub struct BrokerConfig {
     /// Server certificate chain and key (PEM), relative to this file.
     pub cert_file: PathBuf,
     pub key_file: PathBuf,
-    /// SQLite database, relative to this file.
-    pub database: PathBuf,
+    /// The records: an SQLite file relative to this file (one broker), or a
+    /// `postgres://USER@HOST/DATABASE` URL (any number of brokers).
+    pub database: String,
+    /// PostgreSQL: a file holding the password (else the URL's, or PGPASSWORD).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub database_password_file: Option<PathBuf>,
+    /// Most database connections this broker opens for queries (PostgreSQL:
+    /// as many again hold serials' locks).
+    #[serde(default = "default_connections")]
+    pub database_connections: usize,
+    /// Seals the activation codes kept for cards' retries (see sealing.rs);
+    /// every broker sharing a database needs the same one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vend_key_file: Option<PathBuf>,
     /// Tags every activation this broker creates (`piprov:broker`), so that
     /// activations it created but never recorded can be found and deleted.
     pub broker_id: String,
@@ -48,6 +63,9 @@ pub struct BrokerConfig {
 fn default_lifetime() -> String {
     "1h".into()
 }
+fn default_connections() -> usize {
+    16
+}
 fn default_rate() -> u32 {
     30
 }
@@ -69,11 +87,24 @@ pub struct Loaded {
     pub lifetime: Duration,
     pub timeout: Duration,
     pub challenge_lifetime: Duration,
+    pub location: Location,
 }
 
 impl Loaded {
     pub fn path(&self, file: &Path) -> PathBuf {
         self.dir.join(file)
+    }
+
+    pub async fn open_store(&self) -> Result<Store> {
+        Store::open(&self.location, self.config.database_connections).await
+    }
+
+    /// The configured vend key, or (without one) a key for this process only.
+    pub fn vend_key(&self) -> Result<(VendKey, bool)> {
+        match &self.config.vend_key_file {
+            Some(file) => Ok((VendKey::read(&self.path(file))?, true)),
+            None => Ok((VendKey::ephemeral()?, false)),
+        }
     }
 }
 
@@ -115,9 +146,23 @@ pub fn load(path: &Path) -> Result<Loaded> {
             path.display()
         );
     }
+    if !(1..=256).contains(&config.database_connections) {
+        bail!(
+            "{}: database_connections must be between 1 and 256",
+            path.display()
+        );
+    }
+    let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+    let location = Location::parse(
+        &config.database,
+        &dir,
+        config.database_password_file.as_deref(),
+    )
+    .with_context(|| format!("{}", path.display()))?;
     Ok(Loaded {
+        location,
         config,
-        dir: path.parent().map(Path::to_path_buf).unwrap_or_default(),
+        dir,
         lifetime,
         timeout,
         challenge_lifetime,

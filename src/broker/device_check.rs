@@ -5,8 +5,9 @@
 use axum::body::Bytes;
 use axum::http::{HeaderMap, StatusCode};
 
-use super::api::{ApiError, Broker, Checked, err, internal};
+use super::api::{ApiError, Broker, err, internal};
 use super::device::{self, DeviceKey, DevicePolicy, ProofError};
+use super::issue::Checked;
 use super::store::{ChallengeOutcome, Token};
 
 /// What the device check found out about the Pi asking.
@@ -21,7 +22,7 @@ pub(super) enum DeviceCheck {
 }
 
 impl Broker {
-    fn refuse_device(
+    async fn refuse_device(
         &self,
         token: &Token,
         client: &str,
@@ -30,14 +31,13 @@ impl Broker {
         audit: &str,
         message: String,
     ) -> ApiError {
-        let _ = self
-            .db()
-            .audit(Some(token.id), client, "refused", Some(serial), audit);
+        self.audit_refusal(Some(token), client, Some(serial), audit)
+            .await;
         err(status, message)
     }
 
     /// The device proof a token's policy asks for: signature, challenge, key.
-    pub(super) fn check_device(
+    pub(super) async fn check_device(
         &self,
         token: &Token,
         client: &str,
@@ -55,61 +55,52 @@ impl Broker {
         ) {
             Ok(key) => key,
             Err(ProofError::Malformed(message)) => {
-                return Err(self.refuse_device(
-                    token,
-                    client,
-                    serial,
-                    StatusCode::BAD_REQUEST,
-                    "malformed device proof",
-                    message,
-                ));
+                return Err(self
+                    .refuse_device(
+                        token,
+                        client,
+                        serial,
+                        StatusCode::BAD_REQUEST,
+                        "malformed device proof",
+                        message,
+                    )
+                    .await);
             }
             Err(ProofError::BadSignature) => {
-                return Err(self.refuse_device(
-                    token,
-                    client,
-                    serial,
-                    StatusCode::UNAUTHORIZED,
-                    "device signature does not verify",
-                    "the device signature does not verify over this request".into(),
-                ));
+                return Err(self
+                    .refuse_device(
+                        token,
+                        client,
+                        serial,
+                        StatusCode::UNAUTHORIZED,
+                        "device signature does not verify",
+                        "the device signature does not verify over this request".into(),
+                    )
+                    .await);
             }
         };
         let Some(key) = key else {
             if policy == DevicePolicy::Off {
                 return Ok(DeviceCheck::Unproved);
             }
-            return Err(self.refuse_device(
-                token,
-                client,
-                serial,
-                StatusCode::UNAUTHORIZED,
-                "unsigned request",
-                format!(
-                    "token {} has device policy {policy}: the request must be signed with the \
+            return Err(self
+                .refuse_device(
+                    token,
+                    client,
+                    serial,
+                    StatusCode::UNAUTHORIZED,
+                    "unsigned request",
+                    format!(
+                        "token {} has device policy {policy}: the request must be signed with the \
                      Pi's device key (recipe: activation.device_key = true)",
-                    token.name
-                ),
-            ));
+                        token.name
+                    ),
+                )
+                .await);
         };
-        self.take_challenge(token, client, serial, &checked.request.challenge)?;
-        let recorded = self.db().device(serial).map_err(internal)?;
-        let mismatch = |recorded: &DeviceKey| {
-            self.refuse_device(
-                token,
-                client,
-                serial,
-                StatusCode::FORBIDDEN,
-                &format!(
-                    "serial claimed by other hardware: key {} is not the recorded {}",
-                    key.fingerprint(),
-                    recorded.fingerprint()
-                ),
-                format!(
-                    "serial {serial} is claimed by other hardware: its device key is not the one recorded for it"
-                ),
-            )
-        };
+        self.take_challenge(token, client, serial, &checked.request.challenge)
+            .await?;
+        let recorded = self.store.device(serial).await.map_err(internal)?;
         match (policy, recorded) {
             (_, Some(d)) if d.revoked_at.is_some() && policy != DevicePolicy::Off => Err(self
                 .refuse_device(
@@ -119,50 +110,84 @@ impl Broker {
                     StatusCode::FORBIDDEN,
                     "device revoked",
                     format!("device {serial} is revoked"),
-                )),
+                )
+                .await),
             (_, Some(d)) if d.key == key => {
-                self.db().device_seen(serial).map_err(internal)?;
+                self.store.device_seen(serial).await.map_err(internal)?;
                 Ok(DeviceCheck::KnownKey)
             }
             (DevicePolicy::Off, _) => Ok(DeviceCheck::NewKey),
-            (_, Some(d)) => Err(mismatch(&d.key)),
-            (DevicePolicy::Known, None) => Err(self.refuse_device(
-                token,
-                client,
-                serial,
-                StatusCode::FORBIDDEN,
-                "unknown device",
-                format!(
-                    "serial {serial} is not a known device: token {} admits only imported Pis \
+            (_, Some(d)) => Err(self.claimed(token, client, serial, &key, &d.key).await),
+            (DevicePolicy::Known, None) => Err(self
+                .refuse_device(
+                    token,
+                    client,
+                    serial,
+                    StatusCode::FORBIDDEN,
+                    "unknown device",
+                    format!(
+                        "serial {serial} is not a known device: token {} admits only imported Pis \
                      (piprov broker device import)",
-                    token.name
-                ),
-            )),
+                        token.name
+                    ),
+                )
+                .await),
             (DevicePolicy::Tofu, None) => {
-                let store = self.db();
-                if store.record_first_key(serial, &key).map_err(internal)? {
-                    let _ = store.audit(
-                        Some(token.id),
-                        client,
-                        "device-first-use",
-                        Some(serial),
-                        &key.fingerprint(),
-                    );
+                let store = &self.store;
+                if store
+                    .record_first_key(serial, &key)
+                    .await
+                    .map_err(internal)?
+                {
+                    let _ = store
+                        .audit(
+                            Some(token.id),
+                            client,
+                            "device-first-use",
+                            Some(serial),
+                            &key.fingerprint(),
+                        )
+                        .await;
                     return Ok(DeviceCheck::NewKey);
                 }
                 // Another request recorded a key for this serial just now.
-                let now_recorded = store.device(serial).map_err(internal)?;
-                drop(store);
+                let now_recorded = store.device(serial).await.map_err(internal)?;
                 match now_recorded {
                     Some(d) if d.key == key => Ok(DeviceCheck::NewKey),
-                    Some(d) => Err(mismatch(&d.key)),
+                    Some(d) => Err(self.claimed(token, client, serial, &key, &d.key).await),
                     None => Err(internal(anyhow::anyhow!("device {serial} vanished"))),
                 }
             }
         }
     }
 
-    fn take_challenge(
+    /// The serial's recorded key is another: a copy of its card on other hardware.
+    async fn claimed(
+        &self,
+        token: &Token,
+        client: &str,
+        serial: &str,
+        key: &DeviceKey,
+        recorded: &DeviceKey,
+    ) -> ApiError {
+        self.refuse_device(
+            token,
+            client,
+            serial,
+            StatusCode::FORBIDDEN,
+            &format!(
+                "serial claimed by other hardware: key {} is not the recorded {}",
+                key.fingerprint(),
+                recorded.fingerprint()
+            ),
+            format!(
+                "serial {serial} is claimed by other hardware: its device key is not the one recorded for it"
+            ),
+        )
+        .await
+    }
+
+    async fn take_challenge(
         &self,
         token: &Token,
         client: &str,
@@ -170,18 +195,21 @@ impl Broker {
         challenge: &str,
     ) -> Result<(), ApiError> {
         if challenge.is_empty() {
-            return Err(self.refuse_device(
-                token,
-                client,
-                serial,
-                StatusCode::BAD_REQUEST,
-                "signed request without a challenge",
-                "a signed request names its challenge (POST /v1/challenges)".into(),
-            ));
+            return Err(self
+                .refuse_device(
+                    token,
+                    client,
+                    serial,
+                    StatusCode::BAD_REQUEST,
+                    "signed request without a challenge",
+                    "a signed request names its challenge (POST /v1/challenges)".into(),
+                )
+                .await);
         }
         let refusal = match self
-            .db()
+            .store
             .take_challenge(challenge, token.id)
+            .await
             .map_err(internal)?
         {
             ChallengeOutcome::Taken => return Ok(()),
@@ -191,13 +219,15 @@ impl Broker {
             ChallengeOutcome::Expired => "the challenge has expired: fetch a fresh one",
             ChallengeOutcome::Unknown => "the challenge is not one this broker gave this token",
         };
-        Err(self.refuse_device(
-            token,
-            client,
-            serial,
-            StatusCode::UNAUTHORIZED,
-            refusal,
-            refusal.into(),
-        ))
+        Err(self
+            .refuse_device(
+                token,
+                client,
+                serial,
+                StatusCode::UNAUTHORIZED,
+                refusal,
+                refusal.into(),
+            )
+            .await)
     }
 }

@@ -11,7 +11,8 @@ use rcgen::{
 };
 
 use super::config::BrokerConfig;
-use super::store::Store;
+use super::sealing::VendKey;
+use super::store::{Location, Store};
 
 pub struct InitOptions {
     pub dir: PathBuf,
@@ -20,6 +21,8 @@ pub struct InitOptions {
     pub names: Vec<String>,
     pub region: String,
     pub iam_role: String,
+    /// A postgres:// URL; None: an SQLite file in DIR.
+    pub database: Option<String>,
 }
 
 pub struct Initialised {
@@ -33,6 +36,7 @@ const CERT_FILE: &str = "server.pem";
 const KEY_FILE: &str = "server.key";
 const CONFIG_FILE: &str = "broker.toml";
 const DATABASE_FILE: &str = "broker.db";
+const VEND_KEY_FILE: &str = "vend.key";
 
 pub fn init(options: &InitOptions) -> Result<Initialised> {
     let dir = &options.dir;
@@ -45,10 +49,19 @@ pub fn init(options: &InitOptions) -> Result<Initialised> {
     if !crate::recipe::is_region_name(&options.region) {
         bail!("--region {:?} is not an AWS region name", options.region);
     }
+    let database = options
+        .database
+        .clone()
+        .unwrap_or_else(|| DATABASE_FILE.to_string());
+    // Checked before anything is written: a typo leaves no half-made broker.
+    let location = Location::parse(&database, dir, None)?;
     if options.names.is_empty() {
         bail!("give at least one --name the cards reach the broker by");
     }
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    // The database first: one that cannot be reached fails before any key is made.
+    // (Dropped inside the runtime: its connections close on its blocking pool.)
+    super::block_on(async { Store::open(&location, 1).await.map(drop) })?;
 
     let year = current_year();
     let ca_key = KeyPair::generate()?;
@@ -92,7 +105,10 @@ pub fn init(options: &InitOptions) -> Result<Initialised> {
         listen: options.listen,
         cert_file: CERT_FILE.into(),
         key_file: KEY_FILE.into(),
-        database: DATABASE_FILE.into(),
+        database,
+        database_password_file: None,
+        database_connections: 16,
+        vend_key_file: Some(VEND_KEY_FILE.into()),
         broker_id: crate::hex::hex(&id),
         region: options.region.clone(),
         iam_role: options.iam_role.clone(),
@@ -108,11 +124,16 @@ pub fn init(options: &InitOptions) -> Result<Initialised> {
         "# piprov broker: `piprov broker serve --config {CONFIG_FILE}`.\n\
          # Cards pin {CA_FILE}; keep {CA_KEY_FILE} offline once the server certificate is made.\n\
          # deregister_previous = true deregisters a Pi's previous node when it registers\n\
-         # again (nodes of the same Pi serial only).\n{}",
+         # again (nodes of the same Pi serial only). Brokers sharing one PostgreSQL\n\
+         # database share this file's broker_id and {VEND_KEY_FILE}.\n{}",
         toml::to_string(&config)?
     );
+    write_new(
+        &dir.join(VEND_KEY_FILE),
+        VendKey::generate_hex()?.as_bytes(),
+        0o600,
+    )?;
     write_new(&dir.join(CONFIG_FILE), text.as_bytes(), 0o600)?;
-    Store::open(&dir.join(DATABASE_FILE))?;
     Ok(Initialised {
         config: dir.join(CONFIG_FILE),
         ca: dir.join(CA_FILE),

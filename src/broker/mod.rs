@@ -2,17 +2,32 @@
 //! membership (an enrollment token) a single-use, short-lived activation, so no
 //! secret that matters lives on a card.
 //!
-//! config (broker.toml) → init (CA, certificate, database) → store (SQLite) →
-//! api (the card-facing routes; device: hardware-bound proofs, device_check:
-//! what each policy asks of a request) →
-//! server (HTTPS, graceful shutdown) → tokens (made, shown once).
+//! config (broker.toml) → init (CA, certificate, vend key, database) → store
+//! (SQLite or PostgreSQL) → api (the card-facing routes; device: hardware-bound
+//! proofs, device_check: what each policy asks of a request; sealing: codes kept
+//! for retries; cleanup: activations made but never recorded; request_log: one
+//! line per request) → server (HTTPS, graceful shutdown) → tokens (made, shown once).
 
 pub mod api;
+mod cleanup;
 pub mod config;
 pub mod device;
 mod device_check;
 pub mod init;
-mod serial_locks;
+mod issue;
+mod register;
+pub mod request_log;
+pub mod sealing;
 pub mod server;
 pub mod store;
 pub mod tokens;
+
+/// Runs one database job from a command-line verb (init, token, device).
+pub fn block_on<T>(
+    work: impl std::future::Future<Output = anyhow::Result<T>>,
+) -> anyhow::Result<T> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(work)
+}

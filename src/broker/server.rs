@@ -1,23 +1,26 @@
-//! `piprov broker serve`: HTTPS (rustls) on the configured address. On SIGTERM
-//! or Ctrl-C it stops accepting, lets requests in flight finish, and checkpoints
-//! the database.
+//! `piprov broker serve`: HTTPS (rustls) on the configured address (or
+//! `--listen`). On SIGTERM or Ctrl-C it stops accepting, lets requests in flight
+//! finish, and checkpoints the database. One broker serves an SQLite file; any
+//! number share a PostgreSQL database.
 
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
+use nix::fcntl::{Flock, FlockArg};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::net::TcpListener;
 
 use super::api::{self, Broker, Peer};
 use super::config::Loaded;
-use super::store::Store;
+use super::request_log::{self, LogFormat};
+use super::store::Location;
 
 /// How long a TLS handshake and a request's headers may take.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -25,11 +28,44 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long requests in flight may take to finish on shutdown.
 const DRAIN: Duration = Duration::from_secs(30);
 
-pub fn serve(config: Loaded, ready_file: Option<&Path>) -> Result<()> {
+pub struct ServeOptions<'a> {
+    /// Written with the address listened on, once ready.
+    pub ready_file: Option<&'a Path>,
+    /// Overrides the config's `listen` (two brokers from one config on one host).
+    pub listen: Option<SocketAddr>,
+    pub log_format: LogFormat,
+}
+
+pub fn serve(config: Loaded, options: &ServeOptions) -> Result<()> {
+    request_log::init(options.log_format);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    runtime.block_on(run(config, ready_file))
+    runtime.block_on(run(config, options))
+}
+
+/// SQLite keeps one broker per file: the serial locks and the clean-up of a
+/// single process are only right when no other process serves it.
+fn hold_sqlite(location: &Location) -> Result<Option<Flock<std::fs::File>>> {
+    let Location::Sqlite(path) = location else {
+        return Ok(None);
+    };
+    let lock_path = path.with_extension("db.serving");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .with_context(|| format!("creating {}", lock_path.display()))?;
+    match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+        Ok(held) => Ok(Some(held)),
+        Err((_, nix::errno::Errno::EWOULDBLOCK)) => bail!(
+            "another broker serves {}: an SQLite database serves one broker; for several, \
+             give them one PostgreSQL database (database = \"postgres://…\")",
+            path.display()
+        ),
+        Err((_, e)) => Err(e).with_context(|| format!("locking {}", lock_path.display())),
+    }
 }
 
 fn tls_config(config: &Loaded) -> Result<rustls::ServerConfig> {
@@ -50,27 +86,39 @@ fn tls_config(config: &Loaded) -> Result<rustls::ServerConfig> {
     Ok(tls)
 }
 
-async fn run(config: Loaded, ready_file: Option<&Path>) -> Result<()> {
+async fn run(config: Loaded, options: &ServeOptions<'_>) -> Result<()> {
     let tls = tokio_rustls::TlsAcceptor::from(Arc::new(tls_config(&config)?));
-    let store = Store::open(&config.path(&config.config.database))?;
+    let _serving = hold_sqlite(&config.location)?;
+    let store = config.open_store().await?;
+    let (vend_key, configured) = config.vend_key()?;
+    if !configured {
+        tracing::warn!(
+            "no vend_key_file in the config: a card's retry after a restart gets a new activation"
+        );
+    }
     let conn = crate::ssm::Connection {
         profile: config.config.profile.clone(),
         region: Some(config.config.region.clone()),
     };
     let client = crate::ssm::client(&conn).await?;
-    let broker = Arc::new(Broker::new(config.clone(), store, client));
+    let broker = Arc::new(Broker::new(config.clone(), store, client, vend_key));
     match broker.forget_unrecorded().await {
         Ok(0) => {}
-        Ok(n) => eprintln!("piprov broker: deleted {n} activations created but never recorded"),
-        Err(e) => eprintln!("piprov broker: could not look for unrecorded activations: {e:#}"),
+        Ok(n) => tracing::info!("deleted {n} activations created but never recorded"),
+        Err(e) => tracing::warn!("could not look for unrecorded activations: {e:#}"),
     }
+    let cleaner = tokio::spawn(broker.clone().clean_up_periodically());
     let router = api::router(broker.clone());
-    let listener = TcpListener::bind(config.config.listen)
+    let listen = options.listen.unwrap_or(config.config.listen);
+    let listener = TcpListener::bind(listen)
         .await
-        .with_context(|| format!("listening on {}", config.config.listen))?;
+        .with_context(|| format!("listening on {listen}"))?;
     let address: SocketAddr = listener.local_addr()?;
-    eprintln!("piprov broker: listening on https://{address}");
-    if let Some(file) = ready_file {
+    tracing::info!(
+        "listening on https://{address} (database {})",
+        broker.store.location()
+    );
+    if let Some(file) = options.ready_file {
         std::fs::write(file, format!("{address}\n"))
             .with_context(|| format!("writing {}", file.display()))?;
     }
@@ -82,7 +130,7 @@ async fn run(config: Loaded, ready_file: Option<&Path>) -> Result<()> {
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
                 Err(e) => {
-                    eprintln!("piprov broker: accept: {e}");
+                    tracing::warn!("accept: {e}");
                     continue;
                 }
             },
@@ -104,15 +152,16 @@ async fn run(config: Loaded, ready_file: Option<&Path>) -> Result<()> {
         });
     }
     drop(listener);
-    eprintln!("piprov broker: shutting down; finishing requests in flight");
+    cleaner.abort();
+    tracing::info!("shutting down; finishing requests in flight");
     if tokio::time::timeout(DRAIN, graceful.shutdown())
         .await
         .is_err()
     {
-        eprintln!("piprov broker: some connections did not finish within {DRAIN:?}");
+        tracing::warn!("some connections did not finish within {DRAIN:?}");
     }
-    broker.db().checkpoint()?;
-    eprintln!("piprov broker: stopped");
+    broker.store.checkpoint().await?;
+    tracing::info!("stopped");
     Ok(())
 }
 

@@ -18,7 +18,7 @@ pub struct NewToken<'a> {
 }
 
 /// Adds a token and returns it: the only time it is seen.
-pub fn add(store: &Store, new: &NewToken) -> Result<String> {
+pub async fn add(store: &Store, new: &NewToken<'_>) -> Result<String> {
     if new.name.is_empty()
         || !new
             .name
@@ -38,14 +38,16 @@ pub fn add(store: &Store, new: &NewToken) -> Result<String> {
     getrandom::getrandom(&mut bytes)?;
     let token = format!("pvt_{}", crate::hex::hex(&bytes));
     let expires_at = new.expires.map(|d| now() + d.as_secs() as i64);
-    store.add_token(
-        new.name,
-        &token,
-        new.max_uses.map(i64::from),
-        expires_at,
-        serials.as_deref(),
-        new.device_policy,
-    )?;
+    store
+        .add_token(
+            new.name,
+            &token,
+            new.max_uses.map(i64::from),
+            expires_at,
+            serials.as_deref(),
+            new.device_policy,
+        )
+        .await?;
     Ok(token)
 }
 

@@ -16,6 +16,7 @@ pub fn run(action: BrokerCommand) -> Result<ExitCode> {
             listen,
             region,
             iam_role,
+            database,
         } => {
             let done = init::init(&init::InitOptions {
                 dir,
@@ -23,6 +24,7 @@ pub fn run(action: BrokerCommand) -> Result<ExitCode> {
                 names,
                 region,
                 iam_role,
+                database,
             })?;
             println!("broker config {}", done.config.display());
             println!(
@@ -30,8 +32,20 @@ pub fn run(action: BrokerCommand) -> Result<ExitCode> {
                 done.ca.display()
             );
         }
-        BrokerCommand::Serve { config, ready_file } => {
-            server::serve(config::load(&config)?, ready_file.as_deref())?;
+        BrokerCommand::Serve {
+            config,
+            ready_file,
+            listen,
+            log_format,
+        } => {
+            server::serve(
+                config::load(&config)?,
+                &server::ServeOptions {
+                    ready_file: ready_file.as_deref(),
+                    listen,
+                    log_format,
+                },
+            )?;
         }
         BrokerCommand::Token { action } => token(action)?,
         BrokerCommand::Device { action } => devices(action)?,
@@ -39,9 +53,16 @@ pub fn run(action: BrokerCommand) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn open_store(config_path: &std::path::Path) -> Result<Store> {
+/// Runs `work` on the config's database (one connection).
+fn with_store<T>(
+    config_path: &std::path::Path,
+    work: impl AsyncFnOnce(&Store) -> Result<T>,
+) -> Result<T> {
     let loaded = config::load(config_path)?;
-    Store::open(&loaded.path(&loaded.config.database))
+    crate::broker::block_on(async {
+        let store = Store::open(&loaded.location, 1).await?;
+        work(&store).await
+    })
 }
 
 fn time(t: Option<i64>) -> String {
@@ -61,15 +82,16 @@ fn devices(action: DeviceCommand) -> Result<()> {
             replace,
         } => {
             let devices = device::read_import(&file)?;
-            let (added, replaced, unchanged) =
-                open_store(&config)?.import_devices(&devices, replace)?;
+            let (added, replaced, unchanged) = with_store(&config, async |store| {
+                store.import_devices(&devices, replace).await
+            })?;
             println!(
                 "{} device(s): {added} added, {replaced} replaced, {unchanged} unchanged",
                 devices.len()
             );
         }
         DeviceCommand::List { config, json } => {
-            let list = open_store(&config)?.devices()?;
+            let list = with_store(&config, async |store| store.devices().await)?;
             let mut stdout = std::io::stdout().lock();
             if json {
                 writeln!(stdout, "{}", serde_json::to_string_pretty(&list)?)?;
@@ -95,7 +117,7 @@ fn devices(action: DeviceCommand) -> Result<()> {
         }
         DeviceCommand::Revoke { config, serial } => {
             let serial = serial.to_ascii_lowercase();
-            open_store(&config)?.revoke_device(&serial)?;
+            with_store(&config, async |store| store.revoke_device(&serial).await)?;
             println!("revoked device {serial}: it is refused under device policies tofu and known");
         }
     }
@@ -118,17 +140,14 @@ fn token(action: TokenCommand) -> Result<()> {
                     anyhow::bail!("{} exists: piprov will not overwrite it", file.display());
                 }
             }
-            let store = open_store(&config)?;
-            let token = tokens::add(
-                &store,
-                &tokens::NewToken {
-                    name: &name,
-                    max_uses,
-                    expires,
-                    serials_file: serials.as_deref(),
-                    device_policy,
-                },
-            )?;
+            let new = tokens::NewToken {
+                name: &name,
+                max_uses,
+                expires,
+                serials_file: serials.as_deref(),
+                device_policy,
+            };
+            let token = with_store(&config, async |store| tokens::add(store, &new).await)?;
             match &token_file {
                 Some(file) => {
                     crate::new_file::write_new(file, format!("{token}\n").as_bytes(), 0o600)
@@ -147,7 +166,7 @@ fn token(action: TokenCommand) -> Result<()> {
             }
         }
         TokenCommand::List { config, json } => {
-            let list = open_store(&config)?.tokens()?;
+            let list = with_store(&config, async |store| store.tokens().await)?;
             let mut stdout = std::io::stdout().lock();
             if json {
                 writeln!(stdout, "{}", serde_json::to_string_pretty(&list)?)?;
@@ -175,7 +194,7 @@ fn token(action: TokenCommand) -> Result<()> {
             }
         }
         TokenCommand::Revoke { config, name } => {
-            open_store(&config)?.revoke_token(&name)?;
+            with_store(&config, async |store| store.revoke_token(&name).await)?;
             println!("revoked {name}");
         }
     }

@@ -288,6 +288,12 @@ pub enum BrokerCommand {
         /// IAM service role the registered nodes assume
         #[arg(long)]
         iam_role: String,
+        /// Where the broker keeps its records: `sqlite` (a file in DIR, for one
+        /// broker) or a PostgreSQL URL, postgres://USER@HOST/DATABASE, for any
+        /// number of brokers (the password from PGPASSWORD or, later,
+        /// database_password_file in broker.toml; never printed)
+        #[arg(long, value_name = "sqlite|URL", value_parser = parse_database)]
+        database: Option<String>,
     },
     /// Enrollment tokens: add (shown once), list, revoke
     Token {
@@ -307,7 +313,25 @@ pub enum BrokerCommand {
         /// Write the address actually listened on to this file once ready
         #[arg(long, value_name = "FILE")]
         ready_file: Option<PathBuf>,
+        /// Listen here instead of the config's address (several brokers from one
+        /// config on one host, each on its own port)
+        #[arg(long, value_name = "ADDR")]
+        listen: Option<std::net::SocketAddr>,
+        /// The log on stderr: one line per request with its id, as text or JSON lines
+        #[arg(long, value_enum, default_value = "text")]
+        log_format: crate::broker::request_log::LogFormat,
     },
+}
+
+/// `sqlite` is the default file; anything else must be a PostgreSQL URL.
+fn parse_database(text: &str) -> Result<Option<String>, String> {
+    if text == "sqlite" {
+        return Ok(None);
+    }
+    if crate::broker::store::is_postgres_url(text) {
+        return Ok(Some(text.to_string()));
+    }
+    Err("`sqlite`, or a URL postgres://USER@HOST[:PORT]/DATABASE".into())
 }
 
 #[derive(Debug, Subcommand)]

@@ -20,6 +20,8 @@ pub const TAG_SERIAL: &str = "piprov:serial";
 pub const TAG_IMAGE: &str = "piprov:image-sha256";
 pub const TAG_VERSION: &str = "piprov:version";
 pub const TAG_BROKER: &str = "piprov:broker";
+/// The broker's issue an activation was made for (see broker/cleanup.rs).
+pub const TAG_ISSUE: &str = "piprov:issue";
 /// What Fleet Manager and the console show as a node's name.
 pub const TAG_NAME: &str = "Name";
 

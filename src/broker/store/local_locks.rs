@@ -1,5 +1,6 @@
-//! One lock per Pi serial, so that a card's retry racing its original request
-//! gets the same activation, never a second one.
+//! One lock per Pi serial in this process (SQLite: one broker serves the file),
+//! so that a card's retry racing its original request gets the same activation,
+//! never a second one.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -9,13 +10,15 @@ use std::sync::{Arc, Mutex};
 const PRUNE_AT: usize = 1024;
 
 type SerialLock = Arc<tokio::sync::Mutex<()>>;
+pub type LocalGuard = tokio::sync::OwnedMutexGuard<()>;
 
 #[derive(Default)]
 pub struct SerialLocks(Mutex<HashMap<String, SerialLock>>);
 
 impl SerialLocks {
     /// The lock for `serial`: the same one for every request that holds or
-    /// awaits it at the same time.
+    /// awaits it at the same time. The map is only touched here, never across
+    /// an await or a call that can panic, so a poisoned lock is taken back.
     pub fn get(&self, serial: &str) -> SerialLock {
         let mut locks = self
             .0

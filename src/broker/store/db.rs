@@ -1,0 +1,480 @@
+//! One SQL text for both databases. Statements use PostgreSQL's `$N`
+//! placeholders (rewritten to SQLite's `?N`), values go in as [`Param`] and
+//! rows come back as [`Row`]. Connections come from a deadpool pool either way,
+//! so no database call blocks the runtime's threads: SQLite's run on tokio's
+//! blocking pool, PostgreSQL's are async.
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, bail};
+use deadpool_postgres::{Manager, ManagerConfig, RecyclingMethod};
+use deadpool_sqlite::{Hook, HookError, Runtime};
+use tokio_postgres::types::{IsNull, ToSql, Type, to_sql_checked};
+
+/// How long a request waits for a free connection before it fails.
+const WAIT_FOR_CONNECTION: Duration = Duration::from_secs(10);
+
+/// A value bound to a placeholder.
+#[derive(Debug, Clone)]
+pub enum Param {
+    Int(Option<i64>),
+    Text(Option<String>),
+    Bool(bool),
+}
+
+impl From<i64> for Param {
+    fn from(v: i64) -> Param {
+        Param::Int(Some(v))
+    }
+}
+impl From<Option<i64>> for Param {
+    fn from(v: Option<i64>) -> Param {
+        Param::Int(v)
+    }
+}
+impl From<bool> for Param {
+    fn from(v: bool) -> Param {
+        Param::Bool(v)
+    }
+}
+impl From<&str> for Param {
+    fn from(v: &str) -> Param {
+        Param::Text(Some(v.to_string()))
+    }
+}
+impl From<String> for Param {
+    fn from(v: String) -> Param {
+        Param::Text(Some(v))
+    }
+}
+impl From<&String> for Param {
+    fn from(v: &String) -> Param {
+        Param::Text(Some(v.clone()))
+    }
+}
+impl From<Option<&str>> for Param {
+    fn from(v: Option<&str>) -> Param {
+        Param::Text(v.map(str::to_string))
+    }
+}
+impl From<Option<String>> for Param {
+    fn from(v: Option<String>) -> Param {
+        Param::Text(v)
+    }
+}
+
+/// The arguments of one statement, in placeholder order.
+macro_rules! args {
+    ($($value:expr),* $(,)?) => {
+        vec![$($crate::broker::store::db::Param::from($value)),*]
+    };
+}
+pub(crate) use args;
+
+impl rusqlite::ToSql for Param {
+    fn to_sql(&self) -> rusqlite::Result<rusqlite::types::ToSqlOutput<'_>> {
+        match self {
+            Param::Int(v) => rusqlite::ToSql::to_sql(v),
+            Param::Text(v) => rusqlite::ToSql::to_sql(v),
+            Param::Bool(v) => rusqlite::ToSql::to_sql(v),
+        }
+    }
+}
+
+impl ToSql for Param {
+    fn to_sql(
+        &self,
+        ty: &Type,
+        out: &mut bytes::BytesMut,
+    ) -> Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        // PostgreSQL infers each placeholder's type from the statement: a value
+        // of another kind is an error here, never bytes misread there.
+        match self {
+            Param::Int(v) if *ty == Type::INT8 => v.to_sql(ty, out),
+            Param::Int(v) if *ty == Type::INT4 => v.map(i32::try_from).transpose()?.to_sql(ty, out),
+            Param::Text(v) if matches!(*ty, Type::TEXT | Type::VARCHAR) => v.to_sql(ty, out),
+            Param::Bool(v) if *ty == Type::BOOL => v.to_sql(ty, out),
+            other => Err(format!("{other:?} does not fit a parameter of type {ty}").into()),
+        }
+    }
+
+    fn accepts(ty: &Type) -> bool {
+        matches!(
+            *ty,
+            Type::INT8 | Type::INT4 | Type::TEXT | Type::VARCHAR | Type::BOOL
+        )
+    }
+
+    to_sql_checked!();
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Value {
+    Null,
+    Int(i64),
+    Text(String),
+    Bool(bool),
+}
+
+/// One result row, its columns by position.
+#[derive(Debug)]
+pub struct Row(Vec<Value>);
+
+impl Row {
+    fn at(&self, i: usize) -> Result<&Value> {
+        self.0.get(i).ok_or_else(|| anyhow!("no column {i}"))
+    }
+
+    pub fn opt_int(&self, i: usize) -> Result<Option<i64>> {
+        match self.at(i)? {
+            Value::Null => Ok(None),
+            Value::Int(v) => Ok(Some(*v)),
+            Value::Bool(b) => Ok(Some(i64::from(*b))),
+            Value::Text(_) => bail!("column {i} is text, not a number"),
+        }
+    }
+
+    pub fn int(&self, i: usize) -> Result<i64> {
+        self.opt_int(i)?
+            .ok_or_else(|| anyhow!("column {i} is NULL"))
+    }
+
+    pub fn opt_text(&self, i: usize) -> Result<Option<String>> {
+        match self.at(i)? {
+            Value::Null => Ok(None),
+            Value::Text(t) => Ok(Some(t.clone())),
+            other => bail!("column {i} is {other:?}, not text"),
+        }
+    }
+
+    pub fn text(&self, i: usize) -> Result<String> {
+        self.opt_text(i)?
+            .ok_or_else(|| anyhow!("column {i} is NULL"))
+    }
+
+    /// SQLite keeps booleans as 0 and 1.
+    pub fn bool(&self, i: usize) -> Result<bool> {
+        Ok(self.int(i)? != 0)
+    }
+
+    fn from_sqlite(row: &rusqlite::Row, columns: usize) -> rusqlite::Result<Row> {
+        use rusqlite::types::ValueRef;
+        (0..columns)
+            .map(|i| {
+                Ok(match row.get_ref(i)? {
+                    ValueRef::Null => Value::Null,
+                    ValueRef::Integer(v) => Value::Int(v),
+                    ValueRef::Text(t) => Value::Text(String::from_utf8_lossy(t).into_owned()),
+                    ValueRef::Real(_) | ValueRef::Blob(_) => {
+                        return Err(rusqlite::Error::InvalidColumnType(
+                            i,
+                            String::new(),
+                            row.get_ref(i)?.data_type(),
+                        ));
+                    }
+                })
+            })
+            .collect::<rusqlite::Result<_>>()
+            .map(Row)
+    }
+
+    fn from_postgres(row: &tokio_postgres::Row) -> Result<Row> {
+        (0..row.len())
+            .map(|i| {
+                let ty = row.columns()[i].type_();
+                Ok(match *ty {
+                    Type::INT8 => row.try_get::<_, Option<i64>>(i)?.map(Value::Int),
+                    Type::INT4 => row
+                        .try_get::<_, Option<i32>>(i)?
+                        .map(|v| Value::Int(v.into())),
+                    Type::INT2 => row
+                        .try_get::<_, Option<i16>>(i)?
+                        .map(|v| Value::Int(v.into())),
+                    Type::TEXT | Type::VARCHAR | Type::NAME => {
+                        row.try_get::<_, Option<String>>(i)?.map(Value::Text)
+                    }
+                    Type::BOOL => row.try_get::<_, Option<bool>>(i)?.map(Value::Bool),
+                    _ => bail!("column {i} has type {ty}, which the broker does not read"),
+                }
+                .unwrap_or(Value::Null))
+            })
+            .collect::<Result<_>>()
+            .map(Row)
+    }
+}
+
+/// `$1` → `?1`: SQLite numbers `$N` parameters by first appearance, not by N.
+fn sqlite_placeholders(sql: &str) -> String {
+    let mut out = String::with_capacity(sql.len());
+    let mut chars = sql.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '$' && chars.peek().is_some_and(char::is_ascii_digit) {
+            out.push('?');
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Which database the broker keeps its records in.
+#[derive(Clone)]
+pub enum Pool {
+    Sqlite(deadpool_sqlite::Pool),
+    Postgres(deadpool_postgres::Pool),
+}
+
+/// One pooled connection.
+pub enum Conn {
+    Sqlite(deadpool_sqlite::Object),
+    Postgres(deadpool_postgres::Object),
+}
+
+impl Pool {
+    /// SQLite in WAL mode; every connection waits out another's write lock.
+    pub async fn sqlite(path: &Path, size: usize) -> Result<Pool> {
+        let opened = path.to_path_buf();
+        let mode: String = tokio::task::spawn_blocking(move || {
+            let conn = rusqlite::Connection::open(&opened)?;
+            conn.busy_timeout(Duration::from_secs(10))?;
+            conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))
+        })
+        .await?
+        .with_context(|| format!("opening the broker database {}", path.display()))?;
+        if mode != "wal" {
+            bail!("{}: could not switch to WAL (got {mode})", path.display());
+        }
+        let pool = deadpool_sqlite::Config::new(path)
+            .builder(Runtime::Tokio1)?
+            .max_size(size)
+            .wait_timeout(Some(WAIT_FOR_CONNECTION))
+            .post_create(Hook::async_fn(|conn, _| {
+                Box::pin(async move {
+                    conn.interact(|c| {
+                        c.busy_timeout(Duration::from_secs(10))?;
+                        // secure_delete: a used code's sealed bytes are overwritten,
+                        // not left in free pages.
+                        c.execute_batch(
+                            "PRAGMA synchronous=NORMAL; PRAGMA foreign_keys=ON;
+                             PRAGMA secure_delete=ON;",
+                        )
+                    })
+                    .await
+                    .map_err(|e| HookError::message(e.to_string()))?
+                    .map_err(HookError::Backend)
+                })
+            }))
+            .build()?;
+        Ok(Pool::Sqlite(pool))
+    }
+
+    pub fn postgres(config: tokio_postgres::Config, size: usize) -> Result<Pool> {
+        let manager = Manager::from_config(
+            config,
+            tokio_postgres::NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = deadpool_postgres::Pool::builder(manager)
+            .max_size(size)
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(WAIT_FOR_CONNECTION))
+            .create_timeout(Some(WAIT_FOR_CONNECTION))
+            .build()?;
+        Ok(Pool::Postgres(pool))
+    }
+
+    pub fn is_postgres(&self) -> bool {
+        matches!(self, Pool::Postgres(_))
+    }
+
+    pub async fn get(&self) -> Result<Conn> {
+        Ok(match self {
+            Pool::Sqlite(p) => Conn::Sqlite(
+                p.get()
+                    .await
+                    .map_err(|e| anyhow!("the SQLite database: {e}"))?,
+            ),
+            Pool::Postgres(p) => Conn::Postgres(
+                p.get()
+                    .await
+                    .map_err(|e| anyhow!("the PostgreSQL database: {e}"))?,
+            ),
+        })
+    }
+
+    pub async fn execute(&self, sql: &str, args: Vec<Param>) -> Result<u64> {
+        self.get().await?.execute(sql, args).await
+    }
+
+    pub async fn query(&self, sql: &str, args: Vec<Param>) -> Result<Vec<Row>> {
+        self.get().await?.query(sql, args).await
+    }
+
+    pub async fn query_opt(&self, sql: &str, args: Vec<Param>) -> Result<Option<Row>> {
+        Ok(self.query(sql, args).await?.into_iter().next())
+    }
+
+    /// A transaction: committed by [`Txn::commit`], rolled back otherwise.
+    pub async fn begin(&self) -> Result<Txn> {
+        let mut conn = self.get().await?;
+        conn.batch(match conn {
+            // IMMEDIATE: take the write lock now, not on the first write (a
+            // reader upgrading later can deadlock against another writer).
+            Conn::Sqlite(_) => "BEGIN IMMEDIATE",
+            Conn::Postgres(_) => "BEGIN",
+        })
+        .await?;
+        Ok(Txn { conn: Some(conn) })
+    }
+}
+
+impl Conn {
+    pub async fn execute(&mut self, sql: &str, args: Vec<Param>) -> Result<u64> {
+        match self {
+            Conn::Sqlite(c) => {
+                let sql = sqlite_placeholders(sql);
+                let changed = c
+                    .interact(move |c| {
+                        c.prepare_cached(&sql)?
+                            .execute(rusqlite::params_from_iter(args))
+                    })
+                    .await
+                    .map_err(|e| anyhow!("SQLite: {e}"))??;
+                Ok(changed as u64)
+            }
+            Conn::Postgres(c) => {
+                let statement = c.prepare_cached(sql).await?;
+                let refs: Vec<&(dyn ToSql + Sync)> =
+                    args.iter().map(|a| a as &(dyn ToSql + Sync)).collect();
+                Ok(c.execute(&statement, &refs).await?)
+            }
+        }
+    }
+
+    pub async fn query(&mut self, sql: &str, args: Vec<Param>) -> Result<Vec<Row>> {
+        match self {
+            Conn::Sqlite(c) => {
+                let sql = sqlite_placeholders(sql);
+                c.interact(move |c| {
+                    let mut statement = c.prepare_cached(&sql)?;
+                    let columns = statement.column_count();
+                    statement
+                        .query_map(rusqlite::params_from_iter(args), |row| {
+                            Row::from_sqlite(row, columns)
+                        })?
+                        .collect::<rusqlite::Result<Vec<Row>>>()
+                })
+                .await
+                .map_err(|e| anyhow!("SQLite: {e}"))?
+                .map_err(Into::into)
+            }
+            Conn::Postgres(c) => {
+                let statement = c.prepare_cached(sql).await?;
+                let refs: Vec<&(dyn ToSql + Sync)> =
+                    args.iter().map(|a| a as &(dyn ToSql + Sync)).collect();
+                c.query(&statement, &refs)
+                    .await?
+                    .iter()
+                    .map(Row::from_postgres)
+                    .collect()
+            }
+        }
+    }
+
+    /// Statements without parameters, as one batch (migrations, BEGIN, COMMIT).
+    pub async fn batch(&mut self, sql: &str) -> Result<()> {
+        match self {
+            Conn::Sqlite(c) => {
+                let sql = sql.to_string();
+                c.interact(move |c| c.execute_batch(&sql))
+                    .await
+                    .map_err(|e| anyhow!("SQLite: {e}"))??;
+            }
+            Conn::Postgres(c) => c.batch_execute(sql).await?,
+        }
+        Ok(())
+    }
+
+    /// Closes the connection instead of giving it back: whatever it held (a
+    /// transaction left open, an advisory lock) ends with it.
+    pub fn discard(self) {
+        match self {
+            Conn::Sqlite(c) => drop(deadpool_sqlite::Object::take(c)),
+            Conn::Postgres(c) => drop(deadpool_postgres::Object::take(c)),
+        }
+    }
+}
+
+/// An open transaction. Dropped without [`Txn::commit`] (an error, a panic), its
+/// connection is closed, which rolls it back: none of it lands.
+pub struct Txn {
+    conn: Option<Conn>,
+}
+
+impl Txn {
+    fn conn_mut(&mut self) -> &mut Conn {
+        self.conn.as_mut().expect("a transaction not yet ended")
+    }
+
+    pub async fn execute(&mut self, sql: &str, args: Vec<Param>) -> Result<u64> {
+        self.conn_mut().execute(sql, args).await
+    }
+
+    pub async fn query(&mut self, sql: &str, args: Vec<Param>) -> Result<Vec<Row>> {
+        self.conn_mut().query(sql, args).await
+    }
+
+    pub async fn query_opt(&mut self, sql: &str, args: Vec<Param>) -> Result<Option<Row>> {
+        Ok(self.query(sql, args).await?.into_iter().next())
+    }
+
+    pub async fn batch(&mut self, sql: &str) -> Result<()> {
+        self.conn_mut().batch(sql).await
+    }
+
+    pub async fn commit(mut self) -> Result<()> {
+        let mut conn = self.conn.take().expect("a transaction not yet ended");
+        match conn.batch("COMMIT").await {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                conn.discard();
+                Err(e)
+            }
+        }
+    }
+}
+
+impl Drop for Txn {
+    fn drop(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            conn.discard();
+        }
+    }
+}
+
+/// Whether a statement failed on a UNIQUE constraint.
+pub fn is_unique_violation(e: &anyhow::Error) -> bool {
+    if let Some(rusqlite::Error::SqliteFailure(f, _)) = e.downcast_ref::<rusqlite::Error>() {
+        return f.code == rusqlite::ErrorCode::ConstraintViolation;
+    }
+    e.downcast_ref::<tokio_postgres::Error>()
+        .and_then(tokio_postgres::Error::code)
+        .is_some_and(|c| *c == tokio_postgres::error::SqlState::UNIQUE_VIOLATION)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn placeholders_are_renumbered_for_sqlite() {
+        assert_eq!(
+            sqlite_placeholders("UPDATE t SET a = $2 WHERE b = $1 AND c = $10"),
+            "UPDATE t SET a = ?2 WHERE b = ?1 AND c = ?10"
+        );
+        assert_eq!(sqlite_placeholders("SELECT '$x'"), "SELECT '$x'");
+    }
+}
