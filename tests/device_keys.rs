@@ -355,15 +355,11 @@ fn tofu_admits_the_first_key_and_refuses_another_for_the_same_serial() {
     let (code, reply) = enrol(&broker, &token, &pi_b, SERIAL_B);
     assert_eq!(code, 200, "{reply}");
     // The refusal is audited as what it is.
-    let db = rusqlite::Connection::open(broker.dir.join("broker.db")).unwrap();
-    let claimed: i64 = db
-        .query_row(
-            "SELECT count(*) FROM audit WHERE action = 'refused' AND serial = ?1
-             AND detail LIKE 'serial claimed by other hardware%'",
-            [SERIAL_A],
-            |r| r.get(0),
-        )
-        .unwrap();
+    let claimed = broker.count(
+        "SELECT count(*) FROM audit WHERE action = 'refused' AND serial = $1
+         AND detail LIKE 'serial claimed by other hardware%'",
+        &[SERIAL_A],
+    );
     assert!(claimed >= 2, "{claimed} audited claims");
     let log = broker.log_text();
     assert!(!log.contains(&token));

@@ -24,7 +24,7 @@ pub fn run(action: BrokerCommand) -> Result<ExitCode> {
                 names,
                 region,
                 iam_role,
-                database,
+                database: database.filter(|d| d != "sqlite"),
             })?;
             println!("broker config {}", done.config.display());
             println!(

@@ -324,12 +324,9 @@ pub enum BrokerCommand {
 }
 
 /// `sqlite` is the default file; anything else must be a PostgreSQL URL.
-fn parse_database(text: &str) -> Result<Option<String>, String> {
-    if text == "sqlite" {
-        return Ok(None);
-    }
-    if crate::broker::store::is_postgres_url(text) {
-        return Ok(Some(text.to_string()));
+fn parse_database(text: &str) -> Result<String, String> {
+    if text == "sqlite" || crate::broker::store::is_postgres_url(text) {
+        return Ok(text.to_string());
     }
     Err("`sqlite`, or a URL postgres://USER@HOST[:PORT]/DATABASE".into())
 }

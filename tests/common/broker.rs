@@ -11,20 +11,52 @@ use super::{fixture, succeed};
 
 pub struct BrokerProcess {
     child: Option<Child>,
+    /// The PostgreSQL URL it keeps its records at; None: broker.db in `dir`.
+    pub database: Option<String>,
     pub dir: PathBuf,
     pub config: PathBuf,
     pub ca: PathBuf,
     pub address: String,
     pub log: PathBuf,
     env: Vec<(String, String)>,
+    /// `serve --listen` (a twin on the same host).
+    listen: Option<String>,
 }
 
 impl BrokerProcess {
     /// `piprov broker init` in `dir/broker` on a free loopback port (kept across
     /// restarts, as the cards know it), then `settings` (`key = value` lines)
     /// replace the config's defaults.
+    /// The store is SQLite, or a fresh PostgreSQL database when
+    /// PIPROV_TEST_BROKER_DATABASE=postgres (make test runs the broker tests both ways).
     pub fn init(dir: &Path, ssm: &SsmEndpoint, settings: &[(&str, &str)]) -> BrokerProcess {
         Self::init_named(dir, ssm, settings, &[])
+    }
+
+    /// As `init`, on this database (a postgres:// URL).
+    pub fn init_on(
+        dir: &Path,
+        ssm: &SsmEndpoint,
+        settings: &[(&str, &str)],
+        database: &str,
+    ) -> BrokerProcess {
+        Self::init_with(dir, ssm, settings, &[], Some(database.to_string()))
+    }
+
+    /// A second broker on this one's config and database (another process, as
+    /// on another host: its own log).
+    pub fn twin(&self, name: &str) -> BrokerProcess {
+        BrokerProcess {
+            child: None,
+            database: self.database.clone(),
+            dir: self.dir.clone(),
+            config: self.config.clone(),
+            ca: self.ca.clone(),
+            address: String::new(),
+            log: self.log.with_file_name(format!("{name}.log")),
+            env: self.env.clone(),
+            listen: Some("127.0.0.1:0".into()),
+        }
     }
 
     /// As `init`, with more names in the certificate (e.g. the address a VM
@@ -34,6 +66,21 @@ impl BrokerProcess {
         ssm: &SsmEndpoint,
         settings: &[(&str, &str)],
         names: &[&str],
+    ) -> BrokerProcess {
+        let database = match std::env::var("PIPROV_TEST_BROKER_DATABASE").as_deref() {
+            Ok("postgres") => Some(super::postgres::required().new_database()),
+            Ok("sqlite") | Err(_) => None,
+            Ok(other) => panic!("PIPROV_TEST_BROKER_DATABASE={other}: sqlite or postgres"),
+        };
+        Self::init_with(dir, ssm, settings, names, database)
+    }
+
+    fn init_with(
+        dir: &Path,
+        ssm: &SsmEndpoint,
+        settings: &[(&str, &str)],
+        names: &[&str],
+        database: Option<String>,
     ) -> BrokerProcess {
         let home = dir.join("broker");
         let extra: Vec<String> = names
@@ -57,6 +104,7 @@ impl BrokerProcess {
                 "eu-west-1",
             ])
             .args(["--iam-role", "SSMServiceRole"])
+            .args(database.iter().flat_map(|d| ["--database", d.as_str()]))
             .assert()
             .success();
         let config = home.join("broker.toml");
@@ -72,6 +120,8 @@ impl BrokerProcess {
         std::fs::write(&config, text).unwrap();
         BrokerProcess {
             child: None,
+            database,
+            listen: None,
             dir: home.clone(),
             config,
             ca: home.join("ca.pem"),
@@ -101,7 +151,7 @@ impl BrokerProcess {
 
     pub fn start(&mut self) {
         assert!(self.child.is_none(), "already running");
-        let ready = self.dir.join("ready");
+        let ready = self.log.with_extension("ready");
         let _ = std::fs::remove_file(&ready);
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -115,6 +165,7 @@ impl BrokerProcess {
             .arg(&self.config)
             .arg("--ready-file")
             .arg(&ready)
+            .args(self.listen.iter().flat_map(|l| ["--listen", l.as_str()]))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -159,6 +210,28 @@ impl BrokerProcess {
         let mut child = self.child.take().expect("running");
         child.kill().unwrap();
         child.wait().unwrap();
+    }
+
+    /// A count from the broker's database, whichever it is: `sql` with `$1`…
+    /// standing for `args` (quoted as SQL strings).
+    pub fn count(&self, sql: &str, args: &[&str]) -> i64 {
+        let mut text = sql.to_string();
+        for (i, arg) in args.iter().enumerate().rev() {
+            text = text.replace(
+                &format!("${}", i + 1),
+                &format!("'{}'", arg.replace('\'', "''")),
+            );
+        }
+        match &self.database {
+            Some(url) => super::postgres::required()
+                .psql(url, &text)
+                .parse()
+                .unwrap(),
+            None => rusqlite::Connection::open(self.dir.join("broker.db"))
+                .unwrap()
+                .query_row(&text, [], |r| r.get(0))
+                .unwrap(),
+        }
     }
 
     pub fn log_text(&self) -> String {

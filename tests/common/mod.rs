@@ -11,6 +11,7 @@ use tempfile::TempDir;
 pub mod broker;
 pub mod card;
 pub mod disk;
+pub mod postgres;
 pub mod ssm_endpoint;
 pub mod stub;
 

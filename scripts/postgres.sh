@@ -1,0 +1,43 @@
+#!/bin/sh
+# A private PostgreSQL server for the tests, on loopback, from Debian's packages:
+#   postgres.sh start DIR PORT   (initdb on first use; trust on 127.0.0.1 only)
+#   postgres.sh stop DIR | restart DIR
+# Run as root it runs the server as the postgres user (PostgreSQL refuses root).
+set -eu
+action=$1
+dir=$2
+bin=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1)
+[ -n "$bin" ] || { echo "PostgreSQL's server is not installed (apt-get install postgresql)" >&2; exit 1; }
+
+as_owner() {
+    if [ "$(id -u)" -eq 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi
+}
+
+case $action in
+start)
+    port=$3
+    if [ ! -f "$dir/PG_VERSION" ]; then
+        mkdir -p "$dir"
+        [ "$(id -u)" -eq 0 ] && chown postgres: "$dir"
+        as_owner "$bin/initdb" -D "$dir" -U piprov --auth=trust -N >/dev/null
+        # Many brokers' pools at once (the load test): more than the default 100.
+        cat >>"$dir/postgresql.conf" <<CONF
+listen_addresses = '127.0.0.1'
+port = $port
+unix_socket_directories = '$dir'
+max_connections = 300
+CONF
+    fi
+    as_owner "$bin/pg_ctl" -D "$dir" -l "$dir/server.log" -w -t 60 start >/dev/null
+    ;;
+stop)
+    as_owner "$bin/pg_ctl" -D "$dir" -m fast -w stop >/dev/null
+    ;;
+restart)
+    as_owner "$bin/pg_ctl" -D "$dir" -l "$dir/server.log" -m fast -w -t 60 restart >/dev/null
+    ;;
+*)
+    echo "usage: postgres.sh start DIR PORT | stop DIR | restart DIR" >&2
+    exit 2
+    ;;
+esac
