@@ -295,6 +295,19 @@ fn retries_get_the_same_activation_and_restarts_lose_nothing() {
     assert_eq!(after["reused"], true);
     assert_eq!(creates(&ssm), 1);
 
+    // SQLite serves one broker: a second one on the same file is refused, as its
+    // serial locks and clean-up would be wrong beside another process.
+    if broker.database.is_none() {
+        broker
+            .piprov()
+            .args(["broker", "serve", "--listen", "127.0.0.1:0", "--config"])
+            .arg(&broker.config)
+            .timeout(std::time::Duration::from_secs(30))
+            .assert()
+            .code(2)
+            .stderr(contains("an SQLite database serves one broker"));
+    }
+
     // Without the vend key, a sealed code does not open: the retry gets a fresh
     // activation and the one never used is withdrawn, so one serial never holds two.
     broker.stop();

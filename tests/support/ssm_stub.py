@@ -10,7 +10,8 @@ LIFETIME seconds (default 300).
 An IamRole named "NoPassRole" answers AccessDenied as a missing iam:PassRole does;
 the access key id ASIAEXPIREDEXPIRED00 is answered as expired session credentials.
 SSM_STUB_SLOW_CREATE=SECONDS in the environment makes CreateActivation answer that
-much later (for timeouts and shutdown with requests in flight).
+much later, the activation made already (for timeouts, shutdown with requests in
+flight, and a broker killed between SSM making an activation and recording it).
 Each request is appended to LOG_FILE as a JSON line (target and body; bodies
 holding an ActivationCode are logged with it masked).
 
@@ -281,8 +282,6 @@ class Handler(BaseHTTPRequestHandler):
             with lock:
                 with open(log_path, "a") as log:
                     log.write(json.dumps({"target": target, "body": logged}) + "\n")
-            if target == "AmazonSSM.CreateActivation" and slow_create:
-                time.sleep(slow_create)
             with lock:
                 if "Credential=ASIAEXPIREDEXPIRED00/" in self.headers.get("Authorization", ""):
                     raise Error("ExpiredTokenException", "The security token included in the request is expired")
@@ -292,6 +291,10 @@ class Handler(BaseHTTPRequestHandler):
                 if target not in OPERATIONS:
                     raise Error("UnknownOperationException", f"{target} is not implemented here")
                 result = OPERATIONS[target](body)
+            # Made, then answered late (outside the lock): a caller can be caught
+            # between SSM making the activation and hearing of it.
+            if target == "AmazonSSM.CreateActivation" and slow_create:
+                time.sleep(slow_create)
             self.reply(200, result)
         except Error as e:
             self.reply(e.status, {"__type": e.kind, "message": e.message})

@@ -1,0 +1,186 @@
+//! Several `piprov broker serve` processes on one PostgreSQL database, as on
+//! several hosts: a serial gets one activation whichever broker each of its
+//! requests reaches, a retry on another broker gets the same code, the token's
+//! quota holds across them, and one broker's clean-up never deletes an
+//! activation another live broker is making. Needs the tests' PostgreSQL
+//! (scripts/with-postgres.sh, as `make test` runs it); in CI its absence fails.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use common::broker::BrokerProcess;
+use common::postgres;
+use common::ssm_endpoint::SsmEndpoint;
+use tempfile::TempDir;
+
+fn ask(serial: &str) -> String {
+    format!(r#"{{"serial":"{serial}","hostname":"pi-{serial}"}}"#)
+}
+
+fn creates_for(ssm: &SsmEndpoint, serial: &str) -> usize {
+    ssm.requests_for("CreateActivation")
+        .iter()
+        .filter(|r| {
+            r["body"]["Description"]
+                .as_str()
+                .unwrap_or("")
+                .ends_with(serial)
+        })
+        .count()
+}
+
+#[test]
+fn two_brokers_give_a_serial_one_activation_and_share_the_quota() {
+    let Some(pg) = postgres::server() else { return };
+    let dir = TempDir::new().unwrap();
+    // Each activation takes a second to make: requests for one serial overlap.
+    let ssm = SsmEndpoint::start_slow(dir.path(), 1.0);
+    let mut a = BrokerProcess::init_on(dir.path(), &ssm, &[], &pg.new_database());
+    let token = a.add_token("site-a", &["--max-uses", "3"]);
+    let mut b = a.twin("broker-b");
+    a.start();
+    b.start();
+    assert_ne!(a.url(), b.url());
+
+    // The same serial asked of both brokers at once, four times each.
+    let serial = "10000000abcd0001";
+    let askers: Vec<_> = (0..8)
+        .map(|n| {
+            let client = if n % 2 == 0 { a.client() } else { b.client() };
+            let token = token.clone();
+            std::thread::spawn(move || client.post("/v1/activations", Some(&token), &ask(serial)))
+        })
+        .collect();
+    let replies: Vec<_> = askers.into_iter().map(|t| t.join().unwrap()).collect();
+    let ids: BTreeSet<String> = replies
+        .iter()
+        .map(|(status, reply)| {
+            assert_eq!(*status, 200, "{reply}");
+            reply["activation_id"].as_str().unwrap().to_string()
+        })
+        .collect();
+    assert_eq!(ids.len(), 1, "one activation for the serial: {replies:?}");
+    assert_eq!(creates_for(&ssm, serial), 1);
+    let codes: BTreeSet<&str> = replies
+        .iter()
+        .map(|(_, r)| r["activation_code"].as_str().unwrap())
+        .collect();
+    assert_eq!(codes.len(), 1, "every reply carries the same code");
+
+    // Six more serials at once across both brokers, with two uses left: two get
+    // an activation, four are refused, whichever broker they reached.
+    let askers: Vec<_> = (0..6)
+        .map(|n| {
+            let client = if n % 2 == 0 { a.client() } else { b.client() };
+            let token = token.clone();
+            std::thread::spawn(move || {
+                client.post(
+                    "/v1/activations",
+                    Some(&token),
+                    &ask(&format!("10000000abcd01{n:02}")),
+                )
+            })
+        })
+        .collect();
+    let statuses: Vec<u16> = askers.into_iter().map(|t| t.join().unwrap().0).collect();
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 200).count(),
+        2,
+        "{statuses:?}"
+    );
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 403).count(),
+        4,
+        "{statuses:?}"
+    );
+    assert_eq!(
+        a.count("SELECT uses FROM tokens WHERE name = $1", &["site-a"]),
+        3
+    );
+
+    // A's broker stops; the card's retry reaches B and gets the same code back.
+    a.stop();
+    let (status, again) = b.post("/v1/activations", Some(&token), &ask(serial));
+    assert_eq!(status, 200, "{again}");
+    assert_eq!(again["reused"], true);
+    assert_eq!(again["activation_code"], replies[0].1["activation_code"]);
+    assert_eq!(creates_for(&ssm, serial), 1);
+}
+
+#[test]
+fn a_clean_up_leaves_what_a_live_broker_is_making_and_deletes_what_a_dead_one_left() {
+    let Some(pg) = postgres::server() else { return };
+    let dir = TempDir::new().unwrap();
+    // CreateActivation answers 3 s after making the activation: a broker is
+    // caught between SSM making one and recording it.
+    let ssm = SsmEndpoint::start_slow(dir.path(), 3.0);
+    let mut a = BrokerProcess::init_on(
+        dir.path(),
+        &ssm,
+        &[("request_timeout", "\"8s\"")],
+        &pg.new_database(),
+    );
+    let token = a.add_token("site-a", &[]);
+    let mut b = a.twin("broker-b");
+    a.start();
+    let live = |ssm: &SsmEndpoint| -> BTreeSet<String> {
+        ssm.activations()
+            .iter()
+            .map(|x| x["ActivationId"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let client = a.client();
+    let asked = token.clone();
+    let asking = std::thread::spawn(move || {
+        client.post("/v1/activations", Some(&asked), &ask("10000000abcd0002"))
+    });
+    let started = Instant::now();
+    while ssm.requests_for("CreateActivation").is_empty() {
+        assert!(started.elapsed() < Duration::from_secs(10));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // A's activation exists in SSM, A has not heard of it yet; B starts and
+    // cleans up meanwhile. It must leave it: A records it and hands it out next.
+    std::thread::sleep(Duration::from_millis(200));
+    b.start();
+    assert_eq!(live(&ssm).len(), 1);
+    let (status, reply) = asking.join().unwrap();
+    assert_eq!(status, 200, "{reply}");
+    assert!(
+        live(&ssm).contains(reply["activation_id"].as_str().unwrap()),
+        "B's start deleted the activation A was handing out: {}",
+        b.log_text()
+    );
+
+    // A is killed while making another: no card ever gets that one. B's
+    // periodic clean-up deletes it once its deadline (timeout + 10 s) passes.
+    let client = a.client();
+    let asked = token.clone();
+    let orphaned = std::thread::spawn(move || {
+        client.post("/v1/activations", Some(&asked), &ask("10000000abcd0003"))
+    });
+    while ssm.requests_for("CreateActivation").len() < 2 {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    a.kill_hard();
+    let _ = orphaned.join();
+    assert_eq!(live(&ssm).len(), 2, "the orphan exists in SSM");
+    let started = Instant::now();
+    while live(&ssm).len() > 1 {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the orphan was never deleted: {} pending, {:?}; {}",
+            b.count("SELECT count(*) FROM pending_issues", &[]),
+            ssm.activations(),
+            b.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert_eq!(
+        live(&ssm),
+        BTreeSet::from([reply["activation_id"].as_str().unwrap().to_string()])
+    );
+}
