@@ -20,15 +20,19 @@ lint: deps
 	$(CARGO) clippy --all-targets -- -D warnings
 	shellcheck -x -s sh tests/fixtures/*.sh bench/*.sh tests/e2e/*.sh tests/standins/* scripts/*.sh $(wildcard firstboot/*.sh)
 
+# Every test, with a private PostgreSQL server up (scripts/with-postgres.sh);
+# then the broker's tests again with their records in PostgreSQL.
 test: lint
-	$(CARGO) test
+	sh scripts/with-postgres.sh sh -c '$(CARGO) test && \
+		PIPROV_TEST_BROKER_DATABASE=postgres $(CARGO) test --test broker --test device_keys --test broker_shared'
 
-# The broker under load: 2,000 enrollments from 100 clients, a SIGKILL and a
-# restart part-way (tests/broker_load.rs), unsigned and then signed with device
-# keys, one after the other so the figures compare. Release build: it measures
-# the broker. Figures go to stderr and to target/tmp/broker-load*.json.
+# The broker under load: 2,000 enrollments from 100 clients (tests/broker_load.rs)
+# on SQLite with one broker, on PostgreSQL with one and with two, unsigned and
+# signed with device keys; a broker SIGKILLed and restarted part-way, PostgreSQL
+# restarted too. Release build: it measures the broker. Figures go to stderr and
+# to target/tmp/broker-load-*.json.
 load: deps
-	$(CARGO) test --release --test broker_load -- --ignored --nocapture --test-threads=1
+	sh scripts/with-postgres.sh $(CARGO) test --release --test broker_load -- --ignored --nocapture --test-threads=1
 
 # Cards booted in virtual machines (tests/e2e.rs): a debootstrap image (cached in
 # /var/tmp/piprov-e2e, or PIPROV_E2E_CACHE), stamped, flashed, booted with QEMU;

@@ -11,7 +11,8 @@ shellcheck:shellcheck visudo:sudo systemd-analyze:systemd
 xz:xz-utils zstd:zstd bzip2:bzip2 zip:zip losetup:mount partx:util-linux bmaptool:bmap-tools
 mkswap:util-linux findmnt:util-linux lsblk:util-linux
 mmdebstrap:mmdebstrap qemu-system-aarch64:qemu-system-arm qemu-aarch64-static:qemu-user-static
-update-binfmts:binfmt-support dtc:device-tree-compiler man:man-db dpkg-shlibdeps:dpkg-dev"
+update-binfmts:binfmt-support dtc:device-tree-compiler man:man-db dpkg-shlibdeps:dpkg-dev
+psql:postgresql-client runuser:util-linux"
 
 missing=
 for pair in $needed; do
@@ -21,9 +22,8 @@ for pair in $needed; do
         case " $missing " in *" $package "*) ;; *) missing="$missing $package" ;; esac
     fi
 done
-# The broker load test signs as Pis do, with Python's cryptography module.
-has_cryptography() { python3 -c 'import cryptography' >/dev/null 2>&1; }
-has_cryptography || missing="$missing python3-cryptography"
+# The broker's PostgreSQL tests run a private server (scripts/postgres.sh).
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$missing postgresql"
 [ -z "$missing" ] && exit 0
 
 if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
@@ -32,8 +32,6 @@ if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
     apt-get update -qq
     # shellcheck disable=SC2086 # one word per package
     apt-get install -y -qq --no-install-recommends $missing >/dev/null
-    # A python3 of its own (pyenv, a venv) does not see Debian's module.
-    has_cryptography || python3 -m pip install --quiet cryptography
 else
     echo "missing system packages:$missing" >&2
     echo "install them with: sudo apt-get install$missing" >&2

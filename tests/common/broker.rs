@@ -21,6 +21,17 @@ pub struct BrokerProcess {
     env: Vec<(String, String)>,
     /// `serve --listen` (a twin on the same host).
     listen: Option<String>,
+    /// More `serve` arguments, e.g. `--log-format json`.
+    pub serve_args: Vec<String>,
+}
+
+/// A loopback port free now (kept across a broker's restarts, as cards know it).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 impl BrokerProcess {
@@ -55,7 +66,8 @@ impl BrokerProcess {
             address: String::new(),
             log: self.log.with_file_name(format!("{name}.log")),
             env: self.env.clone(),
-            listen: Some("127.0.0.1:0".into()),
+            listen: Some(format!("127.0.0.1:{}", free_port())),
+            serve_args: self.serve_args.clone(),
         }
     }
 
@@ -82,17 +94,27 @@ impl BrokerProcess {
         names: &[&str],
         database: Option<String>,
     ) -> BrokerProcess {
+        Self::init_in(dir, ssm.env(), settings, names, database)
+    }
+
+    /// `piprov broker init` with this environment (where SSM is, the AWS
+    /// settings) on `database` (None: SQLite).
+    pub fn init_in(
+        dir: &Path,
+        env: Vec<(String, String)>,
+        settings: &[(&str, &str)],
+        names: &[&str],
+        database: Option<String>,
+    ) -> BrokerProcess {
         let home = dir.join("broker");
         let extra: Vec<String> = names
             .iter()
             .flat_map(|n| ["--name".to_string(), n.to_string()])
             .collect();
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        ssm.piprov()
+        let port = free_port();
+        let mut init = super::piprov();
+        init.env_clear()
+            .envs(env.clone())
             .args(["broker", "init"])
             .arg(&home)
             .args(["--name", "127.0.0.1", "--name", "localhost"])
@@ -127,7 +149,8 @@ impl BrokerProcess {
             ca: home.join("ca.pem"),
             address: String::new(),
             log: dir.join("broker.log"),
-            env: ssm.env(),
+            env,
+            serve_args: Vec::new(),
         }
     }
 
@@ -166,6 +189,7 @@ impl BrokerProcess {
             .arg("--ready-file")
             .arg(&ready)
             .args(self.listen.iter().flat_map(|l| ["--listen", l.as_str()]))
+            .args(&self.serve_args)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -232,6 +256,48 @@ impl BrokerProcess {
                 .query_row(&text, [], |r| r.get(0))
                 .unwrap(),
         }
+    }
+
+    /// Rows from the broker's database, each column as text ("" for NULL).
+    pub fn rows(&self, sql: &str) -> Vec<Vec<String>> {
+        match &self.database {
+            Some(url) => {
+                let out = super::postgres::required().psql(url, sql);
+                out.lines()
+                    .filter(|l| !l.is_empty())
+                    .map(|l| l.split('|').map(str::to_string).collect())
+                    .collect()
+            }
+            None => {
+                let db = rusqlite::Connection::open(self.dir.join("broker.db")).unwrap();
+                let mut stmt = db.prepare(sql).unwrap();
+                let columns = stmt.column_count();
+                stmt.query_map([], |r| {
+                    (0..columns)
+                        .map(|i| {
+                            Ok(match r.get_ref(i)? {
+                                rusqlite::types::ValueRef::Null => String::new(),
+                                rusqlite::types::ValueRef::Integer(v) => v.to_string(),
+                                rusqlite::types::ValueRef::Text(t) => {
+                                    String::from_utf8_lossy(t).into_owned()
+                                }
+                                other => format!("{other:?}"),
+                            })
+                        })
+                        .collect()
+                })
+                .unwrap()
+                .map(Result::unwrap)
+                .collect()
+            }
+        }
+    }
+
+    /// CPU seconds (user + system) the running broker process has used.
+    pub fn cpu_seconds(&self) -> f64 {
+        self.child.as_ref().map_or(0.0, |c| {
+            super::ssm_double::stat_cpu(Path::new(&format!("/proc/{}/stat", c.id()))) / 100.0
+        })
     }
 
     pub fn log_text(&self) -> String {

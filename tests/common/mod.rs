@@ -11,7 +11,9 @@ use tempfile::TempDir;
 pub mod broker;
 pub mod card;
 pub mod disk;
+pub mod load_client;
 pub mod postgres;
+pub mod ssm_double;
 pub mod ssm_endpoint;
 pub mod stub;
 
