@@ -20,6 +20,11 @@ start)
         mkdir -p "$dir"
         [ "$(id -u)" -eq 0 ] && chown postgres: "$dir"
         as_owner "$bin/initdb" -D "$dir" -U piprov --auth=trust -N >/dev/null
+        # Members of piprov_pw must give their password (the broker's password
+        # tests); the rest are trusted on loopback.
+        { echo "host all +piprov_pw 127.0.0.1/32 scram-sha-256"; cat "$dir/pg_hba.conf"; } >"$dir/pg_hba.new"
+        mv "$dir/pg_hba.new" "$dir/pg_hba.conf"
+        [ "$(id -u)" -eq 0 ] && chown postgres: "$dir/pg_hba.conf"
         # Many brokers' pools at once (the load test): more than the default 100.
         cat >>"$dir/postgresql.conf" <<CONF
 listen_addresses = '127.0.0.1'

@@ -156,6 +156,23 @@ fn a_stamped_card_enrols_through_the_broker() {
         log.contains(&format!("Pi {SERIAL_A} registered as {instance}")),
         "{log}"
     );
+    // One line per request, and the lines of a request's work carry its id.
+    let registered = log.lines().find(|l| l.contains("registered as")).unwrap();
+    let id = registered
+        .split("request{id=")
+        .nth(1)
+        .and_then(|rest| rest.split('}').next())
+        .unwrap_or_else(|| panic!("no request id: {registered}"));
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains(&format!("request{{id={id}}}")))
+        .collect();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("path=/v1/registrations status=200")),
+        "{lines:?}"
+    );
     assert!(!log.contains(&token));
     let err = card.standin_log();
     assert!(!err.contains(&token));

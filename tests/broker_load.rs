@@ -298,7 +298,13 @@ fn load(case: Case) {
         );
     }
 
+    // --log-format json: one line per request, the activations among them.
     let broker_side = broker_latencies(&brokers);
+    assert!(
+        broker_side.len() >= count,
+        "{} activation requests logged",
+        broker_side.len()
+    );
     let report = serde_json::json!({
         "case": case.name, "enrollments": count, "clients": clients,
         "brokers": case.brokers, "postgres": case.postgres, "device_keys": case.device_keys,

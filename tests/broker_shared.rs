@@ -184,3 +184,93 @@ fn a_clean_up_leaves_what_a_live_broker_is_making_and_deletes_what_a_dead_one_le
         BTreeSet::from([reply["activation_id"].as_str().unwrap().to_string()])
     );
 }
+
+#[test]
+fn the_database_password_comes_from_the_environment_or_a_file_and_is_never_shown() {
+    let Some(pg) = postgres::server() else { return };
+    let dir = TempDir::new().unwrap();
+    let ssm = SsmEndpoint::start(dir.path(), 0);
+    let admin = pg.new_database();
+    let secret = "pw-5ecret-value-91";
+    // A role of its own, in the group the server asks a password of.
+    let role = format!("piprov_pw_{}", admin.rsplit('_').next().unwrap());
+    pg.psql(
+        &admin,
+        &format!(
+            "DO $$ BEGIN CREATE ROLE piprov_pw NOLOGIN; EXCEPTION WHEN duplicate_object THEN END $$;
+             CREATE ROLE {role} LOGIN PASSWORD '{secret}' IN ROLE piprov_pw"
+        ),
+    );
+    let db_name = admin.rsplit('/').next().unwrap();
+    pg.psql(&admin, &format!("ALTER DATABASE {db_name} OWNER TO {role}"));
+    pg.psql(&admin, &format!("GRANT ALL ON SCHEMA public TO {role}"));
+    let url = admin.replacen("postgres://piprov@", &format!("postgres://{role}@"), 1);
+    let init = |home: &std::path::Path, password: &str| {
+        ssm.piprov()
+            .env("PGPASSWORD", password)
+            .args(["broker", "init"])
+            .arg(home)
+            .args(["--name", "127.0.0.1", "--region", "eu-west-1"])
+            .args(["--iam-role", "SSMServiceRole", "--database", &url])
+            .output()
+            .unwrap()
+    };
+
+    // A wrong password: refused, named by user and host, never shown, nothing made.
+    let wrong = init(&dir.path().join("wrong"), "not-the-password");
+    let stderr = String::from_utf8_lossy(&wrong.stderr);
+    assert_eq!(wrong.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("password authentication failed"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(&format!("postgres://{role}@127.0.0.1")),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("not-the-password"), "{stderr}");
+    assert!(!dir.path().join("wrong/broker.toml").exists());
+
+    // PGPASSWORD: made, and nothing it printed or wrote holds the password.
+    let home = dir.path().join("broker");
+    let made = init(&home, secret);
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    let config = home.join("broker.toml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    assert!(!text.contains(secret) && !String::from_utf8_lossy(&made.stdout).contains(secret));
+    let tokens = |env: Option<&str>| {
+        let mut cmd = ssm.piprov();
+        if let Some(password) = env {
+            cmd.env("PGPASSWORD", password);
+        }
+        cmd.args(["broker", "token", "list", "--config"])
+            .arg(&config)
+            .output()
+            .unwrap()
+    };
+    assert!(tokens(Some(secret)).status.success());
+    let without = tokens(None);
+    assert!(!without.status.success(), "no password, no database");
+
+    // database_password_file: the same without the environment.
+    std::fs::write(home.join("db.password"), format!("{secret}\n")).unwrap();
+    std::fs::write(
+        &config,
+        text.replacen(
+            "database = ",
+            "database_password_file = \"db.password\"\ndatabase = ",
+            1,
+        ),
+    )
+    .unwrap();
+    let listed = tokens(None);
+    assert!(
+        listed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&listed.stderr)
+    );
+}

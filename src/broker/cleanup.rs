@@ -7,8 +7,6 @@
 //! one or another sharing the database) may yet record it and hand it out.
 //! Runs at start and then every lease.
 
-use std::collections::HashSet;
-
 use anyhow::Result;
 
 use super::api::Broker;
@@ -29,7 +27,6 @@ impl Broker {
                 .map(|(_, v)| v.clone())
         };
         let mut deleted = 0;
-        let mut seen_issues = HashSet::new();
         for a in &listed {
             if tag(a, TAG_BROKER).as_deref() != Some(&self.config.config.broker_id)
                 || books.known.contains(&a.id)
@@ -38,13 +35,16 @@ impl Broker {
             }
             let issue = tag(a, TAG_ISSUE);
             if let Some(issue) = &issue {
-                seen_issues.insert(issue.clone());
                 if books.pending.get(issue) == Some(&true) {
                     continue;
                 }
             }
-            ssm::delete_activation(&self.ssm, &a.id).await?;
-            deleted += 1;
+            // Another broker may be deleting the same one: its failure is
+            // logged and the rest go on.
+            match ssm::delete_activation(&self.ssm, &a.id).await {
+                Ok(()) => deleted += 1,
+                Err(e) => tracing::warn!("deleting unrecorded activation {}: {e:#}", a.id),
+            }
         }
         self.store.drop_late_issues().await?;
         Ok(deleted)

@@ -130,12 +130,10 @@ impl Broker {
         instance_id: &str,
         issued: &Issued,
     ) -> Result<(), ApiError> {
-        let node = ssm::describe_node(&self.ssm, instance_id)
+        let made_with = ssm::node_activation(&self.ssm, instance_id)
             .await
             .map_err(|e| ssm_error(serial, e))?;
-        if node.as_ref().and_then(|n| n.activation_id.as_deref())
-            == Some(issued.activation_id.as_str())
-        {
+        if made_with.as_deref() == Some(issued.activation_id.as_str()) {
             return Ok(());
         }
         self.audit_refusal(

@@ -106,7 +106,39 @@ pub async fn add_node_tags(client: &Client, id: &str, tags: &[(String, String)])
     Ok(())
 }
 
+/// The activation a node was made with, by its id (no tags read); `None` if SSM
+/// does not know the node.
+pub async fn node_activation(client: &Client, id: &str) -> Result<Option<String>> {
+    let filters = [("InstanceIds".to_string(), id.to_string())];
+    Ok(describe_matching(client, &filters)
+        .await?
+        .into_iter()
+        .next()
+        .and_then(|n| n.activation_id))
+}
+
 async fn nodes_matching(client: &Client, filters: &[(String, String)]) -> Result<Vec<Node>> {
+    let mut nodes = describe_matching(client, filters).await?;
+    // DescribeInstanceInformation carries no tags: one call per node.
+    for node in &mut nodes {
+        let out = client
+            .list_tags_for_resource()
+            .resource_type(ResourceTypeForTagging::ManagedInstance)
+            .resource_id(&node.id)
+            .send()
+            .await
+            .map_err(|e| explain(e, &format!("reading the tags of {}", node.id)))?;
+        node.tags = out
+            .tag_list()
+            .iter()
+            .map(|t| (t.key().to_string(), t.value().to_string()))
+            .collect();
+    }
+    Ok(nodes)
+}
+
+/// The managed nodes matching `filters`, without their tags.
+async fn describe_matching(client: &Client, filters: &[(String, String)]) -> Result<Vec<Node>> {
     let mut request = client.describe_instance_information().filters(
         InstanceInformationStringFilter::builder()
             .key("ResourceType")
@@ -150,21 +182,6 @@ async fn nodes_matching(client: &Client, filters: &[(String, String)]) -> Result
                 tags: BTreeMap::new(),
             });
         }
-    }
-    // DescribeInstanceInformation carries no tags: one call per node.
-    for node in &mut nodes {
-        let out = client
-            .list_tags_for_resource()
-            .resource_type(ResourceTypeForTagging::ManagedInstance)
-            .resource_id(&node.id)
-            .send()
-            .await
-            .map_err(|e| explain(e, &format!("reading the tags of {}", node.id)))?;
-        node.tags = out
-            .tag_list()
-            .iter()
-            .map(|t| (t.key().to_string(), t.value().to_string()))
-            .collect();
     }
     Ok(nodes)
 }

@@ -8,8 +8,10 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
+use deadpool::Runtime;
+use deadpool::managed::{Metrics, RecycleError, RecycleResult};
 use deadpool_postgres::{Manager, ManagerConfig, RecyclingMethod};
-use deadpool_sqlite::{Hook, HookError, Runtime};
+use deadpool_sync::SyncWrapper;
 use tokio_postgres::types::{IsNull, ToSql, Type, to_sql_checked};
 
 /// How long a request waits for a free connection before it fails.
@@ -218,18 +220,87 @@ fn sqlite_placeholders(sql: &str) -> String {
     out
 }
 
+/// SQLite connections for deadpool, each used on tokio's blocking threads.
+/// Reuse checks only that no panic interrupted the last use: a connection never
+/// goes back with a transaction open (see [`Txn`]), so no query is needed, where
+/// deadpool-sqlite's manager runs one on every checkout.
+pub struct SqliteManager {
+    path: std::path::PathBuf,
+}
+
+impl deadpool::managed::Manager for SqliteManager {
+    type Type = SyncWrapper<rusqlite::Connection>;
+    type Error = rusqlite::Error;
+
+    async fn create(&self) -> Result<Self::Type, Self::Error> {
+        let path = self.path.clone();
+        SyncWrapper::new(Runtime::Tokio1, move || {
+            let c = rusqlite::Connection::open(path)?;
+            c.busy_timeout(Duration::from_secs(10))?;
+            // secure_delete: a used code's sealed bytes are overwritten, not
+            // left in free pages.
+            c.execute_batch(
+                "PRAGMA synchronous=NORMAL; PRAGMA foreign_keys=ON; PRAGMA secure_delete=ON;",
+            )?;
+            Ok(c)
+        })
+        .await
+    }
+
+    async fn recycle(&self, conn: &mut Self::Type, _: &Metrics) -> RecycleResult<Self::Error> {
+        if conn.is_mutex_poisoned() {
+            return Err(RecycleError::message("a panic interrupted its last use"));
+        }
+        Ok(())
+    }
+}
+
+type SqlitePool = deadpool::managed::Pool<SqliteManager>;
+type SqliteObject = deadpool::managed::Object<SqliteManager>;
+
 /// Which database the broker keeps its records in.
 #[derive(Clone)]
 pub enum Pool {
-    Sqlite(deadpool_sqlite::Pool),
+    Sqlite(SqlitePool),
     Postgres(deadpool_postgres::Pool),
 }
 
 /// One pooled connection.
 pub enum Conn {
-    Sqlite(deadpool_sqlite::Object),
+    Sqlite(SqliteObject),
     Postgres(deadpool_postgres::Object),
 }
+
+/// One statement of a [`Pool::transaction`].
+pub struct Step {
+    sql: &'static str,
+    args: Vec<Param>,
+    /// The transaction stands only if this statement changes a row.
+    must_change: bool,
+}
+
+impl Step {
+    pub fn new(sql: &'static str, args: Vec<Param>) -> Step {
+        Step {
+            sql,
+            args,
+            must_change: false,
+        }
+    }
+
+    pub fn must_change(sql: &'static str, args: Vec<Param>) -> Step {
+        Step {
+            sql,
+            args,
+            must_change: true,
+        }
+    }
+}
+
+/// A [`Step::must_change`] statement changed nothing: the transaction was rolled back.
+#[derive(Debug, thiserror::Error)]
+#[error("statement {0} of the transaction changed nothing")]
+pub struct NothingChanged(pub usize);
 
 impl Pool {
     /// SQLite in WAL mode; every connection waits out another's write lock.
@@ -245,26 +316,13 @@ impl Pool {
         if mode != "wal" {
             bail!("{}: could not switch to WAL (got {mode})", path.display());
         }
-        let pool = deadpool_sqlite::Config::new(path)
-            .builder(Runtime::Tokio1)?
+        let manager = SqliteManager {
+            path: path.to_path_buf(),
+        };
+        let pool = SqlitePool::builder(manager)
             .max_size(size)
+            .runtime(Runtime::Tokio1)
             .wait_timeout(Some(WAIT_FOR_CONNECTION))
-            .post_create(Hook::async_fn(|conn, _| {
-                Box::pin(async move {
-                    conn.interact(|c| {
-                        c.busy_timeout(Duration::from_secs(10))?;
-                        // secure_delete: a used code's sealed bytes are overwritten,
-                        // not left in free pages.
-                        c.execute_batch(
-                            "PRAGMA synchronous=NORMAL; PRAGMA foreign_keys=ON;
-                             PRAGMA secure_delete=ON;",
-                        )
-                    })
-                    .await
-                    .map_err(|e| HookError::message(e.to_string()))?
-                    .map_err(HookError::Backend)
-                })
-            }))
             .build()?;
         Ok(Pool::Sqlite(pool))
     }
@@ -297,11 +355,14 @@ impl Pool {
                     .await
                     .map_err(|e| anyhow!("the SQLite database: {e}"))?,
             ),
-            Pool::Postgres(p) => Conn::Postgres(
-                p.get()
-                    .await
-                    .map_err(|e| anyhow!("the PostgreSQL database: {e}"))?,
-            ),
+            Pool::Postgres(p) => Conn::Postgres(p.get().await.map_err(|e| match e {
+                // tokio-postgres shows the server's message only as its source.
+                deadpool_postgres::PoolError::Backend(e) => match e.as_db_error() {
+                    Some(db) => anyhow!("PostgreSQL: {}: {}", db.severity(), db.message()),
+                    None => anyhow!("PostgreSQL: {e}"),
+                },
+                e => anyhow!("the PostgreSQL database: {e}"),
+            })?),
         })
     }
 
@@ -315,6 +376,50 @@ impl Pool {
 
     pub async fn query_opt(&self, sql: &str, args: Vec<Param>) -> Result<Option<Row>> {
         Ok(self.query(sql, args).await?.into_iter().next())
+    }
+
+    /// Runs `steps` as one transaction, in one trip to SQLite's thread (one
+    /// connection's round trips on PostgreSQL); the rows each changed. If a
+    /// [`Step::must_change`] changes nothing, all is rolled back: [`NothingChanged`].
+    pub async fn transaction(&self, steps: Vec<Step>) -> Result<Vec<u64>> {
+        match self.get().await? {
+            Conn::Sqlite(c) => c
+                .interact(move |c| -> Result<Vec<u64>> {
+                    let tx =
+                        c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+                    let mut changed = Vec::with_capacity(steps.len());
+                    for (i, step) in steps.into_iter().enumerate() {
+                        let n = tx
+                            .prepare_cached(&sqlite_placeholders(step.sql))?
+                            .execute(rusqlite::params_from_iter(step.args))?;
+                        if step.must_change && n == 0 {
+                            return Err(NothingChanged(i).into());
+                        }
+                        changed.push(n as u64);
+                    }
+                    tx.commit()?;
+                    Ok(changed)
+                })
+                .await
+                .map_err(|e| anyhow!("SQLite: {e}"))?,
+            Conn::Postgres(mut c) => {
+                // Dropped without commit (an error), tokio-postgres rolls it back.
+                let tx = c.transaction().await?;
+                let mut changed = Vec::with_capacity(steps.len());
+                for (i, step) in steps.iter().enumerate() {
+                    let statement = tx.prepare_cached(step.sql).await?;
+                    let refs: Vec<&(dyn ToSql + Sync)> =
+                        step.args.iter().map(|a| a as &(dyn ToSql + Sync)).collect();
+                    let n = tx.execute(&statement, &refs).await?;
+                    if step.must_change && n == 0 {
+                        return Err(NothingChanged(i).into());
+                    }
+                    changed.push(n);
+                }
+                tx.commit().await?;
+                Ok(changed)
+            }
+        }
     }
 
     /// A transaction: committed by [`Txn::commit`], rolled back otherwise.
@@ -402,7 +507,7 @@ impl Conn {
     /// transaction left open, an advisory lock) ends with it.
     pub fn discard(self) {
         match self {
-            Conn::Sqlite(c) => drop(deadpool_sqlite::Object::take(c)),
+            Conn::Sqlite(c) => drop(SqliteObject::take(c)),
             Conn::Postgres(c) => drop(deadpool_postgres::Object::take(c)),
         }
     }

@@ -79,3 +79,54 @@ async fn add_device_policy(tx: &mut super::db::Txn) -> Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::{Location, Store};
+    use crate::broker::device::DevicePolicy;
+
+    /// The first release's tables, as a broker made then left them.
+    const FIRST_RELEASE: &str = "
+        CREATE TABLE tokens (id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE,
+            sha256 TEXT NOT NULL UNIQUE, max_uses INTEGER, uses INTEGER NOT NULL DEFAULT 0,
+            expires_at INTEGER, revoked_at INTEGER, serials TEXT, created_at INTEGER NOT NULL);
+        CREATE TABLE activations (serial TEXT PRIMARY KEY, activation_id TEXT NOT NULL UNIQUE,
+            token_id INTEGER NOT NULL REFERENCES tokens(id), hostname TEXT, machine_id TEXT,
+            image_sha256 TEXT, previous_instance_id TEXT, issued_at INTEGER NOT NULL,
+            expires_at INTEGER NOT NULL, used INTEGER NOT NULL DEFAULT 0);
+        INSERT INTO tokens (name, sha256, uses, created_at) VALUES ('site-a', 'ab', 2, 1);
+        INSERT INTO activations (serial, activation_id, token_id, issued_at, expires_at, used)
+            VALUES ('10000000abcdef01', 'act-1', 1, 1, 2, 1);";
+
+    #[test]
+    fn a_database_from_the_first_release_is_brought_up_to_date_and_keeps_its_records() {
+        let dir = tempfile::TempDir::new().unwrap();
+        let path = dir.path().join("broker.db");
+        rusqlite::Connection::open(&path)
+            .unwrap()
+            .execute_batch(FIRST_RELEASE)
+            .unwrap();
+        let location = Location::Sqlite(path.clone());
+        crate::broker::block_on(async {
+            let store = Store::open(&location, 2).await?;
+            let tokens = store.tokens().await?;
+            assert_eq!(tokens.len(), 1);
+            assert_eq!((tokens[0].name.as_str(), tokens[0].uses), ("site-a", 2));
+            assert_eq!(tokens[0].device_policy, DevicePolicy::Off);
+            let issued = store.issued("10000000abcdef01").await?.unwrap();
+            assert!(issued.used && issued.code_sealed.is_none());
+            assert!(store.begin_issue("10000000abcdef02", 30).await?.len() > 30);
+            drop(store);
+            // Opened again: nothing to do, nothing lost.
+            let again = Store::open(&location, 1).await?;
+            assert_eq!(again.tokens().await?.len(), 1);
+            Ok(())
+        })
+        .unwrap();
+        let versions: i64 = rusqlite::Connection::open(&path)
+            .unwrap()
+            .query_row("SELECT COUNT(*) FROM schema_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(versions, 2);
+    }
+}

@@ -23,7 +23,7 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use super::device::{Device, DeviceKey, DevicePolicy};
-use db::{Pool, Row, args};
+use db::{Pool, Row, Step, args};
 pub use location::{Location, is_postgres_url};
 pub use locks::SerialGuard;
 
@@ -315,53 +315,50 @@ impl Store {
     /// one transaction with its audit line, if its issue's deadline has not
     /// passed ([`LateIssue`] otherwise).
     pub async fn record_issue(&self, new: &NewIssue<'_>) -> Result<()> {
-        let mut tx = self.pool.begin().await?;
-        let in_time = tx
-            .execute(
+        let steps = vec![
+            Step::must_change(
                 "DELETE FROM pending_issues WHERE issue_id = $1 AND deadline > unixepoch()",
                 args![new.issue_id],
-            )
-            .await?;
-        if in_time == 0 {
-            return Err(LateIssue.into());
+            ),
+            Step::new(
+                "INSERT INTO activations (serial, activation_id, token_id, hostname, machine_id,
+                     image_sha256, previous_instance_id, issued_at, expires_at, used, code_sealed)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, FALSE, $10)
+                 ON CONFLICT(serial) DO UPDATE SET activation_id = excluded.activation_id,
+                     token_id = excluded.token_id, hostname = excluded.hostname,
+                     machine_id = excluded.machine_id, image_sha256 = excluded.image_sha256,
+                     previous_instance_id = excluded.previous_instance_id,
+                     issued_at = excluded.issued_at, expires_at = excluded.expires_at,
+                     used = FALSE, code_sealed = excluded.code_sealed",
+                args![
+                    new.serial,
+                    new.activation_id,
+                    new.token_id,
+                    new.hostname,
+                    new.machine_id,
+                    new.image_sha256,
+                    new.previous_instance_id,
+                    now(),
+                    new.expires_at,
+                    new.code_sealed
+                ],
+            ),
+            Step::new(
+                "INSERT INTO audit (at, token_id, client, action, serial, detail)
+                 VALUES ($1, $2, $3, 'activation-issued', $4, $5)",
+                args![
+                    now(),
+                    new.token_id,
+                    new.client,
+                    new.serial,
+                    new.activation_id
+                ],
+            ),
+        ];
+        match self.pool.transaction(steps).await {
+            Err(e) if e.is::<db::NothingChanged>() => Err(LateIssue.into()),
+            other => other.map(drop),
         }
-        tx.execute(
-            "INSERT INTO activations (serial, activation_id, token_id, hostname, machine_id,
-                 image_sha256, previous_instance_id, issued_at, expires_at, used, code_sealed)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, FALSE, $10)
-             ON CONFLICT(serial) DO UPDATE SET activation_id = excluded.activation_id,
-                 token_id = excluded.token_id, hostname = excluded.hostname,
-                 machine_id = excluded.machine_id, image_sha256 = excluded.image_sha256,
-                 previous_instance_id = excluded.previous_instance_id,
-                 issued_at = excluded.issued_at, expires_at = excluded.expires_at, used = FALSE,
-                 code_sealed = excluded.code_sealed",
-            args![
-                new.serial,
-                new.activation_id,
-                new.token_id,
-                new.hostname,
-                new.machine_id,
-                new.image_sha256,
-                new.previous_instance_id,
-                now(),
-                new.expires_at,
-                new.code_sealed
-            ],
-        )
-        .await?;
-        tx.execute(
-            "INSERT INTO audit (at, token_id, client, action, serial, detail)
-             VALUES ($1, $2, $3, 'activation-issued', $4, $5)",
-            args![
-                now(),
-                new.token_id,
-                new.client,
-                new.serial,
-                new.activation_id
-            ],
-        )
-        .await?;
-        tx.commit().await
     }
 
     /// What a clean-up needs, read in one statement so it is one snapshot.
@@ -411,37 +408,35 @@ impl Store {
         token_id: i64,
         client: &str,
     ) -> Result<()> {
-        let mut tx = self.pool.begin().await?;
-        tx.execute(
-            "INSERT INTO registrations (serial, instance_id, activation_id, previous_instance_id,
-                 deregistered_previous, token_id, at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7)
-             ON CONFLICT(instance_id) DO NOTHING",
-            args![
-                serial,
-                instance_id,
-                activation_id,
-                previous,
-                deregistered_previous,
-                token_id,
-                now()
-            ],
-        )
-        .await?;
-        // Used: the code has done its one job and leaves the database.
-        tx.execute(
-            "UPDATE activations SET used = TRUE, code_sealed = NULL
-             WHERE serial = $1 AND activation_id = $2",
-            args![serial, activation_id],
-        )
-        .await?;
-        tx.execute(
-            "INSERT INTO audit (at, token_id, client, action, serial, detail)
-             VALUES ($1, $2, $3, 'registered', $4, $5)",
-            args![now(), token_id, client, serial, instance_id],
-        )
-        .await?;
-        tx.commit().await
+        let steps = vec![
+            Step::new(
+                "INSERT INTO registrations (serial, instance_id, activation_id,
+                     previous_instance_id, deregistered_previous, token_id, at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7)
+                 ON CONFLICT(instance_id) DO NOTHING",
+                args![
+                    serial,
+                    instance_id,
+                    activation_id,
+                    previous,
+                    deregistered_previous,
+                    token_id,
+                    now()
+                ],
+            ),
+            // Used: the code has done its one job and leaves the database.
+            Step::new(
+                "UPDATE activations SET used = TRUE, code_sealed = NULL
+                 WHERE serial = $1 AND activation_id = $2",
+                args![serial, activation_id],
+            ),
+            Step::new(
+                "INSERT INTO audit (at, token_id, client, action, serial, detail)
+                 VALUES ($1, $2, $3, 'registered', $4, $5)",
+                args![now(), token_id, client, serial, instance_id],
+            ),
+        ];
+        self.pool.transaction(steps).await.map(drop)
     }
 
     /// A fresh single-use challenge for a card holding `token_id`; challenges
