@@ -21,9 +21,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use common::broker::BrokerProcess;
+use common::cpu::{machine_busy_seconds, thread_cpu_seconds};
 use common::load_client::{self, Load, quantile_ms};
 use common::postgres;
-use common::ssm_double::{SsmDouble, thread_cpu_seconds};
+use common::ssm_double::SsmDouble;
 use tempfile::TempDir;
 
 fn setting(name: &str, default: usize) -> usize {
@@ -180,6 +181,7 @@ fn load(case: Case) {
     let (ca, addresses) = (brokers[0].ca.clone(), load.brokers.clone());
     let registrar = ssm.registrar();
     let token = load.token.clone();
+    let busy_before = machine_busy_seconds();
     let running = std::thread::spawn(move || {
         let load = Load {
             ca: &ca,
@@ -204,6 +206,7 @@ fn load(case: Case) {
     let outcome = running.join().unwrap();
     broker_cpu += brokers.iter().map(BrokerProcess::cpu_seconds).sum::<f64>();
     let ssm_cpu = thread_cpu_seconds("ssm-double");
+    let machine_cpu = machine_busy_seconds() - busy_before;
 
     assert_eq!(
         outcome.failed,
@@ -323,13 +326,17 @@ fn load(case: Case) {
         "cpu_s": {
             "ssm_double": ssm_cpu, "load_clients": outcome.cpu_seconds,
             "brokers_after_the_kill": broker_cpu,
+            "machine": machine_cpu,
         },
+        "broker_cpu_ms_per_enrollment": broker_cpu * 1000.0 / count as f64,
     });
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     eprintln!(
         "broker load {}: {count} enrollments from {clients} clients in {:.1} s = {:.0}/s; \
          activation requests p50 {:.1} ms, p99 {:.1} ms at the client, p50 {:.1} ms, p99 {:.1} ms \
          in the broker; {} retries; killed at {killed_at}{}; CPU: SSM double {ssm_cpu:.1} s, \
-         clients {:.1} s, brokers {broker_cpu:.1} s",
+         clients {:.1} s, brokers {broker_cpu:.1} s, machine {machine_cpu:.1} s \
+         of {:.1} s on {} cores",
         case.name,
         outcome.elapsed,
         count as f64 / outcome.elapsed,
@@ -346,6 +353,8 @@ fn load(case: Case) {
             ", PostgreSQL restarted at {at}"
         )),
         outcome.cpu_seconds,
+        outcome.elapsed * cores as f64,
+        cores,
     );
     let out = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
         .join(format!("broker-load-{}.json", case.name));

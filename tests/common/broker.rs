@@ -296,7 +296,7 @@ impl BrokerProcess {
     /// CPU seconds (user + system) the running broker process has used.
     pub fn cpu_seconds(&self) -> f64 {
         self.child.as_ref().map_or(0.0, |c| {
-            super::ssm_double::stat_cpu(Path::new(&format!("/proc/{}/stat", c.id()))) / 100.0
+            super::cpu::stat_cpu(Path::new(&format!("/proc/{}/stat", c.id()))) / 100.0
         })
     }
 

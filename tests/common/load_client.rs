@@ -229,7 +229,14 @@ fn hex(bytes: &[u8]) -> String {
 
 /// Runs the load to the end; the cards register through `ssm`.
 pub fn run(load: &Load, ssm: &Registrar, threads: usize) -> Outcome {
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    // As a card's curl (OpenSSL 3.0 on Bookworm) offers: no post-quantum hybrid.
+    let provider = Arc::new(rustls::crypto::CryptoProvider {
+        kx_groups: vec![
+            rustls::crypto::aws_lc_rs::kx_group::X25519,
+            rustls::crypto::aws_lc_rs::kx_group::SECP256R1,
+        ],
+        ..rustls::crypto::aws_lc_rs::default_provider()
+    });
     let mut roots = rustls::RootCertStore::empty();
     for cert in CertificateDer::pem_file_iter(load.ca).unwrap() {
         roots.add(cert.unwrap()).unwrap();
@@ -288,7 +295,7 @@ pub fn run(load: &Load, ssm: &Registrar, threads: usize) -> Outcome {
     let mut outcome = std::mem::take(&mut *client.outcome.lock().unwrap());
     outcome.elapsed = started.elapsed().as_secs_f64();
     // Read while the runtime's threads still exist.
-    outcome.cpu_seconds = super::ssm_double::thread_cpu_seconds("load-client");
+    outcome.cpu_seconds = super::cpu::thread_cpu_seconds("load-client");
     outcome
 }
 

@@ -405,16 +405,29 @@ impl Pool {
             Conn::Postgres(mut c) => {
                 // Dropped without commit (an error), tokio-postgres rolls it back.
                 let tx = c.transaction().await?;
-                let mut changed = Vec::with_capacity(steps.len());
-                for (i, step) in steps.iter().enumerate() {
-                    let statement = tx.prepare_cached(step.sql).await?;
-                    let refs: Vec<&(dyn ToSql + Sync)> =
-                        step.args.iter().map(|a| a as &(dyn ToSql + Sync)).collect();
-                    let n = tx.execute(&statement, &refs).await?;
-                    if step.must_change && n == 0 {
-                        return Err(NothingChanged(i).into());
-                    }
-                    changed.push(n);
+                let mut statements = Vec::with_capacity(steps.len());
+                for step in &steps {
+                    statements.push(tx.prepare_cached(step.sql).await?);
+                }
+                let refs: Vec<Vec<&(dyn ToSql + Sync)>> = steps
+                    .iter()
+                    .map(|s| s.args.iter().map(|a| a as &(dyn ToSql + Sync)).collect())
+                    .collect();
+                // Sent together, answered together: one round trip, not one per
+                // statement. A failure aborts the rest, and the rollback undoes all.
+                let changed = futures_util::future::try_join_all(
+                    statements
+                        .iter()
+                        .zip(&refs)
+                        .map(|(statement, args)| tx.execute(statement, args)),
+                )
+                .await?;
+                if let Some(i) = steps
+                    .iter()
+                    .zip(&changed)
+                    .position(|(step, n)| step.must_change && *n == 0)
+                {
+                    return Err(NothingChanged(i).into());
                 }
                 tx.commit().await?;
                 Ok(changed)
