@@ -323,27 +323,7 @@ impl SsmDouble {
 
     /// Environment for piprov processes pointed at the double (no host AWS setup).
     pub fn env(&self, home: &std::path::Path) -> Vec<(String, String)> {
-        let home = home.display();
-        [
-            ("PATH", std::env::var("PATH").unwrap()),
-            ("HOME", home.to_string()),
-            ("AWS_CONFIG_FILE", format!("{home}/no-config")),
-            (
-                "AWS_SHARED_CREDENTIALS_FILE",
-                format!("{home}/no-credentials"),
-            ),
-            ("AWS_EC2_METADATA_DISABLED", "true".into()),
-            ("AWS_ENDPOINT_URL", self.url.clone()),
-            ("AWS_ACCESS_KEY_ID", "AKIAEXAMPLEEXAMPLE00".into()),
-            (
-                "AWS_SECRET_ACCESS_KEY",
-                "secretsecretsecretsecretsecretsecret0000".into(),
-            ),
-            ("AWS_REGION", "eu-west-1".into()),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v))
-        .collect()
+        super::ssm_endpoint::aws_env(home, &self.url)
     }
 
     fn serial(tags: &[Value]) -> String {

@@ -114,28 +114,7 @@ impl SsmEndpoint {
     /// The environment piprov runs in: test credentials, this endpoint, and
     /// nothing from the host's AWS setup.
     pub fn env(&self) -> Vec<(String, String)> {
-        let home = self.home.display();
-        [
-            ("PATH", std::env::var("PATH").unwrap()),
-            ("HOME", home.to_string()),
-            ("PIPROV_CACHE_DIR", format!("{home}/cache")),
-            ("AWS_CONFIG_FILE", format!("{home}/no-config")),
-            (
-                "AWS_SHARED_CREDENTIALS_FILE",
-                format!("{home}/no-credentials"),
-            ),
-            ("AWS_EC2_METADATA_DISABLED", "true".into()),
-            ("AWS_ENDPOINT_URL", self.url()),
-            ("AWS_ACCESS_KEY_ID", "AKIAEXAMPLEEXAMPLE00".into()),
-            (
-                "AWS_SECRET_ACCESS_KEY",
-                "secretsecretsecretsecretsecretsecret0000".into(),
-            ),
-            ("AWS_REGION", "eu-west-1".into()),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v))
-        .collect()
+        aws_env(&self.home, &self.url())
     }
 
     /// piprov in `env()`.
@@ -261,4 +240,32 @@ impl SsmEndpoint {
             &serde_json::json!({"InstanceId": node, "Seconds": days * 86_400}),
         );
     }
+}
+
+/// The environment piprov runs in against an SSM endpoint at `url`: test
+/// credentials, HOME (and piprov's cache) under `home`, and nothing from the
+/// host's AWS setup.
+pub fn aws_env(home: &Path, url: &str) -> Vec<(String, String)> {
+    let home = home.display();
+    [
+        ("PATH", std::env::var("PATH").unwrap()),
+        ("HOME", home.to_string()),
+        ("PIPROV_CACHE_DIR", format!("{home}/cache")),
+        ("AWS_CONFIG_FILE", format!("{home}/no-config")),
+        (
+            "AWS_SHARED_CREDENTIALS_FILE",
+            format!("{home}/no-credentials"),
+        ),
+        ("AWS_EC2_METADATA_DISABLED", "true".into()),
+        ("AWS_ENDPOINT_URL", url.to_string()),
+        ("AWS_ACCESS_KEY_ID", "AKIAEXAMPLEEXAMPLE00".into()),
+        (
+            "AWS_SECRET_ACCESS_KEY",
+            "secretsecretsecretsecretsecretsecret0000".into(),
+        ),
+        ("AWS_REGION", "eu-west-1".into()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect()
 }
