@@ -25,8 +25,22 @@ start)
         { echo "host all +piprov_pw 127.0.0.1/32 scram-sha-256"; cat "$dir/pg_hba.conf"; } >"$dir/pg_hba.new"
         mv "$dir/pg_hba.new" "$dir/pg_hba.conf"
         [ "$(id -u)" -eq 0 ] && chown postgres: "$dir/pg_hba.conf"
+        # TLS for the broker's sslmode=require tests: a CA of the tests' own
+        # (ca.pem) and a certificate it signs for 127.0.0.1.
+        openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 3650 \
+            -subj /CN=piprov-test-postgres-ca -keyout "$dir/ca.key" -out "$dir/ca.pem" 2>/dev/null
+        printf 'basicConstraints=CA:FALSE\nsubjectAltName=IP:127.0.0.1\n' >"$dir/server.ext"
+        openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj /CN=127.0.0.1 \
+            -keyout "$dir/server.key" -out "$dir/server.csr" 2>/dev/null
+        openssl x509 -req -in "$dir/server.csr" -CA "$dir/ca.pem" -CAkey "$dir/ca.key" \
+            -CAcreateserial -days 3650 -extfile "$dir/server.ext" -out "$dir/server.crt" 2>/dev/null
+        chmod 600 "$dir/server.key"
+        [ "$(id -u)" -eq 0 ] && chown postgres: "$dir/server.key" "$dir/server.crt"
         # Many brokers' pools at once (the load test): more than the default 100.
         cat >>"$dir/postgresql.conf" <<CONF
+ssl = on
+ssl_cert_file = '$dir/server.crt'
+ssl_key_file = '$dir/server.key'
 listen_addresses = '127.0.0.1'
 port = $port
 unix_socket_directories = '$dir'

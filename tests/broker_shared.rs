@@ -274,3 +274,56 @@ fn the_database_password_comes_from_the_environment_or_a_file_and_is_never_shown
         String::from_utf8_lossy(&listed.stderr)
     );
 }
+
+#[test]
+fn sslmode_require_speaks_tls_verified_against_the_configured_ca() {
+    let Some(pg) = postgres::server() else { return };
+    let dir = TempDir::new().unwrap();
+    let ssm = SsmEndpoint::start(dir.path(), 0);
+    let url = format!("{}?sslmode=require", pg.new_database());
+    let init = |home: &str, ca: Option<&std::path::Path>| {
+        let mut cmd = ssm.piprov();
+        cmd.args(["broker", "init"])
+            .arg(dir.path().join(home))
+            .args(["--name", "127.0.0.1", "--region", "eu-west-1"])
+            .args(["--iam-role", "SSMServiceRole", "--database", &url]);
+        if let Some(ca) = ca {
+            cmd.arg("--database-ca-file").arg(ca);
+        }
+        cmd.output().unwrap()
+    };
+    // The system's roots do not know the tests' CA: refused, and said why.
+    let unverified = init("system-roots", None);
+    let stderr = String::from_utf8_lossy(&unverified.stderr);
+    assert_eq!(unverified.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("certificate"), "{stderr}");
+
+    // With the CA: TLS, and the server sees the broker's connections encrypted.
+    let ca = pg.ca();
+    let mut broker = BrokerProcess::init_on_with(
+        dir.path(),
+        &ssm,
+        &url,
+        &["--database-ca-file", ca.to_str().unwrap()],
+    );
+    let token = broker.add_token("site-a", &[]);
+    broker.start();
+    let (status, reply) = broker.post("/v1/activations", Some(&token), &ask("10000000abcd0009"));
+    assert_eq!(status, 200, "{reply}");
+    let admin = url.split('?').next().unwrap();
+    let db_name = admin.rsplit('/').next().unwrap();
+    let connections = |ssl: bool| {
+        pg.psql(
+            admin,
+            &format!(
+                "SELECT count(*) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid)
+                 WHERE a.application_name = 'piprov-broker' AND a.datname = '{db_name}'
+                 AND s.ssl = {ssl}"
+            ),
+        )
+        .parse::<i64>()
+        .unwrap()
+    };
+    assert!(connections(true) > 0, "the broker's connections are TLS");
+    assert_eq!(connections(false), 0, "and none is plain");
+}

@@ -25,6 +25,10 @@ pub struct BrokerConfig {
     /// PostgreSQL: a file holding the password (else the URL's, or PGPASSWORD).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub database_password_file: Option<PathBuf>,
+    /// PostgreSQL with `sslmode=require`: the CA (PEM) its certificate must
+    /// chain to, e.g. RDS's global-bundle.pem (else the system's roots).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub database_ca_file: Option<PathBuf>,
     /// Most database connections this broker opens for queries (PostgreSQL:
     /// as many again hold serials' locks).
     #[serde(default = "default_connections")]
@@ -157,6 +161,7 @@ pub fn load(path: &Path) -> Result<Loaded> {
         &config.database,
         &dir,
         config.database_password_file.as_deref(),
+        config.database_ca_file.as_deref(),
     )
     .with_context(|| format!("{}", path.display()))?;
     Ok(Loaded {

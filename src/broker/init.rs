@@ -23,6 +23,8 @@ pub struct InitOptions {
     pub iam_role: String,
     /// A postgres:// URL; None: an SQLite file in DIR.
     pub database: Option<String>,
+    /// PostgreSQL over TLS: the CA its certificate chains to.
+    pub database_ca_file: Option<PathBuf>,
 }
 
 pub struct Initialised {
@@ -54,7 +56,13 @@ pub fn init(options: &InitOptions) -> Result<Initialised> {
         .clone()
         .unwrap_or_else(|| DATABASE_FILE.to_string());
     // Checked before anything is written: a typo leaves no half-made broker.
-    let location = Location::parse(&database, dir, None)?;
+    // Kept absolute: the config lives elsewhere than the command was run.
+    let database_ca_file = options
+        .database_ca_file
+        .as_ref()
+        .map(std::path::absolute)
+        .transpose()?;
+    let location = Location::parse(&database, dir, None, database_ca_file.as_deref())?;
     if options.names.is_empty() {
         bail!("give at least one --name the cards reach the broker by");
     }
@@ -107,6 +115,7 @@ pub fn init(options: &InitOptions) -> Result<Initialised> {
         key_file: KEY_FILE.into(),
         database,
         database_password_file: None,
+        database_ca_file,
         database_connections: 16,
         vend_key_file: Some(VEND_KEY_FILE.into()),
         broker_id: crate::hex::hex(&id),

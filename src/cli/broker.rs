@@ -17,6 +17,7 @@ pub fn run(action: BrokerCommand) -> Result<ExitCode> {
             region,
             iam_role,
             database,
+            database_ca_file,
         } => {
             let done = init::init(&init::InitOptions {
                 dir,
@@ -25,6 +26,7 @@ pub fn run(action: BrokerCommand) -> Result<ExitCode> {
                 region,
                 iam_role,
                 database: database.filter(|d| d != "sqlite"),
+                database_ca_file,
             })?;
             println!("broker config {}", done.config.display());
             println!(

@@ -294,6 +294,11 @@ pub enum BrokerCommand {
         /// database_password_file in broker.toml; never printed)
         #[arg(long, value_name = "sqlite|URL", value_parser = parse_database)]
         database: Option<String>,
+        /// With `?sslmode=require` in the URL: the CA (PEM) the server's
+        /// certificate must chain to, e.g. RDS's global-bundle.pem (default: the
+        /// system's roots). Without sslmode=require the connection is plain TCP.
+        #[arg(long, value_name = "FILE", requires = "database")]
+        database_ca_file: Option<PathBuf>,
     },
     /// Enrollment tokens: add (shown once), list, revoke
     Token {

@@ -54,6 +54,23 @@ impl BrokerProcess {
         Self::init_with(dir, ssm, settings, &[], Some(database.to_string()))
     }
 
+    /// As `init_on`, with more `broker init` arguments.
+    pub fn init_on_with(
+        dir: &Path,
+        ssm: &SsmEndpoint,
+        database: &str,
+        init_args: &[&str],
+    ) -> BrokerProcess {
+        Self::init_in_with(
+            dir,
+            ssm.env(),
+            &[],
+            &[],
+            Some(database.to_string()),
+            init_args,
+        )
+    }
+
     /// A second broker on this one's config and database (another process, as
     /// on another host: its own log).
     pub fn twin(&self, name: &str) -> BrokerProcess {
@@ -106,6 +123,17 @@ impl BrokerProcess {
         names: &[&str],
         database: Option<String>,
     ) -> BrokerProcess {
+        Self::init_in_with(dir, env, settings, names, database, &[])
+    }
+
+    fn init_in_with(
+        dir: &Path,
+        env: Vec<(String, String)>,
+        settings: &[(&str, &str)],
+        names: &[&str],
+        database: Option<String>,
+        init_args: &[&str],
+    ) -> BrokerProcess {
         let home = dir.join("broker");
         let extra: Vec<String> = names
             .iter()
@@ -127,6 +155,7 @@ impl BrokerProcess {
             ])
             .args(["--iam-role", "SSMServiceRole"])
             .args(database.iter().flat_map(|d| ["--database", d.as_str()]))
+            .args(init_args)
             .assert()
             .success();
         let config = home.join("broker.toml");

@@ -61,6 +61,13 @@ impl Postgres {
         format!("{base}/{name}")
     }
 
+    /// The CA the server's TLS certificate chains to.
+    pub fn ca(&self) -> std::path::PathBuf {
+        std::env::var("PIPROV_TEST_POSTGRES_CA")
+            .expect("PIPROV_TEST_POSTGRES_CA names the server's CA (scripts/with-postgres.sh)")
+            .into()
+    }
+
     /// Stops and starts the server: every connection to it is cut.
     pub fn restart(&self) {
         let data = self

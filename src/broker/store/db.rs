@@ -327,10 +327,14 @@ impl Pool {
         Ok(Pool::Sqlite(pool))
     }
 
-    pub fn postgres(config: tokio_postgres::Config, size: usize) -> Result<Pool> {
+    pub fn postgres(
+        config: tokio_postgres::Config,
+        tls: &rustls::ClientConfig,
+        size: usize,
+    ) -> Result<Pool> {
         let manager = Manager::from_config(
             config,
-            tokio_postgres::NoTls,
+            tokio_postgres_rustls::MakeRustlsConnect::new(tls.clone()),
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
             },
@@ -359,7 +363,17 @@ impl Pool {
                 // tokio-postgres shows the server's message only as its source.
                 deadpool_postgres::PoolError::Backend(e) => match e.as_db_error() {
                     Some(db) => anyhow!("PostgreSQL: {}: {}", db.severity(), db.message()),
-                    None => anyhow!("PostgreSQL: {e}"),
+                    None => {
+                        // The cause (a certificate refused, a connection refused) is
+                        // in the source chain, not in the message.
+                        let mut text = format!("PostgreSQL: {e}");
+                        let mut cause = std::error::Error::source(&e);
+                        while let Some(c) = cause {
+                            text.push_str(&format!(": {c}"));
+                            cause = c.source();
+                        }
+                        anyhow!(text)
+                    }
                 },
                 e => anyhow!("the PostgreSQL database: {e}"),
             })?),

@@ -6,13 +6,20 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use anyhow::{Context, Result, bail};
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject;
+use tokio_postgres::config::SslMode;
 
 #[derive(Clone)]
 pub enum Location {
     Sqlite(PathBuf),
     Postgres {
         config: Box<tokio_postgres::Config>,
+        /// How TLS is checked, when the URL asks for it.
+        tls: Arc<rustls::ClientConfig>,
         /// user@host:port/database, for messages.
         shown: String,
     },
@@ -23,13 +30,20 @@ pub fn is_postgres_url(database: &str) -> bool {
 }
 
 impl Location {
-    pub fn parse(database: &str, dir: &Path, password_file: Option<&Path>) -> Result<Location> {
+    /// `database` with the config's `database_password_file` and
+    /// `database_ca_file` (relative to `dir`).
+    pub fn parse(
+        database: &str,
+        dir: &Path,
+        password_file: Option<&Path>,
+        ca_file: Option<&Path>,
+    ) -> Result<Location> {
         if !is_postgres_url(database) {
             if database.contains("://") {
                 bail!("database {database:?}: a file for SQLite, or a postgres:// URL");
             }
-            if password_file.is_some() {
-                bail!("database_password_file is for a PostgreSQL database");
+            if password_file.is_some() || ca_file.is_some() {
+                bail!("database_password_file and database_ca_file are for a PostgreSQL database");
             }
             return Ok(Location::Sqlite(dir.join(database)));
         }
@@ -56,12 +70,50 @@ impl Location {
             config.connect_timeout(Duration::from_secs(10));
         }
         config.application_name("piprov-broker");
+        if config.get_ssl_mode() == SslMode::Prefer {
+            config.ssl_mode(SslMode::Disable);
+        }
+        let tls = Arc::new(tls_config(dir, ca_file)?);
         let shown = shown(&config);
         Ok(Location::Postgres {
             config: Box::new(config),
+            tls,
             shown,
         })
     }
+}
+
+/// The roots a PostgreSQL server's certificate must chain to: the CA file
+/// (e.g. RDS's global-bundle.pem), or the system's.
+fn tls_config(dir: &Path, ca_file: Option<&Path>) -> Result<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    match ca_file {
+        Some(file) => {
+            let path = dir.join(file);
+            let certs = CertificateDer::pem_file_iter(&path)
+                .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+                .with_context(|| format!("reading database_ca_file {}", path.display()))?;
+            if certs.is_empty() {
+                bail!("database_ca_file {} holds no certificate", path.display());
+            }
+            for cert in certs {
+                roots
+                    .add(cert)
+                    .with_context(|| format!("a certificate in {}", path.display()))?;
+            }
+        }
+        None => {
+            // Unreadable system roots leave none: a TLS connection then fails, named.
+            for cert in rustls_native_certs::load_native_certs().certs {
+                let _ = roots.add(cert);
+            }
+        }
+    }
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth())
 }
 
 fn shown(config: &tokio_postgres::Config) -> String {
@@ -104,20 +156,20 @@ mod tests {
     fn a_password_never_reaches_a_message() {
         let at = Path::new("/etc/piprov-broker");
         let url = "postgres://piprov:s3cret-pw@db.example.net:6432/fleet";
-        let location = Location::parse(url, at, None).unwrap();
+        let location = Location::parse(url, at, None, None).unwrap();
         assert_eq!(
             location.to_string(),
             "postgres://piprov@db.example.net:6432/fleet"
         );
         assert!(!format!("{location:?}").contains("s3cret"));
-        let bad = Location::parse("postgres://piprov:s3cret-pw@[::1", at, None)
+        let bad = Location::parse("postgres://piprov:s3cret-pw@[::1", at, None, None)
             .err()
             .unwrap();
         assert!(!format!("{bad:#}").contains("s3cret"), "{bad:#}");
         assert!(matches!(
-            Location::parse("broker.db", at, None).unwrap(),
+            Location::parse("broker.db", at, None, None).unwrap(),
             Location::Sqlite(p) if p == at.join("broker.db")
         ));
-        assert!(Location::parse("mysql://x@y/z", at, None).is_err());
+        assert!(Location::parse("mysql://x@y/z", at, None, None).is_err());
     }
 }

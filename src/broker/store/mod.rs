@@ -121,9 +121,9 @@ impl Store {
     pub async fn open(location: &Location, connections: usize) -> Result<Store> {
         let (pool, lock_pool) = match location {
             Location::Sqlite(path) => (Pool::sqlite(path, connections).await?, None),
-            Location::Postgres { config, .. } => (
-                Pool::postgres((**config).clone(), connections)?,
-                Some(Pool::postgres((**config).clone(), connections)?),
+            Location::Postgres { config, tls, .. } => (
+                Pool::postgres((**config).clone(), tls, connections)?,
+                Some(Pool::postgres((**config).clone(), tls, connections)?),
             ),
         };
         migrate::run(&pool)
