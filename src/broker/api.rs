@@ -1,23 +1,15 @@
-//! The card-facing HTTP API (JSON, versioned): `POST /v1/challenges`,
-//! `POST /v1/activations` (issue.rs), `POST /v1/registrations` (register.rs),
-//! `GET /healthz`. Every refusal (bad or revoked token, serial not allowed,
-//! device proof missing or wrong, quota spent, rate limit, malformed body) is
-//! answered before any call to AWS. Tokens and codes never reach a log.
+//! The broker's state, its errors, and the gate every card request passes (rate
+//! limit, token, serial allowlist). Every refusal is audited and answered
+//! before any call to AWS. Tokens and codes never reach a log.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::Instant;
 
-use axum::Router;
-use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, Extension, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use serde::Deserialize;
 use serde_json::json;
-use tracing::Instrument;
 
 use super::config::Loaded;
 use super::sealing::VendKey;
@@ -51,29 +43,6 @@ pub(super) fn err(status: StatusCode, message: impl Into<String>) -> ApiError {
 pub(super) fn internal(e: anyhow::Error) -> ApiError {
     tracing::error!("{e:#}");
     err(StatusCode::INTERNAL_SERVER_ERROR, "internal error")
-}
-
-pub fn router(broker: Arc<Broker>) -> Router {
-    let limit = broker.config.config.max_body_bytes;
-    let timeout = broker.config.timeout;
-    Router::new()
-        .route("/healthz", get(healthz))
-        .route("/v1/challenges", post(challenges))
-        .route("/v1/activations", post(activations))
-        .route("/v1/registrations", post(registrations))
-        .layer(DefaultBodyLimit::max(limit))
-        .layer(axum::middleware::from_fn(
-            move |request, next: axum::middleware::Next| async move {
-                match tokio::time::timeout(timeout, next.run(request)).await {
-                    Ok(response) => response,
-                    Err(_) => {
-                        err(StatusCode::SERVICE_UNAVAILABLE, "request timed out").into_response()
-                    }
-                }
-            },
-        ))
-        .layer(axum::middleware::from_fn(super::request_log::log_request))
-        .with_state(broker)
 }
 
 impl Broker {
@@ -202,103 +171,4 @@ pub(super) async fn admit(
     let client = peer.0.ip().to_string();
     let token = broker.authorize(headers, &client).await?;
     Ok((token, client))
-}
-
-pub(super) fn parse<T: for<'de> Deserialize<'de>>(body: &Bytes) -> Result<T, ApiError> {
-    serde_json::from_slice(body).map_err(|e| {
-        err(
-            StatusCode::BAD_REQUEST,
-            format!("malformed request body: {e}"),
-        )
-    })
-}
-
-pub(super) fn check_field(name: &str, value: &str, ok: bool) -> Result<(), ApiError> {
-    if ok {
-        Ok(())
-    } else {
-        Err(err(
-            StatusCode::BAD_REQUEST,
-            format!("{name} {value:?} is not valid"),
-        ))
-    }
-}
-
-pub(super) fn is_hex(s: &str, len: usize) -> bool {
-    s.len() == len && s.bytes().all(|b| b.is_ascii_hexdigit())
-}
-
-fn valid_serial(s: &str) -> bool {
-    (1..=32).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_alphanumeric())
-}
-
-pub(super) fn valid_instance(s: &str) -> bool {
-    s.strip_prefix("mi-").is_some_and(|rest| is_hex(rest, 17))
-}
-
-/// A Pi serial (or MAC) as the broker keys it: lower case, checked.
-pub(super) fn checked_serial(raw: &str) -> Result<String, ApiError> {
-    let serial = raw.to_ascii_lowercase();
-    check_field("serial", raw, valid_serial(&serial))?;
-    Ok(serial)
-}
-
-pub(super) fn check_previous(previous: &str) -> Result<(), ApiError> {
-    check_field(
-        "previous_instance_id",
-        previous,
-        previous.is_empty() || valid_instance(previous),
-    )
-}
-
-pub(super) fn non_empty(s: &str) -> Option<&str> {
-    Some(s).filter(|s| !s.is_empty())
-}
-
-async fn healthz() -> impl IntoResponse {
-    axum::Json(json!({"ok": true}))
-}
-
-/// Runs a request's work as its own task: if the client gives up or the request
-/// times out, the work still finishes and is recorded, and a retry finds it.
-async fn detached<F>(work: F) -> Result<Response, ApiError>
-where
-    F: std::future::Future<Output = Result<Response, ApiError>> + Send + 'static,
-{
-    tokio::spawn(work.instrument(tracing::Span::current()))
-        .await
-        .unwrap_or_else(|e| Err(internal(anyhow::anyhow!("request task: {e}"))))
-}
-
-async fn activations(
-    State(broker): State<Arc<Broker>>,
-    Extension(peer): Extension<Peer>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Result<Response, ApiError> {
-    detached(super::issue::issue(broker, peer, headers, body)).await
-}
-
-async fn registrations(
-    State(broker): State<Arc<Broker>>,
-    Extension(peer): Extension<Peer>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Result<Response, ApiError> {
-    detached(super::register::register(broker, peer, headers, body)).await
-}
-
-/// A fresh single-use challenge, for a card that signs its activation request.
-async fn challenges(
-    State(broker): State<Arc<Broker>>,
-    Extension(peer): Extension<Peer>,
-    headers: HeaderMap,
-) -> Result<Response, ApiError> {
-    let (token, _) = admit(&broker, peer, &headers).await?;
-    let (challenge, expires_at) = broker
-        .store
-        .new_challenge(token.id, broker.config.challenge_lifetime.as_secs() as i64)
-        .await
-        .map_err(internal)?;
-    Ok(axum::Json(json!({"challenge": challenge, "expires_at": expires_at})).into_response())
 }

@@ -7,7 +7,7 @@ use axum::http::{HeaderMap, StatusCode};
 
 use super::api::{ApiError, Broker, err, internal};
 use super::device::{self, DeviceKey, DevicePolicy, ProofError};
-use super::issue::Checked;
+use super::request::Checked;
 use super::store::{ChallengeOutcome, Token};
 
 /// What the device check found out about the Pi asking.

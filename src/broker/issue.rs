@@ -9,72 +9,15 @@ use std::sync::Arc;
 use axum::body::Bytes;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use serde::Deserialize;
 use serde_json::json;
 
-use super::api::{
-    ApiError, Broker, Peer, admit, check_field, check_previous, checked_serial, err, internal,
-    is_hex, non_empty, parse,
-};
+use super::api::{ApiError, Broker, Peer, admit, err, internal};
 use super::device_check::DeviceCheck;
+use super::request::{ActivationRequest, Checked, check_activation_request, non_empty};
 use super::store::{Issued, LateIssue, NewIssue, Token, now};
 use crate::ssm::{
     self, TAG_BROKER, TAG_HOSTNAME, TAG_IMAGE, TAG_ISSUE, TAG_NAME, TAG_SERIAL, TAG_VERSION,
 };
-
-#[derive(Debug, Deserialize)]
-pub(super) struct ActivationRequest {
-    /// Required when the request is signed with a device key: what binds the
-    /// signature to this one request.
-    #[serde(default)]
-    pub(super) challenge: String,
-    serial: String,
-    #[serde(default)]
-    hostname: String,
-    #[serde(default)]
-    machine_id: String,
-    #[serde(default)]
-    image_sha256: String,
-    #[serde(default)]
-    previous_instance_id: String,
-}
-
-/// An activation request whose fields are checked, with its serial normalised.
-pub(super) struct Checked {
-    pub(super) request: ActivationRequest,
-    pub(super) serial: String,
-}
-
-fn check_activation_request(body: &Bytes) -> Result<Checked, ApiError> {
-    let request: ActivationRequest = parse(body)?;
-    let serial = checked_serial(&request.serial)?;
-    check_field(
-        "hostname",
-        &request.hostname,
-        request.hostname.len() <= 63
-            && request
-                .hostname
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-'),
-    )?;
-    check_field(
-        "machine_id",
-        &request.machine_id,
-        request.machine_id.is_empty() || is_hex(&request.machine_id, 32),
-    )?;
-    check_field(
-        "image_sha256",
-        &request.image_sha256,
-        request.image_sha256.is_empty() || is_hex(&request.image_sha256, 64),
-    )?;
-    check_field(
-        "challenge",
-        &request.challenge,
-        request.challenge.is_empty() || is_hex(&request.challenge, 64),
-    )?;
-    check_previous(&request.previous_instance_id)?;
-    Ok(Checked { request, serial })
-}
 
 pub(super) async fn issue(
     broker: Arc<Broker>,

@@ -3,10 +3,12 @@
 //! secret that matters lives on a card.
 //!
 //! config (broker.toml) → init (CA, certificate, vend key, database) → store
-//! (SQLite or PostgreSQL) → api (the card-facing routes; device: hardware-bound
-//! proofs, device_check: what each policy asks of a request; sealing: codes kept
-//! for retries; cleanup: activations made but never recorded; request_log: one
-//! line per request) → server (HTTPS, graceful shutdown) → tokens (made, shown once).
+//! (SQLite or PostgreSQL) → api (the broker's state and the gate: rate limit,
+//! token, serial) → request (what a card sends, checked) → device_check (what a
+//! token's device policy asks; device: the proofs) → issue, register (the two
+//! card steps; sealing: codes kept for retries) → routes (the HTTP API;
+//! request_log: one line per request) → server (HTTPS, graceful shutdown;
+//! cleanup: activations made but never recorded) → tokens (made, shown once).
 
 pub mod api;
 mod cleanup;
@@ -16,7 +18,9 @@ mod device_check;
 pub mod init;
 mod issue;
 mod register;
+mod request;
 pub mod request_log;
+mod routes;
 pub mod sealing;
 pub mod server;
 pub mod store;

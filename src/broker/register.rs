@@ -10,11 +10,11 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::json;
 
-use super::api::{
-    ApiError, Broker, Peer, admit, check_field, check_previous, checked_serial, err, internal,
-    non_empty, parse, valid_instance,
-};
+use super::api::{ApiError, Broker, Peer, admit, err, internal};
 use super::device::DevicePolicy;
+use super::request::{
+    check_field, check_previous, checked_serial, non_empty, parse, valid_instance,
+};
 use super::store::{Issued, Token};
 use crate::ssm::{self, TAG_HOSTNAME, TAG_IMAGE, TAG_NAME, TAG_SERIAL};
 

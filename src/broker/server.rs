@@ -17,9 +17,10 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::net::TcpListener;
 
-use super::api::{self, Broker, Peer};
+use super::api::{Broker, Peer};
 use super::config::Loaded;
 use super::request_log::{self, LogFormat};
+use super::routes;
 use super::store::Location;
 
 /// How long a TLS handshake and a request's headers may take.
@@ -108,7 +109,7 @@ async fn run(config: Loaded, options: &ServeOptions<'_>) -> Result<()> {
         Err(e) => tracing::warn!("could not look for unrecorded activations: {e:#}"),
     }
     let cleaner = tokio::spawn(broker.clone().clean_up_periodically());
-    let router = api::router(broker.clone());
+    let router = routes::router(broker.clone());
     let listen = options.listen.unwrap_or(config.config.listen);
     let listener = TcpListener::bind(listen)
         .await
