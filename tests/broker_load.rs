@@ -171,26 +171,16 @@ fn load(case: Case) {
     let done = Arc::new(AtomicUsize::new(0));
     let load = Load {
         brokers: brokers.iter().map(|b| b.address.clone()).collect(),
-        ca: &brokers[0].ca.clone(),
+        ca: brokers[0].ca.clone(),
         token,
         count,
         clients,
         device_keys: case.device_keys,
         done: done.clone(),
     };
-    let (ca, addresses) = (brokers[0].ca.clone(), load.brokers.clone());
     let registrar = ssm.registrar();
-    let token = load.token.clone();
     let busy_before = machine_busy_seconds();
-    let running = std::thread::spawn(move || {
-        let load = Load {
-            ca: &ca,
-            brokers: addresses,
-            token,
-            ..load
-        };
-        load_client::run(&load, &registrar, 2)
-    });
+    let running = std::thread::spawn(move || load_client::run(&load, &registrar, 2));
 
     // Faults: the first broker killed at 40 % and started again at once (its
     // address kept, as the cards know it); PostgreSQL restarted at 65 %.

@@ -6,7 +6,7 @@
 //! is retried after 100 ms, as the card's register step retries; nothing else is.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -19,12 +19,14 @@ use rustls::pki_types::{CertificateDer, ServerName};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use piprov::hex::hex;
+
 use super::ssm_double::Registrar;
 
-pub struct Load<'a> {
+pub struct Load {
     /// host:port of each broker; Pi n asks broker n % len.
     pub brokers: Vec<String>,
-    pub ca: &'a Path,
+    pub ca: PathBuf,
     pub token: String,
     pub count: usize,
     pub clients: usize,
@@ -119,41 +121,10 @@ impl Client {
         key: Option<&EcdsaKeyPair>,
     ) -> Result<(u16, Value), String> {
         let fields = json!({"serial": serial, "hostname": format!("pi-{n}")});
-        let Some(key) = key else {
-            let (status, reply, seconds) = self
-                .post(broker, "/v1/activations", "", fields.to_string().as_bytes())
-                .await?;
-            if status == 200 {
-                self.outcome
-                    .lock()
-                    .unwrap()
-                    .activation_latencies
-                    .push(seconds);
-            }
-            return Ok((status, reply));
+        let (body, headers) = match key {
+            None => (fields.to_string(), String::new()),
+            Some(key) => self.signed(broker, fields, key).await?,
         };
-        let (status, reply, seconds) = self.post(broker, "/v1/challenges", "", b"{}").await?;
-        if status != 200 {
-            return Err(format!("challenge: {status} {reply}"));
-        }
-        self.outcome
-            .lock()
-            .unwrap()
-            .challenge_latencies
-            .push(seconds);
-        let mut body = fields;
-        body["challenge"] = reply["challenge"].clone();
-        let body = body.to_string();
-        let signed = [b"piprov-enrollment-v1\n".as_slice(), body.as_bytes()].concat();
-        let signature = key
-            .sign(&SystemRandom::new(), &signed)
-            .map_err(|e| e.to_string())?;
-        let public = key.public_key().as_der().map_err(|e| e.to_string())?;
-        let headers = format!(
-            "X-Piprov-Device-Key: {}\r\nX-Piprov-Device-Signature: {}\r\n",
-            hex(public.as_ref()),
-            hex(signature.as_ref())
-        );
         let (status, reply, seconds) = self
             .post(broker, "/v1/activations", &headers, body.as_bytes())
             .await?;
@@ -165,6 +136,38 @@ impl Client {
                 .push(seconds);
         }
         Ok((status, reply))
+    }
+
+    /// As a card with a device key: a fresh challenge in the body, and the body
+    /// signed. Returns the body and the headers that carry the proof.
+    async fn signed(
+        &self,
+        broker: &str,
+        mut fields: Value,
+        key: &EcdsaKeyPair,
+    ) -> Result<(String, String), String> {
+        let (status, reply, seconds) = self.post(broker, "/v1/challenges", "", b"{}").await?;
+        if status != 200 {
+            return Err(format!("challenge: {status} {reply}"));
+        }
+        self.outcome
+            .lock()
+            .unwrap()
+            .challenge_latencies
+            .push(seconds);
+        fields["challenge"] = reply["challenge"].clone();
+        let body = fields.to_string();
+        let signed = [b"piprov-enrollment-v1\n".as_slice(), body.as_bytes()].concat();
+        let signature = key
+            .sign(&SystemRandom::new(), &signed)
+            .map_err(|e| e.to_string())?;
+        let public = key.public_key().as_der().map_err(|e| e.to_string())?;
+        let headers = format!(
+            "X-Piprov-Device-Key: {}\r\nX-Piprov-Device-Signature: {}\r\n",
+            hex(public.as_ref()),
+            hex(signature.as_ref())
+        );
+        Ok((body, headers))
     }
 
     async fn enrol(
@@ -223,10 +226,6 @@ impl Client {
     }
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 /// Runs the load to the end; the cards register through `ssm`.
 pub fn run(load: &Load, ssm: &Registrar, threads: usize) -> Outcome {
     // As a card's curl (OpenSSL 3.0 on Bookworm) offers: no post-quantum hybrid.
@@ -238,7 +237,7 @@ pub fn run(load: &Load, ssm: &Registrar, threads: usize) -> Outcome {
         ..rustls::crypto::aws_lc_rs::default_provider()
     });
     let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_file_iter(load.ca).unwrap() {
+    for cert in CertificateDer::pem_file_iter(&load.ca).unwrap() {
         roots.add(cert.unwrap()).unwrap();
     }
     let config = rustls::ClientConfig::builder_with_provider(provider)

@@ -52,10 +52,7 @@ impl Postgres {
     pub fn new_database(&self) -> String {
         let mut bytes = [0u8; 6];
         getrandom::getrandom(&mut bytes).unwrap();
-        let name = format!(
-            "piprov_test_{}",
-            bytes.iter().map(|b| format!("{b:02x}")).collect::<String>()
-        );
+        let name = format!("piprov_test_{}", piprov::hex::hex(&bytes));
         self.psql(&self.admin, &format!("CREATE DATABASE {name}"));
         let (base, _) = self.admin.rsplit_once('/').unwrap();
         format!("{base}/{name}")

@@ -73,7 +73,15 @@ impl Location {
         if config.get_ssl_mode() == SslMode::Prefer {
             config.ssl_mode(SslMode::Disable);
         }
-        let tls = Arc::new(tls_config(dir, ca_file)?);
+        let tls = if config.get_ssl_mode() == SslMode::Require {
+            tls_config(dir, ca_file)?
+        } else if ca_file.is_some() {
+            bail!("database_ca_file is for TLS: add ?sslmode=require to the database URL");
+        } else {
+            // Never used: the connection is plain. No system roots are read.
+            tls_client(rustls::RootCertStore::empty())?
+        };
+        let tls = Arc::new(tls);
         let shown = shown(&config);
         Ok(Location::Postgres {
             config: Box::new(config),
@@ -109,6 +117,10 @@ fn tls_config(dir: &Path, ca_file: Option<&Path>) -> Result<rustls::ClientConfig
             }
         }
     }
+    tls_client(roots)
+}
+
+fn tls_client(roots: rustls::RootCertStore) -> Result<rustls::ClientConfig> {
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     Ok(rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
@@ -171,5 +183,13 @@ mod tests {
             Location::Sqlite(p) if p == at.join("broker.db")
         ));
         assert!(Location::parse("mysql://x@y/z", at, None, None).is_err());
+        // A CA without sslmode=require would be read and never used: said so.
+        let unused = Location::parse(url, at, None, Some(Path::new("ca.pem")))
+            .err()
+            .unwrap();
+        assert!(
+            format!("{unused:#}").contains("sslmode=require"),
+            "{unused:#}"
+        );
     }
 }
