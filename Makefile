@@ -21,9 +21,10 @@ lint: deps
 	shellcheck -x -s sh tests/fixtures/*.sh bench/*.sh tests/e2e/*.sh tests/standins/* scripts/*.sh $(wildcard firstboot/*.sh)
 
 # Every test, with a private PostgreSQL server up (scripts/with-postgres.sh);
-# then the broker's tests again with their records in PostgreSQL.
+# then the broker's tests again with their records in PostgreSQL. A test binary
+# still running after 20 minutes is hung: its threads are shown and it is killed.
 test: lint
-	sh scripts/with-postgres.sh sh -c '$(CARGO) test && \
+	sh scripts/with-postgres.sh sh scripts/watchdog.sh 1200 sh -c '$(CARGO) test && \
 		PIPROV_TEST_BROKER_DATABASE=postgres $(CARGO) test --test broker --test device_keys --test broker_shared'
 
 # The broker under load: 2,000 enrollments from 100 clients (tests/broker_load.rs)

@@ -30,8 +30,13 @@ pub mod tokens;
 pub fn block_on<T>(
     work: impl std::future::Future<Output = anyhow::Result<T>>,
 ) -> anyhow::Result<T> {
-    tokio::runtime::Builder::new_current_thread()
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
-        .build()?
-        .block_on(work)
+        .build()?;
+    let result = runtime.block_on(work);
+    // The SQLite pool closes its connections on blocking threads once the work
+    // is done; dropping the runtime would wait for them without limit. What
+    // they close is already committed.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(10));
+    result
 }

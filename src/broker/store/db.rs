@@ -323,6 +323,7 @@ impl Pool {
             .max_size(size)
             .runtime(Runtime::Tokio1)
             .wait_timeout(Some(WAIT_FOR_CONNECTION))
+            .create_timeout(Some(WAIT_FOR_CONNECTION))
             .build()?;
         Ok(Pool::Sqlite(pool))
     }
