@@ -33,13 +33,13 @@ test: lint
 # restarted too. Release build: it measures the broker. Figures go to stderr and
 # to target/tmp/broker-load-*.json.
 load: deps
-	sh scripts/with-postgres.sh $(CARGO) test --release --test broker_load -- --ignored --nocapture --test-threads=1
+	sh scripts/with-postgres.sh sh scripts/watchdog.sh 1200 $(CARGO) test --release --test broker_load -- --ignored --nocapture --test-threads=1
 
 # Cards booted in virtual machines (tests/e2e.rs): a debootstrap image (cached in
 # /var/tmp/piprov-e2e, or PIPROV_E2E_CACHE), stamped, flashed, booted with QEMU;
 # KVM when it runs guests here, QEMU's emulator otherwise (the test says which).
 e2e: deps
-	$(CARGO) test --test e2e -- --ignored --nocapture
+	sh scripts/watchdog.sh 3600 $(CARGO) test --test e2e -- --ignored --nocapture
 
 # Bounded fuzzing of the partition-table and inspect path, and of the flash map
 # and the bmap parser (needs cargo-fuzz), FUZZ_SECONDS each.
