@@ -37,6 +37,34 @@ pub fn block_on<T>(
     // The SQLite pool closes its connections on blocking threads once the work
     // is done; dropping the runtime would wait for them without limit. What
     // they close is already committed.
-    runtime.shutdown_timeout(std::time::Duration::from_secs(10));
+    runtime.shutdown_timeout(BACKGROUND_CLOSE_WAIT);
     result
+}
+
+/// How long a command waits, once its work is done, for work left on blocking
+/// threads (the pool's connection closes).
+const BACKGROUND_CLOSE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    /// A blocking task that goes on (a connection close held up) does not
+    /// hold up the command: it returns once BACKGROUND_CLOSE_WAIT has passed.
+    #[test]
+    fn a_command_does_not_wait_without_limit_for_its_blocking_threads() {
+        let started = Instant::now();
+        let answer = super::block_on(async {
+            // Long enough past the limit to tell the two apart.
+            tokio::task::spawn_blocking(|| std::thread::sleep(Duration::from_secs(30)));
+            Ok(42)
+        })
+        .unwrap();
+        assert_eq!(answer, 42);
+        let took = started.elapsed();
+        assert!(
+            took < super::BACKGROUND_CLOSE_WAIT + Duration::from_secs(5),
+            "the command took {took:?}"
+        );
+    }
 }
