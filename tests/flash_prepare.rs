@@ -6,6 +6,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use common::card::{embedded_recipe, shared_recipe};
@@ -39,50 +40,60 @@ fn cache_files(cache: &Path) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// An image of incompressible bytes, as xz: it takes a while to decode. Made
+/// once for the tests that interrupt its decode.
+fn slow_archive() -> &'static Path {
+    static ARCHIVE: OnceLock<TempDir> = OnceLock::new();
+    let dir = ARCHIVE.get_or_init(|| {
+        let dir = TempDir::new().unwrap();
+        let image = dir.path().join("big.img");
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/make-image.sh");
+        let ok = Command::new("sh")
+            .arg(script)
+            .args(["--size", "1024", "--customize"])
+            .arg("head -c 600M /dev/urandom > \"$root/blob\"")
+            .arg(&image)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok);
+        let ok = Command::new("sh")
+            .arg("-c")
+            .arg(format!("xz -T2 -0 '{}'", image.display()))
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok);
+        dir
+    });
+    Box::leak(dir.path().join("big.img.xz").into_boxed_path())
+}
+
+/// `piprov flash` of the slow archive to `card` (a file holding old data).
+fn flash_slow_archive(dir: &Path, card: &Path) -> Child {
+    std::fs::write(card, b"old data").unwrap();
+    Command::new(assert_cmd::cargo::cargo_bin("piprov"))
+        .env("PIPROV_CACHE_DIR", dir.join("cache"))
+        .args(["flash", "--yes", "--quiet"])
+        .arg(slow_archive())
+        .arg(card)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+fn card_started(card: &Path) -> bool {
+    std::fs::metadata(card).is_ok_and(|m| m.len() > b"old data".len() as u64)
+}
+
 /// The card is written while the archive decodes: an interrupt leaves it
 /// without a partition table, and the cache without the half-decoded image.
 #[test]
 fn ctrl_c_while_decoding_leaves_the_cache_clean_and_the_card_without_a_table() {
     let dir = TempDir::new().unwrap();
-    let image = dir.path().join("big.img");
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/make-image.sh");
-    let ok = Command::new("sh")
-        .arg(script)
-        .args(["--size", "1024", "--customize"])
-        // Incompressible bytes, so that decoding takes a while.
-        .arg("head -c 600M /dev/urandom > \"$root/blob\"")
-        .arg(&image)
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok);
-    let xz = dir.path().join("big.img.xz");
-    let ok = Command::new("sh")
-        .arg("-c")
-        .arg(format!(
-            "xz -T2 -0 -c '{}' > '{}'",
-            image.display(),
-            xz.display()
-        ))
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok);
-    std::fs::remove_file(&image).unwrap();
     let card = dir.path().join("card.img");
-    std::fs::write(&card, b"old data").unwrap();
-    let cache = dir.path().join("cache");
-    let child = Command::new(assert_cmd::cargo::cargo_bin("piprov"))
-        .env("PIPROV_CACHE_DIR", &cache)
-        .args(["flash", "--yes", "--quiet"])
-        .arg(&xz)
-        .arg(&card)
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    wait_until("the decode never started", || {
-        cache_files(&cache).iter().any(|n| n.contains(".partial"))
-    });
+    let child = flash_slow_archive(dir.path(), &card);
+    wait_until("the card was never written", || card_started(&card));
     interrupt(&child);
     let out = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -92,13 +103,51 @@ fn ctrl_c_while_decoding_leaves_the_cache_clean_and_the_card_without_a_table() {
             && stderr.contains("hold no partition table"),
         "{stderr}"
     );
-    let left: Vec<String> = cache_files(&cache)
+    let left: Vec<String> = cache_files(&dir.path().join("cache"))
         .into_iter()
         .filter(|n| n.contains(".img"))
         .collect();
     assert!(left.is_empty(), "no partial or cached image: {left:?}");
     let head = std::fs::read(&card).unwrap();
     assert!(head.len() >= 1 << 20 && head[..1 << 20].iter().all(|&b| b == 0));
+}
+
+/// Ctrl-C as the decode starts, before the image's first bytes are out: the
+/// card is left as it was, and the interrupt is named as one. The moment is a
+/// race, so it is tried until an interrupt lands in it; every try must end
+/// right, wherever its interrupt landed.
+#[test]
+fn ctrl_c_as_the_decode_starts_leaves_the_card_as_it_was() {
+    const TRIES: usize = 20;
+    let before_first_bytes = "interrupted while the archive was decoded; no card was written";
+    for _ in 0..TRIES {
+        let dir = TempDir::new().unwrap();
+        let cache = dir.path().join("cache");
+        let card = dir.path().join("card.img");
+        let child = flash_slow_archive(dir.path(), &card);
+        let started = Instant::now();
+        while !cache_files(&cache).iter().any(|n| n.contains(".partial")) {
+            assert!(started.elapsed() < Duration::from_secs(120), "no decode");
+            std::thread::yield_now();
+        }
+        interrupt(&child);
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{stderr}");
+        let left: Vec<String> = cache_files(&cache)
+            .into_iter()
+            .filter(|n| n.contains(".img"))
+            .collect();
+        assert!(left.is_empty(), "no partial or cached image: {left:?}");
+        if card_started(&card) {
+            assert!(stderr.contains("hold no partition table"), "{stderr}");
+            continue;
+        }
+        assert!(stderr.contains(before_first_bytes), "{stderr}");
+        assert_eq!(std::fs::read(&card).unwrap(), b"old data");
+        return;
+    }
+    panic!("in {TRIES} tries, no interrupt came before the image's first bytes");
 }
 
 #[test]

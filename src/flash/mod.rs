@@ -310,9 +310,12 @@ fn flash_while_decoding(
     let growing = stream::Growing::start(entry, source::Format::Xz, len, progress, &CANCEL)?;
     let mut head = vec![0u8; 8192.min(len as usize)];
     if let Err(e) = growing.read_exact_at(&mut head, 0) {
-        let decoded = growing.finish().map(drop);
-        return Err(decoded.err().unwrap_or(e))
-            .with_context(|| format!("decoding {}", config.image.display()));
+        // Nothing is written to a card before its head has decoded.
+        let e = growing.finish().err().unwrap_or(e);
+        if e.downcast_ref::<crate::digest::Cancelled>().is_some() {
+            bail!(Interrupted("while the archive was decoded".into()));
+        }
+        return Err(e).with_context(|| format!("decoding {}", config.image.display()));
     }
     progress.say(&format!(
         "{}: {len} bytes (xz), written while it is decoded",
