@@ -3,7 +3,7 @@
 # As root it installs what is missing with apt-get; otherwise it names what to install.
 set -eu
 
-# tool:debian-package
+# tool:debian-package (arch-test: mmdebstrap refuses a foreign-architecture root without it)
 needed="sfdisk:fdisk mkfs.vfat:dosfstools fsck.vfat:dosfstools mcopy:mtools
 mkfs.ext4:e2fsprogs e2fsck:e2fsprogs debugfs:e2fsprogs openssl:openssl ssh-keygen:openssh-client
 curl:curl python3:python3
@@ -12,7 +12,7 @@ xz:xz-utils zstd:zstd bzip2:bzip2 zip:zip losetup:mount partx:util-linux bmaptoo
 mkswap:util-linux findmnt:util-linux lsblk:util-linux
 mmdebstrap:mmdebstrap qemu-system-aarch64:qemu-system-arm qemu-aarch64-static:qemu-user-static
 update-binfmts:binfmt-support dtc:device-tree-compiler man:man-db dpkg-shlibdeps:dpkg-dev
-psql:postgresql-client runuser:util-linux gdb:gdb"
+psql:postgresql-client runuser:util-linux gdb:gdb arch-test:arch-test"
 
 missing=
 for pair in $needed; do

@@ -24,7 +24,7 @@ impl Stub {
             {
                 break port;
             }
-            assert!(started.elapsed().as_secs() < 20, "the {name} did not start");
+            assert!(started.elapsed().as_secs() < 60, "the {name} did not start");
             std::thread::sleep(Duration::from_millis(50));
         };
         stub
