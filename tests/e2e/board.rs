@@ -133,7 +133,10 @@ impl Qemu {
                 .arg("-M")
                 .arg(format!("virt,dumpdtb={}", dtb.display()))
                 .args(["-accel", accel, "-cpu", cpu, "-m", MEMORY, "-smp", "1"])
-                .args(["-nographic", "-monitor", "none"]),
+                .args(["-nographic", "-monitor", "none"])
+                // The default NIC would load its boot ROM (ipxe-qemu, not
+                // installed); the tree does not list PCI devices anyway.
+                .args(["-nic", "none"]),
             "qemu-system-aarch64 -machine dumpdtb",
         );
         let dts = run(
