@@ -42,7 +42,7 @@ fn cache_files(cache: &Path) -> Vec<String> {
 
 /// An image of incompressible bytes, as xz: it takes a while to decode. Made
 /// once for the tests that interrupt its decode.
-fn slow_archive() -> &'static Path {
+fn slow_archive() -> PathBuf {
     static ARCHIVE: OnceLock<TempDir> = OnceLock::new();
     let dir = ARCHIVE.get_or_init(|| {
         let dir = TempDir::new().unwrap();
@@ -66,7 +66,7 @@ fn slow_archive() -> &'static Path {
         assert!(ok);
         dir
     });
-    Box::leak(dir.path().join("big.img.xz").into_boxed_path())
+    dir.path().join("big.img.xz")
 }
 
 /// `piprov flash` of the slow archive to `card` (a file holding old data).

@@ -130,6 +130,15 @@ fn cancelled(during: &str) -> Result<()> {
     Ok(())
 }
 
+/// `e`, unless it is a step stopped by Ctrl-C before any card was written:
+/// then that interrupt, named by when it came.
+fn unless_interrupted(e: anyhow::Error, during: &str) -> anyhow::Error {
+    match e.downcast_ref::<crate::digest::Cancelled>() {
+        Some(_) => anyhow::anyhow!(Interrupted(during.to_string())),
+        None => e,
+    }
+}
+
 /// Parses a targets file: `device,hostname[,key=value…]` per record (CSV: a
 /// quoted field may hold commas); `#` comments and a header record starting
 /// with `device` are skipped.
@@ -196,10 +205,7 @@ pub fn flash(config: &FlashConfig, progress: &Progress) -> Result<Summary> {
         None => None,
     };
     let opened = source::open_for_flash(&config.image, config.sha256.as_deref(), progress, &CANCEL)
-        .map_err(|e| match e.downcast_ref::<crate::digest::Cancelled>() {
-            Some(_) => anyhow::anyhow!(Interrupted("while the image was read".into())),
-            None => e,
-        })?;
+        .map_err(|e| unless_interrupted(e, "while the image was read"))?;
     let (source, hash) = match opened {
         source::Opened::Streamable { entry, len } => {
             return flash_while_decoding(config, recipe.as_ref(), entry, len, progress);
@@ -312,10 +318,8 @@ fn flash_while_decoding(
     if let Err(e) = growing.read_exact_at(&mut head, 0) {
         // Nothing is written to a card before its head has decoded.
         let e = growing.finish().err().unwrap_or(e);
-        if e.downcast_ref::<crate::digest::Cancelled>().is_some() {
-            bail!(Interrupted("while the archive was decoded".into()));
-        }
-        return Err(e).with_context(|| format!("decoding {}", config.image.display()));
+        let e = e.context(format!("decoding {}", config.image.display()));
+        return Err(unless_interrupted(e, "while the archive was decoded"));
     }
     progress.say(&format!(
         "{}: {len} bytes (xz), written while it is decoded",
