@@ -12,6 +12,9 @@ CARD_CONTRACT=1
 CARD_LIB_DIR=/usr/local/lib/piprov
 CARD_CONF_DIR=/etc/piprov
 CARD_STATE_DIR=/var/lib/piprov
+# Written last by a complete install. amazon-ssm-agent starts only once it
+# exists, and the Trixie boothook runs the install only while it does not.
+CARD_INSTALLED=/var/lib/piprov/installed
 
 # amazon-ssm-agent's files (DESIGN.md sections 2 and 8).
 AGENT_BINARY=/usr/bin/amazon-ssm-agent

@@ -95,18 +95,27 @@ set_hostname() {
     [ "$serial" = "$IDENTITY" ] && serial=
     mac=$(first_mac | tr -d ':')
     name=$(printf '%s' "$pattern" | sed "s/{serial}/$serial/g; s/{mac}/$mac/g" | tr '[:upper:]' '[:lower:]')
+    # One DNS label (RFC 1123): 1 to 63 of a-z, 0-9 and -, no - at either end.
+    # Anything else is logged and the current name kept: a name the kernel
+    # refuses must not stop the boot, let alone every later one.
     case $name in
-        ''|-*|*[!a-z0-9-]*)
+        ''|-*|*-|*[!a-z0-9-]*)
             log "hostname pattern gives '$name', not a valid hostname: keeping the current one"
             return 0 ;;
     esac
+    if [ "${#name}" -gt 63 ]; then
+        log "hostname pattern gives ${#name} characters, more than a hostname may have (63): keeping the current one"
+        return 0
+    fi
     old=$(cat "$ROOT/etc/hostname" 2>/dev/null || true)
     printf '%s\n' "$name" | replace_file "$ROOT/etc/hostname"
     if [ -f "$ROOT/etc/hosts" ]; then
         sed "s/^127\.0\.1\.1[[:space:]].*/127.0.1.1\t$name/" "$ROOT/etc/hosts" | replace_file "$ROOT/etc/hosts"
         grep -q '^127\.0\.1\.1' "$ROOT/etc/hosts" || printf '127.0.1.1\t%s\n' "$name" >>"$ROOT/etc/hosts"
     fi
-    [ -z "$ROOT" ] && hostname "$name" 2>/dev/null
+    if [ -z "$ROOT" ]; then
+        hostname "$name" 2>/dev/null || log "the kernel refused hostname $name; it takes effect on the next boot"
+    fi
     log "hostname ${old:-unset} -> $name"
 }
 
@@ -246,11 +255,16 @@ block_agent() {
     exit 1
 }
 
+# The settings file, or the agent kept stopped when it is refused.
+read_settings_or_block() {
+    read_conf "$CONF" "$CONF_KEYS" || block_agent "the card's settings are refused: $CONF_ERROR"
+}
+
 # The agent's ExecCondition: exit 0 only when the binding matches this
 # hardware, this machine-id and the id the agent would speak as.
 gate() {
     export PIPROV_STEP=gate
-    read_conf "$CONF"
+    read_settings_or_block
     IDENTITY=$(hardware_identity) || block_agent "cannot tell which hardware this is"
     if [ -f "$NEEDS_REGISTRATION" ]; then
         # piprov-register starts the agent once the card has its own identity.
@@ -280,8 +294,8 @@ gate() {
 after_failure() {
     [ "${SERVICE_RESULT:-success}" = success ] && exit 0
     export PIPROV_STEP=guard
-    read_conf "$CONF"
     IDENTITY=$(hardware_identity) || IDENTITY=
+    read_settings_or_block
     block_agent "the guard did not finish (${SERVICE_RESULT}${EXIT_STATUS:+: $EXIT_STATUS}); it resumes on the next boot (journalctl -u piprov-guard)"
 }
 
@@ -291,7 +305,7 @@ main() {
         --after-failure) after_failure ;;
     esac
     export PIPROV_STEP=guard
-    read_conf "$CONF"
+    read_settings_or_block
     if ! IDENTITY=$(hardware_identity); then
         log "cannot tell which hardware this is (no serial number, no MAC): leaving the card as it is"
         exit 0

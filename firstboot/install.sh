@@ -5,17 +5,87 @@
 # root filesystem, moves the secret off the FAT partition and removes its own
 # hook.
 #
-# systemd.run powers the Pi off when the script fails, so it always exits 0 and
-# leaves a bootable card: whatever goes wrong is logged and the boot carries on.
+# It fails closed from its first instruction: before anything else it holds
+# amazon-ssm-agent with a drop-in that lets the agent start only once a
+# complete install has written $CARD_INSTALLED. A step that fails leaves the
+# agent held (the golden's registration never speaks), a `failed` status on the
+# boot partition naming the step, no secret on the FAT, and no hook: the card
+# boots on, plainly not provisioned, until it is stamped again. systemd.run
+# powers the Pi off when the script fails, so it always exits 0.
+# shellcheck disable=SC2317 # the steps are called through step(), which shellcheck cannot follow
 set -u
+if [ -z "${CARD_CONTRACT:-}" ]; then
+    # shellcheck source=firstboot/contract.sh
+    . "$(dirname "$0")/contract.sh"
+fi
 BOOT_SELF=$(cd "$(dirname "$0")" && pwd)
-# shellcheck source=/dev/null
-. "$BOOT_SELF/piprov-lib.sh"
 PIPROV_BOOT=${PIPROV_BOOT:-$BOOT_SELF}
 export PIPROV_BOOT
+INSTALL_ROOT=${PIPROV_ROOT:-}
+AGENT_UNITS="amazon-ssm-agent.service snap.amazon-ssm-agent.amazon-ssm-agent.service"
 
-# Payload on the boot partition -> place in the root filesystem.
-install_payload() {
+# Holds the agent until $CARD_INSTALLED exists. Needs nothing from the boot
+# partition but this script, so nothing that can be missing there lets the
+# agent start as the golden.
+hold_agent() {
+    for agent_unit in $AGENT_UNITS; do
+        hold_dir=$INSTALL_ROOT/etc/systemd/system/$agent_unit.d
+        mkdir -p "$hold_dir" || return 1
+        printf '%s\n' \
+            "# piprov: amazon-ssm-agent starts only on a card piprov installed completely." \
+            "[Unit]" "ConditionPathExists=$CARD_INSTALLED" >"$hold_dir/piprov-hold.conf" || return 1
+        chmod 644 "$hold_dir/piprov-hold.conf" || return 1
+    done
+    sync
+}
+
+# Takes out exactly the tokens `piprov stamp` appended; the rest of the line
+# stays byte for byte. Uses nothing from piprov-lib.sh: it runs after any failure.
+remove_hook_tokens() {
+    cmdline=$PIPROV_BOOT/cmdline.txt
+    [ -f "$cmdline" ] || return 0
+    grep -q 'piprov-install\.sh' "$cmdline" || return 0
+    sed 's# systemd\.run=[^ ]*/piprov-install\.sh##; s# systemd\.run_success_action=reboot##; s# systemd\.unit=kernel-command-line\.target##' \
+        "$cmdline" >"$cmdline.piprov-tmp" && mv -f "$cmdline.piprov-tmp" "$cmdline"
+    echo "piprov install: first-boot hook removed from cmdline.txt" >&2
+}
+
+# The end of a failed install (see the top of this file).
+fail() {
+    echo "piprov install: failed while $1; amazon-ssm-agent stays stopped" >&2
+    secret=$PIPROV_BOOT/$BOOT_SECRET
+    if [ -f "$secret" ]; then
+        # Zeroes over its clusters first: rm alone leaves the code readable on FAT.
+        dd if=/dev/zero of="$secret" bs="$(wc -c <"$secret")" count=1 conv=notrunc,fsync status=none 2>/dev/null
+        rm -f "$secret"
+    fi
+    printf '{"state":"failed","message":"piprov could not install (failed while %s): amazon-ssm-agent is held stopped and the activation secret was removed; stamp the card again","time":"%s"}\n' \
+        "$1" "$(date -u +%Y-%m-%dT%H:%M:%SZ)" >"$PIPROV_BOOT/$BOOT_STATUS" ||
+        echo "piprov install: cannot write $BOOT_STATUS on the boot partition" >&2
+    remove_hook_tokens
+    sync
+    exit 0
+}
+
+# Runs one step in a subshell with `set -e`; a failure ends the install. (Not
+# `( … ) || fail`: the shell ignores `set -e` anywhere left of a `||`.)
+step() {
+    step_name=$1
+    shift
+    ( set -e; "$@" )
+    step_status=$?
+    [ "$step_status" -eq 0 ] || fail "$step_name"
+}
+
+# The settings and the secret are read on the card with the strict reader;
+# one it would refuse later is refused now, before anything is installed.
+check_settings() {
+    read_conf "$PIPROV_BOOT/$BOOT_CONF" "$CONF_KEYS" || { log "$CONF_ERROR"; return 1; }
+    [ -f "$PIPROV_BOOT/$BOOT_SECRET" ] || return 0
+    read_conf "$PIPROV_BOOT/$BOOT_SECRET" "$SECRET_KEYS" || { log "$CONF_ERROR"; return 1; }
+}
+
+install_scripts() {
     mkdir -p "$LIB_DIR" "$CONF_DIR" "$STATE_DIR" "$ROOT/etc/systemd/system"
     chmod 700 "$STATE_DIR"
     for name in lib guard register; do
@@ -27,9 +97,8 @@ install_payload() {
         cp "$PIPROV_BOOT/$unit" "$ROOT/etc/systemd/system/$unit"
         chmod 644 "$ROOT/etc/systemd/system/$unit"
     done
-    # Keep the agent from starting while the card waits for its own registration.
-    for agent_unit in amazon-ssm-agent.service snap.amazon-ssm-agent.amazon-ssm-agent.service; do
-        mkdir -p "$ROOT/etc/systemd/system/$agent_unit.d"
+    # The gate: the agent starts only on a card bound to this hardware.
+    for agent_unit in $AGENT_UNITS; do
         cp "$PIPROV_BOOT/piprov-agent.conf" "$ROOT/etc/systemd/system/$agent_unit.d/piprov.conf"
         # Files on a FAT mount read as executable; systemd warns about such units.
         chmod 644 "$ROOT/etc/systemd/system/$agent_unit.d/piprov.conf"
@@ -39,19 +108,24 @@ install_payload() {
         cp "$PIPROV_BOOT/piprov-card.7" "$ROOT/usr/local/share/man/man7/piprov-card.7"
         chmod 644 "$ROOT/usr/local/share/man/man7/piprov-card.7"
     fi
+}
+
+install_settings() {
     cp "$PIPROV_BOOT/$BOOT_CONF" "$CONF"
     chmod 644 "$CONF"
     if [ -f "$PIPROV_BOOT/$BOOT_CA" ]; then
         cp "$PIPROV_BOOT/$BOOT_CA" "$CONF_DIR/broker-ca.pem"
         chmod 644 "$CONF_DIR/broker-ca.pem"
     fi
-    if [ -f "$PIPROV_BOOT/$BOOT_SECRET" ]; then
-        (umask 077 && cat "$PIPROV_BOOT/$BOOT_SECRET" >"$SECRET.new")
-        sync_path "$SECRET.new"
-        mv -f "$SECRET.new" "$SECRET"
-        scrub_file "$PIPROV_BOOT/$BOOT_SECRET"
-    fi
-    log "payload installed"
+}
+
+move_secret() {
+    [ -f "$PIPROV_BOOT/$BOOT_SECRET" ] || return 0
+    # shellcheck disable=SC2153 # SECRET comes from piprov-lib.sh
+    (umask 077 && cat "$PIPROV_BOOT/$BOOT_SECRET" >"$SECRET.new")
+    sync_path "$SECRET.new"
+    mv -f "$SECRET.new" "$SECRET"
+    scrub_file "$PIPROV_BOOT/$BOOT_SECRET"
 }
 
 # What `systemctl enable` does, done by hand: it works in the minimal
@@ -64,6 +138,11 @@ enable_units() {
     done
 }
 
+mark_installed() {
+    date -u +%Y-%m-%dT%H:%M:%SZ | replace_file "$ROOT$CARD_INSTALLED"
+    log "payload installed"
+}
+
 remove_payload_from_boot() {
     for name in piprov-lib.sh piprov-guard.sh piprov-register.sh piprov-guard.service \
         piprov-register.service piprov-agent.conf "$BOOT_CONF" "$BOOT_CA" piprov-install.sh; do
@@ -71,21 +150,20 @@ remove_payload_from_boot() {
     done
 }
 
-# Takes out exactly the tokens `piprov stamp` appended; the rest of the line
-# stays byte for byte.
-remove_hook_tokens() {
-    cmdline=$PIPROV_BOOT/cmdline.txt
-    [ -f "$cmdline" ] || return 0
-    grep -q 'piprov-install\.sh' "$cmdline" || return 0
-    sed 's# systemd\.run=[^ ]*/piprov-install\.sh##; s# systemd\.run_success_action=reboot##; s# systemd\.unit=kernel-command-line\.target##' \
-        "$cmdline" | replace_file "$cmdline"
-    log "first-boot hook removed from cmdline.txt"
-}
-
 main() {
+    step "holding amazon-ssm-agent" hold_agent
+    # Loaded in a subshell first: a missing or broken file would end this shell.
+    # shellcheck source=/dev/null
+    ( . "$PIPROV_BOOT/piprov-lib.sh" ) >/dev/null 2>&1 || fail "loading piprov-lib.sh"
+    # shellcheck source=/dev/null
+    . "$PIPROV_BOOT/piprov-lib.sh"
     export PIPROV_STEP=install
-    install_payload
-    enable_units
+    step "checking the card's settings" check_settings
+    step "installing the scripts and units" install_scripts
+    step "installing the settings" install_settings
+    step "moving the secret off the boot partition" move_secret
+    step "enabling the units" enable_units
+    step "marking the card installed" mark_installed
     remove_hook_tokens
     write_status installed "piprov installed; the guard runs next"
     remove_payload_from_boot
@@ -93,7 +171,7 @@ main() {
     if [ "${1:-}" = --now ]; then
         # A cloud-init boothook, in the init stage of a normal boot: before
         # network-online.target, so before amazon-ssm-agent. The reload makes
-        # the agent's drop-in count for this boot; the guard runs now rather
+        # the agent's drop-ins count for this boot; the guard runs now rather
         # than after a reboot; registration waits for the network as usual.
         systemctl daemon-reload
         systemctl start piprov-guard.service
@@ -101,10 +179,5 @@ main() {
     fi
 }
 
-( set -e; main "$@" )
-status=$?
-if [ "$status" -ne 0 ]; then
-    log "install failed (status $status); the card boots on without piprov"
-    remove_hook_tokens || true
-fi
+main "$@"
 exit 0

@@ -50,26 +50,62 @@ boot_dir() {
     fi
 }
 
-# Reads KEY=VALUE lines into PIPROV_KEY variables. Only known keys are taken and
-# nothing is evaluated: the file comes from a FAT partition anyone can edit.
+# The keys each file may hold. The settings and the secret are separate files
+# with separate keys, so an edited secret file cannot change where the token is
+# sent or what sudo allows.
+CONF_KEYS='FORMAT SOURCE REGION HOSTNAME_PATTERN STRIP_SSM_USER STRIP_NOPASSWD
+NOPASSWD_FILE SSM_USER SUDO_RULE BROKER_URL IMAGE_SHA256 KEEP_TOKEN DEVICE_KEY
+DEVICE_KEY_GENERATE KEY_AUTO_ROTATE_DAYS'
+SECRET_KEYS='ACTIVATION_ID ACTIVATION_CODE ACTIVATION_REGION BROKER_TOKEN'
+
+# Reads FILE's KEY=VALUE lines into PIPROV_KEY shell variables, for the keys
+# listed in KEYS only. Nothing is evaluated and nothing is exported (no child
+# process inherits a setting, let alone a secret): the file comes from a FAT
+# partition anyone can edit. A line that is not KEY=VALUE with one of those
+# keys, a key given twice, or a byte that is not printable ASCII refuses the
+# whole file: returns 1 with CONF_ERROR saying why, and sets nothing.
 read_conf() {
-    [ -f "$1" ] || return 0
+    conf_file=$1
+    conf_keys=" $(printf '%s' "$2" | tr '\n' ' ') "
+    CONF_ERROR=
+    [ -f "$conf_file" ] || return 0
+    if [ -n "$(LC_ALL=C tr -d '\n -~' <"$conf_file" | head -c 1)" ]; then
+        CONF_ERROR="$conf_file holds a control character or a byte that is not ASCII"
+        return 1
+    fi
+    conf_seen=' '
+    conf_number=0
     while IFS= read -r line || [ -n "$line" ]; do
+        conf_number=$((conf_number + 1))
+        case $line in ''|'#'*) continue ;; esac
         key=${line%%=*}
-        value=${line#*=}
-        case $key in
-            SOURCE|REGION|HOSTNAME_PATTERN|STRIP_SSM_USER|STRIP_NOPASSWD|NOPASSWD_FILE|\
-            SSM_USER|SUDO_RULE|BROKER_URL|IMAGE_SHA256|ACTIVATION_ID|ACTIVATION_CODE|\
-            ACTIVATION_REGION|BROKER_TOKEN|KEEP_TOKEN|DEVICE_KEY|DEVICE_KEY_GENERATE|\
-            KEY_AUTO_ROTATE_DAYS|FORMAT)
-                export "PIPROV_$key=$value" ;;
-            ''|'#'*) ;;
-            *) log "ignoring unknown setting $key in $1" ;;
+        case $line in
+            *=*) ;;
+            *) CONF_ERROR="$conf_file line $conf_number is not KEY=value"; return 1 ;;
         esac
-    done <"$1"
+        case $conf_keys in
+            *" $key "*) ;;
+            *) CONF_ERROR="$conf_file line $conf_number: $key is not a setting this file may hold"; return 1 ;;
+        esac
+        case $conf_seen in
+            *" $key "*) CONF_ERROR="$conf_file line $conf_number: $key is given twice"; return 1 ;;
+        esac
+        conf_seen="$conf_seen$key "
+    done <"$conf_file"
+    while IFS= read -r line || [ -n "$line" ]; do
+        case $line in ''|'#'*) continue ;; esac
+        # The key is one of the names above, so this assigns and expands nothing.
+        value=${line#*=}
+        eval "PIPROV_${line%%=*}=\$value"
+    done <"$conf_file"
+    return 0
 }
 
-# The hardware this card runs on: the SoC serial, which no clone can copy.
+# The hardware this card runs on: the SoC serial, which no clone can copy; the
+# first MAC address where there is none. Both come from files an attacker with
+# the hardware can shape, and end up in sed programs, JSON and file names: a
+# value that is not the shape of a serial or a MAC is refused (returns 1), so
+# the guard leaves the card as it is and the gate keeps the agent stopped.
 hardware_identity() {
     serial=
     if [ -r "$ROOT/sys/firmware/devicetree/base/serial-number" ]; then
@@ -79,7 +115,12 @@ hardware_identity() {
         serial=$(sed -n 's/^Serial[[:space:]]*:[[:space:]]*//p' "$ROOT/proc/cpuinfo" | head -n 1)
     fi
     if [ -n "$serial" ]; then
-        echo "serial:$(echo "$serial" | tr "[:upper:]" "[:lower:]")"
+        serial=$(printf '%s' "$serial" | tr "[:upper:]" "[:lower:]")
+        if ! is_serial "$serial"; then
+            log "the serial number is not 8 to 16 hex digits: refusing it"
+            return 1
+        fi
+        echo "serial:$serial"
         return 0
     fi
     mac=$(first_mac)
@@ -90,12 +131,35 @@ hardware_identity() {
     return 1
 }
 
+is_serial() {
+    case $1 in *[!0-9a-f]*) return 1 ;; esac
+    [ "${#1}" -ge 8 ] && [ "${#1}" -le 16 ]
+}
+
+is_mac() {
+    case $1 in
+        [0-9a-f][0-9a-f]:[0-9a-f][0-9a-f]:[0-9a-f][0-9a-f]:[0-9a-f][0-9a-f]:[0-9a-f][0-9a-f]:[0-9a-f][0-9a-f]) return 0 ;;
+    esac
+    return 1
+}
+
+# An SSM activation id: a UUID in its 8-4-4-4-12 hex form.
+is_uuid() {
+    # 36 characters in all, so no second line can hide beside a matching one.
+    [ "${#1}" -eq 36 ] || return 1
+    uuid_groups=$(printf '%s' "$1" | sed -n 's/^[0-9a-fA-F]\{8\}-[0-9a-fA-F]\{4\}-[0-9a-fA-F]\{4\}-[0-9a-fA-F]\{4\}-[0-9a-fA-F]\{12\}$/ok/p')
+    [ "$uuid_groups" = ok ]
+}
+
+# The first network interface's MAC address (lower case), skipping loopback,
+# all-zero addresses and anything that is not a MAC.
 first_mac() {
     for dev in "$ROOT"/sys/class/net/*; do
         [ -r "$dev/address" ] || continue
         [ "${dev##*/}" = lo ] && continue
-        mac=$(cat "$dev/address")
+        mac=$(head -c 64 "$dev/address" | tr "[:upper:]" "[:lower:]")
         [ "$mac" = 00:00:00:00:00:00 ] && continue
+        is_mac "$mac" || continue
         echo "$mac"
         return 0
     done

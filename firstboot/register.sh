@@ -82,7 +82,14 @@ broker_post() {
     elif command -v wget >/dev/null 2>&1; then
         rc=$(private_tmp)
         sed 's/^/header = /' "$headers" >"$rc"
-        wget -q -O - --timeout=30 --config="$rc" --ca-certificate="$ca" --post-data="$body" "$PIPROV_BROKER_URL$path" || post_rc=$?
+        # wget adds --ca-certificate to the system's store, so any public CA
+        # could certify a server for the broker's name. An empty --ca-directory
+        # replaces the store: only the pinned CA is trusted, as with curl.
+        no_store=$STATE_DIR/no-ca-store
+        rm -rf "$no_store"
+        mkdir -m 700 "$no_store"
+        wget -q -O - --timeout=30 --config="$rc" --ca-directory="$no_store" --ca-certificate="$ca" \
+            --post-data="$body" "$PIPROV_BROKER_URL$path" || post_rc=$?
         scrub_file "$rc"
     else
         log "neither curl nor wget is installed: cannot reach the broker"
@@ -172,9 +179,17 @@ ask_broker() {
 # Sets ACTIVATION_ID, ACTIVATION_CODE and ACTIVATION_REGION, or returns RETRY/FAILED.
 fetch_activation() {
     adopt_boot_secret
-    read_conf "$SECRET"
+    if ! read_conf "$SECRET" "$SECRET_KEYS"; then
+        write_status failed "the activation secret is refused: $CONF_ERROR; put a fresh $BOOT_SECRET on the boot partition and reboot"
+        log "secret refused: $CONF_ERROR"
+        return $FAILED
+    fi
     ACTIVATION_REGION=${PIPROV_ACTIVATION_REGION:-${PIPROV_REGION:-}}
     if [ -n "${PIPROV_ACTIVATION_CODE:-}" ] && [ -n "${PIPROV_ACTIVATION_ID:-}" ]; then
+        if ! is_uuid "$PIPROV_ACTIVATION_ID"; then
+            write_status failed "the activation id in the secret is not an SSM activation id (a UUID); put a fresh $BOOT_SECRET on the boot partition and reboot"
+            return $FAILED
+        fi
         ACTIVATION_ID=$PIPROV_ACTIVATION_ID
         ACTIVATION_CODE=$PIPROV_ACTIVATION_CODE
         return 0
@@ -201,6 +216,11 @@ fetch_activation() {
         [ -n "$region" ] && ACTIVATION_REGION=$region
         if [ -z "$ACTIVATION_ID" ] || [ -z "$ACTIVATION_CODE" ]; then
             log "broker reply has no activation"
+            return $RETRY
+        fi
+        if ! is_uuid "$ACTIVATION_ID"; then
+            RETRY_CAUSE="the broker's reply holds no valid activation id"
+            log "$RETRY_CAUSE"
             return $RETRY
         fi
         log "broker issued activation $ACTIVATION_ID${DEVICE_PUBKEY:+ (request signed with the device key)}"
@@ -311,8 +331,22 @@ main() {
     scrub_tmp
     trap scrub_tmp EXIT
     trap 'exit 1' INT TERM
-    read_conf "$CONF"
+    if ! read_conf "$CONF" "$CONF_KEYS"; then
+        write_status failed "the card's settings are refused: $CONF_ERROR"
+        log "settings refused: $CONF_ERROR"
+        exit 0
+    fi
     IDENTITY=$(hardware_identity) || { log "cannot tell which hardware this is"; exit 0; }
+    if [ "${PIPROV_SOURCE:-}" = broker ]; then
+        # The token travels to this URL: never in clear, whatever the file says.
+        case ${PIPROV_BROKER_URL:-} in
+            https://?*) ;;
+            *)
+                write_status failed "the broker URL '${PIPROV_BROKER_URL:-}' is not https://: the token is not sent"
+                log "refusing broker URL '${PIPROV_BROKER_URL:-}': not https://"
+                exit 0 ;;
+        esac
+    fi
     device_key_ready
     max=${PIPROV_MAX_ATTEMPTS:-0}
     attempt=0

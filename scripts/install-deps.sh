@@ -12,7 +12,8 @@ xz:xz-utils zstd:zstd bzip2:bzip2 zip:zip losetup:mount partx:util-linux bmaptoo
 mkswap:util-linux findmnt:util-linux lsblk:util-linux
 mmdebstrap:mmdebstrap qemu-system-aarch64:qemu-system-arm qemu-aarch64-static:qemu-user-static
 update-binfmts:binfmt-support dtc:device-tree-compiler man:man-db dpkg-shlibdeps:dpkg-dev
-psql:postgresql-client runuser:util-linux gdb:gdb arch-test:arch-test"
+psql:postgresql-client runuser:util-linux gdb:gdb arch-test:arch-test
+wget:wget unshare:util-linux"
 
 missing=
 for pair in $needed; do

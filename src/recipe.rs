@@ -257,10 +257,6 @@ fn validate(recipe: &Recipe) -> Result<()> {
             need(a.token_file.is_some(), "token_file")?;
             forbid(a.id.is_some(), "id")?;
             forbid(a.code_file.is_some(), "code_file")?;
-            let url = a.url.as_deref().unwrap_or_default();
-            if !url.starts_with("https://") {
-                bail!("activation.url {url:?} must be an https:// URL: the token travels in it");
-            }
         }
         Source::Embedded => {
             forbid(a.url.is_some(), "url")?;
@@ -301,17 +297,75 @@ fn validate(recipe: &Recipe) -> Result<()> {
     {
         bail!("sudo.ssm_user {:?} is not a user name", s.ssm_user);
     }
-    for (key, value) in [
-        ("sudo.replacement_rule", s.replacement_rule.as_deref()),
-        (
-            "default_instance_name",
-            recipe.default_instance_name.as_deref(),
-        ),
-        ("name", recipe.name.as_deref()),
-    ] {
-        if value.is_some_and(|v| v.contains(['\n', '\r'])) {
-            bail!("{key} must be a single line");
+    if let Some(id) = &a.id {
+        check_activation_id(id).context("activation.id")?;
+    }
+    if let Some(url) = &a.url {
+        check_broker_url(url)?;
+    }
+    reject_control_characters(&serde_json::to_value(recipe)?, "")
+}
+
+/// Every value of a recipe ends up in a `KEY=value` line of a card file, in SSM
+/// or in a terminal: a line break in one would start a setting of its own on
+/// the card (a `sudo` rule, a broker URL), so no value may hold any control
+/// character.
+fn reject_control_characters(value: &serde_json::Value, key: &str) -> Result<()> {
+    match value {
+        serde_json::Value::String(text) => {
+            if let Some(c) = text.chars().find(|c| c.is_control()) {
+                bail!("{key} holds the control character {c:?}: values must be one line of text");
+            }
         }
+        serde_json::Value::Object(fields) => {
+            for (name, inner) in fields {
+                let inner_key = if key.is_empty() {
+                    name.clone()
+                } else {
+                    format!("{key}.{name}")
+                };
+                if name.chars().any(char::is_control) {
+                    bail!("{inner_key:?}: a key holds a control character");
+                }
+                reject_control_characters(inner, &inner_key)?;
+            }
+        }
+        serde_json::Value::Array(items) => {
+            for item in items {
+                reject_control_characters(item, key)?;
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// An SSM activation id: a UUID in its hyphenated form, as CreateActivation returns it.
+pub fn check_activation_id(id: &str) -> Result<()> {
+    let hyphenated = id.len() == 36
+        && id.char_indices().all(|(i, c)| match i {
+            8 | 13 | 18 | 23 => c == '-',
+            _ => c.is_ascii_hexdigit(),
+        });
+    if !hyphenated {
+        bail!(
+            "{id:?} is not an SSM activation id (a UUID such as 2f2f7b8e-1c3d-4e5f-9a0b-1c2d3e4f5a6b)"
+        );
+    }
+    Ok(())
+}
+
+/// The broker's URL: https, a host, nothing a card's shell could take apart.
+fn check_broker_url(url: &str) -> Result<()> {
+    let Some(rest) = url.strip_prefix("https://") else {
+        bail!("activation.url {url:?} must be an https:// URL: the token travels in it");
+    };
+    let host = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    let allowed = |c: char| c.is_ascii_alphanumeric() || "-._~:/[]%".contains(c);
+    if host.is_empty() || host.contains('@') || !rest.chars().all(allowed) {
+        bail!(
+            "activation.url {url:?} is not a plain https://HOST[:PORT][/PATH] URL (no user, query or spaces)"
+        );
     }
     Ok(())
 }
@@ -359,7 +413,35 @@ pub fn check_hostname_pattern(pattern: &str) -> Result<()> {
     if pattern.is_empty() || pattern.starts_with('-') {
         bail!("hostname {pattern:?} must start with a letter, digit or placeholder");
     }
+    if pattern.ends_with('-') {
+        bail!("hostname {pattern:?} must end with a letter, digit or placeholder");
+    }
+    let longest = longest_expansion(pattern);
+    if longest > MAX_HOSTNAME {
+        bail!(
+            "hostname {pattern:?} can expand to {longest} characters; a hostname has at most {MAX_HOSTNAME}"
+        );
+    }
     Ok(())
+}
+
+/// A hostname is one DNS label (RFC 1123): the kernel and the agent refuse more.
+pub const MAX_HOSTNAME: usize = 63;
+
+/// How long a pattern can become: `{serial}` is up to 16 hex digits, `{mac}`
+/// 12, a card's number up to 10 digits.
+fn longest_expansion(pattern: &str) -> usize {
+    [
+        ("{serial}", 16),
+        ("{mac}", 12),
+        ("{number}", 10),
+        ("{n}", 10),
+    ]
+    .iter()
+    .fold(pattern.to_string(), |text, (placeholder, width)| {
+        text.replace(placeholder, &"x".repeat(*width))
+    })
+    .len()
 }
 
 fn check_literal(literal: &str, pattern: &str) -> Result<()> {
@@ -397,7 +479,7 @@ mod tests {
         (dir, path)
     }
 
-    const SHARED: &str = "region = \"eu-west-1\"\n[activation]\nsource = \"shared\"\nid = \"abc\"\ncode_file = \"code.txt\"\n";
+    const SHARED: &str = "region = \"eu-west-1\"\n[activation]\nsource = \"shared\"\nid = \"0a0a0a0a-0000-4000-8000-000000000001\"\ncode_file = \"code.txt\"\n";
 
     #[test]
     fn a_typo_names_the_key_and_its_line() {

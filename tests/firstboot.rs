@@ -7,25 +7,14 @@ mod common;
 use std::path::Path;
 use std::process::Command;
 
-use common::card::{Card, SHARED_CODE, Ssm, shared_recipe, stamp, stamp_cmd};
-use common::stub::{Stub, logged_requests};
+use common::card::{
+    Card, GOLDEN_ID, PI_A, PI_B, SHARED_CODE, SHARED_ID, Ssm, shared_recipe, stamp, stamp_cmd,
+    stamped_card,
+};
+use common::card_broker::{CardBroker, Certified};
+use common::stub::logged_requests;
 use common::*;
 use tempfile::TempDir;
-
-const GOLDEN_ID: &str = "mi-0a1b2c3d4e5f60718";
-const PI_A: (&str, &str) = ("10000000aaaa0001", "dc:a6:32:00:00:01");
-const PI_B: (&str, &str) = ("10000000bbbb0002", "dc:a6:32:00:00:02");
-
-/// A registered golden image, stamped with a shared activation (limit 5), unpacked.
-fn stamped_card(dir: &TempDir, ssm: &Ssm, recipe_extra: &str) -> Card {
-    let image = fixture("registered", dir);
-    let recipe = shared_recipe(dir.path(), recipe_extra);
-    stamp(&image, &recipe, &[]);
-    ssm.add_activation("act-1", SHARED_CODE, 5, false);
-    let card = Card::from_image(&image, dir.path(), "card", ssm);
-    card.plug_into(PI_A.0, PI_A.1);
-    card
-}
 
 fn stderr(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
@@ -86,7 +75,7 @@ fn golden_from_a_registered_pi_gets_a_new_identity() {
     assert!(id.starts_with("mi-") && id != GOLDEN_ID, "{id}");
     assert!(
         card.standin_log()
-            .contains("amazon-ssm-agent -register -y -id act-1")
+            .contains("amazon-ssm-agent -register -y -id 0a0a0a0a-0000-4000-8000-000000000001")
     );
     assert!(
         card.standin_log()
@@ -158,10 +147,15 @@ fn a_card_cloned_into_another_pi_re_registers_and_leaves_the_original_alone() {
     clone.register(&[]);
     assert_eq!(clone.status()["state"], "needs-activation");
     // An operator drops a fresh activation on the boot partition; on the next boot it registers.
-    ssm.add_activation("act-2", "FRESHCODE-99", 1, false);
+    ssm.add_activation(
+        "0a0a0a0a-0000-4000-8000-000000000002",
+        "FRESHCODE-99",
+        1,
+        false,
+    );
     std::fs::write(
         clone.path("/boot/firmware/piprov-secret.conf"),
-        "ACTIVATION_ID=act-2\nACTIVATION_CODE=FRESHCODE-99\n",
+        "ACTIVATION_ID=0a0a0a0a-0000-4000-8000-000000000002\nACTIVATION_CODE=FRESHCODE-99\n",
     )
     .unwrap();
     let out = clone.register(&[]);
@@ -322,7 +316,7 @@ fn a_power_cut_after_any_step_resumes() {
     for (i, point) in guard_steps.iter().chain(register_points.iter()).enumerate() {
         let ssm = Ssm::new(&dir.path().join(format!("ssm-{i}")));
         // Limit 1: a second registration after the cut would be refused.
-        ssm.add_activation("act-1", SHARED_CODE, 1, false);
+        ssm.add_activation(SHARED_ID, SHARED_CODE, 1, false);
         let card = Card::from_image(&image, dir.path(), &format!("cut-{i}"), &ssm);
         card.plug_into(PI_A.0, PI_A.1);
         assert!(card.install().status.success());
@@ -376,7 +370,7 @@ fn a_power_cut_after_any_step_resumes() {
         assert!(card.gate().status.success(), "bound: the agent may start");
         assert_ne!(card.instance_id(), GOLDEN_ID);
         assert_eq!(
-            ssm.used("act-1"),
+            ssm.used(SHARED_ID),
             1,
             "exactly one registration after a cut at {point}"
         );
@@ -527,7 +521,7 @@ fn an_expired_activation_leaves_a_clear_status_and_no_secret() {
     let dir = TempDir::new().unwrap();
     let ssm = Ssm::new(dir.path());
     let card = stamped_card(&dir, &ssm, "");
-    ssm.add_activation("act-1", SHARED_CODE, 5, true);
+    ssm.add_activation(SHARED_ID, SHARED_CODE, 5, true);
     assert!(card.install().status.success());
     assert!(card.guard(&[]).status.success());
     let out = card.register(&[]);
@@ -542,7 +536,7 @@ fn an_expired_activation_leaves_a_clear_status_and_no_secret() {
         status["message"]
             .as_str()
             .unwrap()
-            .contains("act-1 was refused"),
+            .contains("0a0a0a0a-0000-4000-8000-000000000001 was refused"),
         "{status}"
     );
     assert!(
@@ -637,7 +631,7 @@ fn a_used_up_shared_activation_is_final() {
     let dir = TempDir::new().unwrap();
     let ssm = Ssm::new(dir.path());
     let card = stamped_card(&dir, &ssm, "");
-    ssm.add_activation("act-1", SHARED_CODE, 0, false);
+    ssm.add_activation(SHARED_ID, SHARED_CODE, 0, false);
     assert!(card.install().status.success());
     assert!(card.guard(&[]).status.success());
     let out = card.register(&[]);
@@ -724,17 +718,17 @@ fn a_cleared_or_refused_agent_holds_no_identity_the_scripts_see() {
     assert!(card.exists("/var/lib/amazon/ssm/mi-0a1b2c3d4e5f60718"));
     assert_eq!(current(), "", "after a clear");
 
-    ssm.add_activation("act-2", "code-2", 5, true);
+    ssm.add_activation("0a0a0a0a-0000-4000-8000-000000000002", "code-2", 5, true);
     let out =
-        card.run_shell("amazon-ssm-agent -register -y -id act-2 -code code-2 -region eu-west-1");
+        card.run_shell("amazon-ssm-agent -register -y -id 0a0a0a0a-0000-4000-8000-000000000002 -code code-2 -region eu-west-1");
     assert!(!out.status.success());
     let key = card.read("/var/lib/amazon/ssm/Vault/Store/RegistrationKey");
     assert!(key.contains("\"privateKey\":\"") && !key.contains("\"privateKey\":\"\""));
     assert_eq!(current(), "", "after a refused registration");
 
-    ssm.add_activation("act-3", "code-3", 5, false);
+    ssm.add_activation("0a0a0a0a-0000-4000-8000-000000000003", "code-3", 5, false);
     let out =
-        card.run_shell("amazon-ssm-agent -register -y -id act-3 -code code-3 -region eu-west-1");
+        card.run_shell("amazon-ssm-agent -register -y -id 0a0a0a0a-0000-4000-8000-000000000003 -code code-3 -region eu-west-1");
     assert!(out.status.success(), "{}", stderr(&out));
     let fingerprint: serde_json::Value =
         serde_json::from_str(&card.read("/var/lib/amazon/ssm/Vault/Store/InstanceFingerprint"))
@@ -849,117 +843,18 @@ fn backoff_doubles_with_jitter_and_is_capped() {
     }
 }
 
-/// An HTTPS broker stand-in on loopback with a throwaway CA.
-struct Broker {
-    stub: Stub,
-    log: std::path::PathBuf,
-    ca: std::path::PathBuf,
-}
-
-fn openssl(dir: &Path, args: &[&str]) {
-    let out = Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "openssl {args:?}: {}", stderr(&out));
-}
-
-fn start_broker(dir: &Path, token: &str, fail_first: u32) -> Broker {
-    let ec = [
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-    ];
-    openssl(
-        dir,
-        &[
-            &["req", "-x509"][..],
-            &ec,
-            &[
-                "-keyout",
-                "ca.key",
-                "-out",
-                "ca.pem",
-                "-days",
-                "1",
-                "-subj",
-                "/CN=piprov test CA",
-            ],
-        ]
-        .concat(),
-    );
-    openssl(
-        dir,
-        &[
-            &["req"][..],
-            &ec,
-            &[
-                "-keyout",
-                "srv.key",
-                "-out",
-                "srv.csr",
-                "-subj",
-                "/CN=127.0.0.1",
-            ],
-        ]
-        .concat(),
-    );
-    std::fs::write(dir.join("san.ext"), "subjectAltName=IP:127.0.0.1\n").unwrap();
-    openssl(
-        dir,
-        &[
-            "x509",
-            "-req",
-            "-in",
-            "srv.csr",
-            "-CA",
-            "ca.pem",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-out",
-            "srv.pem",
-            "-days",
-            "1",
-            "-extfile",
-            "san.ext",
-        ],
-    );
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/broker_stub.py");
-    let port_file = dir.join("port");
-    let log = dir.join("broker.log");
-    let mut command = Command::new("python3");
-    command
-        .arg(script)
-        .args([
-            "srv.pem",
-            "srv.key",
-            token,
-            &fail_first.to_string(),
-            "act-b1",
-            "BROKERCODE-777",
-            "eu-west-1",
-        ])
-        .arg(&log)
-        .arg(&port_file)
-        .current_dir(dir);
-    Broker {
-        stub: Stub::start(command, &port_file, "broker stand-in"),
-        log,
-        ca: dir.join("ca.pem"),
-    }
-}
-
 #[test]
 fn broker_down_then_up_retries_until_registered() {
     let dir = TempDir::new().unwrap();
     let ssm = Ssm::new(dir.path());
-    ssm.add_activation("act-b1", "BROKERCODE-777", 1, false);
+    ssm.add_activation(
+        "0a0a0a0a-0000-4000-8000-0000000000b1",
+        "BROKERCODE-777",
+        1,
+        false,
+    );
     let token = "TOKEN-abcdef0123456789";
-    let broker = start_broker(dir.path(), token, 2);
+    let broker = CardBroker::start(dir.path(), token, 2, Certified::ByPinnedCa);
     std::fs::write(dir.path().join("site.token"), format!("{token}\n")).unwrap();
     let recipe = dir.path().join("broker.toml");
     std::fs::write(
@@ -987,7 +882,10 @@ fn broker_down_then_up_retries_until_registered() {
         2,
         "two 503s, then an activation: {err}"
     );
-    assert!(err.contains("broker issued activation act-b1"), "{err}");
+    assert!(
+        err.contains("broker issued activation 0a0a0a0a-0000-4000-8000-0000000000b1"),
+        "{err}"
+    );
     assert_eq!(card.status()["state"], "registered");
     assert!(
         !err.contains(token) && !err.contains("BROKERCODE"),
@@ -1018,25 +916,6 @@ fn broker_down_then_up_retries_until_registered() {
     let report: serde_json::Value =
         serde_json::from_str(requests[3]["body"].as_str().unwrap()).unwrap();
     assert_eq!(report["instance_id"], card.instance_id().as_str());
-}
-
-#[test]
-fn a_failing_install_still_exits_0_and_unhooks_the_card() {
-    let dir = TempDir::new().unwrap();
-    let ssm = Ssm::new(dir.path());
-    let card = stamped_card(&dir, &ssm, "");
-    std::fs::remove_file(card.path("/boot/firmware/piprov-guard.service")).unwrap();
-    let out = card.install();
-    assert!(
-        out.status.success(),
-        "systemd.run powers the Pi off on failure: install must exit 0"
-    );
-    assert!(stderr(&out).contains("install failed"), "{}", stderr(&out));
-    assert!(
-        !card
-            .read("/boot/firmware/cmdline.txt")
-            .contains("systemd.run")
-    );
 }
 
 #[test]

@@ -237,7 +237,10 @@ fn a_batch_stamps_each_card_and_reports_a_failed_one() {
     assert_eq!(lines.len(), 3);
     assert_eq!(lines[0]["result"], "ok");
     assert_eq!(lines[0]["hostname"], "lab-a");
-    assert_eq!(lines[0]["activation_id"], "act-1");
+    assert_eq!(
+        lines[0]["activation_id"],
+        "0a0a0a0a-0000-4000-8000-000000000001"
+    );
     assert_eq!(lines[0]["verified"], true);
     assert_eq!(lines[0]["image_sha256"], sha256_of(&image).as_str());
     assert_eq!(lines[2]["result"], "failed");

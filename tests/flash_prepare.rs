@@ -244,3 +244,42 @@ fn a_targets_file_is_csv_and_set_reaches_every_card() {
         );
     }
 }
+
+/// A quoted CSV cell may hold a line break: on a card it would be a setting of
+/// its own (here, everyone's passwordless root). Refused with the file and its
+/// line before any card is touched.
+#[test]
+fn a_line_break_in_a_targets_cell_is_refused_before_any_card() {
+    let dir = TempDir::new().unwrap();
+    let image = fixture("golden", &dir);
+    let recipe = shared_recipe(dir.path(), "");
+    let card = dir.path().join("card.img");
+    let targets = dir.path().join("targets.csv");
+    std::fs::write(
+        &targets,
+        format!(
+            "{},lab-a,\"sudo.nopasswd_file=x\nSUDO_RULE=ALL ALL=(ALL) NOPASSWD: ALL\"\n",
+            card.display()
+        ),
+    )
+    .unwrap();
+    let out = piprov()
+        .env("PIPROV_CACHE_DIR", dir.path().join("cache"))
+        .arg("flash")
+        .arg(&image)
+        .arg("--targets-file")
+        .arg(&targets)
+        .arg("--recipe")
+        .arg(&recipe)
+        .args(["--yes", "--quiet"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains(&format!("{} line 1", targets.display())),
+        "{err}"
+    );
+    assert!(err.contains("control character"), "{err}");
+    assert!(!card.exists(), "no card is written");
+}

@@ -35,9 +35,15 @@ fn stamping_hooks_cmdline_and_keeps_the_fat_clean() {
             old.trim_end()
         )
     );
-    assert_eq!(
-        after["piprov-install.sh"],
-        include_bytes!("../firstboot/install.sh")
+    // The install script carries the card contract in front of it.
+    let install = &after["piprov-install.sh"];
+    assert!(install.starts_with(b"#!/bin/sh\n"));
+    assert!(install.ends_with(include_bytes!("../firstboot/install.sh")));
+    assert!(
+        install
+            .windows(b"CARD_INSTALLED=".len())
+            .any(|w| w == b"CARD_INSTALLED="),
+        "the contract is in the install script"
     );
     let conf = String::from_utf8(after["piprov.conf"].clone()).unwrap();
     assert!(
@@ -79,7 +85,10 @@ fn stamp_then_inspect_shows_the_stamp_and_its_settings() {
     assert_eq!(stamp["hook"], "systemd-run");
     assert_eq!(stamp["hostname"], "pi-{serial}");
     assert_eq!(stamp["activation"]["source"], "shared");
-    assert_eq!(stamp["activation"]["id"], "act-1");
+    assert_eq!(
+        stamp["activation"]["id"],
+        "0a0a0a0a-0000-4000-8000-000000000001"
+    );
     assert_eq!(stamp["secret"], true);
     assert_eq!(stamp["sudo"]["strip_nopasswd"], true);
     let registration = report["findings"]
@@ -100,7 +109,7 @@ fn stamp_then_inspect_shows_the_stamp_and_its_settings() {
         .arg(&image)
         .assert()
         .stdout(contains(
-            "recipe test-site, hook systemd-run, shared activation act-1",
+            "recipe test-site, hook systemd-run, shared activation 0a0a0a0a-0000-4000-8000-000000000001",
         ));
 }
 
@@ -303,4 +312,70 @@ fn images_with_the_boot_partition_at_slash_boot_are_hooked_there() {
         cmdline.contains(" systemd.run=/boot/piprov-install.sh "),
         "{cmdline}"
     );
+}
+
+/// Every value a recipe gives ends up in a `KEY=value` line on the card: a
+/// line break in any of them (from the recipe, --set or a targets cell) is
+/// refused, naming the key, and the image is not touched. The broker's URL is
+/// https with a plain host, an activation id is a UUID, and a hostname fits in
+/// one DNS label after its longest expansion.
+#[test]
+fn values_a_card_could_misread_are_refused_and_nothing_is_written() {
+    let dir = TempDir::new().unwrap();
+    let image = fixture("golden", &dir);
+    let hash = sha256_of(&image);
+    let recipe = shared_recipe(dir.path(), "");
+    for (set, error) in [
+        (
+            "sudo.nopasswd_file=x\nSUDO_RULE=ALL ALL=(ALL) NOPASSWD: ALL",
+            "sudo.nopasswd_file holds the control character",
+        ),
+        ("sudo.ssm_user=ssm-user\rX", "sudo.ssm_user"),
+        ("tags.site=a\nb", "tags.site holds the control character"),
+        ("activation.id=not-a-uuid", "is not an SSM activation id"),
+        (
+            "activation.id=0a0a0a0a-0000-4000-8000-000000000001\nBROKER_URL=http://x",
+            "activation.id",
+        ),
+        (
+            "hostname=door-",
+            "must end with a letter, digit or placeholder",
+        ),
+        (
+            "hostname=aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-{serial}",
+            "can expand to 66 characters; a hostname has at most 63",
+        ),
+    ] {
+        stamp_cmd(&image, &recipe)
+            .args(["--set", set])
+            .assert()
+            .code(2)
+            .stderr(contains(error));
+    }
+    std::fs::write(dir.path().join("t"), "TOKEN\n").unwrap();
+    std::fs::write(
+        dir.path().join("ca.pem"),
+        "-----BEGIN CERTIFICATE-----\n-----END CERTIFICATE-----\n",
+    )
+    .unwrap();
+    for url in [
+        "http://127.0.0.1",
+        "https://user@127.0.0.1",
+        "https://127.0.0.1/a b",
+    ] {
+        let broker = dir.path().join("broker.toml");
+        std::fs::write(
+            &broker,
+            format!(
+                "region = \"eu-west-1\"\n[activation]\nsource = \"broker\"\nurl = \"{url}\"\n\
+                 ca_file = \"ca.pem\"\ntoken_file = \"t\"\n"
+            ),
+        )
+        .unwrap();
+        stamp_cmd(&image, &broker)
+            .assert()
+            .code(2)
+            .stderr(contains("activation.url"));
+    }
+    assert_eq!(sha256_of(&image), hash);
 }

@@ -154,6 +154,14 @@ pub fn read_targets(path: &Path) -> Result<Vec<CardSpec>> {
     for record in reader.records() {
         let record = record.with_context(|| format!("reading {}", path.display()))?;
         let line = record.position().map_or(0, |p| p.line());
+        // A quoted cell may hold a line break; on a card it would be a
+        // setting of its own.
+        if let Some(cell) = record.iter().find(|f| f.chars().any(char::is_control)) {
+            bail!(
+                "{} line {line}: {cell:?} holds a control character (a line break in a quoted cell?)",
+                path.display()
+            );
+        }
         let mut fields = record.iter();
         let device = fields.next().unwrap_or_default();
         if device == "device" || record.iter().all(str::is_empty) {

@@ -69,10 +69,19 @@ pub async fn create_activation(client: &Client, new: &NewActivation) -> Result<C
         .send()
         .await
         .map_err(|e| explain(e, "creating the activation"))?;
-    match (out.activation_id, out.activation_code) {
-        (Some(id), Some(code)) => Ok(Created { id, code }),
-        _ => bail!("SSM answered CreateActivation without an id and code"),
+    let (Some(id), Some(code)) = (out.activation_id, out.activation_code) else {
+        bail!("SSM answered CreateActivation without an id and code");
+    };
+    // Both go into a card's secret file, one `KEY=value` line each.
+    let id_ok = crate::recipe::check_activation_id(&id).is_ok();
+    if !id_ok || code.is_empty() || code.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        let _ = delete_activation(client, &id).await;
+        bail!(
+            "SSM answered CreateActivation with an id or code a card cannot hold (the id must be a UUID, \
+             the code one word); the activation was deleted again"
+        );
     }
+    Ok(Created { id, code })
 }
 
 #[derive(Debug, Clone, Serialize)]

@@ -13,12 +13,11 @@ const BOUNDARY: &str = "==piprov-boundary==";
 /// so after `amazon-ssm-agent.service` has started as the golden. Boothooks run
 /// in the init stage (`cloud-init.service`, before `network-online.target`,
 /// which the agent waits for), so the guard wipes the cloned identity before the
-/// agent can start. Boothooks run on every boot; the script removes itself from
-/// the boot partition once it has run, so later boots find nothing to do.
+/// agent can start. Boothooks run on every boot: the script runs only while the
+/// card is not installed yet, so a file dropped on the FAT partition later under
+/// that name is never run as root (the journal says so).
 pub fn user_data(original: Option<&[u8]>, install_script: &str) -> Result<Vec<u8>> {
-    let script = format!(
-        "#cloud-boothook\n#!/bin/sh\n[ -f {install_script} ] || exit 0\nexec sh {install_script} --now\n"
-    );
+    let script = boothook(install_script, crate::layout::contract::CARD_INSTALLED);
     let Some(original) = original else {
         return Ok(script.into_bytes());
     };
@@ -49,6 +48,19 @@ pub fn user_data(original: Option<&[u8]>, install_script: &str) -> Result<Vec<u8
             .as_bytes(),
     );
     Ok(out)
+}
+
+/// The boothook part: runs the install script while the card is not installed.
+fn boothook(install_script: &str, installed: &str) -> String {
+    format!(
+        "#cloud-boothook\n#!/bin/sh\n[ -f {install_script} ] || exit 0\n\
+         if [ -e {installed} ]; then\n\
+         \x20   echo \"piprov: this card is installed ({installed}): {install_script} is not run\" |\n\
+         \x20       systemd-cat -t piprov -p warning 2>/dev/null || true\n\
+         \x20   exit 0\n\
+         fi\n\
+         exec sh {install_script} --now\n"
+    )
 }
 
 /// Meta-data with a fresh `instance-id`: a new id makes cloud-init run its
@@ -91,11 +103,47 @@ mod tests {
     #[test]
     fn no_original_gives_a_plain_script() {
         let data = user_data(None, "/boot/piprov-install.sh").unwrap();
-        assert_eq!(
-            data,
-            b"#cloud-boothook\n#!/bin/sh\n[ -f /boot/piprov-install.sh ] || exit 0\nexec sh /boot/piprov-install.sh --now\n"
+        let text = String::from_utf8(data).unwrap();
+        assert!(text.starts_with("#cloud-boothook\n#!/bin/sh\n"), "{text}");
+        assert!(
+            text.ends_with("exec sh /boot/piprov-install.sh --now\n"),
+            "{text}"
         );
         assert!(user_data(Some(b"Content-Type: multipart/mixed"), "/x").is_err());
+    }
+
+    /// The boothook runs on every boot: it runs the install script only while
+    /// the card is not installed, so a script dropped on the FAT later is not
+    /// run as root.
+    #[test]
+    fn the_boothook_runs_the_install_only_on_a_card_not_yet_installed() {
+        let dir = tempfile::TempDir::new().unwrap();
+        let ran = dir.path().join("ran");
+        let install = dir.path().join("piprov-install.sh");
+        std::fs::write(&install, format!("echo \"$1\" > {}\n", ran.display())).unwrap();
+        let installed = dir.path().join("installed");
+        let hook = dir.path().join("hook");
+        std::fs::write(
+            &hook,
+            boothook(install.to_str().unwrap(), installed.to_str().unwrap()),
+        )
+        .unwrap();
+        let run = || {
+            let status = std::process::Command::new("sh")
+                .arg(&hook)
+                .status()
+                .unwrap();
+            assert!(status.success());
+        };
+        run();
+        assert_eq!(std::fs::read_to_string(&ran).unwrap(), "--now\n");
+        std::fs::remove_file(&ran).unwrap();
+        std::fs::write(&installed, "").unwrap();
+        run();
+        assert!(
+            !ran.exists(),
+            "an installed card ran a script dropped on its FAT"
+        );
     }
 
     #[test]

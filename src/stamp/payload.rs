@@ -16,10 +16,19 @@ const LIB: &str = concat!(
     include_str!("../../firstboot/lib.sh")
 );
 
+/// The install script carries the contract too: it holds the agent before it
+/// reads any other file from the boot partition.
+const INSTALL: &str = concat!(
+    "#!/bin/sh\n",
+    include_str!("../../firstboot/contract.sh"),
+    "\n",
+    include_str!("../../firstboot/install.sh")
+);
+
 pub const FILES: [PayloadFile; 8] = [
     PayloadFile {
         name: INSTALL_SCRIPT,
-        content: include_str!("../../firstboot/install.sh"),
+        content: INSTALL,
     },
     PayloadFile {
         name: "piprov-lib.sh",

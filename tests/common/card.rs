@@ -97,7 +97,7 @@ pub fn shared_recipe(dir: &Path, extra: &str) -> PathBuf {
         &recipe,
         format!(
             "name = \"test-site\"\nregion = \"eu-west-1\"\nhostname = \"door-{{serial}}\"\n{extra}\n\
-             [activation]\nsource = \"shared\"\nid = \"act-1\"\ncode_file = \"site.code\"\n"
+             [activation]\nsource = \"shared\"\nid = \"{SHARED_ID}\"\ncode_file = \"site.code\"\n"
         ),
     )
     .unwrap();
@@ -105,6 +105,25 @@ pub fn shared_recipe(dir: &Path, extra: &str) -> PathBuf {
 }
 
 pub const SHARED_CODE: &str = "SECRETCODE-0123456789";
+/// The shared activation of `shared_recipe`.
+pub const SHARED_ID: &str = "0a0a0a0a-0000-4000-8000-000000000001";
+/// The registration the `registered` fixture carries: the golden's.
+pub const GOLDEN_ID: &str = "mi-0a1b2c3d4e5f60718";
+/// Two Pis: SoC serial and Ethernet MAC.
+pub const PI_A: (&str, &str) = ("10000000aaaa0001", "dc:a6:32:00:00:01");
+pub const PI_B: (&str, &str) = ("10000000bbbb0002", "dc:a6:32:00:00:02");
+
+/// A registered golden image, stamped with a shared activation (limit 5),
+/// unpacked, in PI_A.
+pub fn stamped_card(dir: &tempfile::TempDir, ssm: &Ssm, recipe_extra: &str) -> Card {
+    let image = super::fixture("registered", dir);
+    let recipe = shared_recipe(dir.path(), recipe_extra);
+    stamp(&image, &recipe, &[]);
+    ssm.add_activation(SHARED_ID, SHARED_CODE, 5, false);
+    let card = Card::from_image(&image, dir.path(), "card", ssm);
+    card.plug_into(PI_A.0, PI_A.1);
+    card
+}
 
 /// `piprov stamp IMAGE --recipe RECIPE`, for more arguments.
 pub fn stamp_cmd(image: &Path, recipe: &Path) -> assert_cmd::Command {
@@ -277,6 +296,26 @@ impl Card {
                 String::from_utf8_lossy(&out.stderr)
             );
         }
+    }
+
+    /// Why systemd would skip amazon-ssm-agent on this card before its
+    /// ExecCondition runs: a `ConditionPathExists=` in one of the agent's
+    /// drop-ins whose path is missing. None when every such condition holds.
+    pub fn agent_held_by_condition(&self) -> Option<String> {
+        let dir = self.path("/etc/systemd/system/amazon-ssm-agent.service.d");
+        let entries = std::fs::read_dir(&dir).ok()?;
+        for entry in entries {
+            let path = entry.unwrap().path();
+            let text = std::fs::read_to_string(&path).unwrap();
+            for line in text.lines() {
+                if let Some(required) = line.strip_prefix("ConditionPathExists=") {
+                    if !self.exists(required) {
+                        return Some(format!("{}: {line}", path.display()));
+                    }
+                }
+            }
+        }
+        None
     }
 
     pub fn instance_id(&self) -> String {

@@ -10,6 +10,7 @@ use tempfile::TempDir;
 
 pub mod broker;
 pub mod card;
+pub mod card_broker;
 pub mod cpu;
 pub mod disk;
 pub mod load_client;
