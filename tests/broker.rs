@@ -512,3 +512,85 @@ fn without_keep_token_the_token_leaves_the_card() {
     let nodes = ssm.nodes();
     assert_eq!(nodes[0].1["piprov:serial"], "dca632000009");
 }
+
+/// Idle sockets from one address, more than the broker has descriptors: the
+/// broker neither spins nor floods its log, and a real card from another
+/// address is still served. (The broker's hard limit is 60 descriptors; 80
+/// sockets come from 127.0.0.2, the card from 127.0.0.1.)
+#[test]
+fn idle_sockets_do_not_stop_the_broker() {
+    let dir = TempDir::new().unwrap();
+    let ssm = SsmEndpoint::start(dir.path(), 0);
+    let mut broker = BrokerProcess::init(dir.path(), &ssm, &[]);
+    let token = broker.add_token("site-a", &["--max-uses", "5"]);
+    broker.descriptor_limit = Some(60);
+    broker.start();
+    // A process holding 80 connected, silent sockets from 127.0.0.2.
+    let mut idle = std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import socket, sys, time\n\
+             held = []\n\
+             for _ in range(80):\n\
+             \x20   s = socket.socket()\n\
+             \x20   s.bind(('127.0.0.2', 0))\n\
+             \x20   s.connect(('127.0.0.1', int(sys.argv[1])))\n\
+             \x20   held.append(s)\n\
+             print('held', flush=True)\n\
+             time.sleep(120)\n",
+        ])
+        .arg(broker.port().to_string())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut held = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(idle.stdout.as_mut().unwrap()),
+        &mut held,
+    )
+    .unwrap();
+    assert_eq!(held, "held\n", "the idle sockets did not connect");
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    let cpu_before = broker.cpu_seconds();
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    let cpu = broker.cpu_seconds() - cpu_before;
+    assert!(
+        cpu < 0.5,
+        "the broker used {cpu:.2} s of CPU in 3 s while idle sockets waited"
+    );
+    let started = std::time::Instant::now();
+    let (status, reply) = broker.post("/v1/activations", Some(&token), &ask(SERIAL_A));
+    assert_eq!(status, 200, "{reply}\n{}", broker.log_text());
+    assert!(
+        started.elapsed().as_secs() < 5,
+        "a real card waited {:?}",
+        started.elapsed()
+    );
+    let lines = broker.log_text().lines().count();
+    assert!(lines < 50, "{lines} log lines:\n{}", broker.log_text());
+    idle.kill().unwrap();
+    idle.wait().unwrap();
+}
+
+/// The records (token hashes, sealed codes, serials, client addresses) and
+/// SQLite's WAL files are the owner's alone, in a directory that is too.
+#[test]
+fn the_broker_keeps_its_records_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = TempDir::new().unwrap();
+    let ssm = SsmEndpoint::start(dir.path(), 0);
+    let mut broker = BrokerProcess::init(dir.path(), &ssm, &[]);
+    let mode =
+        |path: &std::path::Path| std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&broker.dir), 0o700, "the broker's directory");
+    if broker.database.is_some() {
+        return; // PostgreSQL keeps the records: no file here.
+    }
+    let token = broker.add_token("site-a", &["--max-uses", "1"]);
+    broker.start();
+    let (status, _) = broker.post("/v1/activations", Some(&token), &ask(SERIAL_A));
+    assert_eq!(status, 200);
+    for file in ["broker.db", "broker.db-wal", "broker.db-shm"] {
+        assert_eq!(mode(&broker.dir.join(file)), 0o600, "{file}");
+    }
+}

@@ -67,6 +67,9 @@ pub fn init(options: &InitOptions) -> Result<Initialised> {
         bail!("give at least one --name the cards reach the broker by");
     }
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    // Keys, the config and the database live here: the broker's user alone.
+    std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+        .with_context(|| format!("making {} private", dir.display()))?;
     // The database first: one that cannot be reached fails before any key is made.
     // (Dropped inside the runtime: its connections close on its blocking pool.)
     super::block_on(async { Store::open(&location, 1).await.map(drop) })?;

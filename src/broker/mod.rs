@@ -8,11 +8,13 @@
 //! token's device policy asks; device: the proofs) → issue, register (the two
 //! card steps; sealing: codes kept for retries) → routes (the HTTP API;
 //! request_log: one line per request) → server (HTTPS, graceful shutdown;
-//! cleanup: activations made but never recorded) → tokens (made, shown once).
+//! connections: limits and descriptor exhaustion; cleanup: activations made
+//! but never recorded) → tokens (made, shown once).
 
 pub mod api;
 mod cleanup;
 pub mod config;
+mod connections;
 pub mod device;
 mod device_check;
 pub mod init;

@@ -19,6 +19,7 @@ use tokio::net::TcpListener;
 
 use super::api::{Broker, Peer};
 use super::config::Loaded;
+use super::connections::{self, AcceptBackoff, Limits, PerAddress, Quiet};
 use super::request_log::{self, LogFormat};
 use super::routes;
 use super::store::Location;
@@ -39,10 +40,11 @@ pub struct ServeOptions<'a> {
 
 pub fn serve(config: Loaded, options: &ServeOptions) -> Result<()> {
     request_log::init(options.log_format);
+    let descriptors = connections::raise_descriptor_limit();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    runtime.block_on(run(config, options))
+    runtime.block_on(run(config, options, Limits::for_descriptors(descriptors)))
 }
 
 /// SQLite keeps one broker per file: the serial locks and the clean-up of a
@@ -87,7 +89,7 @@ fn tls_config(config: &Loaded) -> Result<rustls::ServerConfig> {
     Ok(tls)
 }
 
-async fn run(config: Loaded, options: &ServeOptions<'_>) -> Result<()> {
+async fn run(config: Loaded, options: &ServeOptions<'_>, limits: Limits) -> Result<()> {
     let tls = tokio_rustls::TlsAcceptor::from(Arc::new(tls_config(&config)?));
     let _serving = hold_sqlite(&config.location)?;
     let store = config.open_store().await?;
@@ -116,8 +118,10 @@ async fn run(config: Loaded, options: &ServeOptions<'_>) -> Result<()> {
         .with_context(|| format!("listening on {listen}"))?;
     let address: SocketAddr = listener.local_addr()?;
     tracing::info!(
-        "listening on https://{address} (database {})",
-        broker.store.location()
+        "listening on https://{address} (database {}; at most {} connections, {} per address)",
+        broker.store.location(),
+        limits.total,
+        limits.per_address
     );
     if let Some(file) = options.ready_file {
         std::fs::write(file, format!("{address}\n"))
@@ -126,21 +130,46 @@ async fn run(config: Loaded, options: &ServeOptions<'_>) -> Result<()> {
 
     let graceful = GracefulShutdown::new();
     let mut shutdown = std::pin::pin!(shutdown_signal());
+    // Past `limits.total` a client waits in the kernel's queue, using no
+    // descriptor here; past `limits.per_address` it is closed at once.
+    let open = Arc::new(tokio::sync::Semaphore::new(limits.total));
+    let per_address = PerAddress::default();
+    let mut backoff = AcceptBackoff::new();
+    let mut accept_trouble = Quiet::new("accept");
+    let mut crowded = Quiet::new("a client address holds its limit of connections; closing more");
     loop {
+        let permit = tokio::select! {
+            permit = open.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
+            () = &mut shutdown => break,
+        };
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
+                Ok(accepted) => {
+                    backoff.succeeded();
+                    accepted
+                }
                 Err(e) => {
-                    tracing::warn!("accept: {e}");
-                    continue;
+                    // EMFILE and ENFILE last until a connection ends: retrying at
+                    // once would spin.
+                    accept_trouble.note(&e);
+                    tokio::select! {
+                        () = tokio::time::sleep(backoff.failed()) => continue,
+                        () = &mut shutdown => break,
+                    }
                 }
             },
             () = &mut shutdown => break,
+        };
+        let Some(slot) = per_address.admit(peer.ip(), limits.per_address) else {
+            crowded.note(&peer.ip());
+            drop(stream);
+            continue;
         };
         let tls = tls.clone();
         let service = TowerToHyperService::new(router.clone().layer(axum::Extension(Peer(peer))));
         let watcher = graceful.watcher();
         tokio::spawn(async move {
+            let _held = (permit, slot);
             let Ok(Ok(stream)) = tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.accept(stream)).await
             else {
                 return;

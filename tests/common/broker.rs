@@ -23,6 +23,8 @@ pub struct BrokerProcess {
     listen: Option<String>,
     /// More `serve` arguments, e.g. `--log-format json`.
     pub serve_args: Vec<String>,
+    /// The descriptor limit (soft and hard) the broker starts with.
+    pub descriptor_limit: Option<u64>,
 }
 
 /// A loopback port free now (kept across a broker's restarts, as cards know it).
@@ -85,6 +87,7 @@ impl BrokerProcess {
             env: self.env.clone(),
             listen: Some(format!("127.0.0.1:{}", free_port())),
             serve_args: self.serve_args.clone(),
+            descriptor_limit: self.descriptor_limit,
         }
     }
 
@@ -180,6 +183,7 @@ impl BrokerProcess {
             log: dir.join("broker.log"),
             env,
             serve_args: Vec::new(),
+            descriptor_limit: None,
         }
     }
 
@@ -210,7 +214,22 @@ impl BrokerProcess {
             .append(true)
             .open(&self.log)
             .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_piprov"))
+        let mut command = Command::new(env!("CARGO_BIN_EXE_piprov"));
+        if let Some(limit) = self.descriptor_limit {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: setrlimit is async-signal-safe; nothing else runs here.
+            unsafe {
+                command.pre_exec(move || {
+                    nix::sys::resource::setrlimit(
+                        nix::sys::resource::Resource::RLIMIT_NOFILE,
+                        limit,
+                        limit,
+                    )
+                    .map_err(std::io::Error::from)
+                });
+            }
+        }
+        let child = command
             .env_clear()
             .envs(self.env.clone())
             .args(["broker", "serve", "--config"])

@@ -297,6 +297,21 @@ impl Step {
     }
 }
 
+/// The database holds token hashes, sealed codes, serials and client
+/// addresses: the owner's alone. SQLite gives its -wal and -shm files the
+/// database file's mode, so the file is made (or tightened) before it opens it.
+fn restrict_to_owner(path: &Path) -> Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("creating the broker database {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("making {} private", path.display()))
+}
+
 /// A [`Step::must_change`] statement changed nothing: the transaction was rolled back.
 #[derive(Debug, thiserror::Error)]
 #[error("statement {0} of the transaction changed nothing")]
@@ -305,6 +320,7 @@ pub struct NothingChanged(pub usize);
 impl Pool {
     /// SQLite in WAL mode; every connection waits out another's write lock.
     pub async fn sqlite(path: &Path, size: usize) -> Result<Pool> {
+        restrict_to_owner(path)?;
         let opened = path.to_path_buf();
         let mode: String = tokio::task::spawn_blocking(move || {
             let conn = rusqlite::Connection::open(&opened)?;
