@@ -822,3 +822,54 @@ fn the_image_itself_is_never_a_target() {
         .stderr(contains("it is the image being written"));
     assert_eq!(sha256_of(&image), hash);
 }
+
+/// A mistyped device (or a card not inserted yet) is refused before anything
+/// is written, never made a file in /dev; so is a card image whose directory
+/// does not exist. A new card image is the owner's alone: it holds the
+/// card's secret.
+#[test]
+fn a_target_that_is_not_there_is_refused_and_a_new_image_is_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = TempDir::new().unwrap();
+    let image = fixture("golden", &dir);
+    let missing =
+        std::path::PathBuf::from(format!("/dev/piprov-test-no-card-{}", std::process::id()));
+    let out = flash(&dir)
+        .arg(&image)
+        .arg(&missing)
+        .args(["--yes", "--quiet"])
+        .output()
+        .unwrap();
+    let made = missing.exists();
+    let _ = std::fs::remove_file(&missing);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(!made, "a file was made in /dev: {err}");
+    assert!(
+        err.contains(&format!(
+            "no such device {}: is the card inserted?",
+            missing.display()
+        )) && err.contains("piprov devices"),
+        "{err}"
+    );
+    let nowhere = dir.path().join("no-such-dir/card.img");
+    flash(&dir)
+        .arg(&image)
+        .arg(&nowhere)
+        .args(["--yes", "--quiet"])
+        .assert()
+        .code(2)
+        .stderr(contains("does not exist"));
+    let recipe = shared_recipe(dir.path(), "");
+    let card = dir.path().join("card.img");
+    succeed(
+        flash(&dir)
+            .arg(&image)
+            .arg(&card)
+            .arg("--recipe")
+            .arg(&recipe)
+            .args(["--yes", "--quiet"]),
+    );
+    let mode = std::fs::metadata(&card).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "the card image holds the activation code");
+}

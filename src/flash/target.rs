@@ -92,10 +92,36 @@ fn dev_id(rdev: u64) -> String {
     )
 }
 
+/// Whether `path` names something in /dev, where only a device is a target:
+/// a mistyped `/dev/sdz` (or a card not inserted yet) must not become a file.
+fn under_dev(path: &Path) -> bool {
+    std::path::absolute(path).is_ok_and(|p| p.starts_with("/dev"))
+}
+
+fn no_such_device(path: &Path) -> anyhow::Error {
+    anyhow::anyhow!(
+        "no such device {}: is the card inserted? `piprov devices` lists the candidates",
+        path.display()
+    )
+}
+
 pub fn probe(path: &Path) -> Result<TargetInfo> {
     let meta = match std::fs::metadata(path) {
         Ok(meta) => meta,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if under_dev(path) {
+                return Err(no_such_device(path));
+            }
+            let parent = std::path::absolute(path)
+                .ok()
+                .and_then(|p| p.parent().map(Path::to_path_buf));
+            if let Some(parent) = parent.filter(|p| !p.is_dir()) {
+                bail!(
+                    "cannot create the card image {}: the directory {} does not exist",
+                    path.display(),
+                    parent.display()
+                );
+            }
             return Ok(TargetInfo {
                 path: path.to_path_buf(),
                 block_device: false,
@@ -112,6 +138,14 @@ pub fn probe(path: &Path) -> Result<TargetInfo> {
         Err(e) => return Err(e).with_context(|| format!("looking at {}", path.display())),
     };
     if meta.file_type().is_file() {
+        if under_dev(path) {
+            // A regular file in devtmpfs is what an earlier mistyped target left.
+            bail!(
+                "{} is a regular file in /dev, not a device: is the card inserted? \
+                 `piprov devices` lists the candidates",
+                path.display()
+            );
+        }
         return Ok(TargetInfo {
             path: path.to_path_buf(),
             block_device: false,
@@ -332,11 +366,13 @@ impl Target {
             // O_DIRECT here was slower than bmaptool, and so was starting the
             // writeback early with sync_file_range (bench/README.md).
             let existed = path.exists();
+            // A new card image holds the card's secret on its FAT: 0600.
             let file = OpenOptions::new()
                 .read(true)
                 .write(true)
                 .create(true)
                 .truncate(false)
+                .mode(0o600)
                 .open(path)
                 .with_context(|| format!("opening {}", path.display()))?;
             return Ok(Self {
