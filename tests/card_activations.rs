@@ -7,6 +7,7 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use common::card::embedded_recipe;
+use common::disk::SmallFs;
 use common::ssm_endpoint::SsmEndpoint;
 use common::{boot_files, build_image, fixture, sha256_of, succeed};
 use predicates::str::contains;
@@ -142,28 +143,6 @@ fn a_card_that_cannot_be_stamped_has_its_activation_deleted() {
     assert_eq!((created.len(), deleted.len()), (1, 1));
     let listed = ssm.call("AmazonSSM.DescribeActivations", &serde_json::json!({}));
     assert_eq!(listed["ActivationList"], serde_json::json!([]));
-}
-
-/// A 128 KiB tmpfs (the golden image holds some 490 KB of data), unmounted on
-/// drop (needs root).
-struct SmallFs(PathBuf);
-
-impl SmallFs {
-    fn mount(at: &Path) -> Option<SmallFs> {
-        std::fs::create_dir_all(at).unwrap();
-        let ok = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", "size=128k", "tmpfs"])
-            .arg(at)
-            .output()
-            .is_ok_and(|o| o.status.success());
-        common::available(ok, "mounting a small tmpfs (needs root)").then(|| SmallFs(at.into()))
-    }
-}
-
-impl Drop for SmallFs {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount").arg(&self.0).output();
-    }
 }
 
 #[test]

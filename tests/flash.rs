@@ -13,6 +13,14 @@ use common::*;
 use predicates::str::contains;
 use tempfile::TempDir;
 
+/// `flash` of an image as it is: the tests of the write path, on images whose
+/// audit (the fixtures carry a baked registration) would otherwise refuse.
+fn flash_as_is(dir: &TempDir) -> assert_cmd::Command {
+    let mut cmd = flash(dir);
+    cmd.arg("--as-is");
+    cmd
+}
+
 fn flash(dir: &TempDir) -> assert_cmd::Command {
     let mut cmd = piprov();
     cmd.env("PIPROV_CACHE_DIR", dir.path().join("cache"))
@@ -22,7 +30,12 @@ fn flash(dir: &TempDir) -> assert_cmd::Command {
 
 /// `piprov flash IMAGE CARD --yes --json`, which must succeed: its JSON lines.
 fn flash_json(dir: &TempDir, image: &Path, card: &Path) -> Vec<serde_json::Value> {
-    let out = succeed(flash(dir).arg(image).arg(card).args(["--yes", "--json"]));
+    let out = succeed(
+        flash_as_is(dir)
+            .arg(image)
+            .arg(card)
+            .args(["--yes", "--json"]),
+    );
     String::from_utf8(out.stdout)
         .unwrap()
         .lines()
@@ -74,7 +87,7 @@ fn every_archive_format_gives_the_same_card() {
     let dir = TempDir::new().unwrap();
     let image = fixture("golden", &dir);
     let reference = dir.path().join("reference.img");
-    flash(&dir)
+    flash_as_is(&dir)
         .arg(&image)
         .arg(&reference)
         .args(["--full", "--quiet"])
@@ -114,7 +127,7 @@ fn every_archive_format_gives_the_same_card() {
         let renamed = dir.path().join(format!("{name}.download"));
         std::fs::rename(dir.path().join(name), &renamed).unwrap();
         let card = dir.path().join(format!("{name}.card"));
-        flash(&dir)
+        flash_as_is(&dir)
             .arg(&renamed)
             .arg(&card)
             .args(["--full", "--quiet", "--sha256", &expected])
@@ -144,7 +157,7 @@ fn a_truncated_archive_fails_before_any_card_is_touched() {
     std::fs::write(&xz, &data[..data.len() / 2]).unwrap();
     let card = dir.path().join("card.img");
     std::fs::write(&card, b"old data").unwrap();
-    flash(&dir)
+    flash_as_is(&dir)
         .arg(&xz)
         .arg(&card)
         .args(["--yes", "--quiet"])
@@ -165,7 +178,7 @@ fn a_wrong_sha256_is_refused() {
     let dir = TempDir::new().unwrap();
     let image = fixture("golden", &dir);
     let card = dir.path().join("card.img");
-    flash(&dir)
+    flash_as_is(&dir)
         .arg(&image)
         .arg(&card)
         .args(["--quiet", "--sha256", &"0".repeat(64)])
@@ -182,7 +195,7 @@ fn a_wrong_sha256_is_refused() {
     );
     // Once its hash is known, a wrong one is refused before anything is written.
     let other = dir.path().join("other.img");
-    flash(&dir)
+    flash_as_is(&dir)
         .arg(&image)
         .arg(&other)
         .args(["--quiet", "--sha256", &"0".repeat(64)])
@@ -200,11 +213,16 @@ fn a_batch_stamps_each_card_and_reports_a_failed_one() {
     let cards: Vec<PathBuf> = (1..=3)
         .map(|i| dir.path().join(format!("card{i}.img")))
         .collect();
+    // A file on a full filesystem: it passes the checks and opens, then its
+    // writes fail; the other cards are written all the same.
+    let Some(_small) = SmallFs::mount(&dir.path().join("small")) else {
+        return;
+    };
     let targets = dir.path().join("targets.csv");
     std::fs::write(
         &targets,
         format!(
-            "device,hostname,overrides\n{},lab-a\n{},lab-b,sudo.strip_nopasswd=false\n{}/no/such/dir/card.img,lab-c\n",
+            "device,hostname,overrides\n{},lab-a\n{},lab-b,sudo.strip_nopasswd=false\n{}/small/card.img,lab-c\n",
             cards[0].display(),
             cards[1].display(),
             dir.path().display()
@@ -244,7 +262,14 @@ fn a_batch_stamps_each_card_and_reports_a_failed_one() {
     assert_eq!(lines[0]["verified"], true);
     assert_eq!(lines[0]["image_sha256"], sha256_of(&image).as_str());
     assert_eq!(lines[2]["result"], "failed");
-    assert!(lines[2]["error"].as_str().unwrap().contains("No such file"));
+    assert!(
+        lines[2]["error"]
+            .as_str()
+            .unwrap()
+            .contains("No space left"),
+        "{}",
+        lines[2]["error"]
+    );
     let manifest_text = std::fs::read_to_string(&manifest).unwrap();
     assert!(
         !manifest_text.contains(common::card::SHARED_CODE),
@@ -277,7 +302,7 @@ fn existing_data_is_not_overwritten_without_confirmation() {
     let image = fixture("golden", &dir);
     let card = dir.path().join("card.img");
     std::fs::write(&card, b"precious").unwrap();
-    flash(&dir)
+    flash_as_is(&dir)
         .arg(&image)
         .arg(&card)
         .arg("--quiet")
@@ -313,7 +338,7 @@ fn loop_devices_as_a_bench_of_cards() {
         loops.push((backing.clone(), Loop::new(&backing, &[]).unwrap()));
     }
     // Not removable: refused without the flag, naming the device and the reason.
-    flash(&dir)
+    flash_as_is(&dir)
         .arg(&image)
         .arg(&loops[0].1.dev)
         .args(["--yes", "--quiet"])
@@ -350,7 +375,7 @@ fn loop_devices_that_must_be_refused() {
     let image = fixture("golden", &dir);
     let len = std::fs::metadata(&image).unwrap().len();
     let refuse = |dev: &str, reason: &str| {
-        flash(&dir)
+        flash_as_is(&dir)
             .arg(&image)
             .arg(dev)
             .args(["--yes", "--quiet", "--allow-non-removable"])
@@ -517,7 +542,7 @@ fn the_system_disk_is_refused() {
         format!("/dev/{parent}")
     };
     let image = fixture("golden", &dir);
-    flash(&dir)
+    flash_as_is(&dir)
         .arg(&image)
         .arg(&disk)
         .args(["--quiet", "--allow-non-removable", "--allow-large"])
@@ -537,7 +562,7 @@ fn ctrl_c_stops_cleanly_and_leaves_no_bootable_half_card() {
     let bin = assert_cmd::cargo::cargo_bin("piprov");
     let child = Command::new(bin)
         .env("PIPROV_CACHE_DIR", dir.path().join("cache"))
-        .args(["flash", "--full", "--quiet"])
+        .args(["flash", "--as-is", "--full", "--quiet"])
         .arg(&image)
         .arg(&card)
         .stdout(std::process::Stdio::piped())
@@ -694,7 +719,7 @@ fn a_stale_bmap_is_caught_before_anything_is_written() {
 
     // Named with --bmap: refused, and the card is as it was.
     let before = sha256_of(&backing);
-    flash(&dir)
+    flash_as_is(&dir)
         .arg(&image)
         .arg(&dev.dev)
         .arg("--bmap")
@@ -706,7 +731,7 @@ fn a_stale_bmap_is_caught_before_anything_is_written() {
     assert_eq!(sha256_of(&backing), before, "nothing was written");
 
     // Found beside the image: a warning, and the map of the filesystems.
-    let out = succeed(flash(&dir).arg(&image).arg(&dev.dev).args([
+    let out = succeed(flash_as_is(&dir).arg(&image).arg(&dev.dev).args([
         "--yes",
         "--json",
         "--allow-non-removable",
@@ -740,7 +765,7 @@ fn a_bmap_that_matches_is_used_on_a_used_card() {
     let (backing, dev) = used_card(&dir, "used", len + (8 << 20), Some(&image));
     let mapped = |extra: &[&str]| {
         let out = succeed(
-            flash(&dir)
+            flash_as_is(&dir)
                 .arg(&image)
                 .arg(&dev.dev)
                 .args(["--yes", "--json", "--allow-non-removable"])
@@ -797,7 +822,7 @@ fn a_file_target_holds_no_blocks_of_zeroes_and_full_writes_every_byte() {
     assert_eq!(sha256_of(&card), sha256_of(&image), "the same bytes");
 
     let full = dir.path().join("full.img");
-    flash(&dir)
+    flash_as_is(&dir)
         .arg(&image)
         .arg(&full)
         .args(["--full", "--yes", "--quiet"])
@@ -813,7 +838,7 @@ fn the_image_itself_is_never_a_target() {
     let dir = TempDir::new().unwrap();
     let image = fixture("golden", &dir);
     let hash = sha256_of(&image);
-    flash(&dir)
+    flash_as_is(&dir)
         .arg(&image)
         .arg(&image)
         .args(["--yes", "--quiet"])
@@ -872,4 +897,102 @@ fn a_target_that_is_not_there_is_refused_and_a_new_image_is_private() {
     );
     let mode = std::fs::metadata(&card).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600, "the card image holds the activation code");
+}
+
+/// The slips an operator makes, refused before any card is touched (exit 2,
+/// the card file never made): a golden with a baked registration written
+/// without a recipe (every card a clone; --as-is overrules and says so), a
+/// hostname or --set with no recipe to apply them, one fixed hostname or one
+/// single-use activation for several cards, a --sha256 that is not one.
+#[test]
+fn an_operator_slip_never_makes_a_clone() {
+    let dir = TempDir::new().unwrap();
+    let image = fixture("registered", &dir);
+    let xz_image = dir.path().join("registered.img.xz");
+    let status = Command::new("xz")
+        .args(["-k", "-T2", "--block-size=4MiB"])
+        .arg(&image)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let cards: Vec<PathBuf> = (1..=2)
+        .map(|i| dir.path().join(format!("card{i}.img")))
+        .collect();
+    let refused = |args: &[&std::ffi::OsStr], why: &str| {
+        let out = flash(&dir)
+            .args(args)
+            .args(["--yes", "--quiet"])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(why), "{args:?}: {err}");
+        for card in &cards {
+            assert!(!card.exists(), "{args:?}: {} was made", card.display());
+        }
+    };
+    let os = |s: &str| std::ffi::OsString::from(s);
+    let (img, one, two) = (
+        image.as_os_str(),
+        cards[0].as_os_str(),
+        cards[1].as_os_str(),
+    );
+    for source in [img, xz_image.as_os_str()] {
+        refused(
+            &[source, one],
+            "SSM registration baked in: mi-0a1b2c3d4e5f60718",
+        );
+    }
+    refused(&[img, one], "--as-is writes it unchanged anyway");
+    refused(
+        &[img, one, &os("--hostname"), &os("door-1")],
+        "without --recipe: they have nothing to apply to",
+    );
+    refused(
+        &[img, one, &os("--set"), &os("sudo.strip_nopasswd=false")],
+        "without --recipe",
+    );
+    let recipe = common::card::shared_recipe(dir.path(), "");
+    refused(
+        &[
+            img,
+            one,
+            two,
+            &os("--recipe"),
+            recipe.as_os_str(),
+            &os("--hostname"),
+            &os("door-1"),
+        ],
+        "hostname \"door-1\" on 2 cards",
+    );
+    std::fs::write(dir.path().join("one.code"), "CODE-1\n").unwrap();
+    let single = dir.path().join("single.toml");
+    std::fs::write(
+        &single,
+        "region = \"eu-west-1\"\nhostname = \"door-{n}\"\n[activation]\nsource = \"embedded\"\n\
+         id = \"0a0a0a0a-0000-4000-8000-000000000009\"\ncode_file = \"one.code\"\n",
+    )
+    .unwrap();
+    refused(
+        &[img, one, two, &os("--recipe"), single.as_os_str()],
+        "one activation",
+    );
+    for bad in ["abc", " 0123", &"g".repeat(64)] {
+        refused(
+            &[img, one, &os("--as-is"), &os("--sha256"), &os(bad)],
+            "is not a SHA-256",
+        );
+    }
+
+    // --as-is writes it unchanged, and the record says so.
+    let out = succeed(
+        flash(&dir)
+            .arg(&image)
+            .arg(&cards[0])
+            .args(["--as-is", "--yes", "--json", "--sha256"])
+            .arg(sha256_of(&image).to_uppercase()),
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("\"as_is\":true"), "{text}");
+    assert_eq!(sha256_of(&cards[0]), sha256_of(&image));
 }

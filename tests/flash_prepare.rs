@@ -74,7 +74,7 @@ fn flash_slow_archive(dir: &Path, card: &Path) -> Child {
     std::fs::write(card, b"old data").unwrap();
     Command::new(assert_cmd::cargo::cargo_bin("piprov"))
         .env("PIPROV_CACHE_DIR", dir.join("cache"))
-        .args(["flash", "--yes", "--quiet"])
+        .args(["flash", "--as-is", "--yes", "--quiet"])
         .arg(slow_archive())
         .arg(card)
         .stderr(Stdio::piped())

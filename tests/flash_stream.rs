@@ -21,6 +21,14 @@ const STREAMED: &str = "\"decoded_while_writing\":true";
 /// In the error when the archive was not right: the cards had been written to.
 const NO_TABLE: &str = "hold no partition table";
 
+/// `flash` of an image as it is: the tests of the write path, on images whose
+/// audit (the fixtures carry a baked registration) would otherwise refuse.
+fn flash_as_is(dir: &TempDir) -> assert_cmd::Command {
+    let mut cmd = flash(dir);
+    cmd.arg("--as-is");
+    cmd
+}
+
 fn flash(dir: &TempDir) -> assert_cmd::Command {
     let mut cmd = piprov();
     cmd.env("PIPROV_CACHE_DIR", dir.path().join("cache"))
@@ -68,7 +76,7 @@ fn an_archive_is_written_to_file_targets_while_it_decodes() {
     let image = fixture("registered", &dir);
     let archive = xz(&image, &dir);
     let full = dir.path().join("full.img");
-    flash(&dir)
+    flash_as_is(&dir)
         .arg(&archive)
         .arg(&full)
         .args(["--full", "--json", "--sha256", &sha256_of(&image)])
@@ -96,7 +104,7 @@ fn an_archive_is_written_to_file_targets_while_it_decodes() {
         assert_card_holds(card, &image, name, dir.path());
     }
     let again = dir.path().join("again.img");
-    let out = succeed(flash(&dir).arg(&archive).arg(&again).arg("--json"));
+    let out = succeed(flash_as_is(&dir).arg(&archive).arg(&again).arg("--json"));
     assert!(
         String::from_utf8_lossy(&out.stdout).contains("\"decoded_while_writing\":false"),
         "the second flash reads the cache"
@@ -209,7 +217,7 @@ fn a_damaged_archive_leaves_every_card_without_a_table_and_nothing_in_the_cache(
             .map(|n| dir.path().join(format!("{how}-{n}.img")))
             .collect();
         std::fs::write(&cards[0], std::fs::read(&image).unwrap()).unwrap();
-        flash(&dir)
+        flash_as_is(&dir)
             .arg(&bad)
             .args(&cards)
             .args(["--yes"])
@@ -226,7 +234,7 @@ fn a_damaged_archive_leaves_every_card_without_a_table_and_nothing_in_the_cache(
     // touched, like one cut off at the end (flash.rs).
     let card = dir.path().join("kept.img");
     std::fs::write(&card, b"old data").unwrap();
-    flash(&dir)
+    flash_as_is(&dir)
         .arg(damaged(&archive, "cut short"))
         .arg(&card)
         .arg("--yes")
@@ -251,7 +259,7 @@ fn a_damaged_archive_leaves_a_used_card_without_a_table() {
     let bad = damaged(&xz(&image, &dir), "corrupt");
     let len = std::fs::metadata(&image).unwrap().len().max(old_len) + (8 << 20);
     let (backing, dev) = used_card(&dir, "used", len, Some(&old));
-    flash(&dir)
+    flash_as_is(&dir)
         .arg(&bad)
         .arg(&dev.dev)
         .args(["--yes", "--allow-non-removable"])
@@ -272,7 +280,7 @@ fn an_archive_of_another_image_than_asked_for_leaves_the_card_without_a_table() 
     let image = fixture("golden", &dir);
     let archive = xz(&image, &dir);
     let card = dir.path().join("card.img");
-    flash(&dir)
+    flash_as_is(&dir)
         .arg(&archive)
         .arg(&card)
         .args(["--sha256", &"0".repeat(64)])
@@ -302,7 +310,13 @@ fn a_flash_killed_while_the_archive_decodes_leaves_no_partition_table() {
     let (backing, dev) = used_card(&dir, "used", len, Some(&old));
     let mut child = std::process::Command::new(assert_cmd::cargo::cargo_bin("piprov"))
         .env("PIPROV_CACHE_DIR", dir.path().join("cache"))
-        .args(["flash", "--yes", "--quiet", "--allow-non-removable"])
+        .args([
+            "flash",
+            "--as-is",
+            "--yes",
+            "--quiet",
+            "--allow-non-removable",
+        ])
         .arg(&archive)
         .arg(&dev.dev)
         .spawn()

@@ -200,3 +200,35 @@ fn identity_shows_the_machine_id_and_host_key_fingerprints() {
     let report = inspect_json(&clean);
     assert_eq!(report["identity"]["machine_id"], serde_json::Value::Null);
 }
+
+/// Text from the image is shown escaped: an escape sequence in cmdline.txt
+/// (here one that would clear the screen and set the window title) never
+/// reaches the terminal raw.
+#[test]
+fn terminal_escapes_from_the_image_are_shown_escaped() {
+    let dir = TempDir::new().unwrap();
+    let image = fixture("golden", &dir);
+    let cmdline = dir.path().join("cmdline.txt");
+    std::fs::write(
+        &cmdline,
+        "console=tty1 root=PARTUUID=x \u{1b}[2J\u{1b}]0;owned\u{7} rootwait\n",
+    )
+    .unwrap();
+    let (start, _) = partition_extent(&image, 1);
+    let ok = std::process::Command::new("mcopy")
+        .args(["-o", "-i"])
+        .arg(format!("{}@@{start}", image.display()))
+        .arg(&cmdline)
+        .arg("::/cmdline.txt")
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+    let out = piprov().arg("inspect").arg(&image).output().unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        !text.contains('\u{1b}') && !text.contains('\u{7}'),
+        "{text:?}"
+    );
+    assert!(text.contains("\\u{1b}[2J"), "{text}");
+}

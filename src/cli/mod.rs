@@ -144,7 +144,7 @@ pub enum Command {
         complete), 2 error before any card was written.",
         after_help = "Examples:\n  piprov flash golden.img.xz /dev/sdb --recipe image-recipes/site.toml --hostname pi-door-07\n  \
             piprov flash golden.img.xz /dev/sdb /dev/sdc /dev/sdd --recipe bench.toml --hostname 'door-{number}' --yes\n  \
-            piprov flash golden.img --targets bench.csv --recipe bench.toml --manifest cards.jsonl\n  \
+            piprov flash golden.img --targets-file bench.csv --recipe bench.toml --manifest cards.jsonl\n  \
             piprov flash golden.img stamped.img --recipe site.toml     # a stamped copy as a file"
     )]
     Flash {
@@ -170,9 +170,15 @@ pub enum Command {
         /// Skip reading the cards back
         #[arg(long)]
         no_verify: bool,
-        /// Expected SHA-256 of the decompressed image
-        #[arg(long)]
+        /// Expected SHA-256 of the decompressed image (64 hex digits)
+        #[arg(long, value_parser = parse_sha256)]
         sha256: Option<String>,
+        /// Without --recipe, write an image unchanged even when its audit has
+        /// critical findings (a baked registration, its key, machine-id, SSH
+        /// host keys): every card will be a clone. Recorded in the summary and
+        /// the manifest
+        #[arg(long, conflicts_with = "recipe")]
+        as_is: bool,
         /// bmaptool block map of the image; it must match the image (its own
         /// checksum and every range's), or nothing is written. Without it, a
         /// .bmap beside the image is used when it matches, and ignored with a
@@ -642,6 +648,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             full,
             no_verify,
             sha256,
+            as_is,
             bmap,
             no_bmap,
             manifest,
@@ -680,6 +687,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 allow_non_removable,
                 allow_large,
                 sha256,
+                as_is,
                 manifest,
                 bmap: match (bmap, no_bmap) {
                     (Some(file), _) => crate::flash::BmapChoice::File(file),
@@ -728,6 +736,17 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
     }
 }
 
+/// `--sha256`: 64 hex digits, either case, taken in lower case.
+fn parse_sha256(text: &str) -> std::result::Result<String, String> {
+    if text.len() == 64 && text.chars().all(|c| c.is_ascii_hexdigit()) {
+        Ok(text.to_ascii_lowercase())
+    } else {
+        Err(format!(
+            "{text:?} is not a SHA-256: 64 hexadecimal digits, as sha256sum prints them"
+        ))
+    }
+}
+
 fn print_flash_summary(summary: &crate::flash::Summary, json: bool) -> Result<ExitCode> {
     let mut stdout = std::io::stdout().lock();
     if json {
@@ -737,6 +756,7 @@ fn print_flash_summary(summary: &crate::flash::Summary, json: bool) -> Result<Ex
             "image_bytes": summary.image_bytes,
             "mapped_bytes": summary.mapped_bytes,
             "decoded_while_writing": summary.decoded_while_writing,
+            "as_is": summary.as_is,
             "ok": summary.cards.iter().filter(|c| c.result == "ok").count(),
             "failed": summary.cards.iter().filter(|c| c.result != "ok").count(),
         });
@@ -768,6 +788,12 @@ fn print_flash_summary(summary: &crate::flash::Summary, json: bool) -> Result<Ex
                 )?,
             }
         }
+    }
+    if summary.as_is && !json {
+        writeln!(
+            stdout,
+            "written as is (--as-is): the image's critical findings are on every card"
+        )?;
     }
     let failed = summary.cards.iter().any(|c| c.result != "ok");
     Ok(ExitCode::from(if failed { exit::RISKY } else { exit::OK }))

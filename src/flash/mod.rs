@@ -60,6 +60,8 @@ pub struct FlashConfig {
     pub sha256: Option<String>,
     pub manifest: Option<PathBuf>,
     pub bmap: BmapChoice,
+    /// Write an image with critical findings unchanged, without a recipe.
+    pub as_is: bool,
     /// Where per-card activations are created (`source = "embedded"` without an id).
     pub aws: crate::ssm::Connection,
 }
@@ -75,6 +77,9 @@ pub struct CardRecord {
     /// The card's own activation was deleted again because the card failed.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub activation_deleted: bool,
+    /// Written unchanged with `--as-is`, its audit's critical findings overruled.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub as_is: bool,
     pub image_sha256: String,
     pub bytes_written: u64,
     pub verified: bool,
@@ -92,6 +97,8 @@ pub struct Summary {
     pub mapped_bytes: u64,
     /// The cards were written while the archive was decoded (its first flash).
     pub decoded_while_writing: bool,
+    /// `--as-is`: the image was written unchanged although it has critical findings.
+    pub as_is: bool,
     pub cards: Vec<CardRecord>,
 }
 
@@ -208,12 +215,25 @@ pub fn flash(config: &FlashConfig, progress: &Progress) -> Result<Summary> {
     // file behind.
     let _ = ctrlc::set_handler(|| CANCEL.store(true, Ordering::Relaxed));
     refuse_duplicates(&config.cards)?;
+    refuse_settings_without_recipe(config)?;
     let recipe = match &config.recipe {
         Some(path) => Some(recipe::load(path, &config.overrides)?),
         None => None,
     };
-    let opened = source::open_for_flash(&config.image, config.sha256.as_deref(), progress, &CANCEL)
-        .map_err(|e| unless_interrupted(e, "while the image was read"))?;
+    if let Some(loaded) = &recipe {
+        refuse_shared_identity(config, loaded)?;
+    }
+    // Without a recipe the image goes on every card as it is, so it is audited
+    // first; that needs it whole, so an archive is decoded before any card.
+    let audit = recipe.is_none() && !config.as_is;
+    let opened = source::open_for_flash(
+        &config.image,
+        config.sha256.as_deref(),
+        !audit,
+        progress,
+        &CANCEL,
+    )
+    .map_err(|e| unless_interrupted(e, "while the image was read"))?;
     let (source, hash) = match opened {
         source::Opened::Streamable { entry, len } => {
             return flash_while_decoding(config, recipe.as_ref(), entry, len, progress);
@@ -227,6 +247,9 @@ pub fn flash(config: &FlashConfig, progress: &Progress) -> Result<Summary> {
             (source, hash)
         }
     };
+    if audit {
+        refuse_hazards(config, &source.path)?;
+    }
     let (base_map, tables) = map_image(config, &source, progress)?;
     let infos = check_targets(config, &[&source.path], source.len)?;
     confirm(&infos, config.yes)?;
@@ -458,6 +481,7 @@ fn finish(
     let records = write_cards(config, prepared, basis, prefilled.as_ref(), progress)
         .into_iter()
         .map(|mut record| {
+            record.as_is = config.as_is;
             if record.result != "ok" {
                 withdraw_for(&mut record, issuer.as_ref(), &issued);
             }
@@ -481,8 +505,106 @@ fn finish(
         image_bytes: source.len,
         mapped_bytes: base_map.bytes(),
         decoded_while_writing: prefilled.is_some(),
+        as_is: config.as_is,
         cards: records,
     })
+}
+
+/// A hostname, `--set` or a targets file's per-card settings need a recipe to
+/// be applied with; silently ignoring them would write cards the operator
+/// did not ask for.
+fn refuse_settings_without_recipe(config: &FlashConfig) -> Result<()> {
+    if config.recipe.is_some() {
+        return Ok(());
+    }
+    let per_card = config
+        .cards
+        .iter()
+        .find(|c| c.hostname.is_some() || !c.overrides.is_empty());
+    if config.hostname.is_some() || !config.overrides.is_empty() || per_card.is_some() {
+        bail!(
+            "a hostname or settings were given without --recipe: they have nothing to apply to \
+             (give --recipe, or leave them out to write the image unchanged)"
+        );
+    }
+    Ok(())
+}
+
+/// Settings that would give several cards one identity: a fixed hostname, or
+/// one single-use activation.
+fn refuse_shared_identity(config: &FlashConfig, loaded: &LoadedRecipe) -> Result<()> {
+    if config.cards.len() < 2 {
+        return Ok(());
+    }
+    let hostname = config
+        .hostname
+        .as_deref()
+        .or(loaded.recipe.hostname.as_deref());
+    let varies = |h: &str| {
+        ["{n}", "{number}", "{serial}", "{mac}"]
+            .iter()
+            .any(|p| h.contains(p))
+    };
+    if let Some(fixed) = hostname.filter(|h| !varies(h)) {
+        let own = config.cards.iter().all(|c| c.hostname.is_some());
+        if !own {
+            bail!(
+                "hostname {fixed:?} on {} cards: every card would carry the same name (fleet \
+                 doctor flags such clones); use a pattern such as '{fixed}-{{number}}' or \
+                 '{fixed}-{{serial}}', or give each card its own in --targets-file",
+                config.cards.len()
+            );
+        }
+    }
+    let a = &loaded.recipe.activation;
+    if a.source == recipe::Source::Embedded && a.id.is_some() {
+        bail!(
+            "the recipe gives one activation ({}) for {} cards, and an embedded activation \
+             registers one card: all but one would end `failed`; leave activation.id out \
+             (piprov makes each card its own) or use source = \"shared\" with a limit",
+            a.id.as_deref().unwrap_or_default(),
+            config.cards.len()
+        );
+    }
+    Ok(())
+}
+
+/// An image written without a recipe goes on every card as it is: one with
+/// critical findings (a baked registration, its key, a machine-id, host keys)
+/// would make every card a clone of it. `--as-is` overrules.
+fn refuse_hazards(config: &FlashConfig, image: &Path) -> Result<()> {
+    let report = crate::inspect::inspect(image)
+        .with_context(|| format!("auditing {}", config.image.display()))?;
+    let critical: Vec<String> = report
+        .findings
+        .iter()
+        .filter(|f| f.severity == crate::inspect::Severity::Critical)
+        .map(|f| format!("  - {}", f.summary))
+        .collect();
+    if !critical.is_empty() {
+        bail!(
+            "{} has critical findings; written as it is, every card would be a clone of it:\n{}\n\
+             Give --recipe (each card is stamped and gets its own identity), or `piprov stamp` \
+             the image first; --as-is writes it unchanged anyway",
+            config.image.display(),
+            critical.join("\n")
+        );
+    }
+    if let Some(stamp) = &report.facts.stamp {
+        let single =
+            stamp["activation"]["source"] == "embedded" && stamp["activation"]["id"].is_string();
+        if single && config.cards.len() > 1 {
+            bail!(
+                "{} is stamped with one card's activation ({}): an embedded activation registers \
+                 one card, so all but one of {} would end `failed`; flash with --recipe (each \
+                 card its own activation)",
+                config.image.display(),
+                stamp["activation"]["id"].as_str().unwrap_or_default(),
+                config.cards.len()
+            );
+        }
+    }
+    Ok(())
 }
 
 fn refuse_duplicates(cards: &[CardSpec]) -> Result<()> {
@@ -856,6 +978,7 @@ fn card_record(
         hostname: card.hostname,
         activation_id: card.activation_id,
         activation_deleted: false,
+        as_is: false,
         image_sha256: image_sha256.to_string(),
         bytes_written: written.map_or(0, |w| w.bytes),
         verified: written.is_some_and(|w| w.verified),

@@ -118,9 +118,12 @@ pub enum Opened {
     Unhashed(Source),
 }
 
+/// `stream`: an xz archive not yet in the cache may be written while it
+/// decodes; otherwise it is decoded first.
 pub fn open_for_flash(
     path: &Path,
     expected: Option<&str>,
+    stream: bool,
     progress: &Progress,
     cancel: &AtomicBool,
 ) -> Result<Opened> {
@@ -147,8 +150,10 @@ pub fn open_for_flash(
     let len = super::xz::decoded_len(&mut File::open(path)?)?;
     let source = match (cache_entry(path, format, progress, cancel)?, len) {
         (Cached::Ready(source), _) => source,
-        (Cached::Missing(entry), Some(len)) => return Ok(Opened::Streamable { entry, len }),
-        (Cached::Missing(entry), None) => entry.decode(progress, cancel, &|_, _| {})?,
+        (Cached::Missing(entry), Some(len)) if stream => {
+            return Ok(Opened::Streamable { entry, len });
+        }
+        (Cached::Missing(entry), _) => entry.decode(progress, cancel, &|_, _| {})?,
     };
     check_expected(path, source, expected).map(Opened::Ready)
 }

@@ -17,8 +17,17 @@ fn size(bytes: u64) -> String {
 pub fn render_text(report: &Report) -> String {
     let f = &report.facts;
     let mut out = String::new();
+    // Names and text come from the image (cmdline.txt, os-release, labels):
+    // a control character in them could drive the terminal, so each is shown
+    // escaped (`\u{1b}`), never raw.
     let mut line = |s: String| {
-        out.push_str(&s);
+        for c in s.chars() {
+            if c.is_control() {
+                out.extend(c.escape_default());
+            } else {
+                out.push(c);
+            }
+        }
         out.push('\n');
     };
     line(format!("{} ({})", report.image, size(f.image_size)));

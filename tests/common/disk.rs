@@ -231,3 +231,25 @@ pub fn assert_card_holds(card: &Path, image: &Path, hostname: &str, dir: &Path) 
         "{conf}"
     );
 }
+
+/// A 128 KiB tmpfs (the golden image holds some 490 KB of data), unmounted on
+/// drop (needs root).
+pub struct SmallFs(PathBuf);
+
+impl SmallFs {
+    pub fn mount(at: &Path) -> Option<SmallFs> {
+        std::fs::create_dir_all(at).unwrap();
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=128k", "tmpfs"])
+            .arg(at)
+            .output()
+            .is_ok_and(|o| o.status.success());
+        super::available(ok, "mounting a small tmpfs (needs root)").then(|| SmallFs(at.into()))
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).output();
+    }
+}
