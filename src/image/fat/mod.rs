@@ -5,13 +5,94 @@ pub(super) mod allocation;
 
 use std::io::{self, Read, Seek, Write};
 use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use anyhow::{Context, Result, anyhow};
 
 use super::slice::PartitionSlice;
 
 pub struct BootFs<D: Read + Write + Seek> {
-    fs: fatfs::FileSystem<PartitionSlice<D>>,
+    fs: fatfs::FileSystem<Bounded<D>>,
+    budget: Budget,
+}
+
+/// fatfs follows cluster chains as the FAT gives them: a chain that loops
+/// (a crafted card) would be read for ever, a directory's entries without end
+/// and memory growing. So one call (open, read, list, write, remove) may read
+/// at most twice the partition and a margin; past that it fails, naming the
+/// cause. A real call reads a small part of the partition.
+#[derive(Clone)]
+struct Budget {
+    left: Arc<AtomicU64>,
+    per_call: u64,
+}
+
+const BUDGET_MARGIN: u64 = 16 << 20;
+const READ_COST_MIN: u64 = 512;
+
+impl Budget {
+    fn new(partition_len: u64) -> Self {
+        let per_call = partition_len
+            .saturating_mul(2)
+            .saturating_add(BUDGET_MARGIN);
+        Self {
+            left: Arc::new(AtomicU64::new(per_call)),
+            per_call,
+        }
+    }
+
+    fn renew(&self) {
+        self.left.store(self.per_call, Ordering::Relaxed);
+    }
+
+    /// Takes up to `want` bytes from the budget; 0 once it is spent.
+    fn take(&self, want: u64) -> u64 {
+        let left = self.left.load(Ordering::Relaxed);
+        let granted = want.min(left);
+        self.left.store(left - granted, Ordering::Relaxed);
+        granted
+    }
+}
+
+/// The partition as fatfs reads it: every byte read is taken from the budget.
+struct Bounded<D> {
+    slice: PartitionSlice<D>,
+    budget: Budget,
+}
+
+const LOOPING: &str = "the FAT filesystem is corrupt: reading it does not end \
+                       (a cluster chain that loops or is cross-linked)";
+
+impl<D: Read + Seek> Read for Bounded<D> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        // fatfs reads a directory entry a field at a time: every read costs
+        // at least a sector, so many small reads spend the budget too.
+        let cost = (buf.len() as u64).max(READ_COST_MIN);
+        if self.budget.take(cost) < cost {
+            return Err(io::Error::other(LOOPING));
+        }
+        self.slice.read(buf)
+    }
+}
+
+impl<D: Write + Seek> Write for Bounded<D> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.slice.write(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.slice.flush()
+    }
+}
+
+impl<D: Seek> Seek for Bounded<D> {
+    fn seek(&mut self, pos: io::SeekFrom) -> io::Result<u64> {
+        self.slice.seek(pos)
+    }
 }
 
 /// Runs a fatfs call, turning a panic inside fatfs into an error. fatfs trusts
@@ -29,10 +110,21 @@ fn guarded<T>(what: &str, call: impl FnOnce() -> Result<T>) -> Result<T> {
 
 impl<D: Read + Write + Seek> BootFs<D> {
     pub(super) fn open(slice: PartitionSlice<D>) -> Result<Self> {
+        let budget = Budget::new(slice.len());
         guarded("opening the boot partition", || {
-            let fs = fatfs::FileSystem::new(slice, fatfs::FsOptions::new())?;
-            Ok(Self { fs })
+            let bounded = Bounded {
+                slice,
+                budget: budget.clone(),
+            };
+            let fs = fatfs::FileSystem::new(bounded, fatfs::FsOptions::new())?;
+            Ok(Self { fs, budget })
         })
+    }
+
+    /// A fatfs call with a fresh read budget and its panics contained.
+    fn call<T>(&self, what: &str, call: impl FnOnce() -> Result<T>) -> Result<T> {
+        self.budget.renew();
+        guarded(what, call)
     }
 
     pub fn fat_type(&self) -> &'static str {
@@ -49,7 +141,7 @@ impl<D: Read + Write + Seek> BootFs<D> {
 
     /// Reads a whole file; `None` when it does not exist.
     pub fn read(&self, name: &str) -> Result<Option<Vec<u8>>> {
-        guarded(&format!("reading {name} on the boot partition"), || {
+        self.call(&format!("reading {name} on the boot partition"), || {
             self.read_unguarded(name)
         })
     }
@@ -70,7 +162,7 @@ impl<D: Read + Write + Seek> BootFs<D> {
 
     /// Names of the files and directories at the top of the partition.
     pub fn list_root(&self) -> Result<Vec<String>> {
-        guarded("listing the boot partition", || self.list_root_unguarded())
+        self.call("listing the boot partition", || self.list_root_unguarded())
     }
 
     fn list_root_unguarded(&self) -> Result<Vec<String>> {
@@ -90,7 +182,7 @@ impl<D: Read + Write + Seek> BootFs<D> {
     /// file is overwritten in place and then cut to length, so a write cut short
     /// leaves old bytes after the new ones, never an empty file.
     pub fn write(&self, name: &str, data: &[u8]) -> Result<()> {
-        guarded(&format!("writing {name} on the boot partition"), || {
+        self.call(&format!("writing {name} on the boot partition"), || {
             self.write_unguarded(name, data)
         })
     }
@@ -112,7 +204,7 @@ impl<D: Read + Write + Seek> BootFs<D> {
     /// overwritten with zeroes first: FAT only marks a removed file's clusters
     /// free, and a secret left there is read back with `strings`.
     pub fn remove(&self, name: &str) -> Result<()> {
-        guarded(&format!("removing {name} from the boot partition"), || {
+        self.call(&format!("removing {name} from the boot partition"), || {
             self.remove_unguarded(name)
         })
     }
@@ -139,6 +231,7 @@ impl<D: Read + Write + Seek> BootFs<D> {
     /// Writes back the FS info and clears the dirty flag. Dropping without this
     /// would only log a failure, so every writer must call it.
     pub fn close(self) -> Result<()> {
+        self.budget.renew();
         self.fs
             .unmount()
             .context("closing the boot partition's FAT filesystem")

@@ -1,0 +1,148 @@
+//! Crafted images against every command that reads one (inspect, stamp,
+//! flash): each must end within a bound of time and memory with an error that
+//! names the cause, never hang or grow without end.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::card::shared_recipe;
+use common::*;
+use tempfile::TempDir;
+
+/// The bound every command must keep on a crafted image (the issue's: 2 s and
+/// 200 MB; time here is wall time on a loaded CI machine, so a little more).
+const TIME_BOUND: Duration = Duration::from_secs(5);
+const MEMORY_BOUND_KB: i64 = 200 * 1024;
+
+/// Runs `piprov ARGS` and returns (exit code, stderr, wall time, peak RSS in KB).
+fn bounded(cache: &Path, args: &[&std::ffi::OsStr]) -> (Option<i32>, String, Duration, i64) {
+    let started = Instant::now();
+    let mut child = Command::new(assert_cmd::cargo::cargo_bin("piprov"))
+        .env("PIPROV_CACHE_DIR", cache)
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Killed at 60 s, so an unfixed hang fails the test instead of holding it.
+    let mut stderr = String::new();
+    loop {
+        if let Some(_status) = child.try_wait().unwrap() {
+            break;
+        }
+        if started.elapsed() > Duration::from_secs(60) {
+            child.kill().unwrap();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let elapsed = started.elapsed();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    let status = child.wait().unwrap();
+    // The largest peak of this process's reaped children: each test binary
+    // runs only small commands, so that is this one's, or a smaller one's.
+    let usage =
+        nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_CHILDREN).unwrap();
+    (status.code(), stderr, elapsed, usage.max_rss())
+}
+
+fn assert_bounded(what: &str, result: (Option<i32>, String, Duration, i64), cause: &str) {
+    let (code, stderr, elapsed, rss) = result;
+    assert!(elapsed < TIME_BOUND, "{what} took {elapsed:?}: {stderr}");
+    assert!(rss < MEMORY_BOUND_KB, "{what} peaked at {rss} KB");
+    assert_eq!(code, Some(2), "{what}: {stderr}");
+    assert!(!stderr.contains("panicked"), "{what}: {stderr}");
+    assert!(stderr.contains(cause), "{what}: {stderr}");
+}
+
+/// The FAT32 root directory's cluster chain made to point at itself: fatfs
+/// would read its entries for ever.
+fn loop_the_root_directory(image: &Path) {
+    let (start, _) = partition_extent(image, 1);
+    let bpb = read_at(image, start, 512);
+    let u16_at = |o: usize| u64::from(u16::from_le_bytes([bpb[o], bpb[o + 1]]));
+    let u32_at = |o: usize| u64::from(u32::from_le_bytes(bpb[o..o + 4].try_into().unwrap()));
+    let sector = u16_at(11);
+    let reserved = u16_at(14);
+    let fats = u64::from(bpb[16]);
+    let fat_sectors = u32_at(36);
+    let root_cluster = u32_at(44);
+    assert!(
+        fat_sectors > 0 && root_cluster >= 2,
+        "a FAT32 boot partition"
+    );
+    for copy in 0..fats {
+        let entry = start + (reserved + copy * fat_sectors) * sector + root_cluster * 4;
+        patch(image, entry, &(root_cluster as u32).to_le_bytes());
+    }
+    // No end-of-directory entry in the cluster (each free entry marked
+    // deleted), so a reader follows the chain, back to the same cluster.
+    let cluster_bytes = sector * u64::from(bpb[13]);
+    let data =
+        start + (reserved + fats * fat_sectors) * sector + (root_cluster - 2) * cluster_bytes;
+    let mut entries = read_at(image, data, cluster_bytes as usize);
+    for entry in entries.chunks_mut(32) {
+        if entry[0] == 0 {
+            entry[0] = 0xe5;
+        }
+    }
+    patch(image, data, &entries);
+}
+
+fn read_at(path: &Path, offset: u64, len: usize) -> Vec<u8> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open(path).unwrap();
+    f.seek(SeekFrom::Start(offset)).unwrap();
+    let mut buf = vec![0; len];
+    f.read_exact(&mut buf).unwrap();
+    buf
+}
+
+#[test]
+fn a_fat_cluster_loop_ends_every_command_with_its_cause() {
+    let dir = TempDir::new().unwrap();
+    let image = fixture("golden", &dir);
+    loop_the_root_directory(&image);
+    let recipe = shared_recipe(dir.path(), "");
+    let card = dir.path().join("card.img");
+    let cache = dir.path().join("cache");
+    let os = |s: &str| std::ffi::OsString::from(s);
+    let cause = "a cluster chain that loops";
+    assert_bounded(
+        "inspect",
+        bounded(&cache, &[&os("inspect"), image.as_os_str()]),
+        cause,
+    );
+    assert_bounded(
+        "stamp",
+        bounded(
+            &cache,
+            &[
+                &os("stamp"),
+                image.as_os_str(),
+                &os("--recipe"),
+                recipe.as_os_str(),
+            ],
+        ),
+        cause,
+    );
+    assert_bounded(
+        "flash",
+        bounded(
+            &cache,
+            &[
+                &os("flash"),
+                image.as_os_str(),
+                card.as_os_str(),
+                &os("--recipe"),
+                recipe.as_os_str(),
+                &os("--yes"),
+            ],
+        ),
+        cause,
+    );
+    assert!(!card.exists(), "no card was made");
+}
