@@ -662,29 +662,6 @@ fn a_killed_flash_of_a_used_card_leaves_it_with_no_partition_table() {
     assert_no_partition_table(&card, old_len);
 }
 
-/// Runs a debugfs request (`write`, `rm`) on an image's ext4 partition, in place.
-fn edit_root(image: &Path, dir: &TempDir, request: &str) {
-    let part = dir.path().join("root.edit");
-    extract_partition(image, 2, &part);
-    let out = Command::new("debugfs")
-        .args(["-w", "-R", request])
-        .arg(&part)
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stderr}");
-    let (start, _) = partition_extent(image, 2);
-    let ok = Command::new("dd")
-        .arg(format!("if={}", part.display()))
-        .arg(format!("of={}", image.display()))
-        .args(["bs=1M", "conv=notrunc", "oflag=seek_bytes", "status=none"])
-        .arg(format!("seek={start}"))
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok);
-}
-
 /// Adds a file of random bytes at the top of an image's root filesystem.
 fn add_root_file(image: &Path, dir: &TempDir, name: &str, bytes: u64) {
     let data = dir.path().join(format!("{name}.src"));

@@ -18,6 +18,8 @@ const TIME_BOUND: Duration = Duration::from_secs(5);
 const MEMORY_BOUND_KB: i64 = 200 * 1024;
 
 /// Runs `piprov ARGS` and returns (exit code, stderr, wall time, peak RSS in KB).
+// Reaped with wait4 below, which clippy does not see.
+#[allow(clippy::zombie_processes)]
 fn bounded(cache: &Path, args: &[&std::ffi::OsStr]) -> (Option<i32>, String, Duration, i64) {
     let started = Instant::now();
     let mut child = Command::new(assert_cmd::cargo::cargo_bin("piprov"))
@@ -27,26 +29,29 @@ fn bounded(cache: &Path, args: &[&std::ffi::OsStr]) -> (Option<i32>, String, Dur
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    // Killed at 60 s, so an unfixed hang fails the test instead of holding it.
-    let mut stderr = String::new();
+    // Reaped with wait4, for this process's own peak memory; killed at 60 s,
+    // so an unfixed hang fails the test instead of holding it.
+    use nix::libc;
+    let pid = child.id() as libc::pid_t;
+    let mut status: libc::c_int = 0;
+    // SAFETY: rusage is plain data; wait4 fills it.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
     loop {
-        if let Some(_status) = child.try_wait().unwrap() {
+        // SAFETY: pid is our child's, not yet reaped; the pointers are live.
+        let reaped = unsafe { libc::wait4(pid, &mut status, libc::WNOHANG, &mut usage) };
+        if reaped == pid {
             break;
         }
         if started.elapsed() > Duration::from_secs(60) {
             child.kill().unwrap();
-            break;
         }
         std::thread::sleep(Duration::from_millis(20));
     }
     let elapsed = started.elapsed();
+    let mut stderr = String::new();
     std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
-    let status = child.wait().unwrap();
-    // The largest peak of this process's reaped children: each test binary
-    // runs only small commands, so that is this one's, or a smaller one's.
-    let usage =
-        nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_CHILDREN).unwrap();
-    (status.code(), stderr, elapsed, usage.max_rss())
+    let code = libc::WIFEXITED(status).then(|| libc::WEXITSTATUS(status));
+    (code, stderr, elapsed, usage.ru_maxrss)
 }
 
 fn assert_bounded(what: &str, result: (Option<i32>, String, Duration, i64), cause: &str) {
@@ -145,4 +150,21 @@ fn a_fat_cluster_loop_ends_every_command_with_its_cause() {
         cause,
     );
     assert!(!card.exists(), "no card was made");
+}
+
+/// A root filesystem file (fstab) that claims 6 GiB (sparse: it uses no blocks) where
+/// inspect reads a configuration file: refused by its size, not read into
+/// memory.
+#[test]
+fn a_giant_sparse_file_is_refused_not_read() {
+    let dir = TempDir::new().unwrap();
+    let image = fixture("golden", &dir);
+    common::disk::edit_root(&image, &dir, "sif /etc/fstab size 6442450944");
+    let cache = dir.path().join("cache");
+    let os = |s: &str| std::ffi::OsString::from(s);
+    assert_bounded(
+        "inspect",
+        bounded(&cache, &[&os("inspect"), image.as_os_str()]),
+        "/etc/fstab in the root filesystem is 6442450944 bytes",
+    );
 }

@@ -253,3 +253,26 @@ impl Drop for SmallFs {
         let _ = std::process::Command::new("umount").arg(&self.0).output();
     }
 }
+
+/// Runs a debugfs request (`write`, `rm`) on an image's ext4 partition, in place.
+pub fn edit_root(image: &Path, dir: &TempDir, request: &str) {
+    let part = dir.path().join("root.edit");
+    extract_partition(image, 2, &part);
+    let out = Command::new("debugfs")
+        .args(["-w", "-R", request])
+        .arg(&part)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let (start, _) = partition_extent(image, 2);
+    let ok = Command::new("dd")
+        .arg(format!("if={}", part.display()))
+        .arg(format!("of={}", image.display()))
+        .args(["bs=1M", "conv=notrunc", "oflag=seek_bytes", "status=none"])
+        .arg(format!("seek={start}"))
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+}

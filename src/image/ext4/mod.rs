@@ -4,12 +4,15 @@
 
 pub(super) mod allocation;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use ext4_view::{Ext4, Ext4Error};
 
 pub struct RootFs {
     fs: Ext4,
 }
+
+/// The largest file piprov reads from a root filesystem.
+pub const MAX_FILE: u64 = 32 << 20;
 
 /// Owner and permissions of a path in the image.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -25,13 +28,39 @@ impl RootFs {
         Self { fs }
     }
 
-    /// Reads a whole file; `None` when it (or a directory on its path) does not exist.
+    /// Reads a whole file; `None` when it (or a directory on its path) does not
+    /// exist. The files piprov reads are configuration and state (the largest,
+    /// dpkg's status, a few MB): one larger than `MAX_FILE` is refused before a
+    /// byte of it is read, so a crafted image (a sparse file of many GB) cannot
+    /// take the memory.
     pub fn read(&self, path: &str) -> Result<Option<Vec<u8>>> {
-        match self.fs.read(path) {
-            Ok(data) => Ok(Some(data)),
-            Err(Ext4Error::NotFound | Ext4Error::NotADirectory) => Ok(None),
-            Err(e) => Err(e).with_context(|| format!("reading {path} in the root filesystem")),
+        let mut file = match self.fs.open(path) {
+            Ok(file) => file,
+            Err(Ext4Error::NotFound | Ext4Error::NotADirectory) => return Ok(None),
+            Err(e) => {
+                return Err(e).with_context(|| format!("reading {path} in the root filesystem"));
+            }
+        };
+        let len = file.metadata().len();
+        if len > MAX_FILE {
+            bail!(
+                "{path} in the root filesystem is {len} bytes, more than piprov reads of a \
+                 configuration file ({MAX_FILE} bytes): the image is not what it seems"
+            );
         }
+        let mut data = vec![0u8; len as usize];
+        let mut filled = 0;
+        while filled < data.len() {
+            let n = file
+                .read_bytes(&mut data[filled..])
+                .with_context(|| format!("reading {path} in the root filesystem"))?;
+            if n == 0 {
+                break;
+            }
+            filled += n;
+        }
+        data.truncate(filled);
+        Ok(Some(data))
     }
 
     /// Reads a text file; invalid UTF-8 is replaced, as these are config files
