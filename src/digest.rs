@@ -29,6 +29,36 @@ pub fn cache_dir() -> PathBuf {
     base.join("piprov")
 }
 
+/// The cache, made if missing, and refused unless it is private: piprov keeps
+/// decoded images and remembered hashes there, so a cache others can write to
+/// (a shared `PIPROV_CACHE_DIR`) could hand flash another image.
+pub fn private_cache_dir() -> Result<PathBuf> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+    let dir = cache_dir();
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&dir)
+        .with_context(|| format!("creating the cache {}", dir.display()))?;
+    let meta = std::fs::metadata(&dir)
+        .with_context(|| format!("looking at the cache {}", dir.display()))?;
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { nix::libc::geteuid() };
+    if meta.uid() != me {
+        bail!(
+            "the cache {} belongs to user {}, not to you: piprov trusts only a cache of its own \
+             (set PIPROV_CACHE_DIR to a directory of yours)",
+            dir.display(),
+            meta.uid()
+        );
+    }
+    if meta.permissions().mode() & 0o077 != 0 {
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
+            .with_context(|| format!("making the cache {} private", dir.display()))?;
+    }
+    Ok(dir)
+}
+
 /// The SHA-256 of a raw image file (cached like a flash source's).
 pub fn image_sha256(path: &Path, progress: &Progress) -> Result<String> {
     let mut file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
@@ -77,7 +107,7 @@ fn remembered_hash(path: &Path) -> Option<String> {
 }
 
 fn remember(path: &Path, sha256: &str) {
-    if std::fs::create_dir_all(cache_dir()).is_ok() {
+    if private_cache_dir().is_ok() {
         let _ = std::fs::write(path, format!("{sha256}\n"));
     }
 }

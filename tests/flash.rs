@@ -973,3 +973,130 @@ fn an_operator_slip_never_makes_a_clone() {
     assert!(text.contains("\"as_is\":true"), "{text}");
     assert_eq!(sha256_of(&cards[0]), sha256_of(&image));
 }
+
+/// --sha256 is checked against the bytes written, never a remembered hash: a
+/// byte changed in the image with its mtime put back (the file's key in the
+/// cache unchanged) fails the cards, which hold no partition table; a cached
+/// decoded image whose bytes are not what its hash file says is thrown away
+/// and decoded anew, so the card gets the real image.
+#[test]
+fn sha256_is_checked_against_the_bytes_not_a_remembered_hash() {
+    let dir = TempDir::new().unwrap();
+    let image = fixture("golden", &dir);
+    let original = sha256_of(&image);
+    let first = dir.path().join("first.img");
+    succeed(
+        flash_as_is(&dir)
+            .arg(&image)
+            .arg(&first)
+            .args(["--yes", "--quiet"]),
+    );
+    // One byte in the ext4 partition changed, the mtime put back.
+    let mtime = std::fs::metadata(&image).unwrap().modified().unwrap();
+    let (root, _) = partition_extent(&image, 2);
+    patch(&image, root + (1 << 20) + 4242, b"X");
+    std::fs::File::options()
+        .write(true)
+        .open(&image)
+        .unwrap()
+        .set_modified(mtime)
+        .unwrap();
+    let card = dir.path().join("card.img");
+    let out = flash_as_is(&dir)
+        .arg(&image)
+        .arg(&card)
+        .args(["--yes", "--quiet", "--sha256", &original])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_ne!(
+        out.status.code(),
+        Some(0),
+        "the changed image passed as the original"
+    );
+    assert!(
+        err.contains(&format!("not the expected {original}")),
+        "{err}"
+    );
+    if card.exists() {
+        let head = std::fs::read(&card).unwrap();
+        assert!(
+            head[..1 << 20].iter().all(|&b| b == 0),
+            "no partition table"
+        );
+    }
+
+    // A poisoned cache entry: the decoded image changed, its hash file kept.
+    let clean = fixture("golden", &dir);
+    let clean_sha = sha256_of(&clean);
+    let status = Command::new("xz")
+        .args(["-k", "-T2"])
+        .arg(&clean)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let xz = dir.path().join("golden.img.xz");
+    let warm = dir.path().join("warm.img");
+    succeed(
+        flash_as_is(&dir)
+            .arg(&xz)
+            .arg(&warm)
+            .args(["--yes", "--quiet"]),
+    );
+    let cached: Vec<PathBuf> = std::fs::read_dir(dir.path().join("cache"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "img"))
+        .collect();
+    assert_eq!(cached.len(), 1, "{cached:?}");
+    patch(&cached[0], root + (1 << 20) + 4242, b"X");
+    let healed = dir.path().join("healed.img");
+    succeed(
+        flash_as_is(&dir)
+            .arg(&xz)
+            .arg(&healed)
+            .args(["--yes", "--quiet", "--full", "--sha256", &clean_sha]),
+    );
+    assert_eq!(
+        sha256_of(&healed),
+        clean_sha,
+        "the card holds the real image"
+    );
+}
+
+/// The cache holds decoded images and remembered hashes: one that belongs to
+/// someone else is refused, one others could write to is made private.
+#[test]
+fn the_cache_is_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = TempDir::new().unwrap();
+    let image = fixture("golden", &dir);
+    let cache = dir.path().join("cache");
+    std::fs::create_dir(&cache).unwrap();
+    std::fs::set_permissions(&cache, std::fs::Permissions::from_mode(0o777)).unwrap();
+    succeed(
+        flash_as_is(&dir)
+            .arg(&image)
+            .arg(dir.path().join("card.img"))
+            .args(["--yes", "--quiet"]),
+    );
+    let mode = std::fs::metadata(&cache).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o700);
+    // Another user's cache (nobody's, 65534): refused, naming the way out.
+    let chown = Command::new("chown")
+        .arg("65534")
+        .arg(&cache)
+        .status()
+        .unwrap();
+    if !common::available(chown.success(), "chown (needs root)") {
+        return;
+    }
+    flash_as_is(&dir)
+        .arg(&image)
+        .arg(dir.path().join("card2.img"))
+        .args(["--yes", "--quiet", "--sha256", &sha256_of(&image)])
+        .assert()
+        .code(2)
+        .stderr(contains("belongs to user 65534"))
+        .stderr(contains("PIPROV_CACHE_DIR"));
+}

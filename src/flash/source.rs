@@ -13,7 +13,7 @@ use anyhow::{Context, Result, bail};
 use sha2::{Digest, Sha256};
 
 use crate::digest::{
-    Cancelled, cache_dir, check, hash_reader, raw_hash_cached, raw_hash_remembered, read_up_to,
+    Cancelled, check, hash_reader, raw_hash_cached, raw_hash_remembered, read_up_to,
 };
 use crate::hex::hex;
 use crate::progress::Progress;
@@ -92,7 +92,14 @@ pub fn open(
         let mut file = File::open(path)?;
         let len = file.seek(SeekFrom::End(0))?;
         file.seek(SeekFrom::Start(0))?;
-        let sha256 = raw_hash_cached(path, &mut file, len, progress, cancel)?;
+        // A remembered hash is a hint, never proof: an expected one is
+        // checked against the bytes.
+        let sha256 = if expected.is_some() {
+            hash_reader(&mut file, len, progress, "hashing", cancel)
+                .with_context(|| format!("hashing {}", path.display()))?
+        } else {
+            raw_hash_cached(path, &mut file, len, progress, cancel)?
+        };
         Source {
             path: path.to_path_buf(),
             len,
@@ -100,7 +107,7 @@ pub fn open(
             format,
         }
     } else {
-        decode_cached(path, format, progress, cancel)?
+        decode_cached(path, format, expected.is_some(), progress, cancel)?
     };
     check_expected(path, source, expected)
 }
@@ -127,6 +134,9 @@ pub fn open_for_flash(
     progress: &Progress,
     cancel: &AtomicBool,
 ) -> Result<Opened> {
+    // Refused before anything is read from it: hashes and images in a cache
+    // someone else can write are not piprov's.
+    crate::digest::private_cache_dir()?;
     let format = detect_file(path)?;
     if format == Format::Raw {
         let mut file = File::open(path)?;
@@ -137,18 +147,30 @@ pub fn open_for_flash(
             sha256: String::new(),
             format,
         };
-        return Ok(match raw_hash_remembered(&file, len) {
-            Some(sha256) => {
+        // A remembered hash is a hint, never proof (a byte changed with its
+        // mtime put back keeps the file's key). Without an expected hash it is
+        // what the summary reports; with one, the image is hashed as it is
+        // written and checked before the tables go down, or, when the hint
+        // already disagrees, hashed now so that no card is touched.
+        return Ok(match (expected, raw_hash_remembered(&file, len)) {
+            (None, Some(sha256)) => Opened::Ready(Source { sha256, ..source }),
+            (Some(wanted), Some(hint)) if !wanted.eq_ignore_ascii_case(&hint) => {
+                file.seek(SeekFrom::Start(0))?;
+                let sha256 = hash_reader(&mut file, len, progress, "hashing", cancel)
+                    .with_context(|| format!("hashing {}", path.display()))?;
                 Opened::Ready(check_expected(path, Source { sha256, ..source }, expected)?)
             }
-            None => Opened::Unhashed(source),
+            _ => Opened::Unhashed(source),
         });
     }
     if format != Format::Xz {
         return open(path, expected, progress, cancel).map(Opened::Ready);
     }
     let len = super::xz::decoded_len(&mut File::open(path)?)?;
-    let source = match (cache_entry(path, format, progress, cancel)?, len) {
+    let source = match (
+        cache_entry(path, format, expected.is_some(), progress, cancel)?,
+        len,
+    ) {
         (Cached::Ready(source), _) => source,
         (Cached::Missing(entry), Some(len)) if stream => {
             return Ok(Opened::Streamable { entry, len });
@@ -182,10 +204,11 @@ pub fn check_expected(path: &Path, source: Source, expected: Option<&str>) -> Re
 fn decode_cached(
     path: &Path,
     format: Format,
+    verify: bool,
     progress: &Progress,
     cancel: &AtomicBool,
 ) -> Result<Source> {
-    match cache_entry(path, format, progress, cancel)? {
+    match cache_entry(path, format, verify, progress, cancel)? {
         Cached::Ready(source) => Ok(source),
         Cached::Missing(entry) => entry.decode(progress, cancel, &|_, _| {}),
     }
@@ -207,9 +230,11 @@ pub struct Entry {
     pub partial: PathBuf,
 }
 
+/// `verify`: hash a cached image's bytes again rather than trust its hash file.
 pub fn cache_entry(
     path: &Path,
     format: Format,
+    verify: bool,
     progress: &Progress,
     cancel: &AtomicBool,
 ) -> Result<Cached> {
@@ -222,21 +247,43 @@ pub fn cache_entry(
         "hashing archive",
         cancel,
     )?;
-    let dir = cache_dir();
-    std::fs::create_dir_all(&dir)
-        .with_context(|| format!("creating the cache {}", dir.display()))?;
+    let dir = crate::digest::private_cache_dir()?;
     let image = dir.join(format!("{key}.img"));
     let hash_file = dir.join(format!("{key}.img.sha256"));
     if let (Ok(meta), Ok(sha256)) = (
         std::fs::metadata(&image),
         std::fs::read_to_string(&hash_file),
     ) {
-        return Ok(Cached::Ready(Source {
-            path: image,
+        let remembered = Source {
+            path: image.clone(),
             len: meta.len(),
             sha256: sha256.trim().into(),
             format,
-        }));
+        };
+        if !verify {
+            return Ok(Cached::Ready(remembered));
+        }
+        // A remembered hash is a hint: with an expected hash the entry's
+        // bytes are hashed again, and one that is not what its hash file
+        // says is thrown away and decoded anew.
+        let mut file = File::open(&image)
+            .with_context(|| format!("opening the cached image {}", image.display()))?;
+        let actual = hash_reader(
+            &mut file,
+            meta.len(),
+            progress,
+            "checking the cached image",
+            cancel,
+        )?;
+        if actual == remembered.sha256 {
+            return Ok(Cached::Ready(remembered));
+        }
+        progress.say(&format!(
+            "the cached image {} is not what its hash file says: decoding the archive again",
+            image.display()
+        ));
+        let _ = std::fs::remove_file(&hash_file);
+        let _ = std::fs::remove_file(&image);
     }
     Ok(Cached::Missing(Entry {
         archive: path.to_path_buf(),
