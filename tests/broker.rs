@@ -113,10 +113,20 @@ fn init_makes_a_ca_a_certificate_a_config_and_a_database() {
         .piprov()
         .args(["broker", "token", "add", "--config"])
         .arg(&broker.config)
-        .args(["--name", "site-a"])
+        .args(["--name", "site-a", "--unlimited"])
         .assert()
         .code(2)
         .stderr(contains("exists already"));
+    // No limits given, and none waived: a token for ever is asked for by name.
+    broker
+        .piprov()
+        .args(["broker", "token", "add", "--config"])
+        .arg(&broker.config)
+        .args(["--name", "site-b"])
+        .assert()
+        .code(2)
+        .stderr(contains("--max-uses"))
+        .stderr(contains("--expires"));
 }
 
 #[test]

@@ -133,6 +133,7 @@ fn token(action: TokenCommand) -> Result<()> {
             name,
             max_uses,
             expires,
+            unlimited: _,
             serials,
             token_file,
             device_policy,

@@ -352,12 +352,16 @@ pub enum TokenCommand {
         /// The token's name (letters, digits, - and _), as `token list` shows it
         #[arg(long)]
         name: String,
-        /// How many activations it may obtain
-        #[arg(long)]
+        /// How many activations it may obtain (required, or --unlimited)
+        #[arg(long, required_unless_present = "unlimited")]
         max_uses: Option<u32>,
-        /// Lifetime, e.g. 30d
-        #[arg(long, value_parser = humantime::parse_duration)]
+        /// Lifetime, e.g. 30d (required, or --unlimited)
+        #[arg(long, value_parser = humantime::parse_duration, required_unless_present = "unlimited")]
         expires: Option<std::time::Duration>,
+        /// Let the limit left out (--max-uses or --expires, or both) be
+        /// unlimited: a token anyone who copies it can use for ever, if both
+        #[arg(long)]
+        unlimited: bool,
         /// Only these Pi serials (one per line) may enrol with it
         #[arg(long, value_name = "FILE")]
         serials: Option<PathBuf>,
@@ -368,6 +372,7 @@ pub enum TokenCommand {
         #[arg(long, value_enum, default_value_t = DevicePolicy::Off)]
         device_policy: DevicePolicy,
     },
+    /// List the tokens: name, uses, expiry, revoked, devices (never a token itself)
     List {
         /// The broker's config file (broker.toml, made by `piprov broker init`)
         #[arg(long)]
@@ -376,6 +381,7 @@ pub enum TokenCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Revoke a token: cards that present it get no activation from then on
     Revoke {
         /// The broker's config file (broker.toml, made by `piprov broker init`)
         #[arg(long)]
@@ -409,6 +415,7 @@ pub enum DeviceCommand {
         replace: bool,
     },
     /// Recorded devices: serial, key fingerprint, imported or first use, last seen
+    /// List the tokens: name, uses, expiry, revoked, devices (never a token itself)
     List {
         /// The broker's config file (broker.toml, made by `piprov broker init`)
         #[arg(long)]
@@ -418,6 +425,7 @@ pub enum DeviceCommand {
         json: bool,
     },
     /// Refuse a Pi from now on, under every device policy but off
+    /// Revoke a token: cards that present it get no activation from then on
     Revoke {
         /// The broker's config file (broker.toml, made by `piprov broker init`)
         #[arg(long)]

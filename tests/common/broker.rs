@@ -188,13 +188,16 @@ impl BrokerProcess {
     }
 
     /// `piprov broker token add --name NAME ARGS…`; returns the token.
+    /// Limits not given are unlimited (`--unlimited`).
     pub fn add_token(&self, name: &str, args: &[&str]) -> String {
+        let limited = args.contains(&"--max-uses") && args.contains(&"--expires");
         let out = succeed(
             self.piprov()
                 .args(["broker", "token", "add", "--config"])
                 .arg(&self.config)
                 .args(["--name", name])
-                .args(args),
+                .args(args)
+                .args((!limited).then_some("--unlimited")),
         );
         String::from_utf8(out.stdout).unwrap().trim().to_string()
     }
