@@ -168,3 +168,55 @@ fn a_giant_sparse_file_is_refused_not_read() {
         "/etc/fstab in the root filesystem is 6442450944 bytes",
     );
 }
+
+/// Archives that decode to something that is not a disk image (here 64 MiB of
+/// zeroes, as a bomb would): every format stops as soon as its first chunk has
+/// decoded, says so, and keeps nothing in the cache.
+#[test]
+fn an_archive_that_is_not_a_disk_image_is_stopped_at_its_head() {
+    let dir = TempDir::new().unwrap();
+    let zeroes = dir.path().join("zeroes.img");
+    std::fs::File::create(&zeroes)
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
+    let cache = dir.path().join("cache");
+    let os = |s: &str| std::ffi::OsString::from(s);
+    for (tool, ext) in [
+        ("xz", "xz"),
+        ("gzip", "gz"),
+        ("zstd", "zst"),
+        ("bzip2", "bz2"),
+    ] {
+        let ok = Command::new(tool)
+            .args(["-k", "-f", "-q"])
+            .arg(&zeroes)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "{tool}");
+        let archive = dir.path().join(format!("zeroes.img.{ext}"));
+        let card = dir.path().join(format!("card-{ext}.img"));
+        assert_bounded(
+            &format!("flash of a .{ext}"),
+            bounded(
+                &cache,
+                &[
+                    &os("flash"),
+                    archive.as_os_str(),
+                    card.as_os_str(),
+                    &os("--as-is"),
+                    &os("--yes"),
+                ],
+            ),
+            "does not hold a disk image",
+        );
+        let kept: Vec<_> = std::fs::read_dir(&cache)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .filter(|n| n.to_string_lossy().contains(".img"))
+            .collect();
+        assert!(kept.is_empty(), ".{ext}: the cache kept {kept:?}");
+        assert!(!card.exists(), ".{ext}: a card was made");
+    }
+}

@@ -346,8 +346,23 @@ impl Entry {
             Ok(done) => done,
             Err(e) => {
                 let _ = std::fs::remove_file(&self.partial);
-                if e.downcast_ref::<Cancelled>().is_some() {
+                if e.downcast_ref::<Cancelled>().is_some()
+                    || e.downcast_ref::<NotADiskImage>().is_some()
+                {
                     return Err(e);
+                }
+                let full = e
+                    .chain()
+                    .filter_map(|cause| cause.downcast_ref::<std::io::Error>())
+                    .any(|io| io.kind() == std::io::ErrorKind::StorageFull);
+                if full {
+                    let dir = self.image.parent().unwrap_or(Path::new("."));
+                    return Err(e).with_context(|| {
+                        format!(
+                            "the cache's filesystem is full ({}): free room there or set PIPROV_CACHE_DIR",
+                            dir.display()
+                        )
+                    });
                 }
                 return Err(e).context("the archive is truncated or corrupt");
             }
@@ -464,6 +479,17 @@ fn decode_zip(
 /// returns its length and SHA-256. `copied` hears, after each piece, the length
 /// so far (readers of the file may read that far) and the ranges of it that
 /// were written rather than left as holes.
+/// What an archive decoded to when its head is not a disk image's.
+#[derive(Debug, thiserror::Error)]
+#[error("it does not hold a disk image (no partition table in its first sector)")]
+pub struct NotADiskImage;
+
+/// A disk image starts with an MBR, or GPT's protective one: the 0x55AA
+/// signature ends its first sector.
+fn is_disk_head(head: &[u8]) -> bool {
+    head.len() >= 512 && head[510] == 0x55 && head[511] == 0xAA
+}
+
 fn copy_sparse(
     r: &mut impl Read,
     out: &File,
@@ -479,6 +505,11 @@ fn copy_sparse(
         let n = read_up_to(r, &mut buf)?;
         if n == 0 {
             break;
+        }
+        if len == 0 && !is_disk_head(&buf[..n]) {
+            // Checked on the first chunk, so a bomb of anything else ends
+            // after 4 MiB instead of filling the cache.
+            return Err(NotADiskImage.into());
         }
         hasher.update(&buf[..n]);
         let mut ends_in_hole = false;
