@@ -265,8 +265,9 @@ fn refusals_are_answered_without_calling_aws() {
     assert_eq!(status, 200, "an allowed serial");
     assert_eq!(creates(&ssm), 2);
 
-    // The per-client rate limit (20 a minute; 13 used above).
-    let statuses: Vec<u16> = (0..10)
+    // The per-client rate limit (20 a minute) counts requests refused at the
+    // token (4 above).
+    let statuses: Vec<u16> = (0..20)
         .map(|_| broker.post("/v1/activations", None, &ask(SERIAL_A)).0)
         .collect();
     assert!(statuses.contains(&429), "{statuses:?}");
@@ -603,4 +604,42 @@ fn the_broker_keeps_its_records_private() {
     for file in ["broker.db", "broker.db-wal", "broker.db-shm"] {
         assert_eq!(mode(&broker.dir.join(file)), 0o600, "{file}");
     }
+}
+
+/// A token's requests count against the token, not the address: cards behind
+/// one NAT share the token's allowance (here 12 a minute), not the address's
+/// (here 3, for requests refused at the token).
+#[test]
+fn a_token_has_its_own_rate_limit_apart_from_the_address() {
+    let dir = TempDir::new().unwrap();
+    let ssm = SsmEndpoint::start(dir.path(), 0);
+    let mut broker = BrokerProcess::init(
+        dir.path(),
+        &ssm,
+        &[
+            ("rate_limit_per_minute", "3"),
+            ("token_rate_limit_per_minute", "12"),
+        ],
+    );
+    let token = broker.add_token("site-a", &[]);
+    broker.start();
+    // Malformed bodies pass the gate (token and rate) and are refused after it.
+    let statuses: Vec<u16> = (0..14)
+        .map(|_| broker.post("/v1/activations", Some(&token), "{not json").0)
+        .collect();
+    assert_eq!(&statuses[..12], &[400; 12], "{statuses:?}");
+    assert_eq!(&statuses[12..], &[429, 429], "{statuses:?}");
+    let (status, reply) = broker.post("/v1/activations", Some(&token), "{not json");
+    assert_eq!(status, 429);
+    assert!(reply.to_string().contains("with token site-a"), "{reply}");
+    // Requests without a valid token spend the address's allowance.
+    let statuses: Vec<u16> = (0..4)
+        .map(|_| {
+            broker
+                .post("/v1/activations", Some("pvt_0000"), &ask(SERIAL_A))
+                .0
+        })
+        .collect();
+    assert_eq!(statuses, [401, 401, 401, 429]);
+    assert_eq!(creates(&ssm), 0);
 }

@@ -147,6 +147,7 @@ fn load(case: Case) {
         ssm.env(dir.path()),
         &[
             ("rate_limit_per_minute", "100000000"),
+            ("token_rate_limit_per_minute", "100000000"),
             // A short deadline, so what a killed broker left is withdrawn soon.
             ("request_timeout", "\"5s\""),
         ],

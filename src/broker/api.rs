@@ -2,16 +2,14 @@
 //! limit, token, serial allowlist). Every refusal is audited and answered
 //! before any call to AWS. Tokens and codes never reach a log.
 
-use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Mutex;
-use std::time::Instant;
 
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
 use super::config::Loaded;
+use super::rate::RateLimiter;
 use super::sealing::VendKey;
 use super::store::{Store, Token, now};
 
@@ -24,8 +22,11 @@ pub struct Broker {
     pub store: Store,
     pub(super) ssm: aws_sdk_ssm::Client,
     pub(super) vend_key: VendKey,
-    /// Per process: each broker limits what reaches it.
-    buckets: Mutex<HashMap<IpAddr, (f64, Instant)>>,
+    /// Per process: each broker limits what reaches it. Requests refused at the
+    /// token count against their address; a token's requests against the token,
+    /// so cards behind one NAT do not share one address's allowance.
+    by_address: RateLimiter<IpAddr>,
+    by_token: RateLimiter<i64>,
 }
 
 pub struct ApiError(StatusCode, String);
@@ -53,11 +54,12 @@ impl Broker {
         vend_key: VendKey,
     ) -> Broker {
         Broker {
-            config,
             store,
             ssm,
+            by_address: RateLimiter::new(config.config.rate_limit_per_minute),
+            by_token: RateLimiter::new(config.config.token_rate_limit_per_minute),
             vend_key,
-            buckets: Mutex::new(HashMap::new()),
+            config,
         }
     }
 
@@ -65,26 +67,6 @@ impl Broker {
     /// it, a clean-up may delete the activation, and recording it fails.
     pub fn lease_secs(&self) -> i64 {
         self.config.timeout.as_secs() as i64 + 10
-    }
-
-    fn rate_limited(&self, ip: IpAddr) -> bool {
-        let per_minute = f64::from(self.config.config.rate_limit_per_minute);
-        // Held for arithmetic only, never across an await or a call that can
-        // panic: a poisoned lock is taken back.
-        let mut buckets = self
-            .buckets
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let now = Instant::now();
-        let (tokens, last) = buckets.entry(ip).or_insert((per_minute, now));
-        *tokens =
-            (*tokens + now.duration_since(*last).as_secs_f64() * per_minute / 60.0).min(per_minute);
-        *last = now;
-        if *tokens < 1.0 {
-            return true;
-        }
-        *tokens -= 1.0;
-        false
     }
 
     /// A refusal worth auditing; the audit's own failure does not change the answer.
@@ -162,13 +144,26 @@ pub(super) async fn admit(
     peer: Peer,
     headers: &HeaderMap,
 ) -> Result<(Token, String), ApiError> {
-    if broker.rate_limited(peer.0.ip()) {
+    let address = peer.0.ip();
+    if !broker.by_address.has_room(&address) {
         return Err(err(
             StatusCode::TOO_MANY_REQUESTS,
             "too many requests: slow down",
         ));
     }
-    let client = peer.0.ip().to_string();
-    let token = broker.authorize(headers, &client).await?;
+    let client = address.to_string();
+    let token = match broker.authorize(headers, &client).await {
+        Ok(token) => token,
+        Err(refused) => {
+            broker.by_address.spend(&address);
+            return Err(refused);
+        }
+    };
+    if !broker.by_token.spend(&token.id) {
+        return Err(err(
+            StatusCode::TOO_MANY_REQUESTS,
+            format!("too many requests with token {}: slow down", token.name),
+        ));
+    }
     Ok((token, client))
 }

@@ -51,9 +51,13 @@ pub struct BrokerConfig {
     /// When a Pi registers again, deregister its previous node (same serial only).
     #[serde(default)]
     pub deregister_previous: bool,
-    /// Requests per minute from one client address.
+    /// Requests per minute from one client address that fail the token check.
     #[serde(default = "default_rate")]
     pub rate_limit_per_minute: u32,
+    /// Requests per minute with one enrollment token (a site's cards, perhaps
+    /// behind one NAT, share it).
+    #[serde(default = "default_token_rate")]
+    pub token_rate_limit_per_minute: u32,
     #[serde(default = "default_body")]
     pub max_body_bytes: usize,
     /// Longest a request may take, e.g. "20s".
@@ -72,6 +76,9 @@ fn default_connections() -> usize {
 }
 fn default_rate() -> u32 {
     30
+}
+fn default_token_rate() -> u32 {
+    600
 }
 fn default_body() -> usize {
     4096
@@ -144,9 +151,9 @@ pub fn load(path: &Path) -> Result<Loaded> {
             config.region
         );
     }
-    if config.rate_limit_per_minute == 0 {
+    if config.rate_limit_per_minute == 0 || config.token_rate_limit_per_minute == 0 {
         bail!(
-            "{}: rate_limit_per_minute must be at least 1",
+            "{}: rate_limit_per_minute and token_rate_limit_per_minute must be at least 1",
             path.display()
         );
     }

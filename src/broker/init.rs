@@ -128,6 +128,7 @@ pub fn init(options: &InitOptions) -> Result<Initialised> {
         activation_lifetime: "1h".into(),
         deregister_previous: false,
         rate_limit_per_minute: 30,
+        token_rate_limit_per_minute: 600,
         max_body_bytes: 4096,
         request_timeout: "20s".into(),
         challenge_lifetime: "2m".into(),

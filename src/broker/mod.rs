@@ -19,6 +19,7 @@ pub mod device;
 mod device_check;
 pub mod init;
 mod issue;
+mod rate;
 mod register;
 mod request;
 pub mod request_log;
