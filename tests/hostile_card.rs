@@ -20,6 +20,11 @@ fn status_message(card: &Card) -> String {
     card.status()["message"].as_str().unwrap().to_string()
 }
 
+/// The card's status message says `text`.
+fn assert_status_says(card: &Card, text: &str) {
+    assert!(status_message(card).contains(text), "{}", card.status());
+}
+
 /// A failed install must not let the golden speak: whatever is missing from
 /// the boot partition, the agent is held, the boot partition says which step
 /// failed, the secret is gone from the FAT (and from its clusters: the card's
@@ -138,10 +143,7 @@ fn edited_settings_on_an_installed_card_keep_the_agent_stopped() {
     assert_eq!(card.gate().status.code(), Some(1));
     let status = card.status();
     assert_eq!(status["state"], "blocked");
-    assert!(
-        status_message(&card).contains("STRIP_NOPASSWD is given twice"),
-        "{status}"
-    );
+    assert_status_says(&card, "STRIP_NOPASSWD is given twice");
 }
 
 /// A card waiting for its activation, a listener standing in for an
@@ -179,10 +181,7 @@ fn a_secret_file_cannot_change_where_the_token_goes() {
     assert_no_request_reached(&attacker);
     let status = card.status();
     assert_eq!(status["state"], "failed", "{status}");
-    assert!(
-        status_message(&card).contains("SOURCE is not a setting this file may hold"),
-        "{status}"
-    );
+    assert_status_says(&card, "SOURCE is not a setting this file may hold");
     assert!(
         card.gate().status.code() == Some(1),
         "the agent stays stopped"
@@ -215,11 +214,7 @@ fn the_card_sends_its_token_over_https_only() {
     assert!(out.status.success(), "{}", stderr(&out));
     assert_no_request_reached(&attacker);
     assert_eq!(card.status()["state"], "failed");
-    assert!(
-        status_message(&card).contains("is not https://"),
-        "{}",
-        card.status()
-    );
+    assert_status_says(&card, "is not https://");
 }
 
 /// A device-tree serial is data from the hardware, and ends up in a sed
@@ -242,11 +237,7 @@ fn a_forged_serial_runs_nothing() {
         stderr(&out)
     );
     assert_eq!(card.gate().status.code(), Some(1));
-    assert!(
-        status_message(&card).contains("cannot tell which hardware"),
-        "{}",
-        card.status()
-    );
+    assert_status_says(&card, "cannot tell which hardware");
 }
 
 /// A hostname pattern whose expansion is longer than a hostname may be (or
