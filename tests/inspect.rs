@@ -232,3 +232,39 @@ fn terminal_escapes_from_the_image_are_shown_escaped() {
     );
     assert!(text.contains("\\u{1b}[2J"), "{text}");
 }
+
+/// Raspberry Pi OS ships `.img.xz`: inspect reads every format flash reads
+/// (decoded once, into the same cache), and stamp on an archive says what to
+/// do instead.
+#[test]
+fn an_archive_is_inspected_and_stamp_says_what_to_do_with_one() {
+    let dir = TempDir::new().unwrap();
+    let image = fixture("registered", &dir);
+    let ok = std::process::Command::new("xz")
+        .args(["-k", "-T2"])
+        .arg(&image)
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+    let xz = dir.path().join("registered.img.xz");
+    piprov()
+        .env("PIPROV_CACHE_DIR", dir.path().join("cache"))
+        .arg("inspect")
+        .arg(&xz)
+        .assert()
+        .code(1)
+        .stdout(contains(
+            "CRITICAL ssm-registration-baked: SSM registration baked in: mi-0a1b2c3d4e5f60718",
+        ));
+    let recipe = common::card::shared_recipe(dir.path(), "");
+    piprov()
+        .arg("stamp")
+        .arg(&xz)
+        .arg("--recipe")
+        .arg(&recipe)
+        .assert()
+        .code(2)
+        .stderr(contains("is an archive (xz)"))
+        .stderr(contains("flash it with --recipe"));
+}

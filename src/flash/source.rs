@@ -180,7 +180,7 @@ pub fn open_for_flash(
     check_expected(path, source, expected).map(Opened::Ready)
 }
 
-fn detect_file(path: &Path) -> Result<Format> {
+pub fn detect_file(path: &Path) -> Result<Format> {
     let mut file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
     let mut head = [0u8; 8];
     let n = read_up_to(&mut file, &mut head)?;

@@ -8,8 +8,9 @@ mod render;
 use std::fmt::Debug;
 use std::io::{Read, Seek, Write};
 use std::path::Path;
+use std::sync::atomic::AtomicBool;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use serde::Serialize;
 
 pub use facts::{Facts, MachineIdState, SsmAgentUsers, gather as gather_facts, redact};
@@ -36,9 +37,20 @@ impl Report {
     }
 }
 
+/// Inspects an image, or an archive of one (every format flash reads), which
+/// is decoded once into flash's cache.
 pub fn inspect(path: &Path) -> Result<Report> {
-    let image = Image::open(path)?;
-    report(&image, &path.display().to_string())
+    let name = path.display().to_string();
+    let format = crate::flash::source::detect_file(path)?;
+    if format == crate::flash::source::Format::Raw {
+        return report(&Image::open(path)?, &name);
+    }
+    let quiet = crate::progress::Progress::new(crate::progress::Mode::Quiet);
+    let decoded = crate::flash::source::open(path, None, &quiet, &AtomicBool::new(false))
+        .with_context(|| format!("decoding {name}"))?;
+    let image = Image::open(&decoded.path)
+        .with_context(|| format!("reading the image decoded from {name}"))?;
+    report(&image, &name)
 }
 
 /// The report for an already opened image; `name` is what errors and the report call it.

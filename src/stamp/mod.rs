@@ -160,6 +160,15 @@ pub fn unstamp(path: &Path, dry_run: bool) -> Result<Outcome> {
 }
 
 fn open(path: &Path, dry_run: bool) -> Result<Image<File>> {
+    let format = crate::flash::source::detect_file(path)?;
+    if format != crate::flash::source::Format::Raw {
+        bail!(
+            "{} is an archive ({}): stamp writes into an image in place; decompress it first \
+             (e.g. xz -dk), or flash it with --recipe, which stamps each card as it is written",
+            path.display(),
+            format.name()
+        );
+    }
     if dry_run {
         Image::open(path)
     } else {
