@@ -17,7 +17,12 @@ fn main() -> ExitCode {
         }
         Err(e) => {
             eprintln!("piprov: error: {e:#}");
-            ExitCode::from(cli::exit::ERROR)
+            // 2: no card was touched; 1: cards were, and are left blank.
+            if e.downcast_ref::<piprov::flash::CardsLeftBlank>().is_some() {
+                ExitCode::from(cli::exit::RISKY)
+            } else {
+                ExitCode::from(cli::exit::ERROR)
+            }
         }
     }
 }

@@ -222,7 +222,7 @@ fn a_damaged_archive_leaves_every_card_without_a_table_and_nothing_in_the_cache(
             .args(&cards)
             .args(["--yes"])
             .assert()
-            .code(2)
+            .code(1)
             .stderr(contains("the archive is truncated or corrupt"))
             .stderr(contains(NO_TABLE));
         for card in &cards {
@@ -264,7 +264,7 @@ fn a_damaged_archive_leaves_a_used_card_without_a_table() {
         .arg(&dev.dev)
         .args(["--yes", "--allow-non-removable"])
         .assert()
-        .code(2)
+        .code(1)
         .stderr(contains("the archive is truncated or corrupt"))
         .stderr(contains(NO_TABLE));
     let card = card_as_image(&dir, dev, &backing, len);
@@ -285,7 +285,7 @@ fn an_archive_of_another_image_than_asked_for_leaves_the_card_without_a_table() 
         .arg(&card)
         .args(["--sha256", &"0".repeat(64)])
         .assert()
-        .code(2)
+        .code(1)
         .stderr(contains("not the expected 0000"))
         .stderr(contains(NO_TABLE));
     assert_left_without_a_table(&card, &image);

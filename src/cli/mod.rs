@@ -140,8 +140,9 @@ pub enum Command {
         Refused, with the reason: the system disk, a mounted or busy device, a partition, a \
         read-only or too small card; a non-removable disk without --allow-non-removable; one \
         over 128 GB without --allow-large. Nothing is written until you confirm (or --yes).\n\n\
-        Exit status: 0 every card written and verified, 1 some cards failed (the others are \
-        complete), 2 error before any card was written.",
+        Exit status: 0 every card written and verified; 1 at least one card was touched and \
+        is not right (it holds no partition table; the others are complete); 2 no card was \
+        touched (bad input, a refused target, an image refused before writing).",
         after_help = "Examples:\n  piprov flash golden.img.xz /dev/sdb --recipe image-recipes/site.toml --hostname pi-door-07\n  \
             piprov flash golden.img.xz /dev/sdb /dev/sdc /dev/sdd --recipe bench.toml --hostname 'door-{number}' --yes\n  \
             piprov flash golden.img --targets-file bench.csv --recipe bench.toml --manifest cards.jsonl\n  \

@@ -277,13 +277,25 @@ pub fn flash(config: &FlashConfig, progress: &Progress) -> Result<Summary> {
             let hashed = source::Source { sha256, ..source };
             source::check_expected(&config.image, hashed, config.sha256.as_deref())
         })
-        .map_err(|e| anyhow::anyhow!("{e:#}; {NOT_BOOTABLE}"))?;
+        .map_err(|e| left_blank(format!("{e:#}")))?;
     Ok(summary)
 }
 
-/// Said when the cards had data written before the image was found wrong.
-const NOT_BOOTABLE: &str = "the cards were written in part and hold no partition table: \
-                            they will not boot (flash them again once the image is right)";
+/// A flash that failed after the cards were written to: each was left with no
+/// partition table (plainly not a card). Exit status 1, where 2 says no card
+/// was touched.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "{0}; the cards were written in part and hold no partition table: they will not boot ({1})"
+)]
+pub struct CardsLeftBlank(String, &'static str);
+
+const AFTER_BAD_IMAGE: &str = "flash them again once the image is right";
+const AFTER_INTERRUPT: &str = "flash them again";
+
+fn left_blank(e: impl std::fmt::Display) -> anyhow::Error {
+    CardsLeftBlank(e.to_string(), AFTER_BAD_IMAGE).into()
+}
 
 /// What every card of a batch is written from: the image, its hash (known, or
 /// worked out while writing), its map and where its tables lie.
@@ -366,15 +378,15 @@ fn flash_while_decoding(
         bar.finish_and_clear();
         done
     };
-    let not_bootable = NOT_BOOTABLE;
     let (source, keeping) =
         growing
             .finish()
             .map_err(|e| match e.downcast_ref::<crate::digest::Cancelled>() {
-                Some(_) => {
-                    anyhow::anyhow!("interrupted while the archive was decoded; {not_bootable}")
-                }
-                None => anyhow::anyhow!("{e:#}; {not_bootable}"),
+                Some(_) => anyhow::Error::from(CardsLeftBlank(
+                    "interrupted while the archive was decoded".into(),
+                    AFTER_INTERRUPT,
+                )),
+                None => left_blank(format!("{e:#}")),
             })?;
     // The cache is made durable while the cards are finished.
     let kept = |keeping: stream::Keeping| {
@@ -388,7 +400,7 @@ fn flash_while_decoding(
         Ok(source) => source,
         Err(e) => {
             kept(keeping);
-            bail!("{e:#}; {not_bootable}");
+            return Err(left_blank(format!("{e:#}")));
         }
     };
     let mut results = prefill.results.into_iter();
@@ -401,7 +413,7 @@ fn flash_while_decoding(
         Ok(mapped) => mapped,
         Err(e) => {
             kept(keeping);
-            bail!("{e:#}; {not_bootable}");
+            return Err(left_blank(format!("{e:#}")));
         }
     };
     let cards = Cards {
