@@ -571,6 +571,7 @@ mod tests {
     fn sparse_copy_keeps_length_and_hash() {
         let mut data = vec![0u8; 300_000];
         data[5] = 1;
+        data[510..512].copy_from_slice(&[0x55, 0xAA]);
         data[299_999] = 2;
         let dir = tempfile::TempDir::new().unwrap();
         let path = dir.path().join("out");
@@ -580,5 +581,14 @@ mod tests {
         assert_eq!(len, 300_000);
         assert_eq!(std::fs::read(&path).unwrap(), data);
         assert_eq!(sha, hex(&Sha256::digest(&data)));
+    }
+
+    #[test]
+    fn a_decode_without_a_partition_table_stops_at_its_head() {
+        let data = vec![0u8; 300_000];
+        let dir = tempfile::TempDir::new().unwrap();
+        let out = File::create(dir.path().join("out")).unwrap();
+        let e = copy_sparse(&mut &data[..], &out, &AtomicBool::new(false), &|_, _| {}).unwrap_err();
+        assert!(e.downcast_ref::<NotADiskImage>().is_some(), "{e:#}");
     }
 }
