@@ -314,7 +314,8 @@ fn no_secret_is_exported_to_child_processes() {
 /// rival CA as the system store and curl out of reach, so this host is untouched.
 #[test]
 fn wget_trusts_the_pinned_ca_alone() {
-    let usable = which("wget") && which("curl") && which("unshare -m true");
+    // `unshare -m true`: a private mount namespace can be made (root).
+    let usable = runs("command -v wget") && runs("command -v curl") && runs("unshare -m true");
     if !common::available(
         usable,
         "root, unshare, wget and curl (a private mount namespace)",
@@ -366,14 +367,10 @@ fn wget_trusts_the_pinned_ca_alone() {
     assert!(!err.contains(token), "{err}");
 }
 
-/// Whether a command runs here (`unshare -m true`: a mount namespace, root).
-fn which(command: &str) -> bool {
-    let command = match command.split_once(' ') {
-        Some(_) => command.to_string(),
-        None => format!("command -v {command}"),
-    };
+/// Whether a shell command succeeds here.
+fn runs(command: &str) -> bool {
     std::process::Command::new("sh")
         .args(["-c", &format!("{command} >/dev/null 2>&1")])
-        .output()
-        .is_ok_and(|o| o.status.success())
+        .status()
+        .is_ok_and(|s| s.success())
 }

@@ -46,12 +46,13 @@ impl Budget {
         self.left.store(self.per_call, Ordering::Relaxed);
     }
 
-    /// Takes up to `want` bytes from the budget; 0 once it is spent.
-    fn take(&self, want: u64) -> u64 {
-        let left = self.left.load(Ordering::Relaxed);
-        let granted = want.min(left);
-        self.left.store(left - granted, Ordering::Relaxed);
-        granted
+    /// Spends `cost` bytes of the budget; false (and nothing spent) when less is left.
+    fn spend(&self, cost: u64) -> bool {
+        self.left
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |left| {
+                left.checked_sub(cost)
+            })
+            .is_ok()
     }
 }
 
@@ -72,7 +73,7 @@ impl<D: Read + Seek> Read for Bounded<D> {
         // fatfs reads a directory entry a field at a time: every read costs
         // at least a sector, so many small reads spend the budget too.
         let cost = (buf.len() as u64).max(READ_COST_MIN);
-        if self.budget.take(cost) < cost {
+        if !self.budget.spend(cost) {
             return Err(io::Error::other(LOOPING));
         }
         self.slice.read(buf)
