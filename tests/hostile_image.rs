@@ -220,3 +220,26 @@ fn an_archive_that_is_not_a_disk_image_is_stopped_at_its_head() {
         assert!(!card.exists(), ".{ext}: a card was made");
     }
 }
+
+/// A directory the audit reads file by file (`/etc/sudoers.d`) holding
+/// thousands of entries: each lookup reads the directory from its start, so
+/// reading them all is quadratic; refused by its count, within the bound.
+#[test]
+fn a_huge_directory_is_refused_by_its_count() {
+    let dir = TempDir::new().unwrap();
+    let image = dir.path().join("huge-dir.img");
+    common::build_image(
+        &image,
+        &[
+            "--customize",
+            r#"(cd "$root/etc/sudoers.d" && seq -f "rule-%g" 5000 | xargs touch)"#,
+        ],
+    );
+    let cache = dir.path().join("cache");
+    let os = |s: &str| std::ffi::OsString::from(s);
+    assert_bounded(
+        "inspect",
+        bounded(&cache, &[&os("inspect"), image.as_os_str()]),
+        "/etc/sudoers.d in the root filesystem holds more than 1024 entries",
+    );
+}

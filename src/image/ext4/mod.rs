@@ -14,6 +14,13 @@ pub struct RootFs {
 /// The largest file piprov reads from a root filesystem.
 pub const MAX_FILE: u64 = 32 << 20;
 
+/// The most entries piprov lists of one directory. ext4-view finds a name by
+/// reading its directory from the start (unless the directory is hash-indexed,
+/// which a crafted image need not be), so reading every file of a directory
+/// costs its length squared: 20,000 entries took 25 s. The directories the
+/// audit lists hold tens of entries on a real image.
+pub const MAX_DIR_ENTRIES: usize = 1024;
+
 /// Owner and permissions of a path in the image.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Owner {
@@ -110,7 +117,7 @@ impl RootFs {
     }
 
     /// Names in a directory, sorted, without `.` and `..`; empty when the
-    /// directory does not exist.
+    /// directory does not exist. More than `MAX_DIR_ENTRIES` is refused.
     pub fn list(&self, dir: &str) -> Result<Vec<String>> {
         let entries = match self.fs.read_dir(dir) {
             Ok(entries) => entries,
@@ -125,6 +132,13 @@ impl RootFs {
             let name = entry.file_name();
             let name = String::from_utf8_lossy(name.as_ref()).into_owned();
             if name != "." && name != ".." {
+                if names.len() == MAX_DIR_ENTRIES {
+                    bail!(
+                        "{dir} in the root filesystem holds more than {MAX_DIR_ENTRIES} entries, \
+                         more than piprov lists of a configuration directory: the image is not \
+                         what it seems"
+                    );
+                }
                 names.push(name);
             }
         }
