@@ -243,3 +243,223 @@ fn a_huge_directory_is_refused_by_its_count() {
         "/etc/sudoers.d in the root filesystem holds more than 1024 entries",
     );
 }
+
+/// A disk image's head (a first sector ending 0x55AA) and then `mib` MiB of
+/// one repeated byte: it passes the head check and compresses to almost
+/// nothing, as a bomb does.
+fn bomb(dir: &Path, mib: u64) -> std::path::PathBuf {
+    use std::io::Write;
+    let path = dir.join("bomb.img");
+    let mut out = std::io::BufWriter::new(std::fs::File::create(&path).unwrap());
+    let mut head = [0u8; 512];
+    head[510] = 0x55;
+    head[511] = 0xAA;
+    out.write_all(&head).unwrap();
+    let fill = vec![b'A'; 1 << 20];
+    for _ in 0..mib {
+        out.write_all(&fill).unwrap();
+    }
+    out.flush().unwrap();
+    path
+}
+
+/// `bomb.img` compressed by each tool flash reads, fastest settings.
+fn compressed(image: &Path) -> Vec<(&'static str, std::path::PathBuf)> {
+    let dir = image.parent().unwrap();
+    let mut made = Vec::new();
+    for (ext, tool, args) in [
+        ("xz", "xz", &["-0", "-T1", "-k", "-f"][..]),
+        ("gz", "gzip", &["-1", "-k", "-f"]),
+        ("zst", "zstd", &["-1", "-q", "-k", "-f"]),
+        ("bz2", "bzip2", &["-1", "-k", "-f"]),
+    ] {
+        let ok = Command::new(tool)
+            .args(args)
+            .arg(image)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "{tool}");
+        made.push((ext, dir.join(format!("bomb.img.{ext}"))));
+    }
+    let zip = dir.join("bomb.zip");
+    let ok = Command::new("zip")
+        .args(["-q", "-1", "-j"])
+        .arg(&zip)
+        .arg(image)
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "zip");
+    made.push(("zip", zip));
+    made
+}
+
+fn cached_images(cache: &Path) -> Vec<std::ffi::OsString> {
+    std::fs::read_dir(cache)
+        .map(|entries| {
+            entries
+                .map(|e| e.unwrap().file_name())
+                .filter(|n| n.to_string_lossy().contains(".img"))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Bombs of every format (256 MiB of one byte behind a disk head, a few KB
+/// packed) stop at `--max-size`, in flash and inspect alike, and leave
+/// nothing in the cache and no card.
+#[test]
+fn a_bomb_of_every_format_stops_at_the_max_size() {
+    let dir = TempDir::new().unwrap();
+    let image = bomb(dir.path(), 256);
+    let cache = dir.path().join("cache");
+    let os = |s: &str| std::ffi::OsString::from(s);
+    let cause = "more than 64.0 MiB (67108864 bytes), the --max-size";
+    for (ext, archive) in compressed(&image) {
+        let card = dir.path().join(format!("card-{ext}.img"));
+        assert_bounded(
+            &format!("flash of a .{ext} bomb"),
+            bounded(
+                &cache,
+                &[
+                    &os("flash"),
+                    archive.as_os_str(),
+                    card.as_os_str(),
+                    &os("--as-is"),
+                    &os("--max-size"),
+                    &os("64MiB"),
+                    &os("--yes"),
+                ],
+            ),
+            cause,
+        );
+        assert!(!card.exists(), ".{ext}: a card was made");
+        assert_bounded(
+            &format!("inspect of a .{ext} bomb"),
+            bounded(
+                &cache,
+                &[
+                    &os("inspect"),
+                    archive.as_os_str(),
+                    &os("--max-size"),
+                    &os("64MiB"),
+                ],
+            ),
+            cause,
+        );
+        let kept = cached_images(&cache);
+        assert!(kept.is_empty(), ".{ext}: the cache kept {kept:?}");
+    }
+}
+
+/// Without `--max-size`, a bomb flashed to cards stops at the largest card's
+/// size: nothing larger could be written anywhere.
+#[test]
+fn a_bomb_stops_at_the_largest_card() {
+    let dir = TempDir::new().unwrap();
+    let image = bomb(dir.path(), 256);
+    let (_, archive) = compressed(&image)
+        .into_iter()
+        .find(|(ext, _)| *ext == "bz2")
+        .unwrap();
+    let backing = dir.path().join("card.bin");
+    common::disk::fill_random(&backing, 32 << 20);
+    let card = common::disk::Loop::new(&backing, &[]).expect("a loop device (needs root)");
+    let cache = dir.path().join("cache");
+    let os = |s: &str| std::ffi::OsString::from(s);
+    assert_bounded(
+        "flash of a bomb to a 32 MiB card",
+        bounded(
+            &cache,
+            &[
+                &os("flash"),
+                archive.as_os_str(),
+                &os(&card.dev),
+                &os("--as-is"),
+                &os("--yes"),
+            ],
+        ),
+        "it decodes to more than 32.0 MiB (33554432 bytes), more than the largest target card holds",
+    );
+    assert!(cached_images(&cache).is_empty());
+}
+
+/// An xz whose index claims 64 MiB for a stream of 256 MiB: the cards are
+/// sized by the index and written while it decodes, so decoding stops where
+/// the index said it would end, not at the stream's end.
+#[test]
+fn an_xz_whose_index_lies_stops_at_its_claimed_length() {
+    let dir = TempDir::new().unwrap();
+    let image = bomb(dir.path(), 256);
+    let (_, archive) = compressed(&image)
+        .into_iter()
+        .find(|(ext, _)| *ext == "xz")
+        .unwrap();
+    // The index's one record: unpadded size, then the uncompressed size,
+    // rewritten as 64 MiB in the same five bytes (a varint may carry
+    // high zero groups), and the index's CRC32 made good again.
+    let lie = r#"
+import struct, sys, zlib
+path = sys.argv[1]
+data = bytearray(open(path, "rb").read())
+backward = struct.unpack("<I", data[-8:-4])[0]
+index_len = (backward + 1) * 4
+start = len(data) - 12 - index_len
+index = data[start:start + index_len]
+def varint(at):
+    value, shift = 0, 0
+    while True:
+        b = index[at]; at += 1
+        value |= (b & 0x7f) << shift; shift += 7
+        if not b & 0x80:
+            return value, at
+assert index[0] == 0
+count, at = varint(1)
+assert count == 1
+_, at = varint(at)
+size, end = varint(at)
+assert end - at == 5, end - at
+lie = 64 << 20
+encoded = bytearray()
+for i in range(5):
+    group = (lie >> (7 * i)) & 0x7f
+    encoded.append(group | (0x80 if i < 4 else 0))
+index[at:end] = encoded
+index[-4:] = struct.pack("<I", zlib.crc32(bytes(index[:-4])))
+data[start:start + index_len] = index
+open(path, "wb").write(data)
+"#;
+    let ok = Command::new("python3")
+        .args(["-c", lie])
+        .arg(&archive)
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "rewriting the xz index");
+    let card = dir.path().join("card.img");
+    let cache = dir.path().join("cache");
+    let os = |s: &str| std::ffi::OsString::from(s);
+    let (code, stderr, elapsed, rss) = bounded(
+        &cache,
+        &[
+            &os("flash"),
+            archive.as_os_str(),
+            card.as_os_str(),
+            &os("--as-is"),
+            &os("--yes"),
+        ],
+    );
+    assert!(elapsed < TIME_BOUND, "took {elapsed:?}: {stderr}");
+    assert!(rss < MEMORY_BOUND_KB, "peaked at {rss} KB");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(
+        stderr.contains(
+            "it decodes to more than 64.0 MiB (67108864 bytes), the length its index gives"
+        ),
+        "{stderr}"
+    );
+    // Written to while decoding, so touched: left blank, and said so.
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(cached_images(&cache).is_empty());
+}

@@ -78,8 +78,12 @@ pub enum Command {
         after_help = "Examples:\n  piprov inspect golden.img\n  piprov inspect --json /dev/sdb | jq .findings"
     )]
     Inspect {
-        /// Image file or block device
+        /// Image file or block device, or an archive of an image (decoded once
+        /// into flash's cache)
         image: PathBuf,
+        /// Stop decoding an archive past this size (e.g. 40GiB)
+        #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "32GiB")]
+        max_size: u64,
         /// Print the report as JSON (schema in docs/inspect-json.md)
         #[arg(long)]
         json: bool,
@@ -174,6 +178,10 @@ pub enum Command {
         /// Expected SHA-256 of the decompressed image (64 hex digits)
         #[arg(long, value_parser = parse_sha256)]
         sha256: Option<String>,
+        /// Stop decoding an archive past this size (e.g. 40GiB): by default
+        /// the largest target card's size, or 32 GiB when a target is a file
+        #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+        max_size: Option<u64>,
         /// Without --recipe, write an image unchanged even when its audit has
         /// critical findings (a baked registration, its key, machine-id, SSH
         /// host keys): every card will be a clone. Recorded in the summary and
@@ -624,7 +632,11 @@ pub enum ActivationCommand {
 pub fn run(cli: Cli) -> Result<ExitCode> {
     crate::ssm::set_verbose(cli.verbose);
     match cli.command {
-        Command::Inspect { image, json } => inspect(&image, json),
+        Command::Inspect {
+            image,
+            json,
+            max_size,
+        } => inspect(&image, max_size, json),
         Command::Completions { shell } => {
             docs::completions(shell);
             Ok(ExitCode::SUCCESS)
@@ -657,6 +669,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             full,
             no_verify,
             sha256,
+            max_size,
             as_is,
             bmap,
             no_bmap,
@@ -696,6 +709,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 allow_non_removable,
                 allow_large,
                 sha256,
+                max_size,
                 as_is,
                 manifest,
                 bmap: match (bmap, no_bmap) {
@@ -742,6 +756,16 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             dry_run,
             json,
         } => print_outcome(&crate::stamp::unstamp(&image, dry_run)?, json),
+    }
+}
+
+/// `--max-size`: bytes, or a size with a unit (`40GiB`, `32 GB`).
+fn parse_size(text: &str) -> std::result::Result<u64, String> {
+    match text.trim().parse::<bytesize::ByteSize>() {
+        Ok(size) if size.as_u64() > 0 => Ok(size.as_u64()),
+        _ => Err(format!(
+            "{text:?} is not a size: give bytes or a number with a unit, e.g. 40GiB"
+        )),
     }
 }
 
@@ -866,8 +890,12 @@ fn print_outcome(outcome: &crate::stamp::Outcome, json: bool) -> Result<ExitCode
     Ok(ExitCode::SUCCESS)
 }
 
-fn inspect(image: &std::path::Path, json: bool) -> Result<ExitCode> {
-    let report = crate::inspect::inspect(image)?;
+fn inspect(image: &std::path::Path, max_size: u64, json: bool) -> Result<ExitCode> {
+    let limit = crate::flash::source::DecodeLimit {
+        bytes: max_size,
+        why: "the --max-size",
+    };
+    let report = crate::inspect::inspect(image, limit)?;
     let mut stdout = std::io::stdout().lock();
     if json {
         serde_json::to_writer_pretty(&mut stdout, &report).map_err(std::io::Error::from)?;

@@ -58,6 +58,8 @@ pub struct FlashConfig {
     pub allow_non_removable: bool,
     pub allow_large: bool,
     pub sha256: Option<String>,
+    /// How far an archive may decode; by default the largest card's size.
+    pub max_size: Option<u64>,
     pub manifest: Option<PathBuf>,
     pub bmap: BmapChoice,
     /// Write an image with critical findings unchanged, without a recipe.
@@ -230,6 +232,7 @@ pub fn flash(config: &FlashConfig, progress: &Progress) -> Result<Summary> {
         &config.image,
         config.sha256.as_deref(),
         !audit,
+        decode_limit(config)?,
         progress,
         &CANCEL,
     )
@@ -279,6 +282,30 @@ pub fn flash(config: &FlashConfig, progress: &Progress) -> Result<Summary> {
         })
         .map_err(|e| left_blank(format!("{e:#}")))?;
     Ok(summary)
+}
+
+/// How far an archive may decode: `--max-size`; else, when every target is a
+/// device, the largest one's size (an image larger than every card could go
+/// nowhere); else (card-image files) the default.
+fn decode_limit(config: &FlashConfig) -> Result<source::DecodeLimit> {
+    if let Some(bytes) = config.max_size {
+        return Ok(source::DecodeLimit {
+            bytes,
+            why: "the --max-size",
+        });
+    }
+    let mut largest = 0;
+    for card in &config.cards {
+        let info = target::probe(&card.device)?;
+        if !info.block_device {
+            return Ok(source::DecodeLimit::DEFAULT);
+        }
+        largest = largest.max(info.size);
+    }
+    Ok(source::DecodeLimit {
+        bytes: largest,
+        why: "more than the largest target card holds",
+    })
 }
 
 /// A flash that failed after the cards were written to: each was left with no
@@ -585,7 +612,7 @@ fn refuse_shared_identity(config: &FlashConfig, loaded: &LoadedRecipe) -> Result
 /// critical findings (a baked registration, its key, a machine-id, host keys)
 /// would make every card a clone of it. `--as-is` overrules.
 fn refuse_hazards(config: &FlashConfig, image: &Path) -> Result<()> {
-    let report = crate::inspect::inspect(image)
+    let report = crate::inspect::inspect(image, source::DecodeLimit::DEFAULT)
         .with_context(|| format!("auditing {}", config.image.display()))?;
     let critical: Vec<String> = report
         .findings

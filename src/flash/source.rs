@@ -64,6 +64,36 @@ impl Format {
     }
 }
 
+/// How far an archive is decoded before it is stopped, and why there: a bomb
+/// (a few KB that decode to many GB) ends at what the cards could take, not at
+/// the end of the cache's disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DecodeLimit {
+    pub bytes: u64,
+    pub why: &'static str,
+}
+
+impl DecodeLimit {
+    /// For images that go to no card (inspect) or to card-image files: larger
+    /// than any Raspberry Pi OS image decodes to.
+    pub const DEFAULT: DecodeLimit = DecodeLimit {
+        bytes: 32 << 30,
+        why: "the default --max-size",
+    };
+}
+
+/// An archive that decodes past its limit.
+#[derive(Debug, thiserror::Error)]
+#[error("it decodes to more than {} ({bytes} bytes), {why}: stopped there", human(*.bytes))]
+pub struct TooLarge {
+    bytes: u64,
+    why: &'static str,
+}
+
+fn human(bytes: u64) -> String {
+    bytesize::ByteSize(bytes).display().iec().to_string()
+}
+
 /// Told, as decoding goes, how many bytes are final and which ranges of them
 /// hold data (the rest are holes).
 pub type Decoded<'a> = dyn Fn(u64, &[(u64, u64)]) + 'a;
@@ -84,6 +114,7 @@ pub struct Source {
 pub fn open(
     path: &Path,
     expected: Option<&str>,
+    limit: DecodeLimit,
     progress: &Progress,
     cancel: &AtomicBool,
 ) -> Result<Source> {
@@ -107,7 +138,7 @@ pub fn open(
             format,
         }
     } else {
-        decode_cached(path, format, expected.is_some(), progress, cancel)?
+        decode_cached(path, format, expected.is_some(), limit, progress, cancel)?
     };
     check_expected(path, source, expected)
 }
@@ -131,6 +162,7 @@ pub fn open_for_flash(
     path: &Path,
     expected: Option<&str>,
     stream: bool,
+    limit: DecodeLimit,
     progress: &Progress,
     cancel: &AtomicBool,
 ) -> Result<Opened> {
@@ -164,11 +196,22 @@ pub fn open_for_flash(
         });
     }
     if format != Format::Xz {
-        return open(path, expected, progress, cancel).map(Opened::Ready);
+        return open(path, expected, limit, progress, cancel).map(Opened::Ready);
     }
     let len = super::xz::decoded_len(&mut File::open(path)?)?;
+    // Refused before any card is touched: the index says what decoding would
+    // reach, and a lying index is caught as the decode passes it.
+    if let Some(len) = len.filter(|&len| len > limit.bytes) {
+        bail!(
+            "{}: its xz index says it decodes to {len} bytes, more than {} ({} bytes), {}",
+            path.display(),
+            human(limit.bytes),
+            limit.bytes,
+            limit.why
+        );
+    }
     let source = match (
-        cache_entry(path, format, expected.is_some(), progress, cancel)?,
+        cache_entry(path, format, expected.is_some(), limit, progress, cancel)?,
         len,
     ) {
         (Cached::Ready(source), _) => source,
@@ -205,10 +248,11 @@ fn decode_cached(
     path: &Path,
     format: Format,
     verify: bool,
+    limit: DecodeLimit,
     progress: &Progress,
     cancel: &AtomicBool,
 ) -> Result<Source> {
-    match cache_entry(path, format, verify, progress, cancel)? {
+    match cache_entry(path, format, verify, limit, progress, cancel)? {
         Cached::Ready(source) => Ok(source),
         Cached::Missing(entry) => entry.decode(progress, cancel, &|_, _| {}),
     }
@@ -226,6 +270,7 @@ pub struct Entry {
     format: Format,
     image: PathBuf,
     hash_file: PathBuf,
+    limit: DecodeLimit,
     /// Per process: two runs decoding the same archive must not share a file.
     pub partial: PathBuf,
 }
@@ -235,6 +280,7 @@ pub fn cache_entry(
     path: &Path,
     format: Format,
     verify: bool,
+    limit: DecodeLimit,
     progress: &Progress,
     cancel: &AtomicBool,
 ) -> Result<Cached> {
@@ -291,6 +337,7 @@ pub fn cache_entry(
         partial: dir.join(format!("{key}.img.partial.{}", std::process::id())),
         image,
         hash_file,
+        limit,
     }))
 }
 
@@ -326,7 +373,7 @@ impl Entry {
     /// As `decode`, into `out` (the partial file), which then takes the
     /// image's place in the cache; the entry counts only once `commit` has
     /// made it durable. With `expected_len`, an image of another length is an
-    /// error.
+    /// error, and decoding stops as soon as it is passed.
     pub fn decode_into(
         &self,
         out: &File,
@@ -335,7 +382,14 @@ impl Entry {
         decoded: &Decoded<'_>,
         expected_len: Option<u64>,
     ) -> Result<Source> {
-        let result = self.decode_to(out, bar, cancel, decoded);
+        let limit = match expected_len {
+            Some(len) if len < self.limit.bytes => DecodeLimit {
+                bytes: len,
+                why: "the length its index gives",
+            },
+            _ => self.limit,
+        };
+        let result = self.decode_to(out, bar, cancel, decoded, limit);
         let result = result.and_then(|(len, sha256)| match expected_len {
             Some(expected) if expected != len => {
                 bail!("it decodes to {len} bytes, but its index says {expected}")
@@ -348,6 +402,7 @@ impl Entry {
                 let _ = std::fs::remove_file(&self.partial);
                 if e.downcast_ref::<Cancelled>().is_some()
                     || e.downcast_ref::<NotADiskImage>().is_some()
+                    || e.downcast_ref::<TooLarge>().is_some()
                 {
                     return Err(e);
                 }
@@ -406,6 +461,7 @@ impl Entry {
         bar: &indicatif::ProgressBar,
         cancel: &AtomicBool,
         decoded: &Decoded<'_>,
+        limit: DecodeLimit,
     ) -> Result<(u64, String)> {
         let archive = File::open(&self.archive)?;
         let counted = BufReader::with_capacity(
@@ -418,23 +474,25 @@ impl Entry {
         let result = match self.format {
             Format::Xz => super::xz::Decoder::new(counted, super::xz::threads())
                 .map_err(anyhow::Error::from)
-                .and_then(|mut decoder| copy_sparse(&mut decoder, out, cancel, decoded)),
+                .and_then(|mut decoder| copy_sparse(&mut decoder, out, cancel, decoded, limit)),
             Format::Gzip => copy_sparse(
                 &mut flate2::read::MultiGzDecoder::new(counted),
                 out,
                 cancel,
                 decoded,
+                limit,
             ),
             Format::Zstd => zstd::stream::read::Decoder::new(counted)
                 .map_err(anyhow::Error::from)
-                .and_then(|mut decoder| copy_sparse(&mut decoder, out, cancel, decoded)),
+                .and_then(|mut decoder| copy_sparse(&mut decoder, out, cancel, decoded, limit)),
             Format::Bzip2 => copy_sparse(
                 &mut bzip2::read::MultiBzDecoder::new(counted),
                 out,
                 cancel,
                 decoded,
+                limit,
             ),
-            Format::Zip => decode_zip(&self.archive, out, cancel, decoded),
+            Format::Zip => decode_zip(&self.archive, out, cancel, decoded, limit),
             Format::Raw => unreachable!("raw images are not decoded"),
         };
         bar.finish_and_clear();
@@ -448,6 +506,7 @@ fn decode_zip(
     out: &File,
     cancel: &AtomicBool,
     decoded: &Decoded<'_>,
+    limit: DecodeLimit,
 ) -> Result<(u64, String)> {
     let mut zip = zip::ZipArchive::new(File::open(path)?).context("reading the zip directory")?;
     let names: Vec<String> = zip
@@ -472,7 +531,7 @@ fn decode_zip(
         },
     };
     let mut entry = zip.by_name(&name)?;
-    copy_sparse(&mut entry, out, cancel, decoded)
+    copy_sparse(&mut entry, out, cancel, decoded, limit)
 }
 
 /// Copies a stream into a file, leaving holes for long runs of zeroes, and
@@ -495,6 +554,7 @@ fn copy_sparse(
     out: &File,
     cancel: &AtomicBool,
     copied: &Decoded<'_>,
+    limit: DecodeLimit,
 ) -> Result<(u64, String)> {
     let mut out = out;
     let mut hasher = Sha256::new();
@@ -510,6 +570,13 @@ fn copy_sparse(
             // Checked on the first chunk, so a bomb of anything else ends
             // after 4 MiB instead of filling the cache.
             return Err(NotADiskImage.into());
+        }
+        if len + n as u64 > limit.bytes {
+            return Err(TooLarge {
+                bytes: limit.bytes,
+                why: limit.why,
+            }
+            .into());
         }
         hasher.update(&buf[..n]);
         let mut ends_in_hole = false;
@@ -576,8 +643,14 @@ mod tests {
         let dir = tempfile::TempDir::new().unwrap();
         let path = dir.path().join("out");
         let out = File::create(&path).unwrap();
-        let (len, sha) =
-            copy_sparse(&mut &data[..], &out, &AtomicBool::new(false), &|_, _| {}).unwrap();
+        let (len, sha) = copy_sparse(
+            &mut &data[..],
+            &out,
+            &AtomicBool::new(false),
+            &|_, _| {},
+            DecodeLimit::DEFAULT,
+        )
+        .unwrap();
         assert_eq!(len, 300_000);
         assert_eq!(std::fs::read(&path).unwrap(), data);
         assert_eq!(sha, hex(&Sha256::digest(&data)));
@@ -588,7 +661,14 @@ mod tests {
         let data = vec![0u8; 300_000];
         let dir = tempfile::TempDir::new().unwrap();
         let out = File::create(dir.path().join("out")).unwrap();
-        let e = copy_sparse(&mut &data[..], &out, &AtomicBool::new(false), &|_, _| {}).unwrap_err();
+        let e = copy_sparse(
+            &mut &data[..],
+            &out,
+            &AtomicBool::new(false),
+            &|_, _| {},
+            DecodeLimit::DEFAULT,
+        )
+        .unwrap_err();
         assert!(e.downcast_ref::<NotADiskImage>().is_some(), "{e:#}");
     }
 }

@@ -39,14 +39,14 @@ impl Report {
 
 /// Inspects an image, or an archive of one (every format flash reads), which
 /// is decoded once into flash's cache.
-pub fn inspect(path: &Path) -> Result<Report> {
+pub fn inspect(path: &Path, limit: crate::flash::source::DecodeLimit) -> Result<Report> {
     let name = path.display().to_string();
     let format = crate::flash::source::detect_file(path)?;
     if format == crate::flash::source::Format::Raw {
         return report(&Image::open(path)?, &name);
     }
     let quiet = crate::progress::Progress::new(crate::progress::Mode::Quiet);
-    let decoded = crate::flash::source::open(path, None, &quiet, &AtomicBool::new(false))
+    let decoded = crate::flash::source::open(path, None, limit, &quiet, &AtomicBool::new(false))
         .with_context(|| format!("decoding {name}"))?;
     let image = Image::open(&decoded.path)
         .with_context(|| format!("reading the image decoded from {name}"))?;
