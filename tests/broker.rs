@@ -643,3 +643,34 @@ fn a_token_has_its_own_rate_limit_apart_from_the_address() {
     assert_eq!(statuses, [401, 401, 401, 429]);
     assert_eq!(creates(&ssm), 0);
 }
+
+/// The audit log cannot grow without end: a flood of refused requests is
+/// trimmed to `audit_max_rows` (the newest kept) and lines past
+/// `audit_keep` go, at start and every lease.
+#[test]
+fn the_audit_log_is_pruned() {
+    let dir = TempDir::new().unwrap();
+    let ssm = SsmEndpoint::start(dir.path(), 0);
+    let mut broker = BrokerProcess::init(dir.path(), &ssm, &[("audit_max_rows", "5")]);
+    broker.start();
+    for _ in 0..12 {
+        let (status, _) = broker.post("/v1/activations", Some("not-a-token"), &ask(SERIAL_A));
+        assert_eq!(status, 401);
+    }
+    assert_eq!(broker.count("SELECT count(*) FROM audit", &[]), 12);
+    let newest = broker.count("SELECT max(id) FROM audit", &[]);
+    broker.stop();
+    broker.start();
+    assert_eq!(broker.count("SELECT count(*) FROM audit", &[]), 5);
+    assert_eq!(broker.count("SELECT min(id) FROM audit", &[]), newest - 4);
+    broker.stop();
+    let text = std::fs::read_to_string(&broker.config).unwrap();
+    std::fs::write(
+        &broker.config,
+        text.replace("audit_keep = \"90d\"", "audit_keep = \"1s\""),
+    )
+    .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(2100));
+    broker.start();
+    assert_eq!(broker.count("SELECT count(*) FROM audit", &[]), 0);
+}

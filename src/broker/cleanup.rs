@@ -5,7 +5,8 @@
 //! activation tagged with this broker_id that the database does not know is
 //! deleted unless its issue is still within its deadline: a live broker (this
 //! one or another sharing the database) may yet record it and hand it out.
-//! Runs at start and then every lease.
+//! Runs at start and then every lease; each lease also drops audit lines past
+//! `audit_keep` or `audit_max_rows`.
 
 use anyhow::Result;
 
@@ -56,11 +57,30 @@ impl Broker {
         let every = std::time::Duration::from_secs(self.lease_secs().max(5) as u64);
         loop {
             tokio::time::sleep(every).await;
-            match self.forget_unrecorded().await {
-                Ok(0) => {}
-                Ok(n) => tracing::info!("deleted {n} activations made but never recorded"),
-                Err(e) => tracing::warn!("looking for unrecorded activations: {e:#}"),
+            self.tidy().await;
+        }
+    }
+
+    /// At start and every lease: unrecorded activations go, and audit lines
+    /// past `audit_keep` or `audit_max_rows`. Failures are logged; the
+    /// broker goes on serving.
+    pub async fn tidy(&self) {
+        match self.forget_unrecorded().await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!("deleted {n} activations made but never recorded"),
+            Err(e) => tracing::warn!("looking for unrecorded activations: {e:#}"),
+        }
+        let before = super::store::now() - self.config.audit_keep.as_secs() as i64;
+        match self
+            .store
+            .prune_audit(before, self.config.config.audit_max_rows)
+            .await
+        {
+            Ok(0) => {}
+            Ok(n) => {
+                tracing::info!("dropped {n} audit lines past audit_keep or audit_max_rows")
             }
+            Err(e) => tracing::warn!("pruning the audit log: {e:#}"),
         }
     }
 }

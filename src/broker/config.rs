@@ -66,6 +66,13 @@ pub struct BrokerConfig {
     /// How long a device-key challenge may be answered, e.g. "2m".
     #[serde(default = "default_challenge")]
     pub challenge_lifetime: String,
+    /// How long audit lines are kept, e.g. "90d": a flood of refused requests
+    /// must not grow the database without end.
+    #[serde(default = "default_audit_keep")]
+    pub audit_keep: String,
+    /// The most audit lines kept; the oldest go first.
+    #[serde(default = "default_audit_rows")]
+    pub audit_max_rows: u64,
 }
 
 fn default_lifetime() -> String {
@@ -89,6 +96,12 @@ fn default_timeout() -> String {
 fn default_challenge() -> String {
     "2m".into()
 }
+fn default_audit_keep() -> String {
+    "90d".into()
+}
+fn default_audit_rows() -> u64 {
+    1_000_000
+}
 
 /// A loaded config with its durations parsed and paths resolved.
 #[derive(Debug, Clone)]
@@ -98,6 +111,7 @@ pub struct Loaded {
     pub lifetime: Duration,
     pub timeout: Duration,
     pub challenge_lifetime: Duration,
+    pub audit_keep: Duration,
     pub location: Location,
 }
 
@@ -137,6 +151,13 @@ pub fn load(path: &Path) -> Result<Loaded> {
     }
     let timeout = duration("request_timeout", &config.request_timeout)?;
     let challenge_lifetime = duration("challenge_lifetime", &config.challenge_lifetime)?;
+    let audit_keep = duration("audit_keep", &config.audit_keep)?;
+    if audit_keep.is_zero() || config.audit_max_rows == 0 {
+        bail!(
+            "{}: audit_keep and audit_max_rows must be more than zero",
+            path.display()
+        );
+    }
     if challenge_lifetime < Duration::from_secs(1) || challenge_lifetime > Duration::from_secs(3600)
     {
         bail!(
@@ -178,5 +199,6 @@ pub fn load(path: &Path) -> Result<Loaded> {
         lifetime,
         timeout,
         challenge_lifetime,
+        audit_keep,
     })
 }

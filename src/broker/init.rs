@@ -132,6 +132,8 @@ pub fn init(options: &InitOptions) -> Result<Initialised> {
         max_body_bytes: 4096,
         request_timeout: "20s".into(),
         challenge_lifetime: "2m".into(),
+        audit_keep: "90d".into(),
+        audit_max_rows: 1_000_000,
     };
     let text = format!(
         "# piprov broker: `piprov broker serve --config {CONFIG_FILE}`.\n\

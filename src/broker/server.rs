@@ -105,11 +105,7 @@ async fn run(config: Loaded, options: &ServeOptions<'_>, limits: Limits) -> Resu
     };
     let client = crate::ssm::client(&conn).await?;
     let broker = Arc::new(Broker::new(config.clone(), store, client, vend_key));
-    match broker.forget_unrecorded().await {
-        Ok(0) => {}
-        Ok(n) => tracing::info!("deleted {n} activations created but never recorded"),
-        Err(e) => tracing::warn!("could not look for unrecorded activations: {e:#}"),
-    }
+    broker.tidy().await;
     let cleaner = tokio::spawn(broker.clone().clean_up_periodically());
     let router = routes::router(broker.clone());
     let listen = options.listen.unwrap_or(config.config.listen);

@@ -678,6 +678,24 @@ impl Store {
         Ok(())
     }
 
+    /// Drops audit lines written before `before` (unix seconds), then all but
+    /// the newest `keep_rows`; returns how many went.
+    pub async fn prune_audit(&self, before: i64, keep_rows: u64) -> Result<u64> {
+        let old = self
+            .pool
+            .execute("DELETE FROM audit WHERE at < $1", args![before])
+            .await?;
+        let over = self
+            .pool
+            .execute(
+                "DELETE FROM audit WHERE id <= \
+                 (SELECT id FROM audit ORDER BY id DESC LIMIT 1 OFFSET $1)",
+                args![i64::try_from(keep_rows).unwrap_or(i64::MAX)],
+            )
+            .await?;
+        Ok(old + over)
+    }
+
     /// SQLite: writes the WAL back into the main file (on a clean shutdown).
     pub async fn checkpoint(&self) -> Result<()> {
         if !self.pool.is_postgres() {
