@@ -69,7 +69,8 @@ read_conf() {
     conf_keys=" $(printf '%s' "$2" | tr '\n' ' ') "
     CONF_ERROR=
     [ -f "$conf_file" ] || return 0
-    if [ -n "$(LC_ALL=C tr -d '\n -~' <"$conf_file" | head -c 1)" ]; then
+    # Counted, not captured: the shell drops NUL bytes from what it captures.
+    if [ "$(LC_ALL=C tr -d '\n -~' <"$conf_file" | wc -c)" -ne 0 ]; then
         CONF_ERROR="$conf_file holds a control character or a byte that is not ASCII"
         return 1
     fi
@@ -82,6 +83,11 @@ read_conf() {
         case $line in
             *=*) ;;
             *) CONF_ERROR="$conf_file line $conf_number is not KEY=value"; return 1 ;;
+        esac
+        # A name, then one of the listed ones: "SOURCE REGION" would match
+        # the list loosely and make eval run a command.
+        case $key in
+            ''|*[!A-Z0-9_]*) CONF_ERROR="$conf_file line $conf_number: $key is not a setting this file may hold"; return 1 ;;
         esac
         case $conf_keys in
             *" $key "*) ;;

@@ -103,6 +103,11 @@ fn settings_with_an_unexpected_line_are_refused_at_install() {
         ),
         ("EVIL=1\n", "EVIL is not a setting"),
         ("SSM_USER=ssm-user\r\n", "control character"),
+        // dash drops NUL bytes where the shell reads: counted, not read.
+        ("# a note\0\n", "control character"),
+        // Two listed keys with a space between: one key to a loose match,
+        // a command to eval.
+        ("SOURCE REGION=x\n", "SOURCE REGION is not a setting"),
         ("not a setting\n", "is not KEY=value"),
     ] {
         let dir = TempDir::new().unwrap();
@@ -112,7 +117,11 @@ fn settings_with_an_unexpected_line_are_refused_at_install() {
         let mut text = std::fs::read_to_string(&conf).unwrap();
         text.push_str(extra);
         std::fs::write(&conf, text).unwrap();
-        assert!(card.install().status.success());
+        let install = card.install();
+        assert!(install.status.success());
+        let said = stderr(&install);
+        assert!(said.contains(why), "{extra:?}: {said}");
+        assert!(!said.contains("not found"), "{extra:?} ran something: {said}");
         let status = card.status();
         assert_eq!(status["state"], "failed", "{extra:?}: {status}");
         assert!(
@@ -123,7 +132,6 @@ fn settings_with_an_unexpected_line_are_refused_at_install() {
         assert!(!card.exists("/etc/sudoers.d/piprov-users"), "{extra:?}");
         let log = card.standin_log();
         assert!(!log.contains("-register -y"), "{extra:?}: {log}");
-        let _ = why;
     }
 }
 
