@@ -10,7 +10,9 @@
 # complete install has written $CARD_INSTALLED. A step that fails leaves the
 # agent held (the golden's registration never speaks), a `failed` status on the
 # boot partition naming the step, no secret on the FAT, and no hook: the card
-# boots on, plainly not provisioned, until it is stamped again. systemd.run
+# boots on, plainly not provisioned, until it is stamped again. Only when the
+# hold itself cannot be written is the agent masked for the boot instead, and
+# the hook kept (see hold_this_boot). systemd.run
 # powers the Pi off when the script fails, so it always exits 0.
 # shellcheck disable=SC2317 # the steps are called through step(), which shellcheck cannot follow
 set -u
@@ -39,6 +41,34 @@ hold_agent() {
     sync
 }
 
+# When the drop-in itself cannot be written (a root filesystem gone read-only,
+# or full), nothing on the root can hold the agent across boots: it is masked
+# in /run for this boot, and the hook stays (fail() keeps it, without its
+# reboot) so that every boot runs this script and holds the agent again, until
+# the card is stamped again or its root can be written.
+HOLD_STEP="holding amazon-ssm-agent"
+hold_this_boot() {
+    runtime_dir=$INSTALL_ROOT/run/systemd/system
+    mkdir -p "$runtime_dir"
+    for agent_unit in $AGENT_UNITS; do
+        ln -sf /dev/null "$runtime_dir/$agent_unit"
+    done
+    systemctl daemon-reload 2>/dev/null
+    for agent_unit in $AGENT_UNITS; do
+        systemctl stop "$agent_unit" 2>/dev/null
+    done
+    echo "piprov install: amazon-ssm-agent masked for this boot; the hook stays" >&2
+}
+
+# Bookworm's hook without its reboot: the Pi stays in the first-boot target,
+# where the agent does not run, and says why on the boot partition.
+keep_hook_without_reboot() {
+    cmdline=$PIPROV_BOOT/cmdline.txt
+    [ -f "$cmdline" ] || return 0
+    sed 's# systemd\.run_success_action=reboot##' "$cmdline" >"$cmdline.piprov-tmp" &&
+        mv -f "$cmdline.piprov-tmp" "$cmdline"
+}
+
 # Takes out exactly the tokens `piprov stamp` appended; the rest of the line
 # stays byte for byte. Uses nothing from piprov-lib.sh: it runs after any failure.
 remove_hook_tokens() {
@@ -62,7 +92,12 @@ fail() {
     printf '{"state":"failed","message":"piprov could not install (failed while %s): amazon-ssm-agent is held stopped and the activation secret was removed; stamp the card again","time":"%s"}\n' \
         "$1" "$(date -u +%Y-%m-%dT%H:%M:%SZ)" >"$PIPROV_BOOT/$BOOT_STATUS" ||
         echo "piprov install: cannot write $BOOT_STATUS on the boot partition" >&2
-    remove_hook_tokens
+    if [ "$1" = "$HOLD_STEP" ]; then
+        hold_this_boot
+        keep_hook_without_reboot
+    else
+        remove_hook_tokens
+    fi
     sync
     exit 0
 }
@@ -151,7 +186,7 @@ remove_payload_from_boot() {
 }
 
 main() {
-    step "holding amazon-ssm-agent" hold_agent
+    step "$HOLD_STEP" hold_agent
     # Loaded in a subshell first: a missing or broken file would end this shell.
     # shellcheck source=/dev/null
     ( . "$PIPROV_BOOT/piprov-lib.sh" ) >/dev/null 2>&1 || fail "loading piprov-lib.sh"

@@ -75,6 +75,40 @@ fn a_failed_install_holds_the_agent_and_says_which_step_failed() {
     }
 }
 
+/// A root filesystem where the hold cannot be written (here its directory is
+/// a file; on a card, a root gone read-only or full): the agent is masked for
+/// this boot in /run, the hook stays without its reboot so every boot holds it
+/// again, and the boot partition says so.
+#[test]
+fn a_hold_that_cannot_be_written_masks_the_agent_for_the_boot() {
+    let dir = TempDir::new().unwrap();
+    let ssm = Ssm::new(dir.path());
+    let card = stamped_card(&dir, &ssm, "");
+    let drop_ins = card.path("/etc/systemd/system/amazon-ssm-agent.service.d");
+    let _ = std::fs::remove_dir_all(&drop_ins);
+    std::fs::create_dir_all(drop_ins.parent().unwrap()).unwrap();
+    std::fs::write(&drop_ins, "in the way\n").unwrap();
+    let out = card.install();
+    assert!(out.status.success());
+    assert_eq!(card.status()["state"], "failed");
+    assert!(status_message(&card).contains("holding amazon-ssm-agent"));
+    let mask = card.path("/run/systemd/system/amazon-ssm-agent.service");
+    assert_eq!(
+        std::fs::read_link(&mask).ok().as_deref(),
+        Some(std::path::Path::new("/dev/null")),
+        "the agent must be masked for this boot: {}",
+        stderr(&out)
+    );
+    let cmdline = card.read("/boot/firmware/cmdline.txt");
+    assert!(cmdline.contains("piprov-install.sh"), "the hook stays: {cmdline}");
+    assert!(
+        !cmdline.contains("systemd.run_success_action=reboot"),
+        "no reboot loop: {cmdline}"
+    );
+    assert!(!card.exists("/boot/firmware/piprov-secret.conf"));
+    assert!(card.standin_log().contains("systemctl stop amazon-ssm-agent.service"));
+}
+
 /// The hold lets the agent start on a card whose install completed.
 #[test]
 fn a_complete_install_releases_the_hold() {
