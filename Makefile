@@ -41,18 +41,19 @@ load: deps
 e2e: deps
 	sh scripts/watchdog.sh 3600 $(CARGO) test --test e2e -- --ignored --nocapture
 
-# Bounded fuzzing of the partition-table and inspect path, and of the flash map
-# and the bmap parser (needs cargo-fuzz), FUZZ_SECONDS each.
+# Bounded fuzzing (needs cargo-fuzz), FUZZ_SECONDS each: the partition-table and
+# inspect path, the flash map and the bmap parser, the FAT reader, the ext4
+# facts the audit reads, and the card's settings reader (sh, against a model).
+FUZZ_TARGETS = inspect_image flash_map fat_boot ext4_facts card_settings
 # `-s none`: the address sanitizer needs a nightly compiler; Rust code is memory-safe
 # without it and the fuzzer is still coverage-guided, hunting panics and hangs.
 fuzz: deps
 	@command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked
-	mkdir -p fuzz/corpus/inspect_image fuzz/corpus/flash_map
-	[ -f fuzz/corpus/inspect_image/seed.img ] || sh fuzz/make-seed.sh fuzz/corpus/inspect_image/seed.img
-	cp fuzz/corpus/inspect_image/seed.img fuzz/corpus/flash_map/seed.img
-	for target in inspect_image flash_map; do \
+	[ -f fuzz/corpus/card_settings/seed.conf ] || sh fuzz/make-seed.sh fuzz/corpus
+	for target in $(FUZZ_TARGETS); do \
+		dict=; [ -f fuzz/$$target.dict ] && dict=-dict=fuzz/$$target.dict; \
 		$(CARGO) fuzz run -s none $$target fuzz/corpus/$$target -- -max_total_time=$(FUZZ_SECONDS) \
-			-max_len=655360 -timeout=10 -rss_limit_mb=2048 || exit 1; \
+			-max_len=655360 -timeout=10 -rss_limit_mb=2048 $$dict || exit 1; \
 	done
 
 # Man pages and shell completions, made from the command-line definitions.

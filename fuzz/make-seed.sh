@@ -1,8 +1,13 @@
 #!/bin/sh
-# A complete but tiny Pi-like image (MBR, FAT12 boot, ext4 root) as the fuzzer's
-# seed, so mutations reach the FAT and ext4 readers and not just the table parser.
+# Seeds for every fuzz target, in CORPUS/<target>/: a complete but tiny Pi-like
+# image (MBR, FAT12 boot, ext4 root) so that mutations reach the FAT and ext4
+# readers and not just the table parser; its two filesystems alone; a card
+# settings file.
+#   make-seed.sh CORPUS
 set -eu
-out=$1
+corpus=$1
+mkdir -p "$corpus/inspect_image" "$corpus/flash_map" "$corpus/fat_boot" "$corpus/ext4_facts" "$corpus/card_settings"
+out=$corpus/inspect_image/seed.img
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 mkdir -p "$work/root/etc/sudoers.d" "$work/root/var/lib/amazon/ssm"
@@ -21,3 +26,7 @@ truncate -s $((1016 * 512)) "$work/root.img"
 mkfs.ext4 -q -F -b 1024 -N 32 -O ^has_journal,^resize_inode -d "$work/root" "$work/root.img"
 dd if="$work/boot.img" of="$out" bs=512 seek=8 conv=notrunc status=none
 dd if="$work/root.img" of="$out" bs=512 seek=264 conv=notrunc status=none
+cp "$out" "$corpus/flash_map/seed.img"
+cp "$work/boot.img" "$corpus/fat_boot/seed.fat"
+cp "$work/root.img" "$corpus/ext4_facts/seed.ext4"
+printf 'SOURCE=broker\nBROKER_URL=https://broker.example:8443\n# a note\nSUDO_RULE=\n' >"$corpus/card_settings/seed.conf"

@@ -169,31 +169,40 @@ pub fn gather<D: Read + Write + Seek + Debug + 'static>(image: &Image<D>) -> Res
     image.boot_partition()?;
     let rootfs = image.rootfs()?;
     let os = os_facts(&rootfs)?;
+    let ssm_agent = agent_facts(&rootfs)?;
+    let registration = registration_facts(&rootfs)?;
+    let sudo = sudo_facts(&rootfs)?;
+    let machine_id = machine_id_state(&rootfs)?;
+    let dbus_machine_id_baked = !rootfs.is_symlink("/var/lib/dbus/machine-id")?
+        && rootfs
+            .read_text("/var/lib/dbus/machine-id")?
+            .is_some_and(|t| is_real_machine_id(&t));
+    let ssh_host_keys = rootfs
+        .list("/etc/ssh")?
+        .into_iter()
+        .filter(|n| n.starts_with("ssh_host_") && n.ends_with("_key"))
+        .collect();
+    let clone_state = clone_state(&rootfs)?;
+    let cloud_init_installed =
+        rootfs.exists("/usr/bin/cloud-init")? || rootfs.exists("/etc/cloud/cloud.cfg")?;
+    let identity = identity_facts(&rootfs)?;
     // The FAT is mounted once for everything read from it.
     let boot_fs = image.boot()?;
     let boot = boot_facts(image, &boot_fs, &rootfs, &os)?;
     Ok(Facts {
         image_size: image.len(),
         partition_table,
-        ssm_agent: agent_facts(&rootfs)?,
-        registration: registration_facts(&rootfs)?,
-        sudo: sudo_facts(&rootfs)?,
-        machine_id: machine_id_state(&rootfs)?,
-        dbus_machine_id_baked: !rootfs.is_symlink("/var/lib/dbus/machine-id")?
-            && rootfs
-                .read_text("/var/lib/dbus/machine-id")?
-                .is_some_and(|t| is_real_machine_id(&t)),
-        ssh_host_keys: rootfs
-            .list("/etc/ssh")?
-            .into_iter()
-            .filter(|n| n.starts_with("ssh_host_") && n.ends_with("_key"))
-            .collect(),
-        clone_state: clone_state(&rootfs)?,
-        cloud_init_installed: rootfs.exists("/usr/bin/cloud-init")?
-            || rootfs.exists("/etc/cloud/cloud.cfg")?,
+        ssm_agent,
+        registration,
+        sudo,
+        machine_id,
+        dbus_machine_id_baked,
+        ssh_host_keys,
+        clone_state,
+        cloud_init_installed,
         stamp: boot_json(&boot_fs, boot_files::STAMP)?,
         device_status: boot_json(&boot_fs, boot_files::STATUS)?,
-        identity: identity_facts(&rootfs)?,
+        identity,
         os,
         boot,
     })
