@@ -122,8 +122,8 @@ fn bad_values_are_refused_before_calling_aws() {
     let dir = TempDir::new().unwrap();
     let ssm = SsmEndpoint::start(dir.path(), 0);
     for (args, message) in [
-        (&["--limit", "0"][..], "outside 1..=1000"),
-        (&["--limit", "1001"][..], "outside 1..=1000"),
+        (&["--limit", "0"][..], "is not between 1 and 1000"),
+        (&["--limit", "1001"][..], "is not between 1 and 1000"),
         (&["--expires", "31d"][..], "up to 30 days"),
         (&["--tag", "novalue"][..], "expected key=value"),
     ] {
@@ -190,7 +190,8 @@ fn errors_are_explained_in_one_line() {
         .args(["list"])
         .assert()
         .code(2)
-        .stderr(contains("no AWS region"));
+        .stderr(contains("no AWS region"))
+        .stderr(contains("recipe").not());
 
     // Nothing listening.
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -202,7 +203,9 @@ fn errors_are_explained_in_one_line() {
         .args(["list"])
         .assert()
         .code(2)
-        .stderr(contains("could not be reached"));
+        .stderr(contains(format!(
+            "could not be reached at http://127.0.0.1:{port} (from AWS_ENDPOINT_URL)"
+        )));
 }
 
 #[test]

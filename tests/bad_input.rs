@@ -215,3 +215,50 @@ fn a_fat_entry_pointing_at_a_reserved_cluster() {
     let err = inspect_error(&image);
     assert!(err.contains("the FAT filesystem is corrupt"), "{err}");
 }
+
+/// A directory given as the image: every command that reads one names it
+/// and says what it is, instead of "Is a directory (os error 21)".
+#[test]
+fn a_directory_is_not_an_image() {
+    let dir = TempDir::new().unwrap();
+    let folder = dir.path().join("images");
+    std::fs::create_dir(&folder).unwrap();
+    let card = dir.path().join("card.img");
+    let wanted = format!("{} is a directory, not an image", folder.display());
+    for args in [
+        vec!["inspect".into(), folder.clone().into_os_string()],
+        vec![
+            "flash".into(),
+            folder.clone().into_os_string(),
+            card.clone().into_os_string(),
+            "--as-is".into(),
+            "--yes".into(),
+        ],
+        vec!["unstamp".into(), folder.clone().into_os_string()],
+    ] {
+        let out = piprov().args(&args).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(&wanted), "{args:?}: {stderr}");
+    }
+    assert!(!card.exists());
+}
+
+/// An error names what was being read once, not twice.
+#[test]
+fn an_error_names_the_file_once() {
+    let dir = TempDir::new().unwrap();
+    let random = dir.path().join("random.bin");
+    common::disk::fill_random(&random, 1 << 20);
+    let out = piprov()
+        .arg("flash")
+        .arg(&random)
+        .arg(dir.path().join("card.img"))
+        .args(["--as-is", "--yes"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let named = format!("reading {}", random.display());
+    assert_eq!(stderr.matches(&named).count(), 1, "{stderr}");
+    assert!(stderr.contains("no partition table"), "{stderr}");
+}

@@ -100,13 +100,19 @@ fn a_hold_that_cannot_be_written_masks_the_agent_for_the_boot() {
         stderr(&out)
     );
     let cmdline = card.read("/boot/firmware/cmdline.txt");
-    assert!(cmdline.contains("piprov-install.sh"), "the hook stays: {cmdline}");
+    assert!(
+        cmdline.contains("piprov-install.sh"),
+        "the hook stays: {cmdline}"
+    );
     assert!(
         !cmdline.contains("systemd.run_success_action=reboot"),
         "no reboot loop: {cmdline}"
     );
     assert!(!card.exists("/boot/firmware/piprov-secret.conf"));
-    assert!(card.standin_log().contains("systemctl stop amazon-ssm-agent.service"));
+    assert!(
+        card.standin_log()
+            .contains("systemctl stop amazon-ssm-agent.service")
+    );
 }
 
 /// The hold lets the agent start on a card whose install completed.
@@ -155,7 +161,10 @@ fn settings_with_an_unexpected_line_are_refused_at_install() {
         assert!(install.status.success());
         let said = stderr(&install);
         assert!(said.contains(why), "{extra:?}: {said}");
-        assert!(!said.contains("not found"), "{extra:?} ran something: {said}");
+        assert!(
+            !said.contains("not found"),
+            "{extra:?} ran something: {said}"
+        );
         let status = card.status();
         assert_eq!(status["state"], "failed", "{extra:?}: {status}");
         assert!(

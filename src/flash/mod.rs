@@ -347,8 +347,13 @@ fn map_image(
     source: &source::Source,
     progress: &Progress,
 ) -> Result<(Extents, Extents)> {
-    let base =
-        Image::open(&source.path).with_context(|| format!("reading {}", config.image.display()))?;
+    // Image::open names the file it reads; a decoded image is named by its archive.
+    let base = if source.path == config.image {
+        Image::open(&source.path)?
+    } else {
+        Image::open(&source.path)
+            .with_context(|| format!("reading the image decoded from {}", config.image.display()))?
+    };
     let base_map = choose_map(config, source, &base, progress)?;
     // Written last and erased again if the card fails: the partition tables.
     let tables = base.table().locations(source.len);

@@ -225,8 +225,10 @@ pub fn open_for_flash(
 
 pub fn detect_file(path: &Path) -> Result<Format> {
     let mut file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    crate::image::refuse_directory(&file, path)?;
     let mut head = [0u8; 8];
-    let n = read_up_to(&mut file, &mut head)?;
+    let n =
+        read_up_to(&mut file, &mut head).with_context(|| format!("reading {}", path.display()))?;
     Ok(Format::detect(&head[..n]))
 }
 

@@ -37,10 +37,23 @@ pub struct Image<D> {
     table: PartitionTable,
 }
 
+/// A directory opens like a file and fails only at its first read, with an
+/// error that names no path.
+pub fn refuse_directory(file: &File, path: &Path) -> Result<()> {
+    let meta = file
+        .metadata()
+        .with_context(|| format!("reading the metadata of {}", path.display()))?;
+    if meta.is_dir() {
+        bail!("{} is a directory, not an image", path.display());
+    }
+    Ok(())
+}
+
 impl Image<File> {
     /// Opens an image file or a block device read-only.
     pub fn open(path: &Path) -> Result<Self> {
         let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+        refuse_directory(&file, path)?;
         Self::from_disk(file).with_context(|| format!("reading {}", path.display()))
     }
 
@@ -51,6 +64,7 @@ impl Image<File> {
             .write(true)
             .open(path)
             .with_context(|| format!("opening {} for writing", path.display()))?;
+        refuse_directory(&file, path)?;
         Self::from_disk(file).with_context(|| format!("reading {}", path.display()))
     }
 }

@@ -32,7 +32,7 @@ impl NewActivation {
         }
         if !(1..=MAX_REGISTRATIONS).contains(&self.registration_limit) {
             bail!(
-                "--limit {} is outside 1..={MAX_REGISTRATIONS}",
+                "--limit {} is not between 1 and {MAX_REGISTRATIONS}, the registrations SSM allows one activation",
                 self.registration_limit
             );
         }

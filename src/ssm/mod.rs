@@ -51,9 +51,9 @@ pub async fn sdk_config(
             .build();
     }
     match config.region() {
-        None => bail!(
-            "no AWS region: pass --region, set AWS_REGION, or set one in the recipe or your profile"
-        ),
+        None => {
+            bail!("no AWS region: pass --region, set AWS_REGION, or name one in your AWS profile")
+        }
         Some(region) if !crate::recipe::is_region_name(region.as_ref()) => bail!(
             "region {:?} is not an AWS region name (like eu-west-1): check --region, AWS_REGION or your profile",
             region.as_ref()
@@ -105,6 +105,13 @@ async fn check_credentials(conn: &Connection, config: &aws_config::SdkConfig) ->
     Ok(())
 }
 
+/// An endpoint set in the environment, which the SDK uses in place of AWS's.
+fn endpoint_override() -> Option<(&'static str, String)> {
+    ["AWS_ENDPOINT_URL_SSM", "AWS_ENDPOINT_URL"]
+        .into_iter()
+        .find_map(|v| Some((v, std::env::var(v).ok().filter(|u| !u.is_empty())?)))
+}
+
 /// One line that says what went wrong and what to do about it.
 pub(crate) fn explain<E, R>(err: SdkError<E, R>, doing: &str) -> anyhow::Error
 where
@@ -146,7 +153,12 @@ where
             SdkError::DispatchFailure(_) | SdkError::TimeoutError(_)
         ) =>
         {
-            "SSM could not be reached: check the network and the region".to_string()
+            match endpoint_override() {
+                Some((variable, url)) => {
+                    format!("SSM could not be reached at {url} (from {variable}): is it up?")
+                }
+                None => "SSM could not be reached: check the network and the region".to_string(),
+            }
         }
         _ => String::new(),
     };
