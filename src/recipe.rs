@@ -404,7 +404,7 @@ pub fn check_hostname_pattern(pattern: &str) -> Result<()> {
         let name = &rest[open + 1..open + close];
         if !["serial", "mac", "n", "number"].contains(&name) {
             bail!(
-                "hostname {pattern:?}: unknown placeholder {{{name}}} (use {{serial}}, {{mac}}, or {{n}} or {{number}} for the card's number)"
+                "hostname {pattern:?}: unknown placeholder {{{name}}} (use {{serial}}, {{mac}}, or {{number}} for the card's number)"
             );
         }
         rest = &rest[open + close + 1..];

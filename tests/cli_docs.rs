@@ -68,8 +68,8 @@ fn every_command_has_a_man_page() {
         assert!(text.contains(".TH") && text.contains(".SH NAME"), "{page}");
     }
     assert!(
-        !dir.path().join("piprov-man.1").exists(),
-        "hidden commands get none"
+        dir.path().join("piprov-man.1").exists(),
+        "piprov man is documented like any command"
     );
     // It renders: man(1) formats it without a warning.
     if common::available(
@@ -129,7 +129,9 @@ fn help_reads_as_written() {
         let mut args = command.to_vec();
         args.push("--help");
         let help = stdout(&args);
-        let lines: Vec<&str> = help.lines().collect();
+        // The options, not the examples below them.
+        let options = help.split("\nExamples:\n").next().unwrap();
+        let lines: Vec<&str> = options.lines().collect();
         for (i, line) in lines.iter().enumerate() {
             let option = line.trim();
             let spec =
@@ -145,5 +147,117 @@ fn help_reads_as_written() {
                 "{command:?}: {option} has no help:\n{help}"
             );
         }
+    }
+}
+
+/// A command as the shell would split it, up to its first pipe, redirection,
+/// `&&` or comment (what follows is another program's).
+fn piprov_words(command: &str) -> Vec<String> {
+    let mut words = Vec::new();
+    let mut word = String::new();
+    let mut quote = None;
+    let mut in_word = false;
+    let mut chars = command.chars().peekable();
+    while let Some(c) = chars.next() {
+        match (quote, c) {
+            (Some(q), c) if c == q => quote = None,
+            (Some(_), c) => word.push(c),
+            (None, '\'' | '"') => {
+                quote = Some(c);
+                in_word = true;
+            }
+            (None, '|' | '>' | '#' | ';') => break,
+            (None, '&') if chars.peek() == Some(&'&') => break,
+            (None, c) if c.is_whitespace() => {
+                if in_word {
+                    words.push(std::mem::take(&mut word));
+                    in_word = false;
+                }
+            }
+            (None, c) => {
+                word.push(c);
+                in_word = true;
+            }
+        }
+    }
+    if in_word {
+        words.push(word);
+    }
+    words
+}
+
+/// Every example in `--help` and the man pages can be pasted: each piprov
+/// command parses with the real definitions, `--help` at 80 columns shows
+/// each line whole (a long command goes on with ` \`, never wrapped in its
+/// middle), and the man page has them under EXAMPLES, unfilled.
+#[test]
+fn every_example_parses_and_is_shown_whole() {
+    let man = TempDir::new().unwrap();
+    piprov().arg("man").arg(man.path()).assert().success();
+    let mut parsed = 0;
+    for (path, lines) in piprov::cli::docs::all_examples() {
+        let mut args = path.clone();
+        args.push("--help".into());
+        let out = piprov().env("COLUMNS", "80").args(&args).output().unwrap();
+        let help = String::from_utf8(out.stdout).unwrap();
+        for line in &lines {
+            assert!(
+                help.lines().any(|l| l.trim_end() == format!("  {line}")),
+                "piprov {} --help wraps or lacks {line:?}:\n{help}",
+                path.join(" ")
+            );
+        }
+        let page_name = std::iter::once("piprov".to_string())
+            .chain(path.iter().cloned())
+            .collect::<Vec<_>>()
+            .join("-");
+        let page = std::fs::read_to_string(man.path().join(format!("{page_name}.1"))).unwrap();
+        assert!(page.contains(".SH EXAMPLES\n.EX\n"), "{page_name}.1");
+        assert!(!page.contains(".SH EXTRA"), "{page_name}.1");
+        let mut command = String::new();
+        for line in &lines {
+            match line.strip_suffix(" \\") {
+                Some(part) => {
+                    command.push_str(part);
+                    command.push(' ');
+                    continue;
+                }
+                None => command.push_str(line),
+            }
+            let words = piprov_words(&std::mem::take(&mut command));
+            if words.first().map(String::as_str) != Some("piprov") {
+                continue;
+            }
+            if let Err(e) = piprov::cli::docs::parses(&words) {
+                panic!("the example {words:?} does not parse: {e}");
+            }
+            parsed += 1;
+        }
+        assert!(command.is_empty(), "an example ends in ` \\`: {lines:?}");
+    }
+    assert!(parsed >= 30, "only {parsed} examples parsed");
+}
+
+/// `-v` says more about AWS calls: offered where a command makes them, and
+/// nowhere else.
+#[test]
+fn verbose_is_offered_where_aws_is_called() {
+    for command in [&["devices"][..], &["inspect"], &["completions"], &["man"]] {
+        let mut args = command.to_vec();
+        args.push("--help");
+        let help = stdout(&args);
+        assert!(!help.contains("--verbose"), "{command:?}:\n{help}");
+    }
+    for command in [
+        &["flash"][..],
+        &["stamp"],
+        &["activation", "list"],
+        &["fleet", "doctor"],
+        &["setup", "role"],
+    ] {
+        let mut args = command.to_vec();
+        args.push("--help");
+        let help = stdout(&args);
+        assert!(help.contains("-v, --verbose"), "{command:?}:\n{help}");
     }
 }

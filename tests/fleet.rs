@@ -321,13 +321,11 @@ fn no_credentials_are_named_as_such_even_behind_a_proxy() {
             .env("PATH", std::env::var("PATH").unwrap())
             .env("HOME", home.path())
             .env("AWS_EC2_METADATA_SERVICE_ENDPOINT", &imds);
+        cmd.args(["fleet", "list", "--region", "eu-west-1"]);
         if verbose {
             cmd.arg("-v");
         }
-        let out = cmd
-            .args(["fleet", "list", "--region", "eu-west-1"])
-            .output()
-            .unwrap();
+        let out = cmd.output().unwrap();
         assert_eq!(out.status.code(), Some(2));
         String::from_utf8(out.stderr).unwrap()
     };

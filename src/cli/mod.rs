@@ -11,7 +11,7 @@ use crate::broker::device::DevicePolicy;
 
 mod aws;
 mod broker;
-mod docs;
+pub mod docs;
 
 /// Exit codes, shaped like diff(1): 0 all well, 1 "found something", 2 trouble.
 pub mod exit {
@@ -33,9 +33,6 @@ pub mod exit {
         first-boot unit that gives every card its own identity, and writes them to cards."
 )]
 pub struct Cli {
-    /// Say more when something fails (the AWS SDK's own error chain)
-    #[arg(short, long, global = true)]
-    pub verbose: bool,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -63,7 +60,13 @@ pub enum Command {
     )]
     Completions { shell: clap_complete::Shell },
     /// Write the man pages (piprov.1, piprov-flash.1, …) into a folder
-    #[command(hide = true)]
+    #[command(
+        long_about = "Write the man pages (piprov.1, piprov-flash.1, …) into a folder, made from \
+        the same definitions as --help. The Debian package (`make deb`) installs them, with \
+        piprov-card(7), what a stamped card does on its first boot; use this to read them \
+        without the package.",
+        after_help = "Examples:\n  piprov man ~/.local/share/man/man1 && man piprov-flash"
+    )]
     Man {
         /// Folder to write them to (made if missing)
         dir: PathBuf,
@@ -98,9 +101,13 @@ pub enum Command {
         its own machine-id, SSH host keys, hostname and SSM registration, and sudo is \
         hardened. Stamping again replaces the previous stamp; `piprov unstamp` removes it. \
         Works on image files and cards alike; needs no root and mounts nothing.",
-        after_help = "Examples:\n  piprov stamp golden.img --recipe image-recipes/site.toml --hostname pi-door-07\n  \
-            piprov stamp golden.img --recipe image-recipes/bench.toml --number 3 --dry-run\n  \
-            piprov stamp golden.img --recipe r.toml --set sudo.strip_nopasswd=false --json"
+        after_help = "Examples:\n\
+            \x20\x20piprov stamp golden.img --recipe image-recipes/site.toml \\\n\
+            \x20\x20\x20\x20\x20\x20--hostname pi-door-07\n\
+            \x20\x20piprov stamp golden.img --recipe image-recipes/bench.toml \\\n\
+            \x20\x20\x20\x20\x20\x20--number 3 --dry-run\n\
+            \x20\x20piprov stamp golden.img --recipe r.toml \\\n\
+            \x20\x20\x20\x20\x20\x20--set sudo.strip_nopasswd=false --json"
     )]
     Stamp {
         /// Image file or block device
@@ -147,10 +154,14 @@ pub enum Command {
         Exit status: 0 every card written and verified; 1 at least one card was touched and \
         is not right (it holds no partition table; the others are complete); 2 no card was \
         touched (bad input, a refused target, an image refused before writing).",
-        after_help = "Examples:\n  piprov flash golden.img.xz /dev/sdb --recipe image-recipes/site.toml --hostname pi-door-07\n  \
-            piprov flash golden.img.xz /dev/sdb /dev/sdc /dev/sdd --recipe bench.toml --hostname 'door-{number}' --yes\n  \
-            piprov flash golden.img --targets-file bench.csv --recipe bench.toml --manifest cards.jsonl\n  \
-            piprov flash golden.img stamped.img --recipe site.toml     # a stamped copy as a file"
+        after_help = "Examples:\n\
+            \x20\x20piprov flash golden.img.xz /dev/sdb --recipe image-recipes/site.toml \\\n\
+            \x20\x20\x20\x20\x20\x20--hostname pi-door-07\n\
+            \x20\x20piprov flash golden.img.xz /dev/sdb /dev/sdc /dev/sdd \\\n\
+            \x20\x20\x20\x20\x20\x20--recipe bench.toml --hostname 'door-{number}' --yes\n\
+            \x20\x20piprov flash golden.img --targets-file bench.csv --recipe bench.toml \\\n\
+            \x20\x20\x20\x20\x20\x20--manifest cards.jsonl\n\
+            \x20\x20piprov flash golden.img stamped.img --recipe site.toml  # a stamped copy"
     )]
     Flash {
         /// Image: .img, .img.xz, .gz, .zst, .bz2 or .zip
@@ -244,9 +255,12 @@ pub enum Command {
         long_about = "Activation broker: holds the AWS credentials and hands each card that presents \
         an enrollment token a single-use, short-lived activation, so no secret that matters \
         lives on a card. Cards use it when their recipe says source = \"broker\".",
-        after_help = "Examples:\n  piprov broker init /etc/piprov-broker --name broker.example.net --region eu-west-1 --iam-role SSMServiceRole\n  \
-            piprov broker token add --config /etc/piprov-broker/broker.toml --name site-a --max-uses 50 --expires 30d --token-file site-a.token\n  \
-            piprov broker serve --config /etc/piprov-broker/broker.toml"
+        after_help = "Examples:\n\
+            \x20\x20piprov broker init /etc/piprov-broker --name broker.example.net \\\n\
+            \x20\x20\x20\x20\x20\x20--region eu-west-1 --iam-role SSMServiceRole\n\
+            \x20\x20piprov broker token add --config /etc/piprov-broker/broker.toml \\\n\
+            \x20\x20\x20\x20\x20\x20--name site-a --max-uses 50 --expires 30d --token-file site-a.token\n\
+            \x20\x20piprov broker serve --config /etc/piprov-broker/broker.toml"
     )]
     Broker {
         #[command(subcommand)]
@@ -274,10 +288,14 @@ pub struct AwsArgs {
     /// AWS region, e.g. eu-west-1 (default: the recipe's, then AWS_REGION or the profile's)
     #[arg(long, global = true)]
     pub region: Option<String>,
+    /// Say more when an AWS call fails (the AWS SDK's own error chain)
+    #[arg(short, long, global = true)]
+    pub verbose: bool,
 }
 
 impl AwsArgs {
     pub fn connection(self) -> crate::ssm::Connection {
+        crate::ssm::set_verbose(self.verbose);
         crate::ssm::Connection {
             profile: self.profile,
             region: self.region,
@@ -411,7 +429,7 @@ pub enum DeviceCommand {
         `serial,public_key` and `#` comments are allowed. All lines are imported or none: a \
         serial already recorded with another key stops the import unless --replace. \
         Importing a revoked serial admits it again.",
-        after_help = "Example:\n  piprov broker device import --config broker.toml pis.csv"
+        after_help = "Examples:\n  piprov broker device import --config broker.toml pis.csv"
     )]
     Import {
         /// The broker's config file (broker.toml, made by `piprov broker init`)
@@ -456,9 +474,12 @@ pub enum SetupCommand {
         reported, with what it trusts instead, and changed only with --update-trust.\n\n\
         Exit status: 0 done (or nothing to do), 1 something is held back or would change \
         (without --apply), 2 error.",
-        after_help = "Examples:\n  piprov setup role\n  piprov setup role --apply\n  \
-        piprov setup role --name PiFleetRole --policy arn:aws:iam::aws:policy/CloudWatchAgentServerPolicy --apply\n  \
-        piprov setup role --update-trust --apply"
+        after_help = "Examples:\n\
+            \x20\x20piprov setup role\n\
+            \x20\x20piprov setup role --apply\n\
+            \x20\x20piprov setup role --name PiFleetRole --apply \\\n\
+            \x20\x20\x20\x20\x20\x20--policy arn:aws:iam::aws:policy/CloudWatchAgentServerPolicy\n\
+            \x20\x20piprov setup role --update-trust --apply"
     )]
     Role {
         /// The role's name (the recipe's iam_role)
@@ -544,9 +565,11 @@ pub enum FleetCommand {
         Session Manager makes. Without --tag: every node piprov created an activation for (they \
         carry piprov:version). Nothing is sent to AWS: attach the policy to the operators' group \
         or role.",
-        after_help = "Examples:\n  piprov fleet access-policy --tag site=a > operators.json\n  \
-        piprov fleet access-policy --documents ssh,port-forwarding\n  \
-        aws iam create-policy --policy-name PiFleetOperators --policy-document file://operators.json"
+        after_help = "Examples:\n\
+            \x20\x20piprov fleet access-policy --tag site=a > operators.json\n\
+            \x20\x20piprov fleet access-policy --documents ssh,port-forwarding\n\
+            \x20\x20aws iam create-policy --policy-name PiFleetOperators \\\n\
+            \x20\x20\x20\x20\x20\x20--policy-document file://operators.json"
     )]
     AccessPolicy {
         /// Only nodes with this tag (repeatable; all must match)
@@ -582,10 +605,11 @@ pub enum FleetCommand {
 #[derive(Debug, Subcommand)]
 pub enum ActivationCommand {
     /// Create an activation; its code is shown by SSM only once
-    #[command(
-        after_help = "Examples:\n  piprov activation create --role SSMServiceRole --limit 10 --expires 7d --code-file site.code\n  \
-        piprov activation create --role SSMServiceRole --tag site=a --show-code --json"
-    )]
+    #[command(after_help = "Examples:\n\
+            \x20\x20piprov activation create --role SSMServiceRole --limit 10 --expires 7d \\\n\
+            \x20\x20\x20\x20\x20\x20--code-file site.code\n\
+            \x20\x20piprov activation create --role SSMServiceRole --tag site=a \\\n\
+            \x20\x20\x20\x20\x20\x20--show-code --json")]
     Create {
         /// IAM service role the registered nodes assume
         #[arg(long)]
@@ -630,7 +654,6 @@ pub enum ActivationCommand {
 }
 
 pub fn run(cli: Cli) -> Result<ExitCode> {
-    crate::ssm::set_verbose(cli.verbose);
     match cli.command {
         Command::Inspect {
             image,
