@@ -49,6 +49,47 @@ pub fn refuse_directory(file: &File, path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// ext4-view sizes its block-group table from the superblock before reading
+/// it: a crafted superblock claiming billions of groups made it allocate 30 GB.
+/// The filesystem must fit its partition, and so must its group descriptors.
+fn check_ext4_geometry<D: Read + Seek>(slice: &mut PartitionSlice<D>, len: u64) -> Result<()> {
+    let mut sb = [0u8; 1024];
+    slice
+        .read_exact_at(1024, &mut sb)
+        .context("reading the ext4 superblock")?;
+    let u32_at = |o: usize| u64::from(u32::from_le_bytes(sb[o..o + 4].try_into().unwrap()));
+    let incompat_64bit = u32_at(96) & 0x80 != 0;
+    let mut blocks = u32_at(4);
+    if incompat_64bit {
+        blocks |= u32_at(0x150) << 32;
+    }
+    let log_block = u32_at(24);
+    let per_group = u32_at(32);
+    let desc_size = if incompat_64bit {
+        u64::from(u16::from_le_bytes([sb[0xfe], sb[0xff]])).max(32)
+    } else {
+        32
+    };
+    if log_block > 6 || per_group == 0 {
+        bail!(
+            "its ext4 superblock is not sound (block size 2^{log_block} KiB, {per_group} blocks a group)"
+        );
+    }
+    let block_size = 1024u64 << log_block;
+    let groups = blocks.div_ceil(per_group);
+    let fits = blocks
+        .checked_mul(block_size)
+        .is_some_and(|bytes| bytes <= len)
+        && groups.saturating_mul(desc_size) <= len;
+    if !fits {
+        bail!(
+            "its ext4 superblock claims {blocks} blocks of {block_size} bytes in {groups} groups, \
+             more than the partition's {len} bytes hold: the image is not what it seems"
+        );
+    }
+    Ok(())
+}
+
 impl Image<File> {
     /// Opens an image file or a block device read-only.
     pub fn open(path: &Path) -> Result<Self> {
@@ -180,7 +221,10 @@ impl<D: Read + Write + Seek + Debug + 'static> Image<D> {
                 partition.type_id
             );
         }
-        let fs = ext4_view::Ext4::load(Box::new(self.slice(partition))).map_err(|e| {
+        let mut slice = self.slice(partition);
+        check_ext4_geometry(&mut slice, partition.size)
+            .with_context(|| format!("partition {}", partition.number))?;
+        let fs = ext4_view::Ext4::load(Box::new(slice)).map_err(|e| {
             anyhow!(
                 "partition {} does not hold a readable ext4 filesystem: {e}",
                 partition.number
