@@ -473,8 +473,10 @@ fn an_ext4_superblock_larger_than_its_partition_is_refused() {
     let image = fixture("golden", &dir);
     let (start, _) = partition_extent(&image, 2);
     let superblock = start + 1024;
-    patch(&image, superblock + 4, &0xffff_fff0u32.to_le_bytes());
+    // Eight blocks a group, and a block count's high half, which ext4-view
+    // reads whether or not the 64bit feature is on.
     patch(&image, superblock + 32, &8u32.to_le_bytes());
+    patch(&image, superblock + 0x150, &1u32.to_le_bytes());
     let cache = dir.path().join("cache");
     let os = |s: &str| std::ffi::OsString::from(s);
     assert_bounded(

@@ -59,10 +59,8 @@ fn check_ext4_geometry<D: Read + Seek>(slice: &mut PartitionSlice<D>, len: u64) 
         .context("reading the ext4 superblock")?;
     let u32_at = |o: usize| u64::from(u32::from_le_bytes(sb[o..o + 4].try_into().unwrap()));
     let incompat_64bit = u32_at(96) & 0x80 != 0;
-    let mut blocks = u32_at(4);
-    if incompat_64bit {
-        blocks |= u32_at(0x150) << 32;
-    }
+    // ext4-view takes the high half whatever the 64bit feature says.
+    let blocks = u32_at(4) | u32_at(0x150) << 32;
     let log_block = u32_at(24);
     let per_group = u32_at(32);
     let desc_size = if incompat_64bit {
