@@ -70,7 +70,7 @@ fn check_ext4_geometry<D: Read + Seek>(slice: &mut PartitionSlice<D>, len: u64) 
     };
     if log_block > 6 || per_group == 0 {
         bail!(
-            "its ext4 superblock is not sound (block size 2^{log_block} KiB, {per_group} blocks a group)"
+            "its superblock is not sound (s_log_block_size {log_block}, {per_group} blocks a group)"
         );
     }
     let block_size = 1024u64 << log_block;
@@ -81,7 +81,7 @@ fn check_ext4_geometry<D: Read + Seek>(slice: &mut PartitionSlice<D>, len: u64) 
         && groups.saturating_mul(desc_size) <= len;
     if !fits {
         bail!(
-            "its ext4 superblock claims {blocks} blocks of {block_size} bytes in {groups} groups, \
+            "its superblock claims {blocks} blocks of {block_size} bytes in {groups} groups, \
              more than the partition's {len} bytes hold: the image is not what it seems"
         );
     }
@@ -220,8 +220,12 @@ impl<D: Read + Write + Seek + Debug + 'static> Image<D> {
             );
         }
         let mut slice = self.slice(partition);
-        check_ext4_geometry(&mut slice, partition.size)
-            .with_context(|| format!("partition {}", partition.number))?;
+        check_ext4_geometry(&mut slice, partition.size).with_context(|| {
+            format!(
+                "partition {} does not hold a readable ext4 filesystem",
+                partition.number
+            )
+        })?;
         let fs = ext4_view::Ext4::load(Box::new(slice)).map_err(|e| {
             anyhow!(
                 "partition {} does not hold a readable ext4 filesystem: {e}",
