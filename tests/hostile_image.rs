@@ -295,6 +295,15 @@ fn compressed(image: &Path) -> Vec<(&'static str, std::path::PathBuf)> {
     made
 }
 
+/// The 256 MiB bomb in one format.
+fn bomb_as(dir: &Path, ext: &str) -> std::path::PathBuf {
+    compressed(&bomb(dir, 256))
+        .into_iter()
+        .find(|(made, _)| *made == ext)
+        .map(|(_, path)| path)
+        .unwrap()
+}
+
 fn cached_images(cache: &Path) -> Vec<std::ffi::OsString> {
     std::fs::read_dir(cache)
         .map(|entries| {
@@ -358,11 +367,7 @@ fn a_bomb_of_every_format_stops_at_the_max_size() {
 #[test]
 fn a_bomb_stops_at_the_largest_card() {
     let dir = TempDir::new().unwrap();
-    let image = bomb(dir.path(), 256);
-    let (_, archive) = compressed(&image)
-        .into_iter()
-        .find(|(ext, _)| *ext == "bz2")
-        .unwrap();
+    let archive = bomb_as(dir.path(), "bz2");
     let backing = dir.path().join("card.bin");
     common::disk::fill_random(&backing, 32 << 20);
     let card = common::disk::Loop::new(&backing, &[]).expect("a loop device (needs root)");
@@ -391,11 +396,7 @@ fn a_bomb_stops_at_the_largest_card() {
 #[test]
 fn an_xz_whose_index_lies_stops_at_its_claimed_length() {
     let dir = TempDir::new().unwrap();
-    let image = bomb(dir.path(), 256);
-    let (_, archive) = compressed(&image)
-        .into_iter()
-        .find(|(ext, _)| *ext == "xz")
-        .unwrap();
+    let archive = bomb_as(dir.path(), "xz");
     // The index's one record: unpadded size, then the uncompressed size,
     // rewritten as 64 MiB in the same five bytes (a varint may carry
     // high zero groups), and the index's CRC32 made good again.
