@@ -84,9 +84,9 @@ pub enum Command {
         /// Image file or block device, or an archive of an image (decoded once
         /// into flash's cache)
         image: PathBuf,
-        /// Stop decoding an archive past this size (e.g. 40GiB)
-        #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "32GiB")]
-        max_size: u64,
+        /// Stop decoding an archive past this size (e.g. 40GiB; default 32 GiB)
+        #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+        max_size: Option<u64>,
         /// Print the report as JSON (schema in docs/inspect-json.md)
         #[arg(long)]
         json: bool,
@@ -913,11 +913,12 @@ fn print_outcome(outcome: &crate::stamp::Outcome, json: bool) -> Result<ExitCode
     Ok(ExitCode::SUCCESS)
 }
 
-fn inspect(image: &std::path::Path, max_size: u64, json: bool) -> Result<ExitCode> {
-    let limit = crate::flash::source::DecodeLimit {
-        bytes: max_size,
+fn inspect(image: &std::path::Path, max_size: Option<u64>, json: bool) -> Result<ExitCode> {
+    use crate::flash::source::DecodeLimit;
+    let limit = max_size.map_or(DecodeLimit::DEFAULT, |bytes| DecodeLimit {
+        bytes,
         why: "the --max-size",
-    };
+    });
     let report = crate::inspect::inspect(image, limit)?;
     let mut stdout = std::io::stdout().lock();
     if json {
