@@ -16,7 +16,7 @@ CARD_STATE_DIR=/var/lib/piprov
 # exists, and the Trixie boothook runs the install only while it does not.
 CARD_INSTALLED=/var/lib/piprov/installed
 
-# amazon-ssm-agent's files (DESIGN.md sections 2 and 8).
+# amazon-ssm-agent's files (docs/architecture.md).
 AGENT_BINARY=/usr/bin/amazon-ssm-agent
 AGENT_DATA_DIR=/var/lib/amazon/ssm
 AGENT_REGISTRATION=/var/lib/amazon/ssm/registration

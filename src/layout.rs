@@ -1,7 +1,7 @@
 //! Where things live on a Raspberry Pi card: the facts the host side and the
 //! device side agree on. One source, `firstboot/contract.sh`, which the card's
 //! scripts read too; build.rs compiles it into `contract` below. Sources of the
-//! facts: DESIGN.md sections 2, 3 and 8.
+//! facts: docs/architecture.md.
 
 /// The card contract as written in firstboot/contract.sh.
 pub mod contract {

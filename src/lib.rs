@@ -12,6 +12,7 @@ pub mod layout;
 pub mod new_file;
 pub mod progress;
 pub mod recipe;
+pub mod region;
 pub mod ssm;
 pub mod stamp;
 pub mod units;

@@ -207,12 +207,13 @@ fn validate(recipe: &Recipe) -> Result<()> {
             bail!("agent.key_auto_rotate_days = {days}: the agent takes 1 to 365 days");
         }
     }
-    if !is_region_name(&recipe.region) {
+    if !crate::region::is_region_name(&recipe.region) {
         bail!(
             "region {:?} is not an AWS region name (like eu-west-1)",
             recipe.region
         );
     }
+    crate::region::warn_if_unknown(&recipe.region);
     if let Some(pattern) = &recipe.hostname {
         check_hostname_pattern(pattern)?;
     }
@@ -368,20 +369,6 @@ fn check_broker_url(url: &str) -> Result<()> {
         );
     }
     Ok(())
-}
-
-/// The shape of an AWS region name: `eu-west-1`, `us-gov-east-1`.
-pub fn is_region_name(region: &str) -> bool {
-    let parts: Vec<&str> = region.split('-').collect();
-    parts.len() >= 3
-        && parts.iter().all(|p| {
-            !p.is_empty()
-                && p.chars()
-                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
-        })
-        && parts
-            .last()
-            .is_some_and(|p| p.chars().all(|c| c.is_ascii_digit()))
 }
 
 pub fn source_name(source: Source) -> &'static str {

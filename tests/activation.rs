@@ -247,3 +247,25 @@ fn a_value_ssm_rejects_is_named() {
         .stderr(contains("host=door-{n}"));
     assert_eq!(ssm.requests_for("CreateActivation").len(), 1, "not retried");
 }
+
+/// A region the SDK does not know may be new, or a typo: a warning names the
+/// nearest known one, and the call still goes out.
+#[test]
+fn an_unknown_region_is_warned_about_with_the_nearest_known_one() {
+    let dir = TempDir::new().unwrap();
+    let ssm = SsmEndpoint::start(dir.path(), 0);
+    let out = succeed(
+        ssm.piprov()
+            .args(["activation", "list", "--region", "eu-wset-1"]),
+    );
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        stderr.contains("warning: region \"eu-wset-1\" is not one the AWS SDK knows; the nearest known region is eu-west-1"),
+        "{stderr}"
+    );
+    let out = succeed(
+        ssm.piprov()
+            .args(["activation", "list", "--region", "eu-west-1"]),
+    );
+    assert!(!String::from_utf8(out.stderr).unwrap().contains("warning"));
+}

@@ -157,8 +157,7 @@ fn piprov_words(command: &str) -> Vec<String> {
     let mut word = String::new();
     let mut quote = None;
     let mut in_word = false;
-    let mut chars = command.chars().peekable();
-    while let Some(c) = chars.next() {
+    for c in command.chars() {
         match (quote, c) {
             (Some(q), c) if c == q => quote = None,
             (Some(_), c) => word.push(c),
@@ -167,7 +166,7 @@ fn piprov_words(command: &str) -> Vec<String> {
                 in_word = true;
             }
             (None, '|' | '>' | '#' | ';') => break,
-            (None, '&') if chars.peek() == Some(&'&') => break,
+            (None, '&') => break,
             (None, c) if c.is_whitespace() => {
                 if in_word {
                     words.push(std::mem::take(&mut word));
@@ -259,5 +258,86 @@ fn verbose_is_offered_where_aws_is_called() {
         args.push("--help");
         let help = stdout(&args);
         assert!(help.contains("-v, --verbose"), "{command:?}:\n{help}");
+    }
+}
+
+/// The README's commands are what a newcomer pastes first: every `piprov …`
+/// line in its code blocks parses with the real clap definitions.
+#[test]
+fn every_readme_command_parses() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let mut in_block = false;
+    let mut command = String::new();
+    let mut parsed = 0;
+    let mut failures = Vec::new();
+    for line in readme.lines() {
+        if line.starts_with("```") {
+            in_block = !in_block;
+            continue;
+        }
+        if !in_block {
+            continue;
+        }
+        let line = line.trim_start().trim_start_matches("$ ");
+        if let Some(part) = line.strip_suffix('\\') {
+            command.push_str(part);
+            command.push(' ');
+            continue;
+        }
+        command.push_str(line);
+        let words = piprov_words(&std::mem::take(&mut command));
+        if words.first().map(String::as_str) != Some("piprov") {
+            continue;
+        }
+        match piprov::cli::docs::parses(&words) {
+            Ok(()) => parsed += 1,
+            Err(e) => failures.push(format!(
+                "{}: {}",
+                words.join(" "),
+                e.lines().next().unwrap_or_default()
+            )),
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "README commands that do not parse:\n{}",
+        failures.join("\n")
+    );
+    assert!(parsed >= 20, "only {parsed} README commands parsed");
+}
+
+/// The repository explains itself: no tracked file sends the reader to a
+/// design document outside it.
+#[test]
+fn no_file_cites_a_document_outside_the_repository() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let files = Command::new("git")
+        .args(["ls-files", "-z"])
+        .current_dir(root)
+        .output()
+        .unwrap();
+    assert!(files.status.success(), "git ls-files failed");
+    let outside = ["DESIGN", ".md"].concat();
+    let shared = ["../", "shared/"].concat();
+    for name in String::from_utf8(files.stdout).unwrap().split('\0') {
+        let Ok(text) = std::fs::read_to_string(std::path::Path::new(root).join(name)) else {
+            continue;
+        };
+        assert!(
+            !text.contains(&outside) && !text.contains(&shared),
+            "{name} points outside the repository"
+        );
+    }
+    let architecture = std::fs::read_to_string(format!("{root}/docs/architecture.md")).unwrap();
+    for part in [
+        "## Layers",
+        "## What `flash` does",
+        "## The card's boot sequence",
+    ] {
+        assert!(
+            architecture.contains(part),
+            "docs/architecture.md lacks {part}"
+        );
     }
 }

@@ -246,7 +246,7 @@ fn the_standin_signs_in_the_format_openssl_verifies() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    // DESIGN.md section 10's OpenSSL equivalent (OpenSSL 3.0 names the digest of -rawin).
+    // rpi-fw-crypto's OpenSSL equivalent (docs/architecture.md) (OpenSSL 3.0 names the digest of -rawin).
     let verify = |message: &Path| {
         Command::new("openssl")
             .args(["pkeyutl", "-verify", "-pubin", "-keyform", "DER", "-inkey"])

@@ -379,3 +379,19 @@ fn values_a_card_could_misread_are_refused_and_nothing_is_written() {
     }
     assert_eq!(sha256_of(&image), hash);
 }
+
+#[test]
+fn a_recipe_region_the_sdk_does_not_know_is_warned_about() {
+    let dir = TempDir::new().unwrap();
+    let image = fixture("golden", &dir);
+    let recipe = shared_recipe(dir.path(), "");
+    let text = std::fs::read_to_string(&recipe).unwrap();
+    std::fs::write(&recipe, text.replace("eu-west-1", "mars-north-1")).unwrap();
+    let out = stamp_cmd(&image, &recipe).output().unwrap();
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("region \"mars-north-1\" is not one the AWS SDK knows; the nearest known region is eu-north-1"),
+        "{stderr}"
+    );
+}

@@ -165,13 +165,14 @@ pub fn load(path: &Path) -> Result<Loaded> {
             path.display()
         );
     }
-    if !crate::recipe::is_region_name(&config.region) {
+    if !crate::region::is_region_name(&config.region) {
         bail!(
             "{}: region {:?} is not an AWS region name",
             path.display(),
             config.region
         );
     }
+    crate::region::warn_if_unknown(&config.region);
     if config.rate_limit_per_minute == 0 || config.token_rate_limit_per_minute == 0 {
         bail!(
             "{}: rate_limit_per_minute and token_rate_limit_per_minute must be at least 1",

@@ -48,9 +48,10 @@ pub fn init(options: &InitOptions) -> Result<Initialised> {
             dir.display()
         );
     }
-    if !crate::recipe::is_region_name(&options.region) {
+    if !crate::region::is_region_name(&options.region) {
         bail!("--region {:?} is not an AWS region name", options.region);
     }
+    crate::region::warn_if_unknown(&options.region);
     let database = options
         .database
         .clone()

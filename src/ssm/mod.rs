@@ -54,11 +54,11 @@ pub async fn sdk_config(
         None => {
             bail!("no AWS region: pass --region, set AWS_REGION, or name one in your AWS profile")
         }
-        Some(region) if !crate::recipe::is_region_name(region.as_ref()) => bail!(
+        Some(region) if !crate::region::is_region_name(region.as_ref()) => bail!(
             "region {:?} is not an AWS region name (like eu-west-1): check --region, AWS_REGION or your profile",
             region.as_ref()
         ),
-        Some(_) => {}
+        Some(region) => crate::region::warn_if_unknown(region.as_ref()),
     }
     check_credentials(conn, &config).await?;
     Ok(config)
