@@ -128,8 +128,8 @@ fn restamping_replaces_the_stamp_without_duplicate_tokens() {
         thrice.keys().collect::<Vec<_>>()
     );
     for (name, data) in &once {
-        if name != "piprov-stamp.json" {
-            assert_eq!(&thrice[name], data, "{name} differs after re-stamping");
+        if name != "piprov-stamp.json" && name != piprov::stamp::UNDO_FILE {
+            assert!(&thrice[name] == data, "{name} differs after re-stamping");
         }
     }
     let cmdline = String::from_utf8(thrice["cmdline.txt"].clone()).unwrap();
@@ -394,4 +394,175 @@ fn a_recipe_region_the_sdk_does_not_know_is_warned_about() {
         stderr.contains("region \"mars-north-1\" is not one the AWS SDK knows; the nearest known region is eu-north-1"),
         "{stderr}"
     );
+}
+
+/// mtools on the boot partition of an image, for edits piprov did not make.
+fn mtools(tool: &str, image: &std::path::Path, args: &[&str]) {
+    let (start, _) = partition_extent(image, 1);
+    let target = format!("{}@@{start}", image.display());
+    let out = std::process::Command::new(tool)
+        .arg("-i")
+        .arg(&target)
+        .args(args)
+        .env("MTOOLS_SKIP_CHECK", "1")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{tool}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The whole image, byte for byte, after stamp → restamps → unstamp, on both
+/// hooks.
+#[test]
+fn unstamp_after_restamps_gives_back_the_image_byte_for_byte() {
+    for variant in ["golden", "trixie"] {
+        let dir = TempDir::new().unwrap();
+        let image = fixture(variant, &dir);
+        let original = sha256_of(&image);
+        let recipe = shared_recipe(dir.path(), "");
+        for hostname in ["first", "second", "third"] {
+            let out = stamp_cmd(&image, &recipe)
+                .args(["--hostname", hostname])
+                .output()
+                .unwrap();
+            let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert!(!stdout.contains("not every byte"), "{variant}: {stdout}");
+            assert_ne!(sha256_of(&image), original);
+            assert_fat_clean(&image, dir.path());
+        }
+        let out = piprov().arg("unstamp").arg(&image).output().unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            stdout.contains("byte for byte as before the stamp"),
+            "{stdout}"
+        );
+        assert!(
+            sha256_of(&image) == original,
+            "{variant}: unstamp after restamps must give back the image's SHA-256"
+        );
+    }
+}
+
+/// A boot partition whose free space is all old data (a kernel update's
+/// leftovers, not zeroes): no record on the partition can hold the old data
+/// under itself too. The stamp says so up front, leaves no half record, and
+/// unstamp still gives back every file.
+#[test]
+fn a_boot_partition_full_of_old_data_is_told_it_gets_its_files_back_not_its_bytes() {
+    let dir = TempDir::new().unwrap();
+    let image = fixture("golden", &dir);
+    // Every free byte, with data that does not compress.
+    let (start, _) = partition_extent(&image, 1);
+    let listing = std::process::Command::new("mdir")
+        .arg("-i")
+        .arg(format!("{}@@{start}", image.display()))
+        .arg("::")
+        .env("MTOOLS_SKIP_CHECK", "1")
+        .output()
+        .unwrap();
+    let listing = String::from_utf8(listing.stdout).unwrap();
+    let free: u64 = listing
+        .lines()
+        .find_map(|l| l.trim().strip_suffix("bytes free"))
+        .unwrap()
+        .replace(' ', "")
+        .parse()
+        .unwrap();
+    let old = dir.path().join("OLDKERN.IMG");
+    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+    let data: Vec<u8> = (0..free)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    std::fs::write(&old, data).unwrap();
+    mtools("mcopy", &image, &[old.to_str().unwrap(), "::OLDKERN.IMG"]);
+    mtools("mdel", &image, &["::OLDKERN.IMG"]);
+    let before = boot_files(&image);
+    let recipe = shared_recipe(dir.path(), "");
+    let out = stamp_cmd(&image, &recipe).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Old data in a cluster fatfs adds to the root directory reads as entries.
+    assert_fat_clean(&image, dir.path());
+    assert!(
+        stdout.contains("unstamp will restore the files, not every byte: the boot partition's free space holds old data"),
+        "{stdout}"
+    );
+    assert!(!boot_files(&image).contains_key(piprov::stamp::UNDO_FILE));
+    let out = piprov().arg("unstamp").arg(&image).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        stdout.contains("files restored, not every byte"),
+        "{stdout}"
+    );
+    assert!(boot_files(&image) == before);
+    assert_fat_clean(&image, dir.path());
+}
+
+/// When something else changed the boot partition after the stamp (here
+/// config.txt edited by hand), writing old sectors back would undo that edit
+/// or corrupt the FAT: unstamp removes the stamp file by file and says so.
+#[test]
+fn unstamp_after_an_edit_restores_files_and_keeps_the_edit() {
+    let dir = TempDir::new().unwrap();
+    let image = fixture("golden", &dir);
+    let before = boot_files(&image);
+    let recipe = shared_recipe(dir.path(), "");
+    stamp(&image, &recipe, &[]);
+    let edited = dir.path().join("config.txt");
+    std::fs::write(&edited, b"dtparam=audio=on\nenable_uart=1\n").unwrap();
+    mtools(
+        "mcopy",
+        &image,
+        &["-o", edited.to_str().unwrap(), "::config.txt"],
+    );
+    let out = piprov().arg("unstamp").arg(&image).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains(
+            "files restored, not every byte: the boot partition changed since it was stamped"
+        ),
+        "{stdout}"
+    );
+    let after = boot_files(&image);
+    assert!(
+        after["config.txt"] == b"dtparam=audio=on\nenable_uart=1\n",
+        "the edit is kept"
+    );
+    let mut expected = before.clone();
+    expected.remove("config.txt");
+    let mut got = after.clone();
+    got.remove("config.txt");
+    assert!(
+        got == expected,
+        "every other file as before: {:?}",
+        got.keys().collect::<Vec<_>>()
+    );
+    assert_fat_clean(&image, dir.path());
 }

@@ -910,6 +910,23 @@ fn print_outcome(outcome: &crate::stamp::Outcome, json: bool) -> Result<ExitCode
             r.cmdline_tokens.join(" ")
         )?;
     }
+    match (&outcome.record, outcome.byte_exact) {
+        (None, Some(true)) => writeln!(
+            stdout,
+            "  the boot partition is byte for byte as before the stamp"
+        )?,
+        (Some(_), Some(false)) => writeln!(
+            stdout,
+            "  unstamp will restore the files, not every byte: {}",
+            outcome.not_exact_because.as_deref().unwrap_or_default()
+        )?,
+        (None, Some(false)) => writeln!(
+            stdout,
+            "  files restored, not every byte: {}",
+            outcome.not_exact_because.as_deref().unwrap_or_default()
+        )?,
+        _ => {}
+    }
     Ok(ExitCode::SUCCESS)
 }
 

@@ -900,7 +900,7 @@ fn prepare_cards(
                 settings.give_activation(created.id, created.code);
             }
             let image = Image::from_disk(overlay)?;
-            stamp::stamp_image(&image, &settings, false, &name)?;
+            stamp::stamp_image(&image, &settings, false, &name, stamp::KeepUndo::No)?;
             overlay = image.into_disk()?;
             extents = extents
                 .union(&Extents::from_ranges(overlay.changed()))

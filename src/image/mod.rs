@@ -23,7 +23,7 @@ use anyhow::{Context, Result, anyhow, bail};
 pub use cmdline::Cmdline;
 pub use ext4::{Owner, RootFs};
 pub use extents::{ALIGN, Extents};
-pub use fat::BootFs;
+pub use fat::{BootFs, Journal, SECTOR};
 pub use overlay::Overlay;
 pub use probe::FsKind;
 pub use slice::{PartitionSlice, SharedDisk};
@@ -198,8 +198,18 @@ impl<D: Read + Write + Seek + Debug + 'static> Image<D> {
     }
 
     pub fn boot(&self) -> Result<BootFs<D>> {
+        self.open_boot(None)
+    }
+
+    /// The boot partition, keeping in `journal` the original of every sector
+    /// written through it.
+    pub fn boot_journaled(&self, journal: &Journal) -> Result<BootFs<D>> {
+        self.open_boot(Some(journal.clone()))
+    }
+
+    fn open_boot(&self, journal: Option<Journal>) -> Result<BootFs<D>> {
         let partition = self.boot_partition()?;
-        BootFs::open(self.slice(partition)).map_err(|e| {
+        BootFs::open(self.slice(partition), journal).map_err(|e| {
             anyhow!(
                 "partition {} (type {}) does not hold a readable FAT filesystem: {e:#}",
                 partition.number,

@@ -17,6 +17,17 @@ pub struct PartitionSlice<D> {
     pos: u64,
 }
 
+impl<D> Clone for PartitionSlice<D> {
+    fn clone(&self) -> Self {
+        Self {
+            disk: self.disk.clone(),
+            start: self.start,
+            len: self.len,
+            pos: self.pos,
+        }
+    }
+}
+
 impl<D> PartitionSlice<D> {
     pub fn new(disk: SharedDisk<D>, start: u64, len: u64) -> Self {
         Self {
@@ -59,6 +70,26 @@ impl<D: Read + Seek> PartitionSlice<D> {
         let mut disk = self.disk.borrow_mut();
         disk.seek(SeekFrom::Start(self.start + offset))?;
         disk.read_exact(buf)
+    }
+}
+
+impl<D: Write + Seek> PartitionSlice<D> {
+    /// Writes all of `buf` at `offset` within the slice.
+    pub fn write_all_at(&self, offset: u64, buf: &[u8]) -> io::Result<()> {
+        let end = offset.checked_add(buf.len() as u64);
+        if end.is_none_or(|end| end > self.len) {
+            return Err(io::Error::new(
+                io::ErrorKind::WriteZero,
+                format!(
+                    "write of {} bytes at offset {offset} goes past the end of the partition ({} bytes)",
+                    buf.len(),
+                    self.len
+                ),
+            ));
+        }
+        let mut disk = self.disk.borrow_mut();
+        disk.seek(SeekFrom::Start(self.start + offset))?;
+        disk.write_all(buf)
     }
 }
 

@@ -6,6 +6,7 @@ mod card;
 mod cloud_init;
 mod payload;
 mod plan;
+mod undo;
 
 use std::collections::BTreeMap;
 use std::fmt::Debug;
@@ -18,8 +19,9 @@ use serde::{Deserialize, Serialize};
 
 pub use card::CardSettings;
 pub use plan::{ChangeSummary, Plan};
+pub use undo::UNDO_FILE;
 
-use crate::image::{BootFs, Cmdline, Image};
+use crate::image::{BootFs, Cmdline, Image, Journal};
 use crate::inspect::gather_facts;
 use crate::layout::boot;
 use crate::recipe::{Hook, LoadedRecipe, SudoPolicy};
@@ -83,6 +85,21 @@ pub struct Outcome {
     /// The stamp now on the image; `None` after unstamp.
     pub record: Option<StampRecord>,
     pub changes: Vec<ChangeSummary>,
+    /// After a stamp: whether an unstamp can give back every byte. After an
+    /// unstamp: whether it did. `None` when nothing was written.
+    pub byte_exact: Option<bool>,
+    /// Why not byte for byte, when not.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub not_exact_because: Option<String>,
+}
+
+/// Whether a stamp keeps what `unstamp` needs to give back every byte: an
+/// image file does; a card's stamp in `flash` does not (nobody unstamps a card
+/// to get the golden back).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeepUndo {
+    Yes,
+    No,
 }
 
 pub fn stamp(config: &StampConfig) -> Result<Outcome> {
@@ -105,7 +122,7 @@ pub fn stamp(config: &StampConfig) -> Result<Outcome> {
     } else {
         None
     };
-    let result = stamp_image(&image, &settings, config.dry_run, &name)
+    let result = stamp_image(&image, &settings, config.dry_run, &name, KeepUndo::Yes)
         .and_then(|outcome| sync(image, &outcome).map(|()| outcome));
     if let (Err(e), Some((issuer, id))) = (&result, &issued) {
         return Err(match issuer.delete(id) {
@@ -124,11 +141,19 @@ pub fn stamp_image<D: Read + Write + Seek + Debug + 'static>(
     settings: &CardSettings,
     dry_run: bool,
     name: &str,
+    keep_undo: KeepUndo,
 ) -> Result<Outcome> {
     let context = || format!("stamping {name}");
     if settings.needs_activation() && !dry_run {
         bail!("{name}: this card has no activation yet (source = \"embedded\")");
     }
+    // A stamp already there goes back to the exact original first, so that the
+    // new stamp's undo is against the original too (and restamps never drift).
+    let restored = if dry_run {
+        None
+    } else {
+        Some(undo::restore(image).with_context(context)?)
+    };
     let facts = gather_facts(image).with_context(context)?;
     let hook = match settings.hook {
         Hook::Auto if facts.cloud_init_installed => Hook::CloudInit,
@@ -140,21 +165,75 @@ pub fn stamp_image<D: Read + Write + Seek + Debug + 'static>(
         }
         chosen => chosen,
     };
-    let boot_fs = image.boot().with_context(context)?;
+    let journal = Journal::new();
+    let boot_fs = image.boot_journaled(&journal).with_context(context)?;
     let mut plan = Plan::default();
     plan_unstamp(&boot_fs, &mut plan).with_context(context)?;
     let record = plan_stamp(&boot_fs, &mut plan, settings, hook, &facts.boot.mount_point)
         .with_context(context)?;
-    finish(boot_fs, plan, dry_run, name, Some(record))
+    let changes = settle(boot_fs, plan, !dry_run).with_context(context)?;
+    let (byte_exact, not_exact_because) = match (dry_run, keep_undo) {
+        (true, _) | (false, KeepUndo::No) => (None, None),
+        (false, KeepUndo::Yes) => {
+            if undo::write_undo(image, &journal).with_context(context)? {
+                (Some(true), None)
+            } else {
+                (
+                    Some(false),
+                    Some("the boot partition's free space holds old data, not zeroes, and a record of it would overwrite more of it".into()),
+                )
+            }
+        }
+    };
+    if let Some(undo::Restore::Unusable(why)) = restored {
+        eprintln!(
+            "warning: {name}: the previous stamp was removed file by file, not byte for byte: {why}"
+        );
+    }
+    Ok(Outcome {
+        image: name.to_string(),
+        dry_run,
+        record: Some(record),
+        changes,
+        byte_exact,
+        not_exact_because,
+    })
 }
 
 pub fn unstamp(path: &Path, dry_run: bool) -> Result<Outcome> {
     let image = open(path, dry_run)?;
     let name = path.display().to_string();
-    let boot_fs = image.boot().with_context(|| format!("unstamping {name}"))?;
+    let context = || format!("unstamping {name}");
+    let boot_fs = image.boot().with_context(context)?;
     let mut plan = Plan::default();
-    plan_unstamp(&boot_fs, &mut plan).with_context(|| format!("unstamping {name}"))?;
-    let outcome = finish(boot_fs, plan, dry_run, &name, None)?;
+    plan_unstamp(&boot_fs, &mut plan).with_context(context)?;
+    // What changes, for the summary, before anything is written.
+    plan.prune(&boot_fs).with_context(context)?;
+    let mut outcome = Outcome {
+        image: name.clone(),
+        dry_run,
+        record: None,
+        changes: plan.summary(),
+        byte_exact: None,
+        not_exact_because: None,
+    };
+    boot_fs.close()?;
+    if dry_run || plan.is_empty() {
+        return Ok(outcome);
+    }
+    let why_not = match undo::restore(&image).with_context(context)? {
+        undo::Restore::Exactly => None,
+        undo::Restore::NoUndo => {
+            Some("the stamp has no undo record (an older piprov made it)".into())
+        }
+        undo::Restore::Unusable(why) => Some(why),
+    };
+    if why_not.is_some() {
+        let boot_fs = image.boot().with_context(context)?;
+        settle(boot_fs, plan, true).with_context(context)?;
+    }
+    outcome.byte_exact = Some(why_not.is_none());
+    outcome.not_exact_because = why_not;
     sync(image, &outcome)?;
     Ok(outcome)
 }
@@ -187,26 +266,20 @@ fn sync(image: Image<File>, outcome: &Outcome) -> Result<()> {
     Ok(())
 }
 
-fn finish<D: Read + Write + Seek>(
+/// Prunes the plan to what changes, writes it when asked, and closes the
+/// partition; returns what changes.
+fn settle<D: Read + Write + Seek>(
     boot_fs: BootFs<D>,
     mut plan: Plan,
-    dry_run: bool,
-    name: &str,
-    record: Option<StampRecord>,
-) -> Result<Outcome> {
+    write: bool,
+) -> Result<Vec<ChangeSummary>> {
     plan.prune(&boot_fs)?;
     let changes = plan.summary();
-    if !dry_run && !plan.is_empty() {
-        plan.apply(&boot_fs)
-            .with_context(|| format!("writing to {name}"))?;
+    if write && !plan.is_empty() {
+        plan.apply(&boot_fs)?;
     }
     boot_fs.close()?;
-    Ok(Outcome {
-        image: name.to_string(),
-        dry_run,
-        record,
-        changes,
-    })
+    Ok(changes)
 }
 
 fn read_record<D: Read + Write + Seek>(
@@ -278,6 +351,7 @@ fn plan_unstamp<D: Read + Write + Seek>(boot_fs: &BootFs<D>, plan: &mut Plan) ->
         boot::CONF,
         boot::SECRET,
         boot::BROKER_CA,
+        undo::UNDO_FILE,
         boot::STAMP,
     ]) {
         plan.remove(file);

@@ -127,6 +127,15 @@ impl Plan {
             .filter(|n| !is_hook(n) && *n != boot::STAMP);
         let hooks = self.changes.keys().filter(|n| is_hook(n));
         let record = self.changes.keys().filter(|n| *n == boot::STAMP);
+        let sizes: Vec<u64> = self
+            .changes
+            .values()
+            .filter_map(|change| match change {
+                Change::Write { data, .. } => Some(data.len() as u64),
+                Change::Remove => None,
+            })
+            .collect();
+        boot.zero_ahead(&sizes)?;
         let order: Vec<&String> = if stamping {
             others.chain(record).chain(hooks).collect()
         } else {

@@ -66,21 +66,59 @@ impl Layout {
     }
 }
 
-/// The byte ranges in use, relative to the partition.
-pub fn used<D: Read + Seek>(slice: &PartitionSlice<D>) -> Result<Extents> {
-    let mut bpb = [0u8; 512];
-    slice.read_exact_at(0, &mut bpb)?;
-    let layout = Layout::read(&bpb, slice.len())?;
-    let mut table = vec![0u8; usize::try_from(layout.fat_bytes)?];
-    slice.read_exact_at(layout.fat_start, &mut table)?;
-    let clusters = layout.clusters;
-    // The FAT type follows from the cluster count alone (Microsoft's FAT spec).
-    let entry = |c: u64| -> u64 {
+/// The first FAT of a partition, read whole, with the geometry it belongs to.
+struct Fat {
+    layout: Layout,
+    table: Vec<u8>,
+    /// Where fatfs starts looking for a free cluster (FAT32's FSInfo hint).
+    hint: Option<u64>,
+}
+
+impl Fat {
+    fn read<D: Read + Seek>(slice: &PartitionSlice<D>) -> Result<Self> {
+        let mut bpb = [0u8; 512];
+        slice.read_exact_at(0, &mut bpb)?;
+        let layout = Layout::read(&bpb, slice.len())?;
+        let mut table = vec![0u8; usize::try_from(layout.fat_bytes)?];
+        slice.read_exact_at(layout.fat_start, &mut table)?;
+        let hint = if layout.clusters >= 65525 {
+            Self::fs_info_hint(slice, &bpb, &layout)
+        } else {
+            None
+        };
+        Ok(Self {
+            layout,
+            table,
+            hint,
+        })
+    }
+
+    /// FSInfo's next-free cluster, when its signatures hold and it is in range
+    /// (as fatfs takes it).
+    fn fs_info_hint<D: Read + Seek>(
+        slice: &PartitionSlice<D>,
+        bpb: &[u8; 512],
+        layout: &Layout,
+    ) -> Option<u64> {
+        let sector = le16(bpb, 48) * le16(bpb, 11);
+        let mut info = [0u8; 512];
+        slice.read_exact_at(sector, &mut info).ok()?;
+        let signed = le32(&info, 0) == 0x4161_5252
+            && le32(&info, 484) == 0x6141_7272
+            && le32(&info, 508) == 0xaa55_0000;
+        let next = le32(&info, 492);
+        (signed && (2..layout.clusters + 2).contains(&next)).then_some(next)
+    }
+
+    /// The entry for cluster `c`; the FAT type follows from the cluster count
+    /// alone (Microsoft's FAT spec).
+    fn entry(&self, c: u64) -> u64 {
         let at = |from: u64, n: usize| {
             usize::try_from(from)
                 .ok()
-                .and_then(|from| table.get(from..from + n))
+                .and_then(|from| self.table.get(from..from + n))
         };
+        let clusters = self.layout.clusters;
         if clusters < 4085 {
             let pair = at(c + c / 2, 2).map_or(0, |b| le16(b, 0));
             if c % 2 == 0 { pair & 0xfff } else { pair >> 4 }
@@ -89,16 +127,50 @@ pub fn used<D: Read + Seek>(slice: &PartitionSlice<D>) -> Result<Extents> {
         } else {
             at(c * 4, 4).map_or(0, |b| le32(b, 0) & 0x0fff_ffff)
         }
-    };
-    let mut used = vec![(0, layout.data_start)];
-    for c in 2..clusters + 2 {
-        if entry(c) != 0 {
-            let start = layout.data_start + (c - 2) * layout.cluster_bytes;
+    }
+
+    fn cluster_range(&self, c: u64) -> (u64, u64) {
+        let start = self.layout.data_start + (c - 2) * self.layout.cluster_bytes;
+        (start, start + self.layout.cluster_bytes)
+    }
+}
+
+/// The byte ranges in use, relative to the partition.
+pub fn used<D: Read + Seek>(slice: &PartitionSlice<D>) -> Result<Extents> {
+    let fat = Fat::read(slice)?;
+    let mut used = vec![(0, fat.layout.data_start)];
+    for c in 2..fat.layout.clusters + 2 {
+        if fat.entry(c) != 0 {
+            let (start, end) = fat.cluster_range(c);
             match used.last_mut() {
-                Some(last) if last.1 == start => last.1 += layout.cluster_bytes,
-                _ => used.push((start, start + layout.cluster_bytes)),
+                Some(last) if last.1 == start => last.1 = end,
+                _ => used.push((start, end)),
             }
         }
     }
     Ok(Extents::from_ranges(used))
+}
+
+/// The byte ranges of the free clusters fatfs will hand out next for `bytes`
+/// of new data: from the FSInfo hint upwards, then from the start, as its
+/// allocator searches.
+/// `sizes` are the files to be written: each takes whole clusters, and each
+/// adds up to four entries (32 bytes each) to the directory.
+pub fn next_free<D: Read + Seek>(
+    slice: &PartitionSlice<D>,
+    sizes: &[u64],
+) -> Result<Vec<(u64, u64)>> {
+    let fat = Fat::read(slice)?;
+    let cluster = fat.layout.cluster_bytes;
+    let wanted = sizes.iter().map(|s| s.div_ceil(cluster)).sum::<u64>()
+        + (sizes.len() as u64 * 4 * 32).div_ceil(cluster)
+        + 1;
+    let end = fat.layout.clusters + 2;
+    let start = fat.hint.unwrap_or(2);
+    Ok((start..end)
+        .chain(2..start)
+        .filter(|&c| fat.entry(c) == 0)
+        .take(usize::try_from(wanted)?)
+        .map(|c| fat.cluster_range(c))
+        .collect())
 }

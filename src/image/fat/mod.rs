@@ -2,19 +2,25 @@
 //! and which of its bytes are in use (`allocation`).
 
 pub(super) mod allocation;
+mod journal;
+
+pub use journal::{Journal, SECTOR};
 
 use std::io::{self, Read, Seek, Write};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use anyhow::{Context, Result, anyhow};
+use anyhow::{Context, Result, anyhow, bail};
 
 use super::slice::PartitionSlice;
 
 pub struct BootFs<D: Read + Write + Seek> {
     fs: fatfs::FileSystem<Bounded<D>>,
     budget: Budget,
+    /// The partition beside fatfs, for what fatfs leaves undone.
+    raw: PartitionSlice<D>,
+    journal: Option<Journal>,
 }
 
 /// fatfs follows cluster chains as the FAT gives them: a chain that loops
@@ -56,10 +62,12 @@ impl Budget {
     }
 }
 
-/// The partition as fatfs reads it: every byte read is taken from the budget.
+/// The partition as fatfs reads it: every byte read is taken from the budget,
+/// and with a journal, every sector's original is kept before it is written.
 struct Bounded<D> {
     slice: PartitionSlice<D>,
     budget: Budget,
+    journal: Option<Journal>,
 }
 
 const LOOPING: &str = "the FAT filesystem is corrupt: reading it does not end \
@@ -80,8 +88,13 @@ impl<D: Read + Seek> Read for Bounded<D> {
     }
 }
 
-impl<D: Write + Seek> Write for Bounded<D> {
+impl<D: Read + Write + Seek> Write for Bounded<D> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if let Some(journal) = &self.journal {
+            let pos = self.slice.stream_position()?;
+            let len = (buf.len() as u64).min(self.slice.len().saturating_sub(pos));
+            journal.before_write(&self.slice, pos, len)?;
+        }
         self.slice.write(buf)
     }
 
@@ -110,15 +123,22 @@ fn guarded<T>(what: &str, call: impl FnOnce() -> Result<T>) -> Result<T> {
 }
 
 impl<D: Read + Write + Seek> BootFs<D> {
-    pub(super) fn open(slice: PartitionSlice<D>) -> Result<Self> {
+    pub(super) fn open(slice: PartitionSlice<D>, journal: Option<Journal>) -> Result<Self> {
         let budget = Budget::new(slice.len());
+        let raw = slice.clone();
         guarded("opening the boot partition", || {
             let bounded = Bounded {
                 slice,
                 budget: budget.clone(),
+                journal: journal.clone(),
             };
             let fs = fatfs::FileSystem::new(bounded, fatfs::FsOptions::new())?;
-            Ok(Self { fs, budget })
+            Ok(Self {
+                fs,
+                budget,
+                raw,
+                journal,
+            })
         })
     }
 
@@ -144,6 +164,28 @@ impl<D: Read + Write + Seek> BootFs<D> {
     pub fn read(&self, name: &str) -> Result<Option<Vec<u8>>> {
         self.call(&format!("reading {name} on the boot partition"), || {
             self.read_unguarded(name)
+        })
+    }
+
+    /// Reads a whole file of at most `max` bytes; a larger one is an error.
+    pub fn read_at_most(&self, name: &str, max: u64) -> Result<Option<Vec<u8>>> {
+        self.call(&format!("reading {name} on the boot partition"), || {
+            let found = self
+                .fs
+                .root_dir()
+                .iter()
+                .filter_map(|entry| entry.ok())
+                .find(|entry| entry.is_file() && entry.file_name().eq_ignore_ascii_case(name));
+            match found {
+                Some(entry) if entry.len() > max => {
+                    bail!(
+                        "{name} on the boot partition is {} bytes, more than {max}",
+                        entry.len()
+                    )
+                }
+                Some(_) => self.read_unguarded(name),
+                None => Ok(None),
+            }
         })
     }
 
@@ -199,6 +241,25 @@ impl<D: Read + Write + Seek> BootFs<D> {
             .and_then(|()| file.truncate())
             .and_then(|()| file.flush())
             .with_context(|| format!("writing {name} on the boot partition"))
+    }
+
+    /// Zeroes the free clusters that writing files of `sizes` bytes will take.
+    /// fatfs does not zero a cluster it adds to a FAT32 root directory, so old
+    /// data in free space (a kernel update leaves plenty) would read as
+    /// directory entries: garbage files, and a FAT that `fsck` rejects.
+    pub fn zero_ahead(&self, sizes: &[u64]) -> Result<()> {
+        let ranges = allocation::next_free(&self.raw, sizes)
+            .context("finding the free clusters of the boot partition")?;
+        for (start, end) in ranges {
+            let zeroes = vec![0u8; usize::try_from(end - start)?];
+            if let Some(journal) = &self.journal {
+                journal.before_write(&self.raw, start, end - start)?;
+            }
+            self.raw
+                .write_all_at(start, &zeroes)
+                .context("zeroing free clusters of the boot partition")?;
+        }
+        Ok(())
     }
 
     /// Removes a file; succeeds when it is already absent. Its bytes are
