@@ -1,11 +1,13 @@
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches};
 use piprov::cli::{self, Cli};
 
 fn main() -> ExitCode {
     piprov::contain_fatfs_panics();
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let json = cli::json_requested(&matches);
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     match cli::run(cli) {
         Ok(code) => code,
         // `piprov inspect … | head` closing the pipe early is not a failure.
@@ -18,11 +20,19 @@ fn main() -> ExitCode {
         Err(e) => {
             eprintln!("piprov: error: {e:#}");
             // 2: no card was touched; 1: cards were, and are left blank.
-            if e.downcast_ref::<piprov::flash::CardsLeftBlank>().is_some() {
-                ExitCode::from(cli::exit::RISKY)
+            let code = if e.downcast_ref::<piprov::flash::CardsLeftBlank>().is_some() {
+                cli::exit::RISKY
             } else {
-                ExitCode::from(cli::exit::ERROR)
+                cli::exit::ERROR
+            };
+            // A script reading --json reads stdout: the error goes there too.
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"event": "error", "error": format!("{e:#}"), "exit_code": code})
+                );
             }
+            ExitCode::from(code)
         }
     }
 }

@@ -262,3 +262,37 @@ fn an_error_names_the_file_once() {
     assert_eq!(stderr.matches(&named).count(), 1, "{stderr}");
     assert!(stderr.contains("no partition table"), "{stderr}");
 }
+
+/// A script that asked for `--json` reads stdout: an error reaches it there as
+/// JSON, not only as words on stderr.
+#[test]
+fn with_json_an_error_is_json_on_stdout() {
+    let dir = TempDir::new().unwrap();
+    let missing = dir.path().join("missing.img");
+    let image = fixture("golden", &dir);
+    let commands: Vec<Vec<std::ffi::OsString>> = vec![
+        vec!["inspect".into(), "--json".into(), missing.clone().into()],
+        vec![
+            "flash".into(),
+            image.clone().into(),
+            "/dev/sdz".into(),
+            "--json".into(),
+        ],
+        vec!["unstamp".into(), missing.clone().into(), "--json".into()],
+    ];
+    for args in commands {
+        let out = piprov().args(&args).output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let error: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("{args:?}: stdout is not JSON ({e}): {:?}", out.stdout));
+        assert_eq!(error["event"], "error");
+        assert_eq!(error["exit_code"], 2);
+        let message = error["error"].as_str().unwrap();
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains(message),
+            "{args:?}: the same words as on stderr"
+        );
+    }
+    let out = piprov().arg("inspect").arg(&missing).output().unwrap();
+    assert!(out.stdout.is_empty(), "without --json, stdout stays empty");
+}

@@ -653,6 +653,16 @@ pub enum ActivationCommand {
     },
 }
 
+/// Whether the command given asked for `--json` (an error then goes to
+/// stdout as JSON too).
+pub fn json_requested(matches: &clap::ArgMatches) -> bool {
+    let mut deepest = matches;
+    while let Some((_, sub)) = deepest.subcommand() {
+        deepest = sub;
+    }
+    matches!(deepest.try_get_one::<bool>("json"), Ok(Some(true)))
+}
+
 pub fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Inspect {
