@@ -39,7 +39,7 @@ shm=/dev/shm/piprov-bench
 fresh_start() {
     rm -f "$work"/t*.img "$shm"-t*.img
     # An archive's first flash: nothing of it decoded yet (raw images' hashes stay).
-    rm -f "$PIPROV_CACHE_DIR"/*.img "$PIPROV_CACHE_DIR"/*.img.*
+    rm -f "$PIPROV_CACHE_DIR"/image-*.img "$PIPROV_CACHE_DIR"/archive-*.json
     sync
     if [ "$(id -u)" = 0 ]; then echo 3 >/proc/sys/vm/drop_caches 2>/dev/null || true; fi
 }

@@ -1,7 +1,6 @@
-//! SHA-256 of images, and the cache that remembers them (`~/.cache/piprov`, or
-//! `PIPROV_CACHE_DIR`): a raw image's hash per file (device, inode, size and
-//! mtime), an archive's decoded image by the archive's hash. Below both flash
-//! and stamp, which each need an image's hash.
+//! SHA-256 of images, and a raw image's hash remembered in the cache per file
+//! (device, inode, size and mtime). Below both flash and stamp, which each
+//! need an image's hash.
 
 use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom};
@@ -17,47 +16,6 @@ use crate::progress::Progress;
 
 /// Reads of this size keep the disk busy without holding much memory.
 const CHUNK: usize = 4 << 20;
-
-pub fn cache_dir() -> PathBuf {
-    if let Some(dir) = std::env::var_os("PIPROV_CACHE_DIR") {
-        return PathBuf::from(dir);
-    }
-    let base = std::env::var_os("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
-        .unwrap_or_else(std::env::temp_dir);
-    base.join("piprov")
-}
-
-/// The cache, made if missing, and refused unless it is private: piprov keeps
-/// decoded images and remembered hashes there, so a cache others can write to
-/// (a shared `PIPROV_CACHE_DIR`) could hand flash another image.
-pub fn private_cache_dir() -> Result<PathBuf> {
-    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
-    let dir = cache_dir();
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(&dir)
-        .with_context(|| format!("creating the cache {}", dir.display()))?;
-    let meta = std::fs::metadata(&dir)
-        .with_context(|| format!("looking at the cache {}", dir.display()))?;
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    let me = unsafe { nix::libc::geteuid() };
-    if meta.uid() != me {
-        bail!(
-            "the cache {} belongs to user {}, not to you: piprov trusts only a cache of its own \
-             (set PIPROV_CACHE_DIR to a directory of yours)",
-            dir.display(),
-            meta.uid()
-        );
-    }
-    if meta.permissions().mode() & 0o077 != 0 {
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
-            .with_context(|| format!("making the cache {} private", dir.display()))?;
-    }
-    Ok(dir)
-}
 
 /// The SHA-256 of a raw image file (cached like a flash source's).
 pub fn image_sha256(path: &Path, progress: &Progress) -> Result<String> {
@@ -90,7 +48,7 @@ pub(crate) fn raw_hash_cached(
 fn remembered_path(file: &File, len: u64) -> Result<PathBuf> {
     use std::os::unix::fs::MetadataExt;
     let meta = file.metadata()?;
-    Ok(cache_dir().join(format!(
+    Ok(crate::cache::dir().join(format!(
         "raw-{}-{}-{}-{}.{}.sha256",
         meta.dev(),
         meta.ino(),
@@ -107,7 +65,7 @@ fn remembered_hash(path: &Path) -> Option<String> {
 }
 
 fn remember(path: &Path, sha256: &str) {
-    if private_cache_dir().is_ok() {
+    if crate::cache::private_dir().is_ok() {
         let _ = std::fs::write(path, format!("{sha256}\n"));
     }
 }

@@ -2,6 +2,7 @@
 
 pub mod account;
 pub mod broker;
+pub mod cache;
 pub mod cli;
 pub mod digest;
 pub mod flash;

@@ -126,7 +126,7 @@ fn ctrl_c_as_the_decode_starts_leaves_the_card_as_it_was() {
         let card = dir.path().join("card.img");
         let child = flash_slow_archive(dir.path(), &card);
         let started = Instant::now();
-        while !cache_files(&cache).iter().any(|n| n.contains(".partial")) {
+        while !cache_files(&cache).iter().any(|n| n.starts_with("partial-")) {
             assert!(started.elapsed() < Duration::from_secs(120), "no decode");
             std::thread::yield_now();
         }

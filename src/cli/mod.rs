@@ -11,6 +11,7 @@ use crate::broker::device::DevicePolicy;
 
 mod aws;
 mod broker;
+mod cache;
 pub mod docs;
 
 /// Exit codes, shaped like diff(1): 0 all well, 1 "found something", 2 trouble.
@@ -266,6 +267,15 @@ pub enum Command {
         #[command(subcommand)]
         action: BrokerCommand,
     },
+    /// List or clear the decoded images flash and inspect keep
+    #[command(
+        long_about = "List or clear the cache of decoded images (~/.cache/piprov, or \
+        PIPROV_CACHE_DIR). An archive (.xz, .gz, .zst, .bz2, .zip) is decoded once and kept \
+        there, named by the decoded image's SHA-256: the same image from several archives \
+        is kept once.",
+        after_help = "Examples:\n  piprov cache list\n  piprov cache clear --older-than 30d"
+    )]
+    Cache(cache::CacheArgs),
     /// Remove a stamp, restoring the boot partition as it was before
     Unstamp {
         /// Image file or block device
@@ -692,6 +702,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Fleet { action, aws } => aws::fleet(action, aws),
         Command::Setup { action, aws } => aws::setup(action, aws),
         Command::Broker { action } => broker::run(action),
+        Command::Cache(args) => cache::run(args),
         Command::Flash {
             image,
             targets,

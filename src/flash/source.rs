@@ -168,7 +168,7 @@ pub fn open_for_flash(
 ) -> Result<Opened> {
     // Refused before anything is read from it: hashes and images in a cache
     // someone else can write are not piprov's.
-    crate::digest::private_cache_dir()?;
+    crate::cache::private_dir()?;
     let format = detect_file(path)?;
     if format == Format::Raw {
         let mut file = File::open(path)?;
@@ -266,12 +266,13 @@ pub enum Cached {
     Missing(Entry),
 }
 
-/// Where an archive's decoded image is kept, keyed by the archive's SHA-256.
+/// Where an archive's decoded image goes: named by the image's own SHA-256
+/// once it is known, and linked from the archive's (see `crate::cache`).
 pub struct Entry {
     archive: PathBuf,
     format: Format,
-    image: PathBuf,
-    hash_file: PathBuf,
+    dir: PathBuf,
+    link: PathBuf,
     limit: DecodeLimit,
     /// Per process: two runs decoding the same archive must not share a file.
     pub partial: PathBuf,
@@ -295,19 +296,16 @@ pub fn cache_entry(
         "hashing archive",
         cancel,
     )?;
-    let dir = crate::digest::private_cache_dir()?;
-    let image = dir.join(format!("{key}.img"));
-    let hash_file = dir.join(format!("{key}.img.sha256"));
-    if let (Ok(meta), Ok(sha256)) = (
-        std::fs::metadata(&image),
-        std::fs::read_to_string(&hash_file),
-    ) {
+    let dir = crate::cache::private_dir()?;
+    let link = crate::cache::link_path(&dir, &key);
+    if let Some((found, image, len)) = crate::cache::Link::follow(&link) {
         let remembered = Source {
             path: image.clone(),
-            len: meta.len(),
-            sha256: sha256.trim().into(),
+            len,
+            sha256: found.image_sha256,
             format,
         };
+        crate::cache::Link::touch(&link);
         if !verify {
             return Ok(Cached::Ready(remembered));
         }
@@ -318,7 +316,7 @@ pub fn cache_entry(
             .with_context(|| format!("opening the cached image {}", image.display()))?;
         let actual = hash_reader(
             &mut file,
-            meta.len(),
+            len,
             progress,
             "checking the cached image",
             cancel,
@@ -330,15 +328,15 @@ pub fn cache_entry(
             "the cached image {} is not what its hash file says: decoding the archive again",
             image.display()
         ));
-        let _ = std::fs::remove_file(&hash_file);
+        let _ = std::fs::remove_file(&link);
         let _ = std::fs::remove_file(&image);
     }
     Ok(Cached::Missing(Entry {
         archive: path.to_path_buf(),
         format,
-        partial: dir.join(format!("{key}.img.partial.{}", std::process::id())),
-        image,
-        hash_file,
+        partial: crate::cache::partial_path(&dir, &key),
+        dir,
+        link,
         limit,
     }))
 }
@@ -413,41 +411,52 @@ impl Entry {
                     .filter_map(|cause| cause.downcast_ref::<std::io::Error>())
                     .any(|io| io.kind() == std::io::ErrorKind::StorageFull);
                 if full {
-                    let dir = self.image.parent().unwrap_or(Path::new("."));
                     return Err(e).with_context(|| {
                         format!(
-                            "the cache's filesystem is full ({}): free room there or set PIPROV_CACHE_DIR",
-                            dir.display()
+                            "the cache's filesystem is full ({}): free room there \
+                             (`piprov cache clear`) or set PIPROV_CACHE_DIR",
+                            self.dir.display()
                         )
                     });
                 }
                 return Err(e).context("the archive is truncated or corrupt");
             }
         };
-        if let Err(e) = std::fs::rename(&self.partial, &self.image) {
+        // Named by its content: the same image from another archive is the
+        // same file, replaced by this whole one.
+        let image = crate::cache::image_path(&self.dir, &sha256);
+        if let Err(e) = std::fs::rename(&self.partial, &image) {
             let _ = std::fs::remove_file(&self.partial);
-            return Err(e).with_context(|| format!("keeping {}", self.image.display()));
+            return Err(e).with_context(|| format!("keeping {}", image.display()));
         }
         Ok(Source {
-            path: self.image.clone(),
+            path: image,
             len,
             sha256,
             format: self.format,
         })
     }
 
-    /// Makes the decoded image durable, then writes its hash beside it: an
-    /// entry without its hash file is decoded again, so a crash at any point
+    /// Makes the decoded image durable, then links the archive to it: an
+    /// archive without its link is decoded again, so a crash at any point
     /// leaves no entry that is believed and wrong. On an error the image goes.
     pub fn commit(&self, out: &File, source: &Source) -> Result<()> {
+        let link = crate::cache::Link {
+            image_sha256: source.sha256.clone(),
+            archive: std::path::absolute(&self.archive)
+                .unwrap_or_else(|_| self.archive.clone())
+                .display()
+                .to_string(),
+            format: self.format.name().into(),
+        };
         let kept = out
             .sync_all()
-            .and_then(|()| std::fs::write(&self.hash_file, format!("{}\n", source.sha256)));
+            .map_err(anyhow::Error::from)
+            .and_then(|()| link.write(&self.link));
         if let Err(e) = kept {
-            let _ = std::fs::remove_file(&self.image);
-            let dir = self.image.parent().unwrap_or(Path::new("."));
+            let _ = std::fs::remove_file(&source.path);
             return Err(e)
-                .with_context(|| format!("keeping the decoded image in {}", dir.display()));
+                .with_context(|| format!("keeping the decoded image in {}", self.dir.display()));
         }
         Ok(())
     }

@@ -1,0 +1,107 @@
+//! `piprov cache`: what the decode cache holds, and tidying it.
+
+use std::io::Write;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Result;
+use clap::{Args, Subcommand};
+
+#[derive(Debug, Args)]
+pub struct CacheArgs {
+    #[command(subcommand)]
+    action: CacheAction,
+}
+
+#[derive(Debug, Subcommand)]
+enum CacheAction {
+    /// List the decoded images, the archives that decode to each, and the space taken
+    List {
+        /// Print JSON, for scripts
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove decoded images (and what points at them); running decodes are left alone
+    Clear {
+        /// Only images not used for this long (e.g. 30d); without it, everything
+        #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+        older_than: Option<Duration>,
+        /// Print JSON, for scripts
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn size(bytes: u64) -> String {
+    bytesize::ByteSize(bytes).display().iec().to_string()
+}
+
+pub fn run(args: CacheArgs) -> Result<ExitCode> {
+    let mut stdout = std::io::stdout().lock();
+    match args.action {
+        CacheAction::List { json } => {
+            let listing = crate::cache::list()?;
+            if json {
+                serde_json::to_writer_pretty(&mut stdout, &listing)?;
+                writeln!(stdout)?;
+                return Ok(ExitCode::SUCCESS);
+            }
+            writeln!(
+                stdout,
+                "{}: {} on disk, {} decoded image{}, {} remembered hash{}",
+                listing.dir.display(),
+                size(listing.disk_bytes),
+                listing.images.len(),
+                if listing.images.len() == 1 { "" } else { "s" },
+                listing.remembered_hashes,
+                if listing.remembered_hashes == 1 {
+                    ""
+                } else {
+                    "es"
+                },
+            )?;
+            for image in &listing.images {
+                writeln!(
+                    stdout,
+                    "  image {}  {} ({} on disk), last used {}",
+                    &image.sha256[..16],
+                    size(image.len),
+                    size(image.disk_bytes),
+                    image.last_used
+                )?;
+                for archive in &image.archives {
+                    writeln!(stdout, "    from {} ({})", archive.archive, archive.format)?;
+                }
+            }
+            if !listing.other_files.is_empty() {
+                writeln!(
+                    stdout,
+                    "  {} other file{} (ended decodes, older piprov versions): `piprov cache clear` removes them",
+                    listing.other_files.len(),
+                    if listing.other_files.len() == 1 {
+                        ""
+                    } else {
+                        "s"
+                    }
+                )?;
+            }
+        }
+        CacheAction::Clear { older_than, json } => {
+            let cleared = crate::cache::clear(older_than)?;
+            if json {
+                serde_json::to_writer_pretty(&mut stdout, &cleared)?;
+                writeln!(stdout)?;
+            } else {
+                writeln!(
+                    stdout,
+                    "removed {} image{} ({} files, {})",
+                    cleared.images,
+                    if cleared.images == 1 { "" } else { "s" },
+                    cleared.files,
+                    size(cleared.bytes)
+                )?;
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
