@@ -1,7 +1,14 @@
-//! Durations as people write them ("30 days", "1 day 2 hours"), for messages;
-//! humantime's own form ("30days") reads as a typo.
+//! Sizes and durations as people read them. Sizes: binary units everywhere
+//! (`devices`, `inspect`, `flash`, the progress bars, the cache), so one card
+//! shows one number. Durations: "30 days", "1 day 2 hours"; humantime's own
+//! form ("30days") reads as a typo.
 
 use std::time::Duration;
+
+/// `1.2 GiB`, `64.0 MiB`, `512 B`.
+pub fn size(bytes: u64) -> String {
+    bytesize::ByteSize(bytes).display().iec().to_string()
+}
 
 pub fn duration(d: Duration) -> String {
     let mut left = d.as_secs();
@@ -27,6 +34,13 @@ pub fn duration(d: Duration) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sizes_are_binary() {
+        assert_eq!(size(64 << 20), "64.0 MiB");
+        assert_eq!(size(1_300_000_000), "1.2 GiB");
+        assert_eq!(size(512), "512 B");
+    }
 
     #[test]
     fn whole_units_read_as_words() {

@@ -411,6 +411,25 @@ fn loop_devices_that_must_be_refused() {
     let small = Loop::new(&small, &[]).unwrap();
     refuse(&small.dev, "the image needs");
     listed(&small.dev, "not a removable device");
+    // One unit everywhere: the same device shows the same size in `devices`
+    // and in flash's words, as `inspect` shows an image's.
+    let mib = |bytes: u64| format!("{:.1} MiB", bytes as f64 / f64::from(1 << 20));
+    let size = &mib(len / 2);
+    let table = String::from_utf8(piprov().arg("devices").output().unwrap().stdout).unwrap();
+    let row = table.lines().find(|l| l.starts_with(&small.dev)).unwrap();
+    assert!(row.contains(size), "{size} in {row}");
+    flash_as_is(&dir)
+        .arg(&image)
+        .arg(&small.dev)
+        .args(["--yes", "--quiet", "--allow-non-removable"])
+        .assert()
+        .stderr(contains(format!("{size}, NOT removable")))
+        .stderr(contains(format!("the card holds {size}")));
+    piprov()
+        .arg("inspect")
+        .arg(&image)
+        .assert()
+        .stdout(contains(format!("({})", mib(len))));
 
     let ro = dir.path().join("ro.img");
     std::fs::File::create(&ro).unwrap().set_len(len).unwrap();

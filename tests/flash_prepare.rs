@@ -126,7 +126,10 @@ fn ctrl_c_as_the_decode_starts_leaves_the_card_as_it_was() {
         let card = dir.path().join("card.img");
         let child = flash_slow_archive(dir.path(), &card);
         let started = Instant::now();
-        while !cache_files(&cache).iter().any(|n| n.starts_with("partial-")) {
+        while !cache_files(&cache)
+            .iter()
+            .any(|n| n.starts_with("partial-"))
+        {
             assert!(started.elapsed() < Duration::from_secs(120), "no decode");
             std::thread::yield_now();
         }
@@ -288,4 +291,72 @@ fn a_line_break_in_a_targets_cell_is_refused_before_any_card() {
     );
     assert!(err.contains("control character"), "{err}");
     assert!(!card.exists(), "no card is written");
+}
+
+/// On a terminal, each card's bar shows while the archive decodes (its bytes
+/// are written as they decode), beside the decoded bar; and a card's time in
+/// the manifest counts from the start, the decode it waited for included.
+#[test]
+fn card_bars_and_card_time_cover_the_decode() {
+    let dir = TempDir::new().unwrap();
+    let card = dir.path().join("card.img");
+    std::fs::write(&card, b"old data").unwrap();
+    let manifest = dir.path().join("cards.jsonl");
+    let typescript = dir.path().join("typescript");
+    let command = format!(
+        "PIPROV_CACHE_DIR='{}' '{}' flash --as-is --yes --manifest '{}' '{}' '{}'",
+        dir.path().join("cache").display(),
+        assert_cmd::cargo::cargo_bin("piprov").display(),
+        manifest.display(),
+        slow_archive().display(),
+        card.display()
+    );
+    let started = Instant::now();
+    // script(1) gives piprov a terminal, where it draws its bars.
+    let mut child = Command::new("script")
+        .args(["-qec", &command])
+        .arg(&typescript)
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    // The decoded image takes its name in the cache when the decode is done.
+    wait_until("the archive never finished decoding", || {
+        cache_files(&dir.path().join("cache"))
+            .iter()
+            .any(|n| n.starts_with("image-"))
+    });
+    let decoded_after = started.elapsed().as_secs_f64();
+    assert!(child.wait().unwrap().success());
+    let record: serde_json::Value =
+        serde_json::from_str(std::fs::read_to_string(&manifest).unwrap().trim()).unwrap();
+    let seconds = record["seconds"].as_f64().unwrap();
+    assert!(
+        seconds >= decoded_after - 0.5,
+        "the card took {seconds} s by the manifest, but the decode alone took {decoded_after} s"
+    );
+    let screen = String::from_utf8_lossy(&std::fs::read(&typescript).unwrap()).into_owned();
+    let frames: Vec<&str> = screen.split('\r').collect();
+    let both = frames.iter().any(|frame| {
+        frame.contains("decoded [")
+            && frame.split("card.img [").nth(1).is_some_and(|bar| {
+                bar.split("] ")
+                    .nth(1)
+                    .is_some_and(|n| !n.starts_with("0 B"))
+            })
+    });
+    assert!(
+        both,
+        "no frame shows the card's bar moving while the archive decodes:\n{}",
+        frames
+            .iter()
+            .rev()
+            .take(5)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    assert!(
+        screen.contains("written, then verified"),
+        "the bar says what it counts"
+    );
 }

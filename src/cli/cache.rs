@@ -32,9 +32,7 @@ enum CacheAction {
     },
 }
 
-fn size(bytes: u64) -> String {
-    bytesize::ByteSize(bytes).display().iec().to_string()
-}
+use crate::units::size;
 
 pub fn run(args: CacheArgs) -> Result<ExitCode> {
     let mut stdout = std::io::stdout().lock();

@@ -843,9 +843,9 @@ fn print_flash_summary(summary: &crate::flash::Summary, json: bool) -> Result<Ex
             match &card.error {
                 None => writeln!(
                     stdout,
-                    "{}: ok, {} bytes in {:.1}s{}{}",
+                    "{}: ok, {} in {:.1} s{}{}",
                     card.device,
-                    card.bytes_written,
+                    crate::units::size(card.bytes_written),
                     card.seconds,
                     if card.verified {
                         ", verified"

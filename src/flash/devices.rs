@@ -130,7 +130,7 @@ pub fn render(devices: &[Device]) -> String {
         out.push_str(&format!(
             "{:<14} {:>9}  {:<6} {:<28} {:<18} {:<3} {:<3} {:<24} {verdict}\n",
             i.path.display(),
-            format!("{:.1} GB", i.size as f64 / 1e9),
+            crate::units::size(i.size),
             d.bus,
             if model.is_empty() { "-" } else { &model },
             i.serial.as_deref().unwrap_or("-"),

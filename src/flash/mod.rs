@@ -210,12 +210,15 @@ struct PreparedCard {
     extents: Extents,
     hostname: Option<String>,
     activation_id: Option<String>,
+    bar: indicatif::ProgressBar,
 }
 
 pub fn flash(config: &FlashConfig, progress: &Progress) -> Result<Summary> {
     // First of all, so that no interrupt can leave an activation or a cache
     // file behind.
     let _ = ctrlc::set_handler(|| CANCEL.store(true, Ordering::Relaxed));
+    // A card's time counts from here: the decode it waited for is its time too.
+    let started = Instant::now();
     refuse_duplicates(&config.cards)?;
     refuse_settings_without_recipe(config)?;
     let recipe = match &config.recipe {
@@ -239,7 +242,7 @@ pub fn flash(config: &FlashConfig, progress: &Progress) -> Result<Summary> {
     .map_err(|e| unless_interrupted(e, "while the image was read"))?;
     let (source, hash) = match opened {
         source::Opened::Streamable { entry, len } => {
-            return flash_while_decoding(config, recipe.as_ref(), entry, len, progress);
+            return flash_while_decoding(config, recipe.as_ref(), entry, len, started, progress);
         }
         source::Opened::Ready(source) => {
             let hash = ImageHash::Known(source.sha256.clone());
@@ -258,16 +261,19 @@ pub fn flash(config: &FlashConfig, progress: &Progress) -> Result<Summary> {
     confirm(&infos, config.yes)?;
     cancelled("after the checks")?;
     let targets = open_targets(&infos, source.len)?;
+    let bars = card_bars(&infos, source.len, progress);
     let cards = Cards {
         infos,
         targets,
         prefilled: None,
+        bars,
     };
     let basis = Basis {
         source: &source,
         hash: &hash,
         base_map: &base_map,
         tables: &tables,
+        started,
     };
     let summary = finish(config, recipe.as_ref(), cards, basis, progress)?;
     if CANCEL.load(Ordering::Relaxed) {
@@ -332,6 +338,8 @@ struct Basis<'a> {
     hash: &'a ImageHash,
     base_map: &'a Extents,
     tables: &'a Extents,
+    /// When the flash began: each card's time includes the decode it waited for.
+    started: Instant,
 }
 
 /// The cards of a batch, checked and opened, and what a first pass left on them.
@@ -339,6 +347,24 @@ struct Cards {
     infos: Vec<TargetInfo>,
     targets: Vec<Result<target::Target>>,
     prefilled: Option<Extents>,
+    /// One bar per card, from its first byte (written while the image
+    /// decodes, when it does) to its last one verified.
+    bars: Vec<indicatif::ProgressBar>,
+}
+
+/// What a card's bar counts: its bytes written, then the same bytes read back.
+const CARD_BAR_COUNTS: &str = "written, then verified";
+
+/// Until the map is known, a bar runs against the image's length.
+fn card_bars(infos: &[TargetInfo], len: u64, progress: &Progress) -> Vec<indicatif::ProgressBar> {
+    infos
+        .iter()
+        .map(|info| {
+            let bar = progress.bytes(&short_name(&info.path.display().to_string()), len);
+            bar.set_message(CARD_BAR_COUNTS);
+            bar
+        })
+        .collect()
 }
 
 /// The image's map, and where its partition tables lie.
@@ -382,13 +408,14 @@ fn flash_while_decoding(
     recipe: Option<&LoadedRecipe>,
     entry: source::Entry,
     len: u64,
+    started: Instant,
     progress: &Progress,
 ) -> Result<Summary> {
     let infos = check_targets(config, &[&entry.partial], len)?;
     confirm(&infos, config.yes)?;
     cancelled("after the checks")?;
     let mut targets = open_targets(&infos, len)?;
-    let growing = stream::Growing::start(entry, source::Format::Xz, len, progress, &CANCEL)?;
+    let growing = stream::Growing::start(entry, source::Format::Xz, len, &CANCEL)?;
     let mut head = vec![0u8; 8192.min(len as usize)];
     if let Err(e) = growing.read_exact_at(&mut head, 0) {
         // Nothing is written to a card before its head has decoded.
@@ -400,9 +427,21 @@ fn flash_while_decoding(
         "{}: {len} bytes (xz), written while it is decoded",
         config.image.display()
     ));
+    let bars = card_bars(&infos, len, progress);
     let prefill = {
-        let open: Vec<&target::Target> = targets.iter().flatten().collect();
         let bar = progress.bytes("decoded", len);
+        let ticks: Vec<Box<dyn Fn(u64) + Sync>> = bars
+            .iter()
+            .map(|bar| {
+                let bar = bar.clone();
+                Box::new(move |n| bar.inc(n)) as Box<dyn Fn(u64) + Sync>
+            })
+            .collect();
+        let open: Vec<(&target::Target, &(dyn Fn(u64) + Sync))> = targets
+            .iter()
+            .zip(&ticks)
+            .filter_map(|(target, tick)| target.as_ref().ok().map(|t| (t, tick.as_ref())))
+            .collect();
         let tables = maybe_tables(&head, len);
         let done = prefill::prefill(&growing, &open, &tables, config.full, &CANCEL, &|n| {
             bar.inc(n)
@@ -452,6 +491,7 @@ fn flash_while_decoding(
         infos,
         targets,
         prefilled: Some(prefill.written),
+        bars,
     };
     let hash = ImageHash::Known(source.sha256.clone());
     let basis = Basis {
@@ -459,6 +499,7 @@ fn flash_while_decoding(
         hash: &hash,
         base_map: &base_map,
         tables: &tables,
+        started,
     };
     let summary = finish(config, recipe, cards, basis, progress);
     kept(keeping);
@@ -752,22 +793,27 @@ fn write_cards(
         hash,
         base_map,
         tables,
+        ..
     } = basis;
     // One set of ranges for the batch: the image's, plus every card's stamp.
     let extents = prepared
         .iter()
         .fold(base_map.clone(), |all, card| all.union(&card.extents))
         .aligned(source.len);
-    let started = Instant::now();
-    let per_card = extents.bytes() * (1 + u64::from(config.verify));
+    let started = basis.started;
+    // What is still to write (a first pass while decoding wrote the rest),
+    // then everything read back.
+    let to_write = match prefilled {
+        Some(done) => extents.minus(done).bytes(),
+        None => extents.bytes(),
+    };
+    let per_card = to_write + if config.verify { extents.bytes() } else { 0 };
     let total = progress.bytes("total", per_card * prepared.len() as u64);
     let mut jobs = Vec::new();
     let mut slots = Vec::new();
     for card in &mut prepared {
-        let bar = progress.bytes(
-            &short_name(&card.spec.device.display().to_string()),
-            per_card,
-        );
+        let bar = card.bar.clone();
+        bar.set_length(bar.position() + per_card);
         match &card.target {
             Ok(target) => {
                 let overlay = card.overlay.take().expect("each card is written once");
@@ -784,7 +830,10 @@ fn write_cards(
                     tick,
                 });
             }
-            Err(_) => slots.push(None),
+            Err(_) => {
+                bar.finish_and_clear();
+                slots.push(None);
+            }
         }
     }
     let mode = write::Mode {
@@ -876,8 +925,13 @@ fn prepare_cards(
         ..
     } = basis;
     let mut prepared = Vec::new();
-    let each = config.cards.iter().zip(cards.infos).zip(cards.targets);
-    for (i, ((spec, info), target)) in each.enumerate() {
+    let each = config
+        .cards
+        .iter()
+        .zip(cards.infos)
+        .zip(cards.targets)
+        .zip(cards.bars);
+    for (i, (((spec, info), target), bar)) in each.enumerate() {
         cancelled("while the cards were prepared")?;
         let mut overlay = Overlay::new(File::open(&source.path)?)?;
         let (mut extents, mut hostname, mut activation_id) = (base_map.clone(), None, None);
@@ -916,6 +970,7 @@ fn prepare_cards(
             extents,
             hostname,
             activation_id,
+            bar,
         });
     }
     Ok(prepared)

@@ -42,9 +42,10 @@ enum Msg {
 /// Writes the data of `image` to every target as it is decoded, leaving out
 /// `tables` (the image's partition tables, and conservatively wherever they
 /// might be). `tick` hears the image bytes gone through.
+/// Each target comes with what to tell of the bytes written to it.
 pub fn prefill(
     image: &Growing,
-    targets: &[&Target],
+    targets: &[(&Target, &(dyn Fn(u64) + Sync))],
     tables: &Extents,
     full: bool,
     cancel: &AtomicBool,
@@ -69,10 +70,10 @@ pub fn prefill(
         }
         let mut senders = Vec::new();
         let mut handles = Vec::new();
-        for &target in targets {
+        for &(target, written) in targets {
             let (tx, rx) = sync_channel::<Msg>(IN_FLIGHT);
             senders.push(Some(tx));
-            handles.push(scope.spawn(move || card(target, rx, tables, cancel)));
+            handles.push(scope.spawn(move || card(target, rx, tables, cancel, written)));
         }
         let read = feed(image, tables, &map, &mut senders, &written, cancel, tick);
         drop(senders);
@@ -161,10 +162,16 @@ fn next_range(extents: &Extents, at: u64, max: u64) -> Option<(u64, u64)> {
 
 /// One card: its old tables erased and flushed first, then the pieces' data;
 /// on any failure its tables erased again.
-fn card(target: &Target, rx: Receiver<Msg>, tables: &Extents, cancel: &AtomicBool) -> Result<()> {
+fn card(
+    target: &Target,
+    rx: Receiver<Msg>,
+    tables: &Extents,
+    cancel: &AtomicBool,
+    written: &(dyn Fn(u64) + Sync),
+) -> Result<()> {
     let erase_set = target.erase_set(tables);
     start_card(target, &erase_set)?;
-    let error = match write_pieces(target, rx) {
+    let error = match write_pieces(target, rx, written) {
         Ok(()) => return Ok(()),
         Err(e) => e,
     };
@@ -172,7 +179,7 @@ fn card(target: &Target, rx: Receiver<Msg>, tables: &Extents, cancel: &AtomicBoo
     Err(erase_after(target, &erase_set, error, interrupted))
 }
 
-fn write_pieces(target: &Target, rx: Receiver<Msg>) -> Result<()> {
+fn write_pieces(target: &Target, rx: Receiver<Msg>, written: &(dyn Fn(u64) + Sync)) -> Result<()> {
     use std::os::unix::fs::FileExt;
     let path = target.info.path.display();
     loop {
@@ -192,6 +199,7 @@ fn write_pieces(target: &Target, rx: Receiver<Msg>) -> Result<()> {
                         .file
                         .write_all_at(&data[from..to], at)
                         .with_context(|| format!("writing {path} at byte {at}"))?;
+                    written((to - from) as u64);
                 }
             }
             Ok(Msg::Done) => return Ok(()),

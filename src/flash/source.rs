@@ -84,14 +84,10 @@ impl DecodeLimit {
 
 /// An archive that decodes past its limit.
 #[derive(Debug, thiserror::Error)]
-#[error("it decodes to more than {} ({bytes} bytes), {why}: stopped there", human(*.bytes))]
+#[error("it decodes to more than {} ({bytes} bytes), {why}: stopped there", crate::units::size(*.bytes))]
 pub struct TooLarge {
     bytes: u64,
     why: &'static str,
-}
-
-fn human(bytes: u64) -> String {
-    bytesize::ByteSize(bytes).display().iec().to_string()
 }
 
 /// Told, as decoding goes, how many bytes are final and which ranges of them
@@ -205,7 +201,7 @@ pub fn open_for_flash(
         bail!(
             "{}: its xz index says it decodes to {len} bytes, more than {} ({} bytes), {}",
             path.display(),
-            human(limit.bytes),
+            crate::units::size(limit.bytes),
             limit.bytes,
             limit.why
         );

@@ -13,7 +13,6 @@ use std::thread::JoinHandle;
 use anyhow::{Result, anyhow};
 
 use super::source::{Entry, Format, Source};
-use crate::progress::Progress;
 
 #[derive(Default)]
 struct State {
@@ -71,13 +70,14 @@ impl Growing {
         entry: Entry,
         format: Format,
         len: u64,
-        progress: &Progress,
         cancel: &'static AtomicBool,
     ) -> Result<Growing> {
         let out = entry.create()?;
         let file = Arc::new(File::open(&entry.partial)?);
         let shared = Arc::new(Shared::default());
-        let bar = entry.bar(progress)?;
+        // The decoder reads its input well ahead of what it has decoded: the
+        // bar that tells the truth counts decoded bytes (the caller's).
+        let bar = indicatif::ProgressBar::hidden();
         let (tx, decoded) = std::sync::mpsc::channel();
         let decoder = {
             let shared = shared.clone();

@@ -41,7 +41,6 @@ pub struct TargetInfo {
 
 impl TargetInfo {
     pub fn describe(&self) -> String {
-        let gb = self.size as f64 / 1e9;
         let model = [self.vendor.as_deref(), self.model.as_deref()]
             .into_iter()
             .flatten()
@@ -49,13 +48,14 @@ impl TargetInfo {
             .join(" ");
         if self.block_device {
             format!(
-                "{} ({}, {gb:.1} GB{})",
+                "{} ({}, {}{})",
                 self.path.display(),
                 if model.is_empty() {
                     "unknown model"
                 } else {
                     &model
                 },
+                crate::units::size(self.size),
                 if self.removable {
                     ", removable"
                 } else {
@@ -306,8 +306,11 @@ pub fn refusal(info: &TargetInfo, policy: &Policy) -> Option<String> {
     }
     if info.size < policy.required {
         return Some(format!(
-            "refusing {what}: the card holds {} bytes, the image needs {}",
-            info.size, policy.required
+            "refusing {what}: the card holds {} ({} bytes), the image needs {} ({} bytes)",
+            crate::units::size(info.size),
+            info.size,
+            crate::units::size(policy.required),
+            policy.required
         ));
     }
     if !info.removable && !policy.allow_non_removable {

@@ -4,15 +4,7 @@ use std::fmt::Write;
 
 use super::facts::MachineIdState;
 use super::{Report, Severity};
-
-fn size(bytes: u64) -> String {
-    const MIB: u64 = 1 << 20;
-    if bytes >= 1 << 30 {
-        format!("{:.1} GiB", bytes as f64 / (1u64 << 30) as f64)
-    } else {
-        format!("{:.1} MiB", bytes as f64 / MIB as f64)
-    }
-}
+use crate::units::size;
 
 pub fn render_text(report: &Report) -> String {
     let f = &report.facts;
