@@ -14,6 +14,7 @@ pub mod new_file;
 pub mod progress;
 pub mod recipe;
 pub mod region;
+pub mod runtime;
 pub mod ssm;
 pub mod stamp;
 pub mod units;

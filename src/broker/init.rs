@@ -73,7 +73,7 @@ pub fn init(options: &InitOptions) -> Result<Initialised> {
         .with_context(|| format!("making {} private", dir.display()))?;
     // The database first: one that cannot be reached fails before any key is made.
     // (Dropped inside the runtime: its connections close on its blocking pool.)
-    super::block_on(async { Store::open(&location, 1).await.map(drop) })?;
+    crate::runtime::block_on(async { Store::open(&location, 1).await.map(drop) })?;
 
     let year = current_year();
     let ca_key = KeyPair::generate()?;

@@ -41,10 +41,7 @@ pub struct ServeOptions<'a> {
 pub fn serve(config: Loaded, options: &ServeOptions) -> Result<()> {
     request_log::init(options.log_format);
     let descriptors = connections::raise_descriptor_limit();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
-    runtime.block_on(run(config, options, Limits::for_descriptors(descriptors)))
+    crate::runtime::block_on(run(config, options, Limits::for_descriptors(descriptors)))
 }
 
 /// SQLite keeps one broker per file: the serial locks and the clean-up of a

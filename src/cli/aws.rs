@@ -50,11 +50,16 @@ pub fn activation(action: ActivationCommand, aws: AwsArgs) -> Result<ExitCode> {
         }
         _ => None,
     };
-    runtime()?.block_on(async {
+    crate::runtime::block_on(async {
         let client = ssm::client(&aws.connection()).await?;
         let mut stdout = std::io::stdout().lock();
         match action {
-            ActivationCommand::Create { code_file, show_code, json, .. } => {
+            ActivationCommand::Create {
+                code_file,
+                show_code,
+                json,
+                ..
+            } => {
                 let created = ssm::create_activation(&client, &new.expect("made above")).await?;
                 if let Some(file) = &code_file {
                     crate::new_file::write_new(file, format!("{}\n", created.code).as_bytes(), 0o600)
@@ -68,7 +73,9 @@ pub fn activation(action: ActivationCommand, aws: AwsArgs) -> Result<ExitCode> {
                     writeln!(stdout, "activation {}", created.id)?;
                     match (code, &code_file) {
                         (Some(code), _) => writeln!(stdout, "code {code}")?,
-                        (None, Some(file)) => writeln!(stdout, "code written to {} (mode 0600)", file.display())?,
+                        (None, Some(file)) => {
+                            writeln!(stdout, "code written to {} (mode 0600)", file.display())?
+                        }
                         (None, None) => {}
                     }
                 }
@@ -76,12 +83,18 @@ pub fn activation(action: ActivationCommand, aws: AwsArgs) -> Result<ExitCode> {
             ActivationCommand::List { json } => {
                 let list = ssm::list_activations(&client).await?;
                 if json {
-                    serde_json::to_writer_pretty(&mut stdout, &list).map_err(std::io::Error::from)?;
+                    serde_json::to_writer_pretty(&mut stdout, &list)
+                        .map_err(std::io::Error::from)?;
                     writeln!(stdout)?;
                 } else {
-                    writeln!(stdout, "{:<36}  {:>9}  {:<20}  {:<7}  tags", "id", "used", "expires", "expired")?;
+                    writeln!(
+                        stdout,
+                        "{:<36}  {:>9}  {:<20}  {:<7}  tags",
+                        "id", "used", "expires", "expired"
+                    )?;
                     for a in &list {
-                        let tags: Vec<String> = a.tags.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                        let tags: Vec<String> =
+                            a.tags.iter().map(|(k, v)| format!("{k}={v}")).collect();
                         writeln!(
                             stdout,
                             "{:<36}  {:>4}/{:<4}  {:<20}  {:<7}  {}",
@@ -104,12 +117,6 @@ pub fn activation(action: ActivationCommand, aws: AwsArgs) -> Result<ExitCode> {
         }
         Ok(ExitCode::SUCCESS)
     })
-}
-
-fn runtime() -> Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?)
 }
 
 fn parse_tags(tags: &[String]) -> Result<Vec<(String, String)>> {
@@ -136,7 +143,7 @@ pub fn fleet(action: FleetCommand, aws: AwsArgs) -> Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     let (profile, region) = (aws.profile.clone(), aws.region.clone());
-    runtime()?.block_on(async {
+    crate::runtime::block_on(async {
         let client = ssm::client(&aws.connection()).await?;
         let nodes = ssm::list_nodes(&client, &tags).await?;
         let now = std::time::SystemTime::now();
@@ -154,7 +161,8 @@ pub fn fleet(action: FleetCommand, aws: AwsArgs) -> Result<ExitCode> {
             }
             FleetCommand::List { json, .. } => {
                 if json {
-                    serde_json::to_writer_pretty(&mut stdout, &nodes).map_err(std::io::Error::from)?;
+                    serde_json::to_writer_pretty(&mut stdout, &nodes)
+                        .map_err(std::io::Error::from)?;
                     writeln!(stdout)?;
                     return Ok(ExitCode::SUCCESS);
                 }
@@ -184,7 +192,9 @@ pub fn fleet(action: FleetCommand, aws: AwsArgs) -> Result<ExitCode> {
                 }
                 Ok(ExitCode::SUCCESS)
             }
-            FleetCommand::Doctor { offline_days, json, .. } => {
+            FleetCommand::Doctor {
+                offline_days, json, ..
+            } => {
                 let activations = ssm::list_activations(&client).await?;
                 let tier = ssm::instance_tier(&client).await?;
                 let offline_after = std::time::Duration::from_secs(offline_days * 86_400);
@@ -199,8 +209,15 @@ pub fn fleet(action: FleetCommand, aws: AwsArgs) -> Result<ExitCode> {
                     });
                     writeln!(stdout, "{}", serde_json::to_string_pretty(&report)?)?;
                 } else {
-                    writeln!(stdout, "{} nodes, {} activations", nodes.len(), activations.len())?;
-                    let limit = tier.node_limit.map_or("no limit".to_string(), |l| format!("{l} allowed"));
+                    writeln!(
+                        stdout,
+                        "{} nodes, {} activations",
+                        nodes.len(),
+                        activations.len()
+                    )?;
+                    let limit = tier
+                        .node_limit
+                        .map_or("no limit".to_string(), |l| format!("{l} allowed"));
                     writeln!(
                         stdout,
                         "instance tier: {} ({} hybrid nodes in the account and region, {limit})",
@@ -213,9 +230,18 @@ pub fn fleet(action: FleetCommand, aws: AwsArgs) -> Result<ExitCode> {
                         writeln!(stdout, "nothing to fix")?;
                     }
                 }
-                Ok(if problems.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+                Ok(if problems.is_empty() {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::from(1)
+                })
             }
-            FleetCommand::Prune { offline_for, apply, json, .. } => {
+            FleetCommand::Prune {
+                offline_for,
+                apply,
+                json,
+                ..
+            } => {
                 let candidates = ssm::prune_candidates(&nodes, offline_for, now);
                 let mut results = Vec::new();
                 for n in &candidates {
@@ -233,21 +259,40 @@ pub fn fleet(action: FleetCommand, aws: AwsArgs) -> Result<ExitCode> {
                             "{}  {:<16}  last seen {}  {outcome}",
                             n.id,
                             n.hostname().unwrap_or("-"),
-                            n.last_ping_at.as_deref().or(n.registered_at.as_deref()).unwrap_or("never"),
+                            n.last_ping_at
+                                .as_deref()
+                                .or(n.registered_at.as_deref())
+                                .unwrap_or("never"),
                         )?;
                     }
                     results.push(serde_json::json!({"node": n.id, "hostname": n.hostname(), "outcome": outcome}));
                 }
-                let failed = results.iter().any(|r| r["outcome"].as_str().is_some_and(|o| o.starts_with("failed")));
+                let failed = results.iter().any(|r| {
+                    r["outcome"]
+                        .as_str()
+                        .is_some_and(|o| o.starts_with("failed"))
+                });
                 if json {
                     let report = serde_json::json!({"applied": apply, "nodes": results});
                     writeln!(stdout, "{}", serde_json::to_string_pretty(&report)?)?;
                 } else if candidates.is_empty() {
-                    writeln!(stdout, "no node has been offline for {}", crate::units::duration(offline_for))?;
+                    writeln!(
+                        stdout,
+                        "no node has been offline for {}",
+                        crate::units::duration(offline_for)
+                    )?;
                 } else if !apply {
-                    writeln!(stdout, "dry run: nothing deregistered; add --apply to deregister these {}", candidates.len())?;
+                    writeln!(
+                        stdout,
+                        "dry run: nothing deregistered; add --apply to deregister these {}",
+                        candidates.len()
+                    )?;
                 }
-                Ok(if failed { ExitCode::from(1) } else { ExitCode::SUCCESS })
+                Ok(if failed {
+                    ExitCode::from(1)
+                } else {
+                    ExitCode::SUCCESS
+                })
             }
         }
     })
@@ -261,7 +306,7 @@ pub fn setup(action: SetupCommand, aws: AwsArgs) -> Result<ExitCode> {
         apply,
         json,
     } = action;
-    runtime()?.block_on(async {
+    crate::runtime::block_on(async {
         let client = crate::account::iam_client(&aws.connection()).await?;
         let request = role::Request {
             role: &name,

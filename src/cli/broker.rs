@@ -61,7 +61,7 @@ fn with_store<T>(
     work: impl AsyncFnOnce(&Store) -> Result<T>,
 ) -> Result<T> {
     let loaded = config::load(config_path)?;
-    crate::broker::block_on(async {
+    crate::runtime::block_on(async {
         let store = Store::open(&loaded.location, 1).await?;
         work(&store).await
     })

@@ -19,7 +19,6 @@ use super::{Connection, Created, NewActivation, client, create_activation, delet
 const DEFAULT_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 
 pub struct CardActivations {
-    runtime: tokio::runtime::Runtime,
     client: Client,
     iam_role: String,
     lifetime: Duration,
@@ -42,12 +41,8 @@ impl CardActivations {
                 .with_context(|| format!("activation.expires {text:?}"))?,
             None => DEFAULT_LIFETIME,
         };
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
-        let client = runtime.block_on(client(&conn))?;
+        let client = crate::runtime::block_on(client(&conn))?;
         Ok(Self {
-            runtime,
             client,
             iam_role: iam_role.to_string(),
             lifetime,
@@ -88,12 +83,11 @@ impl CardActivations {
             )),
             tags: tags.into_iter().collect(),
         };
-        self.runtime
-            .block_on(create_activation(&self.client, &new))
+        crate::runtime::block_on(create_activation(&self.client, &new))
             .with_context(|| format!("creating the activation for {card}"))
     }
 
     pub fn delete(&self, id: &str) -> Result<()> {
-        self.runtime.block_on(delete_activation(&self.client, id))
+        crate::runtime::block_on(delete_activation(&self.client, id))
     }
 }

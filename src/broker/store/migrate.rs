@@ -107,7 +107,7 @@ mod tests {
             .execute_batch(FIRST_RELEASE)
             .unwrap();
         let location = Location::Sqlite(path.clone());
-        crate::broker::block_on(async {
+        crate::runtime::block_on(async {
             let store = Store::open(&location, 2).await?;
             let tokens = store.tokens().await?;
             assert_eq!(tokens.len(), 1);
@@ -120,7 +120,7 @@ mod tests {
         })
         .unwrap();
         // Opened again, as the next command would: nothing to do, nothing lost.
-        crate::broker::block_on(async {
+        crate::runtime::block_on(async {
             let again = Store::open(&location, 1).await?;
             assert_eq!(again.tokens().await?.len(), 1);
             Ok(())
