@@ -4,6 +4,7 @@ pub mod account;
 pub mod broker;
 pub mod cache;
 pub mod cli;
+pub mod cmdline;
 pub mod digest;
 pub mod flash;
 pub mod hex;

@@ -63,3 +63,26 @@ fn one_async_runtime_is_built_in_one_place() {
         .collect();
     assert_eq!(places, ["src/runtime.rs"]);
 }
+
+/// A command's settings are written once: as clap types in src/cmdline/,
+/// handed whole to the function that does the work. No clap attribute lives
+/// anywhere else.
+#[test]
+fn clap_types_live_in_cmdline() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let marks = [["#[", "arg("].concat(), ["#[", "command("].concat()];
+    let elsewhere: Vec<String> = tracked_files()
+        .into_iter()
+        .filter(|name| {
+            name.starts_with("src/") && name.ends_with(".rs") && !name.starts_with("src/cmdline/")
+        })
+        .filter(|name| {
+            std::fs::read_to_string(root.join(name))
+                .is_ok_and(|text| marks.iter().any(|mark| text.contains(mark.as_str())))
+        })
+        .collect();
+    assert!(
+        elsewhere.is_empty(),
+        "clap attributes outside src/cmdline: {elsewhere:?}"
+    );
+}

@@ -396,6 +396,12 @@ fn a_recipe_region_the_sdk_does_not_know_is_warned_about() {
     );
 }
 
+/// `piprov unstamp IMAGE`, which must succeed: what it printed.
+fn unstamp_stdout(image: &std::path::Path) -> String {
+    let out = succeed(piprov().arg("unstamp").arg(image));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// mtools on the boot partition of an image, for edits piprov did not make.
 fn mtools(tool: &str, image: &std::path::Path, args: &[&str]) {
     let (start, _) = partition_extent(image, 1);
@@ -438,13 +444,7 @@ fn unstamp_after_restamps_gives_back_the_image_byte_for_byte() {
             assert_ne!(sha256_of(&image), original);
             assert_fat_clean(&image, dir.path());
         }
-        let out = piprov().arg("unstamp").arg(&image).output().unwrap();
-        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let stdout = unstamp_stdout(&image);
         assert!(
             stdout.contains("byte for byte as before the stamp"),
             "{stdout}"
@@ -510,8 +510,7 @@ fn a_boot_partition_full_of_old_data_is_told_it_gets_its_files_back_not_its_byte
         "{stdout}"
     );
     assert!(!boot_files(&image).contains_key(piprov::stamp::UNDO_FILE));
-    let out = piprov().arg("unstamp").arg(&image).output().unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    let stdout = unstamp_stdout(&image);
     assert!(
         stdout.contains("files restored, not every byte"),
         "{stdout}"
@@ -537,13 +536,7 @@ fn unstamp_after_an_edit_restores_files_and_keeps_the_edit() {
         &image,
         &["-o", edited.to_str().unwrap(), "::config.txt"],
     );
-    let out = piprov().arg("unstamp").arg(&image).output().unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = unstamp_stdout(&image);
     assert!(
         stdout.contains(
             "files restored, not every byte: the boot partition changed since it was stamped"

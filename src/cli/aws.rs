@@ -5,8 +5,8 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 
-use super::{ActivationCommand, AwsArgs, FleetCommand, SetupCommand};
 use crate::account::role;
+use crate::cmdline::{ActivationCommand, AwsArgs, FleetCommand, SetupCommand};
 use crate::ssm;
 
 pub fn activation(action: ActivationCommand, aws: AwsArgs) -> Result<ExitCode> {

@@ -5,8 +5,8 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 
-use super::{BrokerCommand, DeviceCommand, TokenCommand};
 use crate::broker::{config, device, init, server, store::Store, tokens};
+use crate::cmdline::{BrokerCommand, DeviceCommand, TokenCommand};
 
 pub fn run(action: BrokerCommand) -> Result<ExitCode> {
     match action {

@@ -27,6 +27,7 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use serde::Serialize;
 
+pub use crate::cmdline::FlashConfig;
 use crate::digest::ImageHash;
 use crate::image::{Image, Overlay};
 use crate::progress::Progress;
@@ -43,29 +44,6 @@ pub struct CardSpec {
     pub hostname: Option<String>,
     /// Extra `key=value` recipe overrides for this card.
     pub overrides: Vec<String>,
-}
-
-pub struct FlashConfig {
-    pub image: PathBuf,
-    pub cards: Vec<CardSpec>,
-    pub recipe: Option<PathBuf>,
-    pub overrides: Vec<String>,
-    /// Hostname pattern for every card; `{n}` is the card's number (1-based).
-    pub hostname: Option<String>,
-    pub full: bool,
-    pub verify: bool,
-    pub yes: bool,
-    pub allow_non_removable: bool,
-    pub allow_large: bool,
-    pub sha256: Option<String>,
-    /// How far an archive may decode; by default the largest card's size.
-    pub max_size: Option<u64>,
-    pub manifest: Option<PathBuf>,
-    pub bmap: BmapChoice,
-    /// Write an image with critical findings unchanged, without a recipe.
-    pub as_is: bool,
-    /// Where per-card activations are created (`source = "embedded"` without an id).
-    pub aws: crate::ssm::Connection,
 }
 
 /// One manifest line: what became of one card. Never holds a secret.
@@ -719,7 +697,7 @@ fn choose_map(
     }
     let computed =
         map::compute(base).with_context(|| format!("mapping {}", config.image.display()))?;
-    let (path, explicit) = match &config.bmap {
+    let (path, explicit) = match &config.bmap_choice() {
         BmapChoice::Ignore => return Ok(computed),
         BmapChoice::File(path) => (path.clone(), true),
         BmapChoice::Beside => match bmap::find_beside(&config.image) {
@@ -807,7 +785,7 @@ fn write_cards(
         Some(done) => extents.minus(done).bytes(),
         None => extents.bytes(),
     };
-    let per_card = to_write + if config.verify { extents.bytes() } else { 0 };
+    let per_card = to_write + if config.verify() { extents.bytes() } else { 0 };
     let total = progress.bytes("total", per_card * prepared.len() as u64);
     let mut jobs = Vec::new();
     let mut slots = Vec::new();
@@ -837,7 +815,7 @@ fn write_cards(
         }
     }
     let mode = write::Mode {
-        verify: config.verify,
+        verify: config.verify(),
         sparse: !config.full,
     };
     let mut results: Vec<Option<Result<write::Outcome>>> = match File::open(&source.path) {
@@ -941,7 +919,10 @@ fn prepare_cards(
             let name = spec.device.display().to_string();
             if settings.needs_activation() {
                 if issuer.is_none() {
-                    *issuer = Some(CardActivations::for_recipe(&config.aws, &recipe.recipe)?);
+                    *issuer = Some(CardActivations::for_recipe(
+                        &config.aws.connection(),
+                        &recipe.recipe,
+                    )?);
                 }
                 // Tagged with the image's hash: an image hashed for the first
                 // time is waited for here.

@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::fs::File;
 use std::io::{Read, Seek, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
@@ -21,10 +21,11 @@ pub use card::CardSettings;
 pub use plan::{ChangeSummary, Plan};
 pub use undo::UNDO_FILE;
 
+pub use crate::cmdline::StampConfig;
 use crate::image::{BootFs, Cmdline, Image, Journal};
 use crate::inspect::gather_facts;
 use crate::layout::boot;
-use crate::recipe::{Hook, LoadedRecipe, SudoPolicy};
+use crate::recipe::{Hook, SudoPolicy};
 use crate::ssm::CardActivations;
 
 /// Bumped when the record's meaning changes.
@@ -66,18 +67,6 @@ pub struct RecordActivation {
     pub broker_url: Option<String>,
 }
 
-pub struct StampConfig {
-    pub image: PathBuf,
-    pub recipe: LoadedRecipe,
-    /// Overrides the recipe's hostname pattern.
-    pub hostname: Option<String>,
-    /// The card's number, for `{n}`.
-    pub number: Option<u32>,
-    pub dry_run: bool,
-    /// Where per-card activations are created (`source = "embedded"` without an id).
-    pub aws: crate::ssm::Connection,
-}
-
 #[derive(Debug, Serialize)]
 pub struct Outcome {
     pub image: String,
@@ -103,16 +92,17 @@ pub enum KeepUndo {
 }
 
 pub fn stamp(config: &StampConfig) -> Result<Outcome> {
+    let recipe = crate::recipe::load(&config.recipe, &config.overrides)?;
     // Everything that can fail on the workstation's side (secret files, the CA)
     // fails here, before the image is opened for writing.
     let mut settings =
-        CardSettings::from_recipe(&config.recipe, config.hostname.as_deref(), config.number)?;
+        CardSettings::from_recipe(&recipe, config.hostname.as_deref(), config.number)?;
     let image = open(&config.image, config.dry_run)?;
     let name = config.image.display().to_string();
     // A card's own activation is made last, just before the write, and deleted
     // again if the stamp does not land.
     let issued = if settings.needs_activation() && !config.dry_run {
-        let issuer = CardActivations::for_recipe(&config.aws, &config.recipe.recipe)?;
+        let issuer = CardActivations::for_recipe(&config.aws.connection(), &recipe.recipe)?;
         let progress = crate::progress::Progress::new(crate::progress::Mode::Bars);
         let image_sha256 = crate::digest::image_sha256(&config.image, &progress)?;
         let created = issuer.create(settings.hostname.as_deref(), &image_sha256, &name)?;
