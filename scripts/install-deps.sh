@@ -13,7 +13,7 @@ mkswap:util-linux findmnt:util-linux lsblk:util-linux
 mmdebstrap:mmdebstrap qemu-system-aarch64:qemu-system-arm qemu-aarch64-static:qemu-user-static
 update-binfmts:binfmt-support dtc:device-tree-compiler man:man-db dpkg-shlibdeps:dpkg-dev
 psql:postgresql-client runuser:util-linux gdb:gdb arch-test:arch-test
-wget:wget unshare:util-linux script:bsdutils"
+wget:wget unshare:util-linux script:bsdutils chromium:chromium"
 
 missing=
 for pair in $needed; do

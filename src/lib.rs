@@ -18,6 +18,7 @@ pub mod region;
 pub mod runtime;
 pub mod ssm;
 pub mod stamp;
+pub mod station;
 pub mod units;
 
 /// Keeps panics raised inside fatfs quiet: `image::BootFs` turns them into errors

@@ -59,6 +59,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Setup { action, aws } => aws::setup(action, aws),
         Command::Broker { action } => broker::run(action),
         Command::Cache(args) => cache::run(args),
+        Command::Station(args) => station(args),
         Command::Flash(config) => flash(config.validated()?),
         Command::Stamp(config) => stamp(&config),
         Command::Unstamp(config) => unstamp(&config),
@@ -69,6 +70,23 @@ fn flash(config: FlashConfig) -> Result<ExitCode> {
     let progress = crate::progress::Progress::new(config.progress_mode());
     let summary = crate::flash::flash(&config, &progress)?;
     print_flash_summary(&summary, config.json)
+}
+
+fn station(config: crate::cmdline::StationConfig) -> Result<ExitCode> {
+    use crate::cmdline::StationAction;
+    use crate::station::RecordFormat;
+    match &config.action {
+        Some(StationAction::Record { record, json, csv }) => {
+            let format = match (*json, *csv) {
+                (true, _) => RecordFormat::Json,
+                (_, true) => RecordFormat::Csv,
+                _ => RecordFormat::Table,
+            };
+            crate::station::print_record(record, format)?;
+        }
+        None => crate::station::run(&config)?,
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn stamp(config: &StampConfig) -> Result<ExitCode> {

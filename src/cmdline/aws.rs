@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use clap::Subcommand;
 
 /// Where AWS calls go: the standard credential chain, with these overrides.
-#[derive(Debug, clap::Args)]
+#[derive(Debug, Clone, clap::Args)]
 pub struct AwsArgs {
     /// AWS profile (default: AWS_PROFILE or the default profile)
     #[arg(long, global = true)]

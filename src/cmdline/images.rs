@@ -54,6 +54,9 @@ pub struct FlashConfig {
     /// in by `validated`).
     #[arg(skip)]
     pub cards: Vec<crate::flash::CardSpec>,
+    /// Set by `piprov station`: its run id goes into each card's stamp.
+    #[arg(skip)]
+    pub station_run: Option<String>,
     /// Image: .img, .img.xz, .gz, .zst, .bz2 or .zip
     pub image: PathBuf,
     /// Target block devices or files

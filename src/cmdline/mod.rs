@@ -11,10 +11,12 @@ pub mod aws;
 pub mod broker;
 pub mod cache;
 pub mod images;
+pub mod station;
 
 pub use aws::*;
 pub use broker::*;
 pub use images::*;
+pub use station::*;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -171,6 +173,23 @@ pub enum Command {
         after_help = "Examples:\n  piprov cache list\n  piprov cache clear --older-than 30d"
     )]
     Cache(cache::CacheArgs),
+    /// A bench: write every card put into a reader, each with its own identity
+    #[command(
+        long_about = "A bench: write every card put into a reader, each with its own identity.\n\n\
+        Decodes IMAGE once, then watches the kernel's device events: a disk that appears, or \
+        whose card is pushed in, is a candidate. It passes flash's checks (system disk, mounted, \
+        read-only, too small, not removable) and --match, or is left alone with the reason. Each \
+        accepted card gets the next number, its hostname, its own activation, and is written, \
+        stamped and verified on its own: a slow or failing card holds no one back. A card this \
+        run wrote already is not written again. Ctrl-C: no new card starts, cards being written \
+        finish; Ctrl-C again stops them, erased to no partition table. Every card is a row in \
+        the record (`piprov station record`). Needs root (the kernel's uevents, the devices).",
+        after_help = "Examples:\n\
+            \x20\x20piprov station golden.img.xz --recipe bench.toml \\\n\
+            \x20\x20\x20\x20\x20\x20--hostname 'door-{number}' --listen 127.0.0.1:8080\n\
+            \x20\x20piprov station record --csv > cards.csv"
+    )]
+    Station(station::StationConfig),
     /// Remove a stamp, restoring the boot partition as it was before
     Unstamp(UnstampConfig),
 }

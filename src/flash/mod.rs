@@ -86,6 +86,12 @@ pub struct Summary {
 /// the cache, creating activations), every long step checks it.
 static CANCEL: AtomicBool = AtomicBool::new(false);
 
+/// Stops every flash in progress: each card is erased to no partition table.
+/// (`piprov station` on a second Ctrl-C.)
+pub fn cancel_all() {
+    CANCEL.store(true, Ordering::Relaxed);
+}
+
 /// Where the map of what to write comes from.
 #[derive(Debug, Clone, Default)]
 pub enum BmapChoice {
@@ -1002,8 +1008,10 @@ fn card_settings(
         recipe::load(&recipe.path, &all)?
     };
     let hostname = spec.hostname.as_deref().or(config.hostname.as_deref());
-    CardSettings::from_recipe(&recipe, hostname, Some(number))
-        .with_context(|| format!("settings for {}", spec.device.display()))
+    let mut settings = CardSettings::from_recipe(&recipe, hostname, Some(number))
+        .with_context(|| format!("settings for {}", spec.device.display()))?;
+    settings.station_run = config.station_run.clone();
+    Ok(settings)
 }
 
 fn confirm(targets: &[TargetInfo], yes: bool) -> Result<()> {

@@ -23,6 +23,16 @@ mod ioctl {
     nix::ioctl_none!(blkflsbuf, 0x12, 97);
 }
 
+/// Drops a device's cached blocks, so the next read sees the medium in it
+/// now (a card swapped in a reader, a loop device's file rewritten).
+pub fn drop_cached(path: &Path) -> Result<()> {
+    let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    // SAFETY: BLKFLSBUF takes no argument.
+    unsafe { ioctl::blkflsbuf(file.as_raw_fd()) }
+        .with_context(|| format!("flushing {}'s buffers (BLKFLSBUF)", path.display()))?;
+    Ok(())
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct TargetInfo {
     pub path: PathBuf,

@@ -31,6 +31,9 @@ pub struct CardSettings {
     pub sudo: SudoPolicy,
     pub tags: BTreeMap<String, String>,
     pub default_instance_name: Option<String>,
+    /// The station run that wrote this card, so that the station knows it
+    /// again when it is pushed back in.
+    pub station_run: Option<String>,
     pub activation_id: Option<String>,
     activation_code: Option<String>,
     broker_token: Option<String>,
@@ -114,6 +117,7 @@ impl CardSettings {
             device_key: a.device_key,
             device_key_generate: a.device_key_generate,
             key_auto_rotate_days: r.agent.key_auto_rotate_days,
+            station_run: None,
         })
     }
 

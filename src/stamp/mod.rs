@@ -58,6 +58,9 @@ pub struct StampRecord {
     pub replaced: BTreeMap<String, Option<String>>,
     /// A secret file was written (it leaves the card on first boot).
     pub secret: bool,
+    /// The `piprov station` run that wrote the card.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub station_run: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -441,6 +444,7 @@ fn plan_stamp<D: Read + Write + Seek>(
         files,
         replaced,
         secret: settings.secret().is_some(),
+        station_run: settings.station_run.clone(),
     };
     plan.write(boot::STAMP, serde_json::to_vec_pretty(&record)?);
     Ok(record)

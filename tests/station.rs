@@ -1,0 +1,375 @@
+//! `piprov station` with the kernel's real uevents: loop devices attached
+//! while it runs are cards pushed into readers. Needs root (loop devices, the
+//! uevent socket) and Debian's chromium for the page; in CI a missing one
+//! fails the test.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use common::card::embedded_recipe;
+use common::disk::*;
+use common::ssm_endpoint::SsmEndpoint;
+use common::*;
+use tempfile::TempDir;
+
+struct Station {
+    child: Child,
+    lines: mpsc::Receiver<serde_json::Value>,
+    seen: Vec<serde_json::Value>,
+}
+
+impl Station {
+    fn start(
+        ssm: &SsmEndpoint,
+        image: &Path,
+        recipe: &Path,
+        record: &Path,
+        port: u16,
+        matching: &[&str],
+    ) -> Self {
+        let mut command = Command::new(assert_cmd::cargo::cargo_bin("piprov"));
+        command.args(["station", "--json", "--allow-non-removable"]);
+        for dev in matching {
+            command.args(["--match", dev]);
+        }
+        let mut child = command
+            .env_clear()
+            .envs(ssm.env())
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .args(["--hostname", "bench-{number}", "--recipe"])
+            .arg(recipe)
+            .arg("--record")
+            .arg(record)
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{port}"))
+            .arg(image)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { return };
+                if let Ok(value) = serde_json::from_str(&line) {
+                    let _ = tx.send(value);
+                }
+            }
+        });
+        // Ready once it listens (it decodes and opens the uevent socket first).
+        let started = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if let Ok(Some(_)) = child.try_wait() {
+                let out = child.wait_with_output().unwrap();
+                panic!(
+                    "the station ended: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "the station never listened"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Self {
+            child,
+            lines,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Waits for a card's state on `device`.
+    fn wait(&mut self, device: &str, state: &str) -> serde_json::Value {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            if let Some(found) = self
+                .seen
+                .iter()
+                .find(|c| c["device"] == device && c["state"] == state)
+            {
+                return found.clone();
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => self.seen.push(line),
+                Err(_) => panic!("{device} never reached {state}: {:#?}", self.seen),
+            }
+        }
+    }
+
+    fn stop(self) -> std::process::Output {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
+        self.child.wait_with_output().unwrap()
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn chromium_usable() -> bool {
+    available(
+        Command::new("chromium")
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success()),
+        "chromium (Debian's chromium package)",
+    )
+}
+
+/// The page as a browser sees it after its scripts ran, and a screenshot kept
+/// in target/tmp for people to look at.
+fn page_in_chromium(port: u16) -> String {
+    let url = format!("http://127.0.0.1:{port}/");
+    let shots = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/tmp");
+    std::fs::create_dir_all(&shots).unwrap();
+    let common = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        // The page keeps its event feed open: it never "finishes loading".
+        "--timeout=4000",
+    ];
+    let shot = Command::new("chromium")
+        .args(common)
+        .arg(format!(
+            "--screenshot={}",
+            shots.join("station.png").display()
+        ))
+        .arg("--window-size=1280,800")
+        .arg(&url)
+        .output()
+        .unwrap();
+    assert!(
+        shot.status.success(),
+        "{}",
+        String::from_utf8_lossy(&shot.stderr)
+    );
+    let dom = Command::new("chromium")
+        .args(common)
+        .arg("--dump-dom")
+        .arg(&url)
+        .output()
+        .unwrap();
+    assert!(
+        dom.status.success(),
+        "{}",
+        String::from_utf8_lossy(&dom.stderr)
+    );
+    String::from_utf8(dom.stdout).unwrap()
+}
+
+/// A card reader as the kernel shows one: a disk that stays, whose size is
+/// 0 while no card is in it. Here a loop device over a file that is empty
+/// until a card is "pushed in" (the file filled, the loop's capacity read
+/// again: the kernel raises `change`, as for a reader).
+struct Reader {
+    dev: Loop,
+    backing: PathBuf,
+}
+
+impl Reader {
+    fn new(dir: &TempDir, name: &str) -> Reader {
+        let backing = dir.path().join(format!("{name}.slot"));
+        std::fs::write(&backing, b"").unwrap();
+        let dev = Loop::new(&backing, &[]).unwrap();
+        Reader { dev, backing }
+    }
+
+    fn capacity_changed(&self) {
+        let ok = Command::new("losetup")
+            .arg("-c")
+            .arg(&self.dev.dev)
+            .status()
+            .unwrap();
+        assert!(ok.success(), "losetup -c {}", self.dev.dev);
+    }
+
+    /// Pushes in a card holding `card`'s bytes.
+    fn insert(&self, card: &Path) {
+        std::fs::copy(card, &self.backing).unwrap();
+        self.capacity_changed();
+    }
+
+    /// Pulls the card out: its bytes are kept in `to`.
+    fn pull(&self, to: &Path) {
+        std::fs::copy(&self.backing, to).unwrap();
+        std::fs::write(&self.backing, b"").unwrap();
+        self.capacity_changed();
+    }
+}
+
+/// A used card of `len` bytes: old random data.
+fn used(dir: &TempDir, name: &str, len: u64) -> PathBuf {
+    let path = dir.path().join(format!("{name}.card"));
+    fill_random(&path, len);
+    path
+}
+
+/// Three cards put in one after another are written without a word typed,
+/// each with its own number, hostname and activation; a card too small is
+/// refused and left as it was; a card put back after it was done is known
+/// and not written again; a disk --match does not name is left alone; the
+/// record holds a row for each; the page shows them in a real browser;
+/// SIGTERM ends the run with the record complete.
+#[test]
+fn a_bench_writes_every_card_put_in_and_remembers_each() {
+    let dir = TempDir::new().unwrap();
+    if !loop_devices_usable(&dir) || !chromium_usable() {
+        return;
+    }
+    let ssm = SsmEndpoint::start(dir.path(), 0);
+    let image = fixture("golden", &dir);
+    let len = std::fs::metadata(&image).unwrap().len();
+    let recipe = embedded_recipe(dir.path());
+    let record = dir.path().join("station.db");
+    let port = free_port();
+    let readers: Vec<Reader> = (1..=3)
+        .map(|i| Reader::new(&dir, &format!("r{i}")))
+        .collect();
+    let other = Reader::new(&dir, "other");
+    let matching: Vec<&str> = readers.iter().map(|r| r.dev.dev.as_str()).collect();
+    let mut station = Station::start(&ssm, &image, &recipe, &record, port, &matching);
+
+    for (i, reader) in readers.iter().enumerate() {
+        reader.insert(&used(&dir, &format!("card{}", i + 1), len + (8 << 20)));
+        let done = station.wait(&reader.dev.dev, "done");
+        assert_eq!(done["number"], i + 1, "{done}");
+        assert_eq!(done["hostname"], format!("bench-{}", i + 1));
+        assert!(
+            done["activation_id"]
+                .as_str()
+                .is_some_and(|id| !id.is_empty())
+        );
+    }
+    // Not named by --match: left alone.
+    let stranger = used(&dir, "stranger", len + (8 << 20));
+    let before = sha256_of(&stranger);
+    other.insert(&stranger);
+    let left = station.wait(&other.dev.dev, "refused");
+    assert!(
+        left["reason"].as_str().unwrap().contains("--match"),
+        "{left}"
+    );
+    assert_eq!(
+        sha256_of(&other.backing),
+        before,
+        "a disk not matched is left as it was"
+    );
+
+    // Card 1 out; a card too small in its place: refused, its bytes untouched.
+    let card1 = dir.path().join("card1.out");
+    readers[0].pull(&card1);
+    let small = used(&dir, "small", len / 2);
+    let before = sha256_of(&small);
+    readers[0].insert(&small);
+    let refused = station.wait(&readers[0].dev.dev, "refused");
+    assert!(
+        refused["reason"]
+            .as_str()
+            .unwrap()
+            .contains("the card holds"),
+        "{refused}"
+    );
+    assert_eq!(
+        sha256_of(&readers[0].backing),
+        before,
+        "a refused card is left as it was"
+    );
+
+    // Card 1 back in: known, not written twice.
+    readers[0].pull(&dir.path().join("small.out"));
+    readers[0].insert(&card1);
+    let known = station.wait(&readers[0].dev.dev, "already done");
+    assert!(
+        known["reason"].as_str().unwrap().contains("bench-1"),
+        "{known}"
+    );
+    assert_eq!(
+        sha256_of(&readers[0].backing),
+        sha256_of(&card1),
+        "not written again"
+    );
+
+    let dom = page_in_chromium(port);
+    for i in 1..=3 {
+        assert!(
+            dom.contains(&format!("#{i} bench-{i}")),
+            "the page shows card {i}:\n{dom}"
+        );
+    }
+    assert_eq!(dom.matches("data-state=\"done\"").count(), 3, "{dom}");
+    assert!(dom.contains("data-state=\"refused\""), "{dom}");
+    assert!(dom.contains("data-state=\"already done\""), "{dom}");
+    assert!(dom.contains("3 done, 0 failed"), "{dom}");
+
+    let out = station.stop();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // The record: a row per card, with the activation SSM issued for it.
+    let rows = succeed(
+        piprov()
+            .args(["station", "record", "--json", "--record"])
+            .arg(&record),
+    );
+    let rows: Vec<serde_json::Value> = serde_json::from_slice(&rows.stdout).unwrap();
+    let done: Vec<&serde_json::Value> = rows.iter().filter(|r| r["result"] == "done").collect();
+    assert_eq!(done.len(), 3, "{rows:#?}");
+    let issued: Vec<String> = ssm
+        .activations()
+        .iter()
+        .map(|a| a["ActivationId"].as_str().unwrap().to_string())
+        .collect();
+    for row in &done {
+        assert!(row["verified"].as_bool().unwrap());
+        let id = row["activation_id"].as_str().unwrap();
+        assert!(issued.iter().any(|i| i == id), "{id} among {issued:?}");
+    }
+    let mut hostnames: Vec<&str> = done
+        .iter()
+        .map(|r| r["hostname"].as_str().unwrap())
+        .collect();
+    hostnames.sort();
+    assert_eq!(hostnames, ["bench-1", "bench-2", "bench-3"]);
+    assert!(rows.iter().any(|r| r["result"] == "refused"));
+    assert!(rows.iter().any(|r| r["result"] == "already done"));
+    // Each card holds the image, stamped as itself.
+    for (i, card) in [
+        card1,
+        readers[1].backing.clone(),
+        readers[2].backing.clone(),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let copy = dir.path().join(format!("check{i}.img"));
+        std::fs::copy(card, &copy).unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(&copy)
+            .unwrap()
+            .set_len(len)
+            .unwrap();
+        assert_card_holds(&copy, &image, &format!("bench-{}", i + 1), dir.path());
+    }
+}
