@@ -114,14 +114,6 @@ impl Station {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn chromium_usable() -> bool {
     available(
         Command::new("chromium")

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use super::card::{Card, Ssm, stamp};
 use super::ssm_endpoint::SsmEndpoint;
-use super::{fixture, succeed};
+use super::{fixture, free_port, succeed};
 
 pub struct BrokerProcess {
     child: Option<Child>,
@@ -25,15 +25,6 @@ pub struct BrokerProcess {
     pub serve_args: Vec<String>,
     /// The descriptor limit (soft and hard) the broker starts with.
     pub descriptor_limit: Option<u64>,
-}
-
-/// A loopback port free now (kept across a broker's restarts, as cards know it).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 impl BrokerProcess {

@@ -67,6 +67,15 @@ pub fn fixture(variant: &str, dir: &TempDir) -> PathBuf {
     copy
 }
 
+/// A loopback port free now (kept across a broker's restarts, as cards know it).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 /// The piprov binary under test.
 pub fn piprov() -> assert_cmd::Command {
     assert_cmd::Command::cargo_bin("piprov").expect("piprov binary")
