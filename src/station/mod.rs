@@ -303,7 +303,10 @@ pub fn run(config: &StationConfig) -> Result<()> {
             let name = view.device.trim_start_matches("/dev/").to_string();
             writing.remove(&name);
             seen.insert(name.clone(), fingerprint(&name));
-            if pulled.remove(&name) && view.state != "done" {
+            // The event may come after the failure it caused: a disk with no
+            // medium left says the same.
+            let gone = pulled.remove(&name) || disk_size(&name) == 0;
+            if gone && view.state != "done" {
                 let why = format!(
                     "removed while writing{}",
                     view.reason
