@@ -125,46 +125,55 @@ fn chromium_usable() -> bool {
 }
 
 /// The page as a browser sees it after its scripts ran, and a screenshot kept
-/// in target/tmp for people to look at.
+/// in target/tmp for people to look at. The page keeps its event feed open, so
+/// it never "finishes loading": Chromium stops after `--timeout`, which a
+/// loaded machine may need longer for; tried with more time until the cards
+/// are on it.
 fn page_in_chromium(port: u16) -> String {
     let url = format!("http://127.0.0.1:{port}/");
     let shots = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/tmp");
     std::fs::create_dir_all(&shots).unwrap();
-    let common = [
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-dev-shm-usage",
-        // The page keeps its event feed open: it never "finishes loading".
-        "--timeout=4000",
-    ];
-    let shot = Command::new("chromium")
-        .args(common)
-        .arg(format!(
-            "--screenshot={}",
-            shots.join("station.png").display()
-        ))
-        .arg("--window-size=1280,800")
-        .arg(&url)
-        .output()
-        .unwrap();
-    assert!(
-        shot.status.success(),
-        "{}",
-        String::from_utf8_lossy(&shot.stderr)
-    );
-    let dom = Command::new("chromium")
-        .args(common)
-        .arg("--dump-dom")
-        .arg(&url)
-        .output()
-        .unwrap();
-    assert!(
-        dom.status.success(),
-        "{}",
-        String::from_utf8_lossy(&dom.stderr)
-    );
-    String::from_utf8(dom.stdout).unwrap()
+    let mut dom = String::new();
+    for timeout in [4_000, 10_000, 30_000] {
+        let common = [
+            "--headless".to_string(),
+            "--no-sandbox".to_string(),
+            "--disable-gpu".to_string(),
+            "--disable-dev-shm-usage".to_string(),
+            format!("--timeout={timeout}"),
+        ];
+        let out = Command::new("chromium")
+            .args(&common)
+            .arg("--dump-dom")
+            .arg(&url)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        dom = String::from_utf8(out.stdout).unwrap();
+        if dom.contains("data-state=") {
+            let shot = Command::new("chromium")
+                .args(&common)
+                .arg(format!(
+                    "--screenshot={}",
+                    shots.join("station.png").display()
+                ))
+                .arg("--window-size=1280,800")
+                .arg(&url)
+                .output()
+                .unwrap();
+            assert!(
+                shot.status.success(),
+                "{}",
+                String::from_utf8_lossy(&shot.stderr)
+            );
+            break;
+        }
+    }
+    dom
 }
 
 /// A card reader as the kernel shows one: a disk that stays, whose size is

@@ -20,7 +20,13 @@ pub async fn serve(listener: std::net::TcpListener, board: Arc<Board>) -> Result
     listener.set_nonblocking(true)?;
     let listener = tokio::net::TcpListener::from_std(listener)?;
     let app = Router::new()
-        .route("/", get(|| async { Html(PAGE) }))
+        .route(
+            "/",
+            get({
+                let board = board.clone();
+                move || async move { Html(page(&board)) }
+            }),
+        )
         .route(
             "/api/cards",
             get({
@@ -38,6 +44,15 @@ pub async fn serve(listener: std::net::TcpListener, board: Arc<Board>) -> Result
     axum::serve(listener, app)
         .await
         .context("serving the bench's page")
+}
+
+/// The page with the cards so far in it, so that it shows them as soon as
+/// it is parsed. `<` is escaped: no text from a card can close the script.
+fn page(board: &Board) -> String {
+    let cards = serde_json::to_string(&board.cards())
+        .unwrap_or_else(|_| "[]".into())
+        .replace('<', "\\u003c");
+    PAGE.replace("/*CARDS*/", &cards)
 }
 
 /// Every card's change from now on, one event each.
