@@ -374,3 +374,186 @@ fn a_bench_writes_every_card_put_in_and_remembers_each() {
         assert_card_holds(&copy, &image, &format!("bench-{}", i + 1), dir.path());
     }
 }
+
+/// A cgroup (v1 blkio) that holds the readers to card speed, so a card is
+/// still being written when the test pulls it or stops the station.
+struct CardSpeed {
+    dir: PathBuf,
+}
+
+impl CardSpeed {
+    fn new(readers: &[&Reader], write_bps: u64) -> Option<CardSpeed> {
+        let root = Path::new("/sys/fs/cgroup/blkio");
+        let usable = root.join("blkio.throttle.write_bps_device").exists();
+        if !available(usable, "cgroup v1 blkio (holds loop devices to card speed)") {
+            return None;
+        }
+        let dir = root.join(format!("piprov-station-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for reader in readers {
+            let name = reader.dev.dev.trim_start_matches("/dev/");
+            let numbers = std::fs::read_to_string(format!("/sys/block/{name}/dev")).unwrap();
+            std::fs::write(
+                dir.join("blkio.throttle.write_bps_device"),
+                format!("{} {write_bps}", numbers.trim()),
+            )
+            .unwrap();
+        }
+        Some(CardSpeed { dir })
+    }
+
+    /// Moves a process, every thread it has and will have, into the cgroup.
+    fn hold(&self, pid: u32) {
+        std::fs::write(self.dir.join("cgroup.procs"), pid.to_string()).unwrap();
+    }
+}
+
+impl Drop for CardSpeed {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}
+
+impl Station {
+    fn pid(&self) -> nix::unistd::Pid {
+        nix::unistd::Pid::from_raw(self.child.id() as i32)
+    }
+
+    fn signal(&self) {
+        nix::sys::signal::kill(self.pid(), nix::sys::signal::Signal::SIGTERM).unwrap();
+    }
+
+    /// The station's output after it ended by itself.
+    fn ended(self) -> std::process::Output {
+        self.child.wait_with_output().unwrap()
+    }
+}
+
+/// Whether the card in `reader` has been written to for a while: more than
+/// `bytes` differ from what was put in.
+fn wait_until_written(reader: &Reader, before: &Path, bytes: usize) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let now = std::fs::read(&reader.backing).unwrap();
+        let old = std::fs::read(before).unwrap();
+        let changed = now.iter().zip(&old).filter(|(a, b)| a != b).count();
+        if changed > bytes {
+            return;
+        }
+        assert!(Instant::now() < deadline, "the card was never written");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A card pulled out mid-write is recorded as failed, "removed while
+/// writing", its activation deleted again, and what it holds is no card; a
+/// stop (SIGTERM) mid-write lets the card being written finish, done and
+/// whole, and starts no new one; a second signal stops the card being
+/// written, which is left with no partition table. The readers run at card
+/// speed (a blkio throttle), so each card is caught mid-write.
+#[test]
+fn a_card_pulled_or_stopped_mid_write_is_either_done_or_plainly_no_card() {
+    let dir = TempDir::new().unwrap();
+    if !loop_devices_usable(&dir) {
+        return;
+    }
+    let ssm = SsmEndpoint::start(dir.path(), 0);
+    let image = fixture("golden", &dir);
+    let len = std::fs::metadata(&image).unwrap().len();
+    let recipe = embedded_recipe(dir.path());
+    let record = dir.path().join("station.db");
+    let readers: Vec<Reader> = (1..=3)
+        .map(|i| Reader::new(&dir, &format!("slow{i}")))
+        .collect();
+    let Some(speed) = CardSpeed::new(&readers.iter().collect::<Vec<_>>(), 2 << 20) else {
+        return;
+    };
+    let matching: Vec<&str> = readers.iter().map(|r| r.dev.dev.as_str()).collect();
+    let mut station = Station::start(&ssm, &image, &recipe, &record, free_port(), &matching);
+    speed.hold(station.child.id());
+
+    // Pulled mid-write.
+    let card = used(&dir, "pulled", len + (8 << 20));
+    readers[0].insert(&card);
+    wait_until_written(&readers[0], &card, 1 << 20);
+    let pulled = dir.path().join("pulled.out");
+    readers[0].pull(&pulled);
+    let failed = station.wait(&readers[0].dev.dev, "failed");
+    assert!(
+        failed["reason"]
+            .as_str()
+            .unwrap()
+            .starts_with("removed while writing"),
+        "{failed}"
+    );
+    let id = failed["activation_id"].as_str().unwrap().to_string();
+    assert_eq!(failed["activation_withdrawn"], true, "{failed}");
+    assert!(
+        !ssm.activations().iter().any(|a| a["ActivationId"] == id),
+        "the pulled card's activation {id} is deleted"
+    );
+    assert_no_partition_table(&pulled, len + (8 << 20));
+
+    // A stop mid-write: the card being written finishes; no new card starts.
+    let card = used(&dir, "finishing", len + (8 << 20));
+    readers[1].insert(&card);
+    wait_until_written(&readers[1], &card, 1 << 20);
+    station.signal();
+    let late = used(&dir, "late", len + (8 << 20));
+    let late_before = sha256_of(&late);
+    readers[2].insert(&late);
+    let done = station.wait(&readers[1].dev.dev, "done");
+    assert_eq!(done["hostname"], "bench-2", "{done}");
+    let out = station.ended();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        sha256_of(&readers[2].backing),
+        late_before,
+        "no card starts after the stop"
+    );
+    let finished = dir.path().join("finished.img");
+    std::fs::copy(&readers[1].backing, &finished).unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&finished)
+        .unwrap()
+        .set_len(len)
+        .unwrap();
+    assert_card_holds(&finished, &image, "bench-2", dir.path());
+
+    // A second run; two signals mid-write: the card is stopped and erased.
+    // (Readers named by --match that hold a card at the start are written.)
+    readers[1].pull(&dir.path().join("finishing.out"));
+    readers[2].pull(&dir.path().join("late.out"));
+    let mut station = Station::start(&ssm, &image, &recipe, &record, free_port(), &matching);
+    speed.hold(station.child.id());
+    let card = used(&dir, "stopped", len + (8 << 20));
+    readers[2].insert(&card);
+    wait_until_written(&readers[2], &card, 1 << 20);
+    station.signal();
+    std::thread::sleep(Duration::from_millis(300));
+    station.signal();
+    let stopped = station.wait(&readers[2].dev.dev, "failed");
+    assert_eq!(stopped["activation_withdrawn"], true, "{stopped}");
+    let out = station.ended();
+    assert!(
+        !out.status.success(),
+        "a run whose card was stopped ends with an error: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_no_partition_table(&readers[2].backing, len + (8 << 20));
+
+    let rows = succeed(
+        piprov()
+            .args(["station", "record", "--json", "--record"])
+            .arg(&record),
+    );
+    let rows: Vec<serde_json::Value> = serde_json::from_slice(&rows.stdout).unwrap();
+    let results: Vec<&str> = rows.iter().map(|r| r["result"].as_str().unwrap()).collect();
+    assert_eq!(results, ["failed", "done", "failed"], "{rows:#?}");
+    assert!(rows.iter().all(|r| r["finished"].is_string()), "{rows:#?}");
+}

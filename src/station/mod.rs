@@ -38,6 +38,9 @@ pub struct CardView {
     pub state: String,
     pub reason: Option<String>,
     pub activation_id: Option<String>,
+    /// The card failed and its unused activation was deleted again.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub activation_withdrawn: bool,
     pub bytes: u64,
     pub started: String,
     pub finished: Option<String>,
@@ -285,6 +288,8 @@ pub fn run(config: &StationConfig) -> Result<()> {
     let mut writing: BTreeMap<String, u32> = BTreeMap::new();
     let mut pulled: BTreeSet<String> = BTreeSet::new();
     let mut number = 0u32;
+    // Cards stopped by a second signal: the run ends in error.
+    let mut stopped = 0;
     let mut candidates: Vec<String> = present
         .iter()
         .filter(|name| !config.matches.is_empty() && matches(&config.matches, name))
@@ -316,6 +321,9 @@ pub fn run(config: &StationConfig) -> Result<()> {
                 );
                 view.reason = Some(why.clone());
                 row.reason = Some(why);
+            }
+            if view.state != "done" && SIGNALS.load(Ordering::Relaxed) > 1 {
+                stopped += 1;
             }
             record.put(&mut row)?;
             board.show(&view);
@@ -377,6 +385,7 @@ pub fn run(config: &StationConfig) -> Result<()> {
                     state: "refused".into(),
                     reason: Some("not named by --match: left alone".into()),
                     activation_id: None,
+                    activation_withdrawn: false,
                     bytes: 0,
                     started: now(),
                     finished: None,
@@ -389,6 +398,12 @@ pub fn run(config: &StationConfig) -> Result<()> {
         "piprov station: stopped; the record is in {}",
         config.record.display()
     );
+    if stopped > 0 {
+        bail!(
+            "{stopped} card(s) being written were stopped and hold no partition table: they \
+             will not boot (put them in again to write them)"
+        );
+    }
     Ok(())
 }
 
@@ -432,6 +447,7 @@ fn start_card(
         state: "writing".into(),
         reason: None,
         activation_id: None,
+        activation_withdrawn: false,
         bytes: 0,
         started: row.started.clone(),
         finished: None,
@@ -505,6 +521,7 @@ fn start_card(
                 let card = &summary.cards[0];
                 let ok = card.result == "ok";
                 row.activation_id = card.activation_id.clone();
+                row.activation_withdrawn = card.activation_deleted;
                 row.bytes = card.bytes_written;
                 row.verified = card.verified;
                 row.result = if ok { "done" } else { "failed" }.into();
@@ -523,6 +540,7 @@ fn start_card(
         };
         view.reason = row.reason.clone();
         view.activation_id = row.activation_id.clone();
+        view.activation_withdrawn = row.activation_withdrawn;
         view.bytes = row.bytes;
         view.finished = row.finished.clone();
         let _ = done.send(Finished { row, view });
@@ -546,7 +564,7 @@ pub fn print_record(path: &Path, format: RecordFormat) -> Result<()> {
         RecordFormat::Csv => {
             writeln!(
                 out,
-                "run,number,hostname,device,reader,identity,size,image_sha256,recipe,activation_id,started,finished,bytes,verified,result,reason"
+                "run,number,hostname,device,reader,identity,size,image_sha256,recipe,activation_id,started,finished,bytes,verified,result,reason,activation_withdrawn"
             )?;
             for r in &rows {
                 let cells = [
@@ -566,6 +584,7 @@ pub fn print_record(path: &Path, format: RecordFormat) -> Result<()> {
                     r.verified.to_string(),
                     r.result.clone(),
                     r.reason.clone().unwrap_or_default(),
+                    r.activation_withdrawn.to_string(),
                 ];
                 let line: Vec<String> = cells.iter().map(|c| csv_cell(c)).collect();
                 writeln!(out, "{}", line.join(","))?;

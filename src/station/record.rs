@@ -27,6 +27,8 @@ pub struct Row {
     pub image_sha256: String,
     pub recipe: Option<String>,
     pub activation_id: Option<String>,
+    /// The card failed and its unused activation was deleted again.
+    pub activation_withdrawn: bool,
     pub started: String,
     pub finished: Option<String>,
     pub bytes: u64,
@@ -58,8 +60,14 @@ CREATE TABLE IF NOT EXISTS cards (
     bytes INTEGER NOT NULL,
     verified INTEGER NOT NULL,
     result TEXT NOT NULL,
-    reason TEXT
+    reason TEXT,
+    activation_withdrawn INTEGER NOT NULL DEFAULT 0
 );";
+
+/// The columns in the order `put` and `rows` use them, whatever order an
+/// older record's table has them in.
+const COLUMNS: &str = "id, run, number, hostname, device, reader, identity, size, image_sha256, \
+recipe, activation_id, started, finished, bytes, verified, result, reason, activation_withdrawn";
 
 impl Record {
     pub fn open(path: &Path) -> Result<Self> {
@@ -69,6 +77,20 @@ impl Record {
         db.busy_timeout(std::time::Duration::from_secs(10))?;
         db.execute_batch(SCHEMA)
             .with_context(|| format!("preparing the station record {}", path.display()))?;
+        // A record begun by an earlier version lacks the newer columns.
+        let has_withdrawn: bool = db
+            .query_row(
+                "SELECT COUNT(*) FROM pragma_table_info('cards') WHERE name = 'activation_withdrawn'",
+                [],
+                |r| r.get::<_, i64>(0),
+            )
+            .map(|n| n > 0)?;
+        if !has_withdrawn {
+            db.execute_batch(
+                "ALTER TABLE cards ADD COLUMN activation_withdrawn INTEGER NOT NULL DEFAULT 0",
+            )
+            .with_context(|| format!("updating the station record {}", path.display()))?;
+        }
         Ok(Self { db })
     }
 
@@ -76,7 +98,10 @@ impl Record {
     pub fn put(&self, row: &mut Row) -> Result<()> {
         self.db
             .execute(
-                "INSERT OR REPLACE INTO cards VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
+                &format!(
+                    "INSERT OR REPLACE INTO cards ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, \
+                     ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)"
+                ),
                 params![
                     row.id,
                     row.run,
@@ -95,6 +120,7 @@ impl Record {
                     row.verified,
                     row.result,
                     row.reason,
+                    row.activation_withdrawn,
                 ],
             )
             .context("writing the station record")?;
@@ -103,7 +129,9 @@ impl Record {
     }
 
     pub fn rows(&self) -> Result<Vec<Row>> {
-        let mut query = self.db.prepare("SELECT * FROM cards ORDER BY id")?;
+        let mut query = self
+            .db
+            .prepare(&format!("SELECT {COLUMNS} FROM cards ORDER BY id"))?;
         let rows = query.query_map([], |r| {
             Ok(Row {
                 id: r.get(0)?,
@@ -123,6 +151,7 @@ impl Record {
                 verified: r.get(14)?,
                 result: r.get(15)?,
                 reason: r.get(16)?,
+                activation_withdrawn: r.get(17)?,
             })
         })?;
         rows.collect::<rusqlite::Result<Vec<_>>>()
