@@ -354,6 +354,23 @@ fn a_bench_writes_every_card_put_in_and_remembers_each() {
     assert_eq!(hostnames, ["bench-1", "bench-2", "bench-3"]);
     assert!(rows.iter().any(|r| r["result"] == "refused"));
     assert!(rows.iter().any(|r| r["result"] == "already done"));
+    // The next morning: no card has booted yet, so each is flagged.
+    let out = ssm
+        .piprov()
+        .args(["fleet", "reconcile", "--json", "--record"])
+        .arg(&record)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["cards"].as_array().unwrap().len(), 3, "{report:#}");
+    let never: Vec<&serde_json::Value> = report["flags"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|f| f["flag"] == "never_registered")
+        .collect();
+    assert_eq!(never.len(), 3, "{report:#}");
     // Each card holds the image, stamped as itself.
     for (i, card) in [
         card1,

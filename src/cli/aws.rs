@@ -129,12 +129,21 @@ fn parse_tags(tags: &[String]) -> Result<Vec<(String, String)>> {
 }
 
 pub fn fleet(action: FleetCommand, aws: AwsArgs) -> Result<ExitCode> {
+    if let FleetCommand::Reconcile {
+        record,
+        manifest,
+        json,
+    } = action
+    {
+        return super::reconcile::run(record.as_deref(), manifest.as_deref(), json, &aws);
+    }
     let tags = match &action {
         FleetCommand::List { tags, .. }
         | FleetCommand::Doctor { tags, .. }
         | FleetCommand::Prune { tags, .. }
         | FleetCommand::AccessPolicy { tags, .. }
         | FleetCommand::SshConfig { tags, .. } => parse_tags(tags)?,
+        FleetCommand::Reconcile { .. } => unreachable!("answered above"),
     };
     if let FleetCommand::AccessPolicy { documents, .. } = &action {
         // Made here, not asked of AWS: no credentials needed.
@@ -149,7 +158,9 @@ pub fn fleet(action: FleetCommand, aws: AwsArgs) -> Result<ExitCode> {
         let now = std::time::SystemTime::now();
         let mut stdout = std::io::stdout().lock();
         match action {
-            FleetCommand::AccessPolicy { .. } => unreachable!("answered above"),
+            FleetCommand::AccessPolicy { .. } | FleetCommand::Reconcile { .. } => {
+                unreachable!("answered above")
+            }
             FleetCommand::SshConfig { user, .. } => {
                 let options = ssm::ssh_config::SshOptions {
                     user: user.as_deref(),

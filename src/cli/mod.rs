@@ -13,6 +13,7 @@ mod aws;
 mod broker;
 mod cache;
 pub mod docs;
+mod reconcile;
 
 /// Exit codes, shaped like diff(1): 0 all well, 1 "found something", 2 trouble.
 pub mod exit {

@@ -103,6 +103,30 @@ pub enum FleetCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Did every card made come up, as itself? Each card joined with its node
+    #[command(
+        long_about = "Join each card a bench made (a `piprov station` record, or a manifest \
+        from `piprov flash --manifest`) with the managed node registered with its activation: \
+        the node's mi- id, when it registered, its ping status and agent version. Flags cards \
+        that never registered (their activation expired, or is still unused), hostnames or Pi \
+        serials of the record's cards claimed by more than one node, several nodes on one \
+        card's activation, and nodes registered with an activation made for the same image \
+        that no card in the record holds.\n\n\
+        Exit status: 0 every card came up as itself, 1 something is flagged, 2 error.",
+        after_help = "Examples:\n  piprov fleet reconcile --record station.db\n  \
+        piprov fleet reconcile --manifest cards.jsonl --json"
+    )]
+    Reconcile {
+        /// A station record (SQLite), as `piprov station --record` writes it
+        #[arg(long, value_name = "DB", required_unless_present = "manifest")]
+        record: Option<PathBuf>,
+        /// A flash manifest (JSON lines), as `piprov flash --manifest` writes it
+        #[arg(long, value_name = "FILE", conflicts_with = "record")]
+        manifest: Option<PathBuf>,
+        /// Print JSON, for scripts
+        #[arg(long)]
+        json: bool,
+    },
     /// Print ssh_config Host entries that reach each node over Session Manager
     #[command(
         long_about = "Print ssh_config Host entries, one per managed node, named after its \

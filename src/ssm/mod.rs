@@ -7,6 +7,7 @@ pub mod access_policy;
 mod activations;
 mod card;
 mod fleet;
+pub mod reconcile;
 pub mod ssh_config;
 
 pub use access_policy::SessionDocument;
