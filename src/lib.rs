@@ -1,6 +1,7 @@
 //! piprov: provision Raspberry Pi SD cards for fleets managed by AWS Systems Manager.
 
 pub mod account;
+#[cfg(feature = "broker")]
 pub mod broker;
 pub mod cache;
 pub mod cli;
@@ -18,6 +19,7 @@ pub mod region;
 pub mod runtime;
 pub mod ssm;
 pub mod stamp;
+#[cfg(feature = "station")]
 pub mod station;
 pub mod units;
 

@@ -10,6 +10,7 @@ pub use crate::cmdline::Cli;
 use crate::cmdline::{Command, FlashConfig, InspectConfig, StampConfig, UnstampConfig};
 
 mod aws;
+#[cfg(feature = "broker")]
 mod broker;
 mod cache;
 pub mod docs;
@@ -58,8 +59,10 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Activation { action, aws } => aws::activation(action, aws),
         Command::Fleet { action, aws } => aws::fleet(action, aws),
         Command::Setup { action, aws } => aws::setup(action, aws),
+        #[cfg(feature = "broker")]
         Command::Broker { action } => broker::run(action),
         Command::Cache(args) => cache::run(args),
+        #[cfg(feature = "station")]
         Command::Station(args) => station(args),
         Command::Flash(config) => flash(config.validated()?),
         Command::Stamp(config) => stamp(&config),
@@ -73,6 +76,7 @@ fn flash(config: FlashConfig) -> Result<ExitCode> {
     print_flash_summary(&summary, config.json)
 }
 
+#[cfg(feature = "station")]
 fn station(config: crate::cmdline::StationConfig) -> Result<ExitCode> {
     use crate::cmdline::StationAction;
     use crate::station::RecordFormat;

@@ -9,7 +9,6 @@ use anyhow::{Result, bail};
 
 use crate::cmdline::AwsArgs;
 use crate::ssm::{self, reconcile::MadeCard};
-use crate::station::record::Record;
 
 pub fn run(
     record: Option<&Path>,
@@ -72,7 +71,9 @@ pub fn run(
 }
 
 /// The cards a station record says were written (`done`).
+#[cfg(feature = "station")]
 fn cards_in_record(path: &Path) -> Result<Vec<MadeCard>> {
+    use crate::station::record::Record;
     if !path.exists() {
         bail!("no station record at {}", path.display());
     }
@@ -88,4 +89,13 @@ fn cards_in_record(path: &Path) -> Result<Vec<MadeCard>> {
             image_sha256: row.image_sha256,
         })
         .collect())
+}
+
+#[cfg(not(feature = "station"))]
+fn cards_in_record(path: &Path) -> Result<Vec<MadeCard>> {
+    bail!(
+        "{} is a station record, and this piprov was built without the station (cargo \
+         feature `station`): give --manifest, or use a piprov built with it",
+        path.display()
+    )
 }

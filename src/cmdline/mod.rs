@@ -8,14 +8,18 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 
 pub mod aws;
+#[cfg(feature = "broker")]
 pub mod broker;
 pub mod cache;
 pub mod images;
+#[cfg(feature = "station")]
 pub mod station;
 
 pub use aws::*;
+#[cfg(feature = "broker")]
 pub use broker::*;
 pub use images::*;
+#[cfg(feature = "station")]
 pub use station::*;
 
 #[derive(Debug, Parser)]
@@ -148,6 +152,7 @@ pub enum Command {
         #[command(flatten)]
         aws: AwsArgs,
     },
+    #[cfg(feature = "broker")]
     /// Activation broker: cards in the field get a fresh single-use activation over HTTPS
     #[command(
         long_about = "Activation broker: holds the AWS credentials and hands each card that presents \
@@ -189,6 +194,7 @@ pub enum Command {
             \x20\x20\x20\x20\x20\x20--hostname 'door-{number}' --listen 127.0.0.1:8080\n\
             \x20\x20piprov station record --csv > cards.csv"
     )]
+    #[cfg(feature = "station")]
     Station(station::StationConfig),
     /// Remove a stamp, restoring the boot partition as it was before
     Unstamp(UnstampConfig),
