@@ -18,6 +18,19 @@ pub struct Progress {
     mode: Mode,
     multi: MultiProgress,
     out: Mutex<()>,
+    /// Every byte bar made, for a caller that shows them its own way (the
+    /// station's page).
+    made: Mutex<Vec<ProgressBar>>,
+}
+
+/// Where one bar stands.
+#[derive(Debug, Clone)]
+pub struct BarState {
+    pub label: String,
+    pub position: u64,
+    pub length: Option<u64>,
+    pub message: String,
+    pub per_sec: f64,
 }
 
 impl Progress {
@@ -31,6 +44,7 @@ impl Progress {
             mode,
             multi: MultiProgress::with_draw_target(target),
             out: Mutex::new(()),
+            made: Mutex::new(Vec::new()),
         }
     }
 
@@ -49,7 +63,26 @@ impl Progress {
             .progress_chars("=> "),
         );
         bar.set_prefix(label.to_string());
+        self.made
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(bar.clone());
         bar
+    }
+
+    /// The bar labelled `label` made last, where it stands.
+    pub fn bar(&self, label: &str) -> Option<BarState> {
+        let made = self.made.lock().unwrap_or_else(|e| e.into_inner());
+        made.iter()
+            .rev()
+            .find(|b| b.prefix() == label)
+            .map(|b| BarState {
+                label: b.prefix(),
+                position: b.position(),
+                length: b.length(),
+                message: b.message(),
+                per_sec: b.per_sec(),
+            })
     }
 
     /// One JSON line on stdout (JSON mode only).

@@ -208,11 +208,24 @@ impl Reader {
         self.capacity_changed();
     }
 
-    /// Pulls the card out: its bytes are kept in `to`.
+    /// Pulls the card out: its bytes are kept in `to`. A write still going
+    /// on extends the emptied file before the capacity is read again, so it
+    /// is emptied until the kernel says no medium, as for a reader.
     fn pull(&self, to: &Path) {
         std::fs::copy(&self.backing, to).unwrap();
-        std::fs::write(&self.backing, b"").unwrap();
-        self.capacity_changed();
+        let size = format!(
+            "/sys/block/{}/size",
+            self.dev.dev.trim_start_matches("/dev/")
+        );
+        for _ in 0..50 {
+            std::fs::write(&self.backing, b"").unwrap();
+            self.capacity_changed();
+            if std::fs::read_to_string(&size).unwrap().trim() == "0" {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("{} still has a medium", self.dev.dev);
     }
 }
 
@@ -317,6 +330,9 @@ fn a_bench_writes_every_card_put_in_and_remembers_each() {
     }
     assert_eq!(dom.matches("data-state=\"done\"").count(), 3, "{dom}");
     assert!(dom.contains("data-state=\"refused\""), "{dom}");
+    // The small card and card 1 put back came to one reader, maybe in one
+    // second: each has its own tile.
+    assert!(dom.contains("the card holds"), "{dom}");
     assert!(dom.contains("data-state=\"already done\""), "{dom}");
     assert!(dom.contains("3 done, 0 failed"), "{dom}");
 
@@ -410,11 +426,14 @@ impl CardSpeed {
         for reader in readers {
             let name = reader.dev.dev.trim_start_matches("/dev/");
             let numbers = std::fs::read_to_string(format!("/sys/block/{name}/dev")).unwrap();
-            std::fs::write(
-                dir.join("blkio.throttle.write_bps_device"),
-                format!("{} {write_bps}", numbers.trim()),
-            )
-            .unwrap();
+            // Reading back at twice the speed, as cards do.
+            for (file, bps) in [("write", write_bps), ("read", 2 * write_bps)] {
+                std::fs::write(
+                    dir.join(format!("blkio.throttle.{file}_bps_device")),
+                    format!("{} {bps}", numbers.trim()),
+                )
+                .unwrap();
+            }
         }
         Some(CardSpeed { dir })
     }
@@ -443,6 +462,36 @@ impl Station {
     /// The station's output after it ended by itself.
     fn ended(self) -> std::process::Output {
         self.child.wait_with_output().unwrap()
+    }
+}
+
+/// The card on `device` as `GET /api/cards` shows it, once it is past its
+/// first byte (the views hear of it twice a second).
+fn progress_of(port: u16, device: &str) -> serde_json::Value {
+    use std::io::{Read, Write};
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        write!(
+            stream,
+            "GET /api/cards HTTP/1.0\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut reply = String::new();
+        stream.read_to_string(&mut reply).unwrap();
+        let (_, body) = reply.split_once("\r\n\r\n").unwrap();
+        let cards: Vec<serde_json::Value> = serde_json::from_str(body).unwrap();
+        if let Some(card) = cards
+            .iter()
+            .find(|c| c["device"] == device && c["percent"].as_u64().is_some_and(|p| p > 0))
+        {
+            return card.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no progress for {device}: {cards:#?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
     }
 }
 
@@ -486,13 +535,19 @@ fn a_card_pulled_or_stopped_mid_write_is_either_done_or_plainly_no_card() {
         return;
     };
     let matching: Vec<&str> = readers.iter().map(|r| r.dev.dev.as_str()).collect();
-    let mut station = Station::start(&ssm, &image, &recipe, &record, free_port(), &matching);
+    let port = free_port();
+    let mut station = Station::start(&ssm, &image, &recipe, &record, port, &matching);
     speed.hold(station.child.id());
 
-    // Pulled mid-write.
+    // Pulled mid-write; before that, the page's feed says how far it is.
     let card = used(&dir, "pulled", len + (8 << 20));
     readers[0].insert(&card);
     wait_until_written(&readers[0], &card, 1 << 20);
+    let live = progress_of(port, &readers[0].dev.dev);
+    assert_eq!(live["state"], "writing", "{live}");
+    let percent = live["percent"].as_u64().unwrap();
+    assert!((1..100).contains(&percent), "{live}");
+    assert!(live["speed"].as_u64().unwrap() > 0, "{live}");
     let pulled = dir.path().join("pulled.out");
     readers[0].pull(&pulled);
     let failed = station.wait(&readers[0].dev.dev, "failed");
@@ -519,6 +574,8 @@ fn a_card_pulled_or_stopped_mid_write_is_either_done_or_plainly_no_card() {
     let late = used(&dir, "late", len + (8 << 20));
     let late_before = sha256_of(&late);
     readers[2].insert(&late);
+    // Read back after it is written: a state of its own.
+    station.wait(&readers[1].dev.dev, "verifying");
     let done = station.wait(&readers[1].dev.dev, "done");
     assert_eq!(done["hostname"], "bench-2", "{done}");
     let out = station.ended();

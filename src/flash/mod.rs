@@ -338,6 +338,8 @@ struct Cards {
 
 /// What a card's bar counts: its bytes written, then the same bytes read back.
 const CARD_BAR_COUNTS: &str = "written, then verified";
+/// A card's bar once its bytes are being read back.
+pub const VERIFYING: &str = "verifying";
 
 /// Until the map is known, a bar runs against the image's length.
 fn card_bars(infos: &[TargetInfo], len: u64, progress: &Progress) -> Vec<indicatif::ProgressBar> {
@@ -803,7 +805,10 @@ fn write_cards(
                 let overlay = card.overlay.take().expect("each card is written once");
                 let total = total.clone();
                 // The card's bar and the batch total advance together.
-                let tick = Box::new(move |n: u64| {
+                let tick = Box::new(move |step: write::Step, n: u64| {
+                    if step == write::Step::Verified && bar.message() != VERIFYING {
+                        bar.set_message(VERIFYING);
+                    }
                     bar.inc(n);
                     total.inc(n);
                 });

@@ -215,7 +215,14 @@ pub struct Job<'a> {
     /// This card's stamp over the shared image.
     pub overlay: Overlay<File>,
     /// Called with the bytes written, then the bytes verified.
-    pub tick: Box<dyn Fn(u64) + Send + Sync + 'a>,
+    pub tick: Box<dyn Fn(Step, u64) + Send + Sync + 'a>,
+}
+
+/// Which pass a card's bytes were counted in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    Written,
+    Verified,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -618,7 +625,7 @@ fn write_and_verify(
     cancel: &AtomicBool,
 ) -> Result<Outcome> {
     let bytes = plan.bytes;
-    (job.tick)(plan.already);
+    (job.tick)(Step::Written, plan.already);
     let target = job.target;
     let path = target.info.path.display().to_string();
     let ended_early = |written| {
@@ -676,7 +683,7 @@ fn write_and_verify(
                         .write_all_at(&data[from..to], at)
                         .with_context(|| format!("writing {path} at byte {at}"))?;
                 }
-                (job.tick)(len);
+                (job.tick)(Step::Written, len);
             }
             Msg::Check(_) | Msg::Checked => unreachable!("checks follow the end"),
         }
@@ -713,7 +720,7 @@ fn write_and_verify(
                 piece.start + piece.len
             );
         }
-        (job.tick)(piece.len);
+        (job.tick)(Step::Verified, piece.len);
     }
     Ok(Outcome {
         bytes,
@@ -811,7 +818,7 @@ mod tests {
             .map(|target| Job {
                 target,
                 overlay: Overlay::new(File::open(image).unwrap()).unwrap(),
-                tick: Box::new(move |n: u64| {
+                tick: Box::new(move |_, n: u64| {
                     if written.fetch_add(n, Ordering::SeqCst) + n == goal {
                         after_writing();
                     }

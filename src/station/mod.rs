@@ -30,12 +30,21 @@ use record::{Record, Row};
 /// A card as the terminal, the JSON lines and the page show it.
 #[derive(Debug, Clone, Serialize)]
 pub struct CardView {
+    /// Tells this card from any other seen in the run (the same reader, the
+    /// same second).
+    pub id: u64,
     /// The card's number in this run; none for a card that was not written.
     pub number: Option<u32>,
     pub device: String,
     pub hostname: Option<String>,
-    /// `writing`, `done`, `failed`, `refused` or `already done`.
+    /// `writing`, `verifying`, `done`, `failed`, `refused` or `already done`.
     pub state: String,
+    /// How far along writing and verifying together are, while they run.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub percent: Option<u8>,
+    /// Bytes a second, while it is written or verified.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub speed: Option<u64>,
     pub reason: Option<String>,
     pub activation_id: Option<String>,
     /// The card failed and its unused activation was deleted again.
@@ -70,18 +79,22 @@ impl Board {
         self.feed.subscribe()
     }
 
-    /// A card's new state, told to every view.
+    /// A card's new state, told to every view; the terminal and the JSON
+    /// lines hear of a change of state, the page of its progress too.
     fn show(&self, card: &CardView) {
         let mut cards = self.cards.lock().unwrap_or_else(|e| e.into_inner());
-        match cards.iter_mut().find(|c| {
-            c.number == card.number && c.device == card.device && c.started == card.started
-        }) {
+        let known = cards.iter_mut().find(|c| c.id == card.id);
+        let changed = known.as_ref().is_none_or(|k| k.state != card.state);
+        match known {
             Some(known) => *known = card.clone(),
             None => cards.push(card.clone()),
         }
         drop(cards);
         let line = serde_json::to_string(card).unwrap_or_default();
         let _ = self.feed.send(line.clone());
+        if !changed {
+            return;
+        }
         if self.json {
             println!("{line}");
         } else {
@@ -98,6 +111,11 @@ impl Board {
             );
         }
     }
+}
+
+fn next_view_id() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    NEXT.fetch_add(1, Ordering::Relaxed)
 }
 
 /// Set by the first Ctrl-C or SIGTERM: no new card starts.
@@ -285,7 +303,9 @@ pub fn run(config: &StationConfig) -> Result<()> {
     // not a new card. Events are read late, so a card pulled and another
     // pushed in may show as one `change`: the medium tells them apart.
     let mut seen: BTreeMap<String, Option<(u64, String)>> = BTreeMap::new();
-    let mut writing: BTreeMap<String, u32> = BTreeMap::new();
+    // The cards being written: what the views last heard, and their progress.
+    let mut writing: BTreeMap<String, (CardView, Arc<Progress>)> = BTreeMap::new();
+    let mut refreshed = std::time::Instant::now();
     let mut pulled: BTreeSet<String> = BTreeSet::new();
     let mut number = 0u32;
     // Cards stopped by a second signal: the run ends in error.
@@ -328,6 +348,14 @@ pub fn run(config: &StationConfig) -> Result<()> {
             record.put(&mut row)?;
             board.show(&view);
         }
+        if refreshed.elapsed() >= PROGRESS_EVERY {
+            refreshed = std::time::Instant::now();
+            for (view, progress) in writing.values_mut() {
+                if refresh(view, progress) {
+                    board.show(view);
+                }
+            }
+        }
         if STOPPING.load(Ordering::Relaxed) {
             if writing.is_empty() {
                 break;
@@ -349,9 +377,9 @@ pub fn run(config: &StationConfig) -> Result<()> {
                 &board,
                 &done_tx,
             )?;
-            if started {
+            if let Some(started) = started {
                 number += 1;
-                writing.insert(name.clone(), number);
+                writing.insert(name.clone(), started);
             } else {
                 seen.insert(name.clone(), fingerprint(&name));
             }
@@ -379,6 +407,7 @@ pub fn run(config: &StationConfig) -> Result<()> {
             } else {
                 seen.insert(event.name.clone(), now_in);
                 let view = CardView {
+                    id: next_view_id(),
                     number: None,
                     device: format!("/dev/{}", event.name),
                     hostname: None,
@@ -387,6 +416,8 @@ pub fn run(config: &StationConfig) -> Result<()> {
                     activation_id: None,
                     activation_withdrawn: false,
                     bytes: 0,
+                    percent: None,
+                    speed: None,
                     started: now(),
                     finished: None,
                 };
@@ -407,8 +438,38 @@ pub fn run(config: &StationConfig) -> Result<()> {
     Ok(())
 }
 
+/// How often the views hear how far each card is.
+const PROGRESS_EVERY: Duration = Duration::from_millis(500);
+
+/// A card's view brought up to where its flash stands: its bar (named after
+/// the device, as flash names it). Returns whether anything changed.
+fn refresh(view: &mut CardView, progress: &Progress) -> bool {
+    let label = view.device.trim_start_matches("/dev/");
+    let Some(bar) = progress.bar(label) else {
+        return false;
+    };
+    let state = if bar.message == crate::flash::VERIFYING {
+        "verifying"
+    } else {
+        "writing"
+    };
+    let percent = bar
+        .length
+        .filter(|&l| l > 0)
+        .map(|l| (bar.position.min(l) * 100 / l) as u8);
+    let speed = Some(bar.per_sec as u64);
+    let before = (view.state.clone(), view.percent, view.speed);
+    view.state = state.into();
+    view.percent = percent;
+    view.speed = speed;
+    if state == "writing" {
+        view.bytes = bar.position;
+    }
+    before != (view.state.clone(), view.percent, view.speed)
+}
+
 /// Checks a candidate and, when it passes, starts writing it on its own
-/// thread. Returns whether it is being written.
+/// thread. Returns its view and its progress while it is being written.
 #[allow(clippy::too_many_arguments)]
 fn start_card(
     config: &StationConfig,
@@ -422,7 +483,7 @@ fn start_card(
     record: &Record,
     board: &Board,
     done: &mpsc::Sender<Finished>,
-) -> Result<bool> {
+) -> Result<Option<(CardView, Arc<Progress>)>> {
     let dev = PathBuf::from(format!("/dev/{name}"));
     let info = target::probe(&dev);
     let hostname = hostname_for(pattern.as_deref(), number);
@@ -441,6 +502,7 @@ fn start_card(
         ..Row::default()
     };
     let mut view = CardView {
+        id: next_view_id(),
         number: Some(number),
         device: row.device.clone(),
         hostname: hostname.clone(),
@@ -449,6 +511,8 @@ fn start_card(
         activation_id: None,
         activation_withdrawn: false,
         bytes: 0,
+        percent: None,
+        speed: None,
         started: row.started.clone(),
         finished: None,
     };
@@ -481,7 +545,7 @@ fn start_card(
         view.finished = row.finished.clone();
         record.put(&mut row)?;
         board.show(&view);
-        return Ok(false);
+        return Ok(None);
     }
     record.put(&mut row)?;
     board.show(&view);
@@ -514,8 +578,10 @@ fn start_card(
         aws: config.aws.clone(),
     };
     let done = done.clone();
+    let progress = Arc::new(Progress::new(Mode::Quiet));
+    let watched = (view.clone(), progress.clone());
     std::thread::spawn(move || {
-        let outcome = crate::flash::flash(&flash_config, &Progress::new(Mode::Quiet));
+        let outcome = crate::flash::flash(&flash_config, &progress);
         match outcome {
             Ok(summary) => {
                 let card = &summary.cards[0];
@@ -539,13 +605,15 @@ fn start_card(
             "failed".into()
         };
         view.reason = row.reason.clone();
+        view.percent = None;
+        view.speed = None;
         view.activation_id = row.activation_id.clone();
         view.activation_withdrawn = row.activation_withdrawn;
         view.bytes = row.bytes;
         view.finished = row.finished.clone();
         let _ = done.send(Finished { row, view });
     });
-    Ok(true)
+    Ok(Some(watched))
 }
 
 /// `piprov station record`: the rows, as a table, JSON or CSV.
