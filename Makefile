@@ -2,7 +2,7 @@
 CARGO ?= cargo
 FUZZ_SECONDS ?= 60
 
-.PHONY: all deps build demo test lint load e2e fuzz bench clean share deb
+.PHONY: all deps build demo station-demo test lint load e2e fuzz bench clean share deb
 
 all: build
 
@@ -14,6 +14,11 @@ build:
 
 demo: deps build
 	sh scripts/demo.sh
+
+# The bench: loop devices as card readers, cards pushed in while `piprov
+# station` runs (needs root); its page at http://127.0.0.1:8080/ meanwhile.
+station-demo: deps build
+	sh scripts/station-demo.sh
 
 lint: deps
 	$(CARGO) fmt --all -- --check
