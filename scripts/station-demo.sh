@@ -30,7 +30,8 @@ python3 tests/support/ssm_stub.py "$demo/ssm.port" "$demo/ssm.log" 0 3600 &
 ssm_pid=$!
 trap cleanup EXIT
 for _ in $(seq 1 100); do [ -s "$demo/ssm.port" ] && break; sleep 0.1; done
-export AWS_ENDPOINT_URL="http://127.0.0.1:$(cat "$demo/ssm.port")" AWS_REGION=eu-west-1 \
+ssm_port=$(cat "$demo/ssm.port")
+export AWS_ENDPOINT_URL="http://127.0.0.1:$ssm_port" AWS_REGION=eu-west-1 \
     AWS_EC2_METADATA_DISABLED=true AWS_ACCESS_KEY_ID=AKIAEXAMPLEEXAMPLE00 \
     AWS_SECRET_ACCESS_KEY=secretsecretsecretsecretsecretsecret0000 \
     AWS_CONFIG_FILE=/dev/null AWS_SHARED_CREDENTIALS_FILE=/dev/null PIPROV_CACHE_DIR="$demo/cache"
@@ -48,13 +49,17 @@ expires = "2h"
 RECIPE
 
 echo "== three card readers (loop devices, empty: no card in them)"
-for n in 1 2 3; do
-    : >"$demo/reader$n"
-    dev=$(losetup -f --show "$demo/reader$n" 2>/dev/null)
-    readers="$readers $dev"
-    eval "dev$n=$dev"
-done
-echo "readers:$readers"
+reader() { # N: a reader over an empty file
+    : >"$demo/reader$1"
+    losetup -f --show "$demo/reader$1" 2>/dev/null
+}
+dev1=$(reader 1)
+readers=$dev1
+dev2=$(reader 2)
+readers="$readers $dev2"
+dev3=$(reader 3)
+readers="$readers $dev3"
+echo "readers: $readers"
 
 "$piprov" station "$demo/golden.img" --recipe "$demo/bench.toml" --hostname 'door-{number}' \
     --record "$demo/station.db" --listen "127.0.0.1:$port" --allow-non-removable \
@@ -68,9 +73,9 @@ echo "the bench's page: http://127.0.0.1:$port/"
 
 # card FILE SIZE: a used card of SIZE MiB (old data on it)
 card() { head -c "$(($2 << 20))" /dev/urandom >"$1"; }
-push() { # READER-NUMBER CARD-FILE
-    cp "$2" "$demo/reader$1"
-    eval "losetup -c \"\$dev$1\""
+push() { # READER-NUMBER DEVICE CARD-FILE
+    cp "$3" "$demo/reader$1"
+    losetup -c "$2"
 }
 wait_for() { # DEVICE STATE
     for _ in $(seq 1 600); do
@@ -87,14 +92,14 @@ echo "== cards pushed into the readers, two seconds apart; nothing typed"
 card "$demo/card-a" 272
 card "$demo/card-b" 272
 card "$demo/card-c" 100
-push 1 "$demo/card-a"
+push 1 "$dev1" "$demo/card-a"
 sleep 2
-push 2 "$demo/card-b"
+push 2 "$dev2" "$demo/card-b"
 sleep 2
-push 3 "$demo/card-c"
-wait_for "$dev1" done
-wait_for "$dev2" done
-wait_for "$dev3" refused
+push 3 "$dev3" "$demo/card-c"
+wait_for "$dev1" "done"
+wait_for "$dev2" "done"
+wait_for "$dev3" "refused"
 sed -n 's/.*"device":"\([^"]*\)".*"hostname":\([^,]*\),.*"state":"\([^"]*\)".*/\1 \2 \3/p' "$demo/events.jsonl"
 
 kill -TERM "$station_pid"
