@@ -216,3 +216,6 @@ row "piprov flash, 4 cards" card four one per
     row "piprov flash --no-verify (.xz)" card xz_one_nv alone per
     row "piprov flash (.xz, verified)" card xz_one one per
 }
+
+# The station at card speed: its own readers and throttle (bench/station.sh).
+sh bench/station.sh "$img"
