@@ -8,6 +8,7 @@ use anyhow::Result;
 
 pub use crate::cmdline::Cli;
 use crate::cmdline::{Command, FlashConfig, InspectConfig, StampConfig, UnstampConfig};
+use crate::flash::CardResult;
 
 mod aws;
 #[cfg(feature = "broker")]
@@ -71,8 +72,13 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
 }
 
 fn flash(config: FlashConfig) -> Result<ExitCode> {
+    use std::sync::atomic::{AtomicBool, Ordering};
     let progress = crate::progress::Progress::new(config.progress_mode());
-    let summary = crate::flash::flash(&config, &progress)?;
+    // Installed before anything with a side effect (decoding into the cache,
+    // creating activations): every long step checks it.
+    static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+    let _ = ctrlc::set_handler(|| INTERRUPTED.store(true, Ordering::Relaxed));
+    let summary = crate::flash::flash(&config, &progress, &INTERRUPTED)?;
     print_flash_summary(&summary, config.json)
 }
 
@@ -115,8 +121,8 @@ fn print_flash_summary(summary: &crate::flash::Summary, json: bool) -> Result<Ex
             "mapped_bytes": summary.mapped_bytes,
             "decoded_while_writing": summary.decoded_while_writing,
             "as_is": summary.as_is,
-            "ok": summary.cards.iter().filter(|c| c.result == "ok").count(),
-            "failed": summary.cards.iter().filter(|c| c.result != "ok").count(),
+            "ok": summary.cards.iter().filter(|c| c.result == CardResult::Ok).count(),
+            "failed": summary.cards.iter().filter(|c| c.result != CardResult::Ok).count(),
         });
         writeln!(stdout, "{line}")?;
     } else {
@@ -142,7 +148,7 @@ fn print_flash_summary(summary: &crate::flash::Summary, json: bool) -> Result<Ex
                     stdout,
                     "{}: {}: {error}",
                     card.device,
-                    card.result.to_uppercase()
+                    card.result.name().to_uppercase()
                 )?,
             }
         }
@@ -153,7 +159,7 @@ fn print_flash_summary(summary: &crate::flash::Summary, json: bool) -> Result<Ex
             "written as is (--as-is): the image's critical findings are on every card"
         )?;
     }
-    let failed = summary.cards.iter().any(|c| c.result != "ok");
+    let failed = summary.cards.iter().any(|c| c.result != CardResult::Ok);
     Ok(ExitCode::from(if failed { exit::RISKY } else { exit::OK }))
 }
 

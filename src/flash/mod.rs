@@ -63,11 +63,31 @@ pub struct CardRecord {
     pub image_sha256: String,
     pub bytes_written: u64,
     pub verified: bool,
-    /// `ok`, `failed` or `interrupted`.
-    pub result: String,
+    pub result: CardResult,
     pub error: Option<String>,
     pub seconds: f64,
     pub finished_at: String,
+}
+
+/// How a card ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CardResult {
+    /// Written (and verified, unless asked not to).
+    Ok,
+    Failed,
+    /// Stopped by the caller's cancel: erased to no partition table.
+    Interrupted,
+}
+
+impl CardResult {
+    pub fn name(self) -> &'static str {
+        match self {
+            CardResult::Ok => "ok",
+            CardResult::Failed => "failed",
+            CardResult::Interrupted => "interrupted",
+        }
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -80,16 +100,6 @@ pub struct Summary {
     /// `--as-is`: the image was written unchanged although it has critical findings.
     pub as_is: bool,
     pub cards: Vec<CardRecord>,
-}
-
-/// Set by Ctrl-C. Installed before anything with a side effect (decoding into
-/// the cache, creating activations), every long step checks it.
-static CANCEL: AtomicBool = AtomicBool::new(false);
-
-/// Stops every flash in progress: each card is erased to no partition table.
-/// (`piprov station` on a second Ctrl-C.)
-pub fn cancel_all() {
-    CANCEL.store(true, Ordering::Relaxed);
 }
 
 /// Where the map of what to write comes from.
@@ -116,8 +126,8 @@ impl std::fmt::Display for Interrupted {
 
 impl std::error::Error for Interrupted {}
 
-fn cancelled(during: &str) -> Result<()> {
-    if CANCEL.load(Ordering::Relaxed) {
+fn cancelled(cancel: &AtomicBool, during: &str) -> Result<()> {
+    if cancel.load(Ordering::Relaxed) {
         bail!(Interrupted(during.to_string()));
     }
     Ok(())
@@ -197,10 +207,14 @@ struct PreparedCard {
     bar: indicatif::ProgressBar,
 }
 
-pub fn flash(config: &FlashConfig, progress: &Progress) -> Result<Summary> {
-    // First of all, so that no interrupt can leave an activation or a cache
-    // file behind.
-    let _ = ctrlc::set_handler(|| CANCEL.store(true, Ordering::Relaxed));
+/// Flashes the cards `config` names. `cancel` is the caller's (Ctrl-C for the
+/// command line, a second signal for the station): every long step checks it,
+/// and cards already written to are erased to no partition table.
+pub fn flash(
+    config: &FlashConfig,
+    progress: &Progress,
+    cancel: &'static AtomicBool,
+) -> Result<Summary> {
     // A card's time counts from here: the decode it waited for is its time too.
     let started = Instant::now();
     refuse_duplicates(&config.cards)?;
@@ -221,29 +235,37 @@ pub fn flash(config: &FlashConfig, progress: &Progress) -> Result<Summary> {
         !audit,
         decode_limit(config)?,
         progress,
-        &CANCEL,
+        cancel,
     )
     .map_err(|e| unless_interrupted(e, "while the image was read"))?;
     let (source, hash) = match opened {
         source::Opened::Streamable { entry, len } => {
-            return flash_while_decoding(config, recipe.as_ref(), entry, len, started, progress);
+            return flash_while_decoding(
+                config,
+                recipe.as_ref(),
+                entry,
+                len,
+                started,
+                progress,
+                cancel,
+            );
         }
         source::Opened::Ready(source) => {
             let hash = ImageHash::Known(source.sha256.clone());
             (source, hash)
         }
         source::Opened::Unhashed(source) => {
-            let hash = ImageHash::start(&source.path, source.len, &CANCEL)?;
+            let hash = ImageHash::start(&source.path, source.len, cancel)?;
             (source, hash)
         }
     };
     if audit {
         refuse_hazards(config, &source.path)?;
     }
-    let (base_map, tables) = map_image(config, &source, progress)?;
+    let (base_map, tables) = map_image(config, &source, progress, cancel)?;
     let infos = check_targets(config, &[&source.path], source.len)?;
     confirm(&infos, config.yes)?;
-    cancelled("after the checks")?;
+    cancelled(cancel, "after the checks")?;
     let targets = open_targets(&infos, source.len)?;
     let bars = card_bars(&infos, source.len, progress);
     let cards = Cards {
@@ -258,9 +280,10 @@ pub fn flash(config: &FlashConfig, progress: &Progress) -> Result<Summary> {
         base_map: &base_map,
         tables: &tables,
         started,
+        cancel,
     };
     let summary = finish(config, recipe.as_ref(), cards, basis, progress)?;
-    if CANCEL.load(Ordering::Relaxed) {
+    if cancel.load(Ordering::Relaxed) {
         return Ok(summary);
     }
     // Hashed while written, and not the image asked for: the check before the
@@ -324,6 +347,8 @@ struct Basis<'a> {
     tables: &'a Extents,
     /// When the flash began: each card's time includes the decode it waited for.
     started: Instant,
+    /// The caller's: set, every step stops and each card is erased.
+    cancel: &'a AtomicBool,
 }
 
 /// The cards of a batch, checked and opened, and what a first pass left on them.
@@ -358,6 +383,7 @@ fn map_image(
     config: &FlashConfig,
     source: &source::Source,
     progress: &Progress,
+    cancel: &AtomicBool,
 ) -> Result<(Extents, Extents)> {
     // Image::open names the file it reads; a decoded image is named by its archive.
     let base = if source.path == config.image {
@@ -366,7 +392,7 @@ fn map_image(
         Image::open(&source.path)
             .with_context(|| format!("reading the image decoded from {}", config.image.display()))?
     };
-    let base_map = choose_map(config, source, &base, progress)?;
+    let base_map = choose_map(config, source, &base, progress, cancel)?;
     // Written last and erased again if the card fails: the partition tables.
     let tables = base.table().locations(source.len);
     progress.say(&format!(
@@ -396,12 +422,13 @@ fn flash_while_decoding(
     len: u64,
     started: Instant,
     progress: &Progress,
+    cancel: &'static AtomicBool,
 ) -> Result<Summary> {
     let infos = check_targets(config, &[&entry.partial], len)?;
     confirm(&infos, config.yes)?;
-    cancelled("after the checks")?;
+    cancelled(cancel, "after the checks")?;
     let mut targets = open_targets(&infos, len)?;
-    let growing = stream::Growing::start(entry, source::Format::Xz, len, &CANCEL)?;
+    let growing = stream::Growing::start(entry, source::Format::Xz, len, cancel)?;
     let mut head = vec![0u8; 8192.min(len as usize)];
     if let Err(e) = growing.read_exact_at(&mut head, 0) {
         // Nothing is written to a card before its head has decoded.
@@ -429,7 +456,7 @@ fn flash_while_decoding(
             .filter_map(|(target, tick)| target.as_ref().ok().map(|t| (t, tick.as_ref())))
             .collect();
         let tables = maybe_tables(&head, len);
-        let done = prefill::prefill(&growing, &open, &tables, config.full, &CANCEL, &|n| {
+        let done = prefill::prefill(&growing, &open, &tables, config.full, cancel, &|n| {
             bar.inc(n)
         });
         bar.finish_and_clear();
@@ -466,7 +493,7 @@ fn flash_while_decoding(
             *target = Err(e);
         }
     }
-    let (base_map, tables) = match map_image(config, &source, progress) {
+    let (base_map, tables) = match map_image(config, &source, progress, cancel) {
         Ok(mapped) => mapped,
         Err(e) => {
             kept(keeping);
@@ -486,6 +513,7 @@ fn flash_while_decoding(
         base_map: &base_map,
         tables: &tables,
         started,
+        cancel,
     };
     let summary = finish(config, recipe, cards, basis, progress);
     kept(keeping);
@@ -533,6 +561,7 @@ fn finish(
         source,
         hash,
         base_map,
+        cancel,
         ..
     } = basis;
     let prefilled = cards.prefilled.clone();
@@ -541,7 +570,7 @@ fn finish(
     let mut issued = Vec::new();
     let prepared = prepare_cards(config, recipe, cards, basis, &mut issuer, &mut issued).and_then(
         |prepared| {
-            cancelled("while the cards were prepared")?;
+            cancelled(cancel, "while the cards were prepared")?;
             Ok(prepared)
         },
     );
@@ -553,7 +582,7 @@ fn finish(
         .into_iter()
         .map(|mut record| {
             record.as_is = config.as_is;
-            if record.result != "ok" {
+            if record.result != CardResult::Ok {
                 withdraw_for(&mut record, issuer.as_ref(), &issued);
             }
             progress.event(&serde_json::json!({"event": "card", "card": &record}));
@@ -699,6 +728,7 @@ fn choose_map(
     source: &source::Source,
     base: &Image<File>,
     progress: &Progress,
+    cancel: &AtomicBool,
 ) -> Result<Extents> {
     if config.full {
         return Ok(Extents::from_ranges(vec![(0, source.len)]));
@@ -715,8 +745,8 @@ fn choose_map(
     };
     let image = File::open(&source.path)?;
     let checked = bmap::Bmap::load(&path).and_then(|bmap| {
-        bmap.check_image(&image, source.len, &CANCEL)?;
-        cancelled("while the bmap was checked")?;
+        bmap.check_image(&image, source.len, cancel)?;
+        cancelled(cancel, "while the bmap was checked")?;
         Ok(bmap)
     });
     match checked {
@@ -779,6 +809,7 @@ fn write_cards(
         hash,
         base_map,
         tables,
+        cancel,
         ..
     } = basis;
     // One set of ranges for the batch: the image's, plus every card's stamp.
@@ -848,7 +879,7 @@ fn write_cards(
                 },
                 mode,
             },
-            &CANCEL,
+            cancel,
         )
         .into_iter()
         .map(Some)
@@ -911,6 +942,7 @@ fn prepare_cards(
         source,
         hash,
         base_map,
+        cancel,
         ..
     } = basis;
     let mut prepared = Vec::new();
@@ -921,7 +953,7 @@ fn prepare_cards(
         .zip(cards.targets)
         .zip(cards.bars);
     for (i, (((spec, info), target), bar)) in each.enumerate() {
-        cancelled("while the cards were prepared")?;
+        cancelled(cancel, "while the cards were prepared")?;
         let mut overlay = Overlay::new(File::open(&source.path)?)?;
         let (mut extents, mut hostname, mut activation_id) = (base_map.clone(), None, None);
         // A card that failed already gets no stamp, and no activation.
@@ -1057,12 +1089,12 @@ fn card_record(
     image_sha256: &str,
     started: Instant,
 ) -> CardRecord {
-    let (result_name, error, written) = match result {
-        Ok(w) => ("ok", None, Some(w)),
+    let (ended, error, written) = match result {
+        Ok(w) => (CardResult::Ok, None, Some(w)),
         Err(e) if e.downcast_ref::<write::InterruptedError>().is_some() => {
-            ("interrupted", Some(format!("{e:#}")), None)
+            (CardResult::Interrupted, Some(format!("{e:#}")), None)
         }
-        Err(e) => ("failed", Some(format!("{e:#}")), None),
+        Err(e) => (CardResult::Failed, Some(format!("{e:#}")), None),
     };
     CardRecord {
         device: card.spec.device.display().to_string(),
@@ -1075,7 +1107,7 @@ fn card_record(
         image_sha256: image_sha256.to_string(),
         bytes_written: written.map_or(0, |w| w.bytes),
         verified: written.is_some_and(|w| w.verified),
-        result: result_name.into(),
+        result: ended,
         error,
         seconds: started.elapsed().as_secs_f64(),
         finished_at: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),

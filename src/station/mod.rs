@@ -121,6 +121,8 @@ fn next_view_id() -> u64 {
 /// Set by the first Ctrl-C or SIGTERM: no new card starts.
 static STOPPING: AtomicBool = AtomicBool::new(false);
 static SIGNALS: AtomicUsize = AtomicUsize::new(0);
+/// Set by the second: the cards being written stop, erased to no partition table.
+static CANCEL_WRITES: AtomicBool = AtomicBool::new(false);
 
 fn now() -> String {
     humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
@@ -252,7 +254,7 @@ pub fn run(config: &StationConfig) -> Result<()> {
                  (press Ctrl-C again to stop them, erased to no partition table)"
             );
         } else {
-            crate::flash::cancel_all();
+            CANCEL_WRITES.store(true, Ordering::Relaxed);
         }
     });
     let uevents = uevent::Uevents::open()?;
@@ -581,11 +583,11 @@ fn start_card(
     let progress = Arc::new(Progress::new(Mode::Quiet));
     let watched = (view.clone(), progress.clone());
     std::thread::spawn(move || {
-        let outcome = crate::flash::flash(&flash_config, &progress);
+        let outcome = crate::flash::flash(&flash_config, &progress, &CANCEL_WRITES);
         match outcome {
             Ok(summary) => {
                 let card = &summary.cards[0];
-                let ok = card.result == "ok";
+                let ok = card.result == crate::flash::CardResult::Ok;
                 row.activation_id = card.activation_id.clone();
                 row.activation_withdrawn = card.activation_deleted;
                 row.bytes = card.bytes_written;
