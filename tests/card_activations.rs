@@ -234,3 +234,47 @@ fn no_credentials_means_no_card_is_touched() {
         .stderr(contains("no AWS credentials: tried the environment"));
     assert_eq!(sha256_of(&image), before);
 }
+
+/// The second card's settings fail after the first card's activation was made
+/// (its own line sets a key the recipe does not have): nothing is written, and
+/// the first card's activation does not outlive the flash.
+#[test]
+fn a_batch_stopped_while_cards_are_prepared_leaves_no_activation() {
+    let dir = TempDir::new().unwrap();
+    let ssm = SsmEndpoint::start(dir.path(), 0);
+    let image = fixture("golden", &dir);
+    let targets = dir.path().join("targets.csv");
+    std::fs::write(
+        &targets,
+        format!(
+            "{},bench-1\n{},bench-2,no.such.setting=1\n",
+            dir.path().join("card1.img").display(),
+            dir.path().join("card2.img").display()
+        ),
+    )
+    .unwrap();
+    let out = ssm
+        .piprov()
+        .arg("flash")
+        .arg(&image)
+        .arg("--targets-file")
+        .arg(&targets)
+        .arg("--recipe")
+        .arg(embedded_recipe(dir.path()))
+        .args(["--yes", "--quiet"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("unknown field `no`"), "{stderr}");
+    assert_eq!(
+        ssm.requests_for("CreateActivation").len(),
+        1,
+        "card 1's activation was made before card 2's settings failed"
+    );
+    assert_eq!(
+        ssm.activations(),
+        Vec::<serde_json::Value>::new(),
+        "{stderr}"
+    );
+}

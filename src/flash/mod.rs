@@ -32,7 +32,7 @@ use crate::digest::ImageHash;
 use crate::image::{Image, Overlay};
 use crate::progress::Progress;
 use crate::recipe::{self, LoadedRecipe};
-use crate::ssm::CardActivations;
+use crate::ssm::{CardActivations, Issued};
 use crate::stamp::{self, CardSettings};
 use map::Extents;
 use target::{Policy, TargetInfo};
@@ -203,7 +203,10 @@ struct PreparedCard {
     overlay: Option<Overlay<File>>,
     extents: Extents,
     hostname: Option<String>,
+    /// The activation the card holds: its own, or the recipe's shared one.
     activation_id: Option<String>,
+    /// This card's own activation, withdrawn unless the card is written.
+    activation: Option<Issued>,
     bar: indicatif::ProgressBar,
 }
 
@@ -565,26 +568,15 @@ fn finish(
         ..
     } = basis;
     let prefilled = cards.prefilled.clone();
-    // Each card stamped in memory before anything more is written.
-    let mut issuer = None;
-    let mut issued = Vec::new();
-    let prepared = prepare_cards(config, recipe, cards, basis, &mut issuer, &mut issued).and_then(
-        |prepared| {
-            cancelled(cancel, "while the cards were prepared")?;
-            Ok(prepared)
-        },
-    );
-    let prepared = match prepared {
-        Ok(prepared) => prepared,
-        Err(e) => return Err(withdraw(e, issuer.as_ref(), &issued)),
-    };
+    // Each card stamped in memory before anything more is written; on an
+    // error the activations made so far are dropped, and so deleted.
+    let prepared = prepare_cards(config, recipe, cards, basis)?;
+    cancelled(cancel, "while the cards were prepared")?;
     let records = write_cards(config, prepared, basis, prefilled.as_ref(), progress)
         .into_iter()
-        .map(|mut record| {
+        .map(|(mut record, activation)| {
             record.as_is = config.as_is;
-            if record.result != CardResult::Ok {
-                withdraw_for(&mut record, issuer.as_ref(), &issued);
-            }
+            settle(&mut record, activation);
             progress.event(&serde_json::json!({"event": "card", "card": &record}));
             record
         })
@@ -803,7 +795,7 @@ fn write_cards(
     basis: Basis<'_>,
     prefilled: Option<&Extents>,
     progress: &Progress,
-) -> Vec<CardRecord> {
+) -> Vec<(CardRecord, Option<Issued>)> {
     let Basis {
         source,
         hash,
@@ -909,15 +901,18 @@ fn write_cards(
         .collect()
 }
 
-/// Deletes the activation created for a card that failed, and says so.
-fn withdraw_for(record: &mut CardRecord, issuer: Option<&CardActivations>, issued: &[String]) {
-    let (Some(issuer), Some(id)) = (issuer, &record.activation_id) else {
+/// A written card keeps its activation; a failed one's is deleted, and the
+/// record says so.
+fn settle(record: &mut CardRecord, activation: Option<Issued>) {
+    let Some(activation) = activation else {
         return;
     };
-    if !issued.contains(id) {
+    if record.result == CardResult::Ok {
+        activation.keep();
         return;
     }
-    match issuer.delete(id) {
+    let id = activation.id().to_string();
+    match activation.withdraw() {
         Ok(()) => record.activation_deleted = true,
         Err(e) => {
             let error = record.error.take().unwrap_or_default();
@@ -928,16 +923,15 @@ fn withdraw_for(record: &mut CardRecord, issuer: Option<&CardActivations>, issue
     }
 }
 
-/// Stamps every card still going. Activations created on the way are pushed to
-/// `issued` as soon as they exist, so the caller can withdraw them on an error.
+/// Stamps every card still going, each with its own activation when the
+/// recipe makes one per card.
 fn prepare_cards(
     config: &FlashConfig,
     recipe: Option<&LoadedRecipe>,
     cards: Cards,
     basis: Basis<'_>,
-    issuer: &mut Option<CardActivations>,
-    issued: &mut Vec<String>,
 ) -> Result<Vec<PreparedCard>> {
+    let mut issuer: Option<std::sync::Arc<CardActivations>> = None;
     let Basis {
         source,
         hash,
@@ -955,26 +949,27 @@ fn prepare_cards(
     for (i, (((spec, info), target), bar)) in each.enumerate() {
         cancelled(cancel, "while the cards were prepared")?;
         let mut overlay = Overlay::new(File::open(&source.path)?)?;
-        let (mut extents, mut hostname, mut activation_id) = (base_map.clone(), None, None);
+        let (mut extents, mut hostname) = (base_map.clone(), None);
+        let (mut activation_id, mut activation) = (None, None);
         // A card that failed already gets no stamp, and no activation.
         if let (Some(recipe), true) = (recipe, target.is_ok()) {
             let mut settings = card_settings(recipe, config, spec, i as u32 + 1)?;
             let name = spec.device.display().to_string();
             if settings.needs_activation() {
                 if issuer.is_none() {
-                    *issuer = Some(CardActivations::for_recipe(
+                    issuer = Some(std::sync::Arc::new(CardActivations::for_recipe(
                         &config.aws.connection(),
                         &recipe.recipe,
-                    )?);
+                    )?));
                 }
                 // Tagged with the image's hash: an image hashed for the first
                 // time is waited for here.
-                let created = issuer.as_ref().expect("made above").create(
+                let (issued, created) = issuer.as_ref().expect("made above").issue(
                     settings.hostname.as_deref(),
                     &hash.wait()?,
                     &name,
                 )?;
-                issued.push(created.id.clone());
+                activation = Some(issued);
                 settings.give_activation(created.id, created.code);
             }
             let image = Image::from_disk(overlay)?;
@@ -994,35 +989,11 @@ fn prepare_cards(
             extents,
             hostname,
             activation_id,
+            activation,
             bar,
         });
     }
     Ok(prepared)
-}
-
-/// Deletes activations made for cards that will not use them; `error` says why,
-/// and grows a line for any that could not be deleted.
-fn withdraw(
-    error: anyhow::Error,
-    issuer: Option<&CardActivations>,
-    ids: &[String],
-) -> anyhow::Error {
-    let Some(issuer) = issuer else {
-        return error;
-    };
-    let stuck: Vec<String> = ids
-        .iter()
-        .filter(|id| issuer.delete(id).is_err())
-        .cloned()
-        .collect();
-    if stuck.is_empty() {
-        error
-    } else {
-        error.context(format!(
-            "and these activations could not be deleted: {} (use `piprov activation delete`)",
-            stuck.join(" ")
-        ))
-    }
 }
 
 /// The recipe with the command line's `--set` and then the card's own
@@ -1083,12 +1054,13 @@ fn confirm(targets: &[TargetInfo], yes: bool) -> Result<()> {
     Ok(())
 }
 
+/// A card's record, and its activation still to settle.
 fn card_record(
     card: PreparedCard,
     result: Result<write::Outcome>,
     image_sha256: &str,
     started: Instant,
-) -> CardRecord {
+) -> (CardRecord, Option<Issued>) {
     let (ended, error, written) = match result {
         Ok(w) => (CardResult::Ok, None, Some(w)),
         Err(e) if e.downcast_ref::<write::InterruptedError>().is_some() => {
@@ -1096,7 +1068,7 @@ fn card_record(
         }
         Err(e) => (CardResult::Failed, Some(format!("{e:#}")), None),
     };
-    CardRecord {
+    let record = CardRecord {
         device: card.spec.device.display().to_string(),
         model: card.info.model.clone(),
         serial: card.info.serial.clone(),
@@ -1111,7 +1083,8 @@ fn card_record(
         error,
         seconds: started.elapsed().as_secs_f64(),
         finished_at: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
-    }
+    };
+    (record, card.activation)
 }
 
 fn short_name(device: &str) -> String {

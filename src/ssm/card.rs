@@ -4,6 +4,7 @@
 //! Blocking, for the stamp and flash paths, which are synchronous.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -89,5 +90,64 @@ impl CardActivations {
 
     pub fn delete(&self, id: &str) -> Result<()> {
         crate::runtime::block_on(delete_activation(&self.client, id))
+    }
+
+    /// Creates one card's activation, held by a guard until the card holds
+    /// it; the code goes to the card's settings.
+    pub fn issue(
+        self: &Arc<Self>,
+        hostname: Option<&str>,
+        image_sha256: &str,
+        card: &str,
+    ) -> Result<(Issued, Created)> {
+        let created = self.create(hostname, image_sha256, card)?;
+        let issued = Issued {
+            issuer: self.clone(),
+            id: created.id.clone(),
+            settled: false,
+        };
+        Ok((issued, created))
+    }
+}
+
+/// One card's activation while its card is made. Kept once the card holds
+/// it; withdrawn when the card failed; dropped unsettled (an error on the way,
+/// the flash stopped) it is deleted, so no activation outlives a card that
+/// does not hold it.
+pub struct Issued {
+    issuer: Arc<CardActivations>,
+    id: String,
+    settled: bool,
+}
+
+impl Issued {
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The card holds it: it stays, for the card's first boot.
+    pub fn keep(mut self) {
+        self.settled = true;
+    }
+
+    /// Deleted now; the error says it could not be.
+    pub fn withdraw(mut self) -> Result<()> {
+        self.settled = true;
+        self.issuer.delete(&self.id)
+    }
+}
+
+impl Drop for Issued {
+    fn drop(&mut self) {
+        if self.settled {
+            return;
+        }
+        if let Err(e) = self.issuer.delete(&self.id) {
+            eprintln!(
+                "warning: activation {} was made for a card that does not hold it and could not \
+                 be deleted: {e:#} (delete it with `piprov activation delete {}`)",
+                self.id, self.id
+            );
+        }
     }
 }

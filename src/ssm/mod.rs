@@ -12,7 +12,7 @@ pub mod ssh_config;
 
 pub use access_policy::SessionDocument;
 pub use activations::*;
-pub use card::CardActivations;
+pub use card::{CardActivations, Issued};
 pub use fleet::*;
 
 use anyhow::{Result, anyhow, bail};

@@ -105,26 +105,33 @@ pub fn stamp(config: &StampConfig) -> Result<Outcome> {
     // A card's own activation is made last, just before the write, and deleted
     // again if the stamp does not land.
     let issued = if settings.needs_activation() && !config.dry_run {
-        let issuer = CardActivations::for_recipe(&config.aws.connection(), &recipe.recipe)?;
+        let issuer = std::sync::Arc::new(CardActivations::for_recipe(
+            &config.aws.connection(),
+            &recipe.recipe,
+        )?);
         let progress = crate::progress::Progress::new(crate::progress::Mode::Bars);
         let image_sha256 = crate::digest::image_sha256(&config.image, &progress)?;
-        let created = issuer.create(settings.hostname.as_deref(), &image_sha256, &name)?;
-        let id = created.id.clone();
+        let (issued, created) = issuer.issue(settings.hostname.as_deref(), &image_sha256, &name)?;
         settings.give_activation(created.id, created.code);
-        Some((issuer, id))
+        Some(issued)
     } else {
         None
     };
     let result = stamp_image(&image, &settings, config.dry_run, &name, KeepUndo::Yes)
         .and_then(|outcome| sync(image, &outcome).map(|()| outcome));
-    if let (Err(e), Some((issuer, id))) = (&result, &issued) {
-        return Err(match issuer.delete(id) {
+    let Some(issued) = issued else {
+        return result;
+    };
+    if let Err(e) = &result {
+        let id = issued.id().to_string();
+        return Err(match issued.withdraw() {
             Ok(()) => anyhow::anyhow!("{e:#} (its activation {id} was deleted again)"),
             Err(d) => anyhow::anyhow!(
                 "{e:#}; deleting its activation {id} failed too: {d:#} (delete it with `piprov activation delete {id}`)"
             ),
         });
     }
+    issued.keep();
     result
 }
 
