@@ -278,3 +278,55 @@ fn a_batch_stopped_while_cards_are_prepared_leaves_no_activation() {
         "{stderr}"
     );
 }
+
+/// Given the image's expected SHA-256 (as the station gives it), the cards'
+/// activations are made without waiting for the image's own hash; an image
+/// that is not the one expected then fails every card, and their
+/// activations, tagged with the expected hash, are deleted again.
+#[test]
+fn an_image_that_is_not_the_expected_one_leaves_no_activation() {
+    let dir = TempDir::new().unwrap();
+    let ssm = SsmEndpoint::start(dir.path(), 0);
+    let image = fixture("golden", &dir);
+    let cards: Vec<PathBuf> = (1..=2)
+        .map(|i| dir.path().join(format!("card{i}.img")))
+        .collect();
+    let expected = "ab".repeat(32);
+    let out = ssm
+        .piprov()
+        .arg("flash")
+        .arg(&image)
+        .args(&cards)
+        .arg("--recipe")
+        .arg(embedded_recipe(dir.path()))
+        .args([
+            "--hostname",
+            "bench-{n}",
+            "--yes",
+            "--quiet",
+            "--sha256",
+            &expected,
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("hold no partition table"), "{stderr}");
+    let creates = ssm.requests_for("CreateActivation");
+    assert_eq!(creates.len(), 2, "{stderr}");
+    for create in &creates {
+        assert_eq!(tag(create, "piprov:image-sha256"), Some(expected.as_str()));
+    }
+    assert_eq!(
+        ssm.activations(),
+        Vec::<serde_json::Value>::new(),
+        "{stderr}"
+    );
+    for card in &cards {
+        let head = std::fs::read(card).unwrap();
+        assert!(
+            head[..1 << 20].iter().all(|&b| b == 0),
+            "no partition table"
+        );
+    }
+}

@@ -962,11 +962,17 @@ fn prepare_cards(
                         &recipe.recipe,
                     )?));
                 }
-                // Tagged with the image's hash: an image hashed for the first
-                // time is waited for here.
+                // Tagged with the image's hash. The expected one when it is
+                // given (the station's): an image it does not match fails
+                // every card, and their activations go. Else an image hashed
+                // for the first time is waited for here.
+                let image_sha256 = match config.sha256.as_deref() {
+                    Some(expected) => expected.to_ascii_lowercase(),
+                    None => hash.wait()?,
+                };
                 let (issued, created) = issuer.as_ref().expect("made above").issue(
                     settings.hostname.as_deref(),
-                    &hash.wait()?,
+                    &image_sha256,
                     &name,
                 )?;
                 activation = Some(issued);
