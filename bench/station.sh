@@ -33,15 +33,8 @@ cleanup() {
 }
 trap cleanup EXIT
 
-python3 tests/support/ssm_stub.py "$work/ssm.port" "$work/ssm.log" 0 3600 &
-ssm_pid=$!
-for _ in $(seq 1 100); do [ -s "$work/ssm.port" ] && break; sleep 0.1; done
-ssm_port=$(cat "$work/ssm.port")
-export AWS_ENDPOINT_URL="http://127.0.0.1:$ssm_port" AWS_REGION=eu-west-1 \
-    AWS_EC2_METADATA_DISABLED=true AWS_ACCESS_KEY_ID=AKIAEXAMPLEEXAMPLE00 \
-    AWS_SECRET_ACCESS_KEY=secretsecretsecretsecretsecretsecret0000 \
-    AWS_CONFIG_FILE=/dev/null AWS_SHARED_CREDENTIALS_FILE=/dev/null \
-    PIPROV_CACHE_DIR="$work/cache"
+. scripts/local-ssm.sh
+local_ssm "$work"
 cat >"$work/bench.toml" <<'RECIPE'
 name = "bench"
 region = "eu-west-1"

@@ -15,16 +15,9 @@ rm -rf "$demo"
 mkdir -p "$demo"
 
 # ---- the SSM side: an SSM-compatible endpoint on loopback ------------------
-python3 tests/support/ssm_stub.py "$demo/ssm.port" "$demo/ssm.log" 0 3600 &
-ssm_pid=$!
+. scripts/local-ssm.sh
+local_ssm "$demo"
 trap 'kill "$ssm_pid" 2>/dev/null || true' EXIT
-for _ in $(seq 1 100); do [ -s "$demo/ssm.port" ] && break; sleep 0.1; done
-endpoint=http://127.0.0.1:$(cat "$demo/ssm.port")
-# piprov talks to it with the real AWS SDK, with made-up keys and nothing of
-# this machine's own AWS setup.
-export AWS_ENDPOINT_URL="$endpoint" AWS_REGION=eu-west-1 AWS_EC2_METADATA_DISABLED=true \
-    AWS_ACCESS_KEY_ID=AKIAEXAMPLEEXAMPLE00 AWS_SECRET_ACCESS_KEY=secretsecretsecretsecretsecretsecret0000 \
-    AWS_CONFIG_FILE=/dev/null AWS_SHARED_CREDENTIALS_FILE=/dev/null PIPROV_CACHE_DIR="$demo/cache"
 
 echo "== the golden image: a Pi that was set up and registered, its card read back (demo/golden.img)"
 tests/fixtures/make-image.sh --variant registered --size 1024 "$demo/golden.img"

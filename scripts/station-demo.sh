@@ -26,15 +26,9 @@ cleanup() {
     for dev in $readers; do losetup -d "$dev" 2>/dev/null || true; done
     kill "$ssm_pid" 2>/dev/null || true
 }
-python3 tests/support/ssm_stub.py "$demo/ssm.port" "$demo/ssm.log" 0 3600 &
-ssm_pid=$!
+. scripts/local-ssm.sh
+local_ssm "$demo"
 trap cleanup EXIT
-for _ in $(seq 1 100); do [ -s "$demo/ssm.port" ] && break; sleep 0.1; done
-ssm_port=$(cat "$demo/ssm.port")
-export AWS_ENDPOINT_URL="http://127.0.0.1:$ssm_port" AWS_REGION=eu-west-1 \
-    AWS_EC2_METADATA_DISABLED=true AWS_ACCESS_KEY_ID=AKIAEXAMPLEEXAMPLE00 \
-    AWS_SECRET_ACCESS_KEY=secretsecretsecretsecretsecretsecret0000 \
-    AWS_CONFIG_FILE=/dev/null AWS_SHARED_CREDENTIALS_FILE=/dev/null PIPROV_CACHE_DIR="$demo/cache"
 
 echo "== a golden image and a bench recipe"
 tests/fixtures/make-image.sh --variant golden --size 256 "$demo/golden.img"

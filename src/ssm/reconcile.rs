@@ -184,32 +184,27 @@ fn shared_names(cards: &[Reconciled], nodes: &[Node]) -> Vec<Flag> {
         );
     }
     for hostname in hostnames {
-        let claiming: Vec<String> = nodes
-            .iter()
-            .filter(|n| n.hostname() == Some(hostname.as_str()))
-            .map(|n| n.id.clone())
-            .collect();
-        if claiming.len() > 1 {
-            flags.push(Flag::SharedHostname {
-                hostname,
-                nodes: claiming,
-            });
+        let nodes = claiming(nodes, |n| n.hostname() == Some(hostname.as_str()));
+        if nodes.len() > 1 {
+            flags.push(Flag::SharedHostname { hostname, nodes });
         }
     }
     for serial in serials {
-        let claiming: Vec<String> = nodes
-            .iter()
-            .filter(|n| n.serial() == Some(serial.as_str()))
-            .map(|n| n.id.clone())
-            .collect();
-        if claiming.len() > 1 {
-            flags.push(Flag::SharedSerial {
-                serial,
-                nodes: claiming,
-            });
+        let nodes = claiming(nodes, |n| n.serial() == Some(serial.as_str()));
+        if nodes.len() > 1 {
+            flags.push(Flag::SharedSerial { serial, nodes });
         }
     }
     flags
+}
+
+/// The ids of the nodes that claim something.
+fn claiming(nodes: &[Node], claims: impl Fn(&Node) -> bool) -> Vec<String> {
+    nodes
+        .iter()
+        .filter(|n| claims(n))
+        .map(|n| n.id.clone())
+        .collect()
 }
 
 /// Nodes registered with an activation piprov made for one of the record's
