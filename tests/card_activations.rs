@@ -235,21 +235,23 @@ fn no_credentials_means_no_card_is_touched() {
     assert_eq!(sha256_of(&image), before);
 }
 
-/// The second card's settings fail after the first card's activation was made
-/// (its own line sets a key the recipe does not have): nothing is written, and
-/// the first card's activation does not outlive the flash.
+/// A card's own line sets a key the recipe does not have: refused before any
+/// activation is made or any card touched.
 #[test]
-fn a_batch_stopped_while_cards_are_prepared_leaves_no_activation() {
+fn a_bad_setting_on_one_card_is_refused_before_anything_happens() {
     let dir = TempDir::new().unwrap();
     let ssm = SsmEndpoint::start(dir.path(), 0);
     let image = fixture("golden", &dir);
     let targets = dir.path().join("targets.csv");
+    let cards: Vec<PathBuf> = (1..=2)
+        .map(|i| dir.path().join(format!("card{i}.img")))
+        .collect();
     std::fs::write(
         &targets,
         format!(
             "{},bench-1\n{},bench-2,no.such.setting=1\n",
-            dir.path().join("card1.img").display(),
-            dir.path().join("card2.img").display()
+            cards[0].display(),
+            cards[1].display()
         ),
     )
     .unwrap();
@@ -266,11 +268,44 @@ fn a_batch_stopped_while_cards_are_prepared_leaves_no_activation() {
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("card2.img"), "{stderr}");
     assert!(stderr.contains("unknown field `no`"), "{stderr}");
+    assert!(ssm.requests_for("CreateActivation").is_empty());
+    assert!(cards.iter().all(|c| !c.exists()), "no card touched");
+}
+
+/// The image cannot be stamped (Raspberry Pi Imager's first-run hook is on
+/// it), found after the first card's activation was made: the flash ends,
+/// and that activation does not outlive it.
+#[test]
+fn a_batch_stopped_while_cards_are_prepared_leaves_no_activation() {
+    let dir = TempDir::new().unwrap();
+    let ssm = SsmEndpoint::start(dir.path(), 0);
+    let image = dir.path().join("imager.img");
+    build_image(
+        &image,
+        &[
+            "--customize",
+            r#"sed -i 's|$| systemd.run=/boot/firstrun.sh|' "$boot/cmdline.txt""#,
+        ],
+    );
+    let out = ssm
+        .piprov()
+        .arg("flash")
+        .arg(&image)
+        .arg(dir.path().join("card1.img"))
+        .arg(dir.path().join("card2.img"))
+        .arg("--recipe")
+        .arg(embedded_recipe(dir.path()))
+        .args(["--hostname", "bench-{n}", "--yes", "--quiet"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
     assert_eq!(
         ssm.requests_for("CreateActivation").len(),
         1,
-        "card 1's activation was made before card 2's settings failed"
+        "card 1's activation was made before its stamp failed: {stderr}"
     );
     assert_eq!(
         ssm.activations(),

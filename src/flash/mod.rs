@@ -228,6 +228,7 @@ pub fn flash(
     };
     if let Some(loaded) = &recipe {
         refuse_shared_identity(config, loaded)?;
+        refuse_bad_card_settings(config, loaded)?;
     }
     // Without a recipe the image goes on every card as it is, so it is audited
     // first; that needs it whole, so an archive is decoded before any card.
@@ -618,6 +619,17 @@ fn refuse_settings_without_recipe(config: &FlashConfig) -> Result<()> {
             "a hostname or settings were given without --recipe: they have nothing to apply to \
              (give --recipe, or leave them out to write the image unchanged)"
         );
+    }
+    Ok(())
+}
+
+/// Every card's settings (its line's overrides, its hostname) are read before
+/// anything happens: a bad one found while the cards are prepared would come
+/// after activations were made for the cards before it.
+fn refuse_bad_card_settings(config: &FlashConfig, loaded: &LoadedRecipe) -> Result<()> {
+    for (i, spec) in config.cards.iter().enumerate() {
+        card_settings(loaded, config, spec, i as u32 + 1)
+            .with_context(|| format!("the settings of {}", spec.device.display()))?;
     }
     Ok(())
 }
