@@ -70,6 +70,19 @@ impl Progress {
         bar
     }
 
+    /// A bar that counts percent, for work whose bytes are counted elsewhere
+    /// (a station's card, written by its own flash).
+    pub fn percent(&self, label: &str) -> ProgressBar {
+        let bar = self.multi.add(ProgressBar::new(100));
+        bar.set_style(
+            ProgressStyle::with_template("{prefix:>24} [{bar:30}] {pos:>3} % {msg}")
+                .expect("valid template")
+                .progress_chars("=> "),
+        );
+        bar.set_prefix(label.to_string());
+        bar
+    }
+
     /// The bar labelled `label` made last, where it stands.
     pub fn bar(&self, label: &str) -> Option<BarState> {
         let made = self.made.lock().unwrap_or_else(|e| e.into_inner());

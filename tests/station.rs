@@ -631,3 +631,101 @@ fn a_card_pulled_or_stopped_mid_write_is_either_done_or_plainly_no_card() {
     assert_eq!(results, ["failed", "done", "failed"], "{rows:#?}");
     assert!(rows.iter().all(|r| r["finished"].is_string()), "{rows:#?}");
 }
+
+/// Without --json or --listen, on a terminal (script(1) gives it one), the
+/// station draws a bar per card being written, and prints each change of
+/// state above the bars.
+#[test]
+fn on_a_terminal_each_card_being_written_has_its_bar() {
+    let dir = TempDir::new().unwrap();
+    if !loop_devices_usable(&dir) {
+        return;
+    }
+    let ssm = SsmEndpoint::start(dir.path(), 0);
+    let image = fixture("golden", &dir);
+    let len = std::fs::metadata(&image).unwrap().len();
+    let recipe = embedded_recipe(dir.path());
+    let reader = Reader::new(&dir, "tty");
+    let Some(speed) = CardSpeed::new(&[&reader], 2 << 20) else {
+        return;
+    };
+    let typescript = dir.path().join("typescript");
+    let env: Vec<String> = ssm
+        .env()
+        .iter()
+        .map(|(k, v)| format!("{k}='{v}'"))
+        .collect();
+    // In the throttled cgroup from its start, as the bench runs it.
+    let command = format!(
+        "echo $$ > '{}/cgroup.procs' && exec env {} '{}' station --allow-non-removable \
+         --match '{}' --hostname 'bench-{{number}}' --recipe '{}' --record '{}' '{}'",
+        speed.dir.display(),
+        env.join(" "),
+        assert_cmd::cargo::cargo_bin("piprov").display(),
+        reader.dev.dev,
+        recipe.display(),
+        dir.path().join("station.db").display(),
+        image.display()
+    );
+    let mut terminal = Terminal(
+        Command::new("script")
+            .args(["-qfec", &command])
+            .arg(&typescript)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let screen =
+        || String::from_utf8_lossy(&std::fs::read(&typescript).unwrap_or_default()).into_owned();
+    let until = |what: &str, done: &dyn Fn(&str) -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !done(&screen()) {
+            assert!(Instant::now() < deadline, "{what}:\n{}", screen());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    until("the station never started", &|s| {
+        s.contains("to every card put in")
+    });
+    reader.insert(&used(&dir, "card", len + (8 << 20)));
+    let name = reader.dev.dev.trim_start_matches("/dev/").to_string();
+    until("no bar for the card while it was written", &|s| {
+        s.split('\r').any(|frame| {
+            frame.contains(&format!("#1 {name} ["))
+                && frame.contains(" % writing bench-1")
+                && !frame.contains("  0 % ")
+        })
+    });
+    until("no line when the card was done", &|s| {
+        s.lines()
+            .any(|l| l.contains(&reader.dev.dev) && l.contains("bench-1") && l.contains("done"))
+    });
+    terminal.stop();
+    assert!(terminal.0.wait().unwrap().success(), "{}", screen());
+}
+
+/// script(1) running a station: stopped with the test, however it ends.
+struct Terminal(Child);
+
+impl Terminal {
+    /// The station is script's child (its shell exec'd it): stopped as itself.
+    fn stop(&self) {
+        let children = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", self.0.id()))
+            .unwrap_or_default();
+        for pid in children.split_whitespace() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid.parse().unwrap()),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+        }
+    }
+}
+
+impl Drop for Terminal {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = self.0.wait();
+    }
+}

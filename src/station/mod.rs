@@ -60,15 +60,48 @@ pub struct Board {
     cards: Mutex<Vec<CardView>>,
     feed: tokio::sync::broadcast::Sender<String>,
     json: bool,
+    /// The terminal's live table: a bar per card being written, the changes
+    /// of state printed above them.
+    terminal: Option<Arc<Progress>>,
+    bars: Mutex<BTreeMap<u64, indicatif::ProgressBar>>,
 }
 
 impl Board {
-    fn new(json: bool) -> Self {
+    fn new(json: bool, terminal: Option<Arc<Progress>>) -> Self {
         Self {
             cards: Mutex::new(Vec::new()),
             feed: tokio::sync::broadcast::channel(1024).0,
             json,
+            terminal,
+            bars: Mutex::new(BTreeMap::new()),
         }
+    }
+
+    /// The card's bar on the terminal, while it is written.
+    fn draw(&self, terminal: &Progress, card: &CardView) {
+        let mut bars = self.bars.lock().unwrap_or_else(|e| e.into_inner());
+        if !matches!(card.state.as_str(), "writing" | "verifying") {
+            if let Some(bar) = bars.remove(&card.id) {
+                bar.finish_and_clear();
+            }
+            return;
+        }
+        let bar = bars.entry(card.id).or_insert_with(|| {
+            terminal.percent(&format!(
+                "#{} {}",
+                card.number.unwrap_or_default(),
+                card.device.trim_start_matches("/dev/")
+            ))
+        });
+        bar.set_position(card.percent.unwrap_or_default().into());
+        bar.set_message(format!(
+            "{} {}{}",
+            card.state,
+            card.hostname.as_deref().unwrap_or(""),
+            card.speed
+                .map(|s| format!(" {}/s", crate::units::size(s)))
+                .unwrap_or_default()
+        ));
     }
 
     pub fn cards(&self) -> Vec<CardView> {
@@ -92,13 +125,16 @@ impl Board {
         drop(cards);
         let line = serde_json::to_string(card).unwrap_or_default();
         let _ = self.feed.send(line.clone());
+        if let Some(terminal) = &self.terminal {
+            self.draw(terminal, card);
+        }
         if !changed {
             return;
         }
         if self.json {
             println!("{line}");
         } else {
-            println!(
+            let text = format!(
                 "card {:>3}  {:<14} {:<20} {}{}",
                 card.number.map(|n| n.to_string()).unwrap_or("-".into()),
                 card.device,
@@ -109,6 +145,10 @@ impl Board {
                     .map(|r| format!(": {r}"))
                     .unwrap_or_default()
             );
+            match &self.terminal {
+                Some(terminal) => terminal.say(&text),
+                None => println!("{text}"),
+            }
         }
     }
 }
@@ -265,7 +305,13 @@ pub fn run(config: &StationConfig) -> Result<()> {
             bail!("--hostname {p:?} would name every card the same: use {{number}} or {{serial}}");
         }
     }
-    let progress = Progress::new(if config.json { Mode::Quiet } else { Mode::Bars });
+    // Bars only where someone watches them; else a line per change of state.
+    let terminal = !config.json && std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let progress = Arc::new(Progress::new(if terminal {
+        Mode::Bars
+    } else {
+        Mode::Quiet
+    }));
     let decoding_cancel = AtomicBool::new(false);
     let source = crate::flash::source::open(
         config.image(),
@@ -277,7 +323,7 @@ pub fn run(config: &StationConfig) -> Result<()> {
     .with_context(|| format!("reading {}", config.image().display()))?;
     let run = uuid::Uuid::new_v4().to_string();
     let record = Record::open(&config.record)?;
-    let board = Arc::new(Board::new(config.json));
+    let board = Arc::new(Board::new(config.json, terminal.then(|| progress.clone())));
     if let Some(addr) = config.listen {
         let board = board.clone();
         let listener =
