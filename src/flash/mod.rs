@@ -223,13 +223,12 @@ pub fn flash(
     refuse_duplicates(&config.cards)?;
     refuse_settings_without_recipe(config)?;
     let recipe = match &config.recipe {
-        Some(path) => Some(recipe::load(path, &config.overrides)?),
+        Some(path) => Some(Stamping::read(
+            config,
+            recipe::load(path, &config.overrides)?,
+        )?),
         None => None,
     };
-    if let Some(loaded) = &recipe {
-        refuse_shared_identity(config, loaded)?;
-        refuse_bad_card_settings(config, loaded)?;
-    }
     // Without a recipe the image goes on every card as it is, so it is audited
     // first; that needs it whole, so an archive is decoded before any card.
     let audit = recipe.is_none() && !config.as_is;
@@ -421,7 +420,7 @@ fn map_image(
 /// and the rest written, the partition tables last.
 fn flash_while_decoding(
     config: &FlashConfig,
-    recipe: Option<&LoadedRecipe>,
+    recipe: Option<&Stamping>,
     entry: source::Entry,
     len: u64,
     started: Instant,
@@ -556,7 +555,7 @@ fn open_targets(infos: &[TargetInfo], len: u64) -> Result<Vec<Result<target::Tar
 /// one record per card.
 fn finish(
     config: &FlashConfig,
-    recipe: Option<&LoadedRecipe>,
+    recipe: Option<&Stamping>,
     cards: Cards,
     basis: Basis<'_>,
     progress: &Progress,
@@ -623,15 +622,30 @@ fn refuse_settings_without_recipe(config: &FlashConfig) -> Result<()> {
     Ok(())
 }
 
-/// Every card's settings (its line's overrides, its hostname) are read before
-/// anything happens: a bad one found while the cards are prepared would come
-/// after activations were made for the cards before it.
-fn refuse_bad_card_settings(config: &FlashConfig, loaded: &LoadedRecipe) -> Result<()> {
-    for (i, spec) in config.cards.iter().enumerate() {
-        card_settings(loaded, config, spec, i as u32 + 1)
-            .with_context(|| format!("the settings of {}", spec.device.display()))?;
+/// The recipe and every card's settings from it (its line's overrides, its
+/// hostname), read once before anything happens: a bad one found while the
+/// cards are prepared would come after activations were made for the cards
+/// before it, and each card is stamped with the settings checked here.
+struct Stamping {
+    recipe: LoadedRecipe,
+    /// One per card, in the order of `config.cards`.
+    cards: Vec<CardSettings>,
+}
+
+impl Stamping {
+    fn read(config: &FlashConfig, recipe: LoadedRecipe) -> Result<Self> {
+        refuse_shared_identity(config, &recipe)?;
+        let cards = config
+            .cards
+            .iter()
+            .enumerate()
+            .map(|(i, spec)| {
+                card_settings(&recipe, config, spec, i as u32 + 1)
+                    .with_context(|| format!("the settings of {}", spec.device.display()))
+            })
+            .collect::<Result<_>>()?;
+        Ok(Self { recipe, cards })
     }
-    Ok(())
 }
 
 /// Settings that would give several cards one identity: a fixed hostname, or
@@ -939,7 +953,7 @@ fn settle(record: &mut CardRecord, activation: Option<Issued>) {
 /// recipe makes one per card.
 fn prepare_cards(
     config: &FlashConfig,
-    recipe: Option<&LoadedRecipe>,
+    recipe: Option<&Stamping>,
     cards: Cards,
     basis: Basis<'_>,
 ) -> Result<Vec<PreparedCard>> {
@@ -965,13 +979,13 @@ fn prepare_cards(
         let (mut activation_id, mut activation) = (None, None);
         // A card that failed already gets no stamp, and no activation.
         if let (Some(recipe), true) = (recipe, target.is_ok()) {
-            let mut settings = card_settings(recipe, config, spec, i as u32 + 1)?;
+            let mut settings = recipe.cards[i].clone();
             let name = spec.device.display().to_string();
             if settings.needs_activation() {
                 if issuer.is_none() {
                     issuer = Some(std::sync::Arc::new(CardActivations::for_recipe(
                         &config.aws.connection(),
-                        &recipe.recipe,
+                        &recipe.recipe.recipe,
                     )?));
                 }
                 // Tagged with the image's hash. The expected one when it is
