@@ -116,12 +116,10 @@ fn a_recipes_instance_name_wins_over_the_hostname() {
     assert_eq!(tag(create, "piprov:hostname"), Some("door-8"));
 }
 
-#[test]
-fn a_card_that_cannot_be_stamped_has_its_activation_deleted() {
-    let dir = TempDir::new().unwrap();
-    let ssm = SsmEndpoint::start(dir.path(), 0);
-    // Raspberry Pi Imager's first-run hook is already on it: stamping is refused.
-    let image = dir.path().join("imager.img");
+/// An image Raspberry Pi Imager's first-run hook is already on: stamping it
+/// is refused.
+fn imager_image(dir: &Path) -> PathBuf {
+    let image = dir.join("imager.img");
     build_image(
         &image,
         &[
@@ -129,6 +127,14 @@ fn a_card_that_cannot_be_stamped_has_its_activation_deleted() {
             r#"sed -i 's|$| systemd.run=/boot/firstrun.sh|' "$boot/cmdline.txt""#,
         ],
     );
+    image
+}
+
+#[test]
+fn a_card_that_cannot_be_stamped_has_its_activation_deleted() {
+    let dir = TempDir::new().unwrap();
+    let ssm = SsmEndpoint::start(dir.path(), 0);
+    let image = imager_image(dir.path());
     ssm.piprov()
         .arg("stamp")
         .arg(&image)
@@ -281,14 +287,7 @@ fn a_bad_setting_on_one_card_is_refused_before_anything_happens() {
 fn a_batch_stopped_while_cards_are_prepared_leaves_no_activation() {
     let dir = TempDir::new().unwrap();
     let ssm = SsmEndpoint::start(dir.path(), 0);
-    let image = dir.path().join("imager.img");
-    build_image(
-        &image,
-        &[
-            "--customize",
-            r#"sed -i 's|$| systemd.run=/boot/firstrun.sh|' "$boot/cmdline.txt""#,
-        ],
-    );
+    let image = imager_image(dir.path());
     let out = ssm
         .piprov()
         .arg("flash")

@@ -229,6 +229,31 @@ impl Reader {
     }
 }
 
+/// The station's record, as `piprov station record --json` prints it.
+fn record_rows(record: &Path) -> Vec<serde_json::Value> {
+    let rows = succeed(
+        piprov()
+            .args(["station", "record", "--json", "--record"])
+            .arg(record),
+    );
+    serde_json::from_slice(&rows.stdout).unwrap()
+}
+
+/// A card's bytes, cut to the image's length (a card is longer), hold the
+/// image stamped as `hostname`.
+fn assert_card_in_reader_holds(card: &Path, image: &Path, hostname: &str, dir: &TempDir) {
+    let copy = dir.path().join(format!("{hostname}.check.img"));
+    std::fs::copy(card, &copy).unwrap();
+    let len = std::fs::metadata(image).unwrap().len();
+    std::fs::File::options()
+        .write(true)
+        .open(&copy)
+        .unwrap()
+        .set_len(len)
+        .unwrap();
+    assert_card_holds(&copy, image, hostname, dir.path());
+}
+
 /// A used card of `len` bytes: old random data.
 fn used(dir: &TempDir, name: &str, len: u64) -> PathBuf {
     let path = dir.path().join(format!("{name}.card"));
@@ -344,12 +369,7 @@ fn a_bench_writes_every_card_put_in_and_remembers_each() {
     );
 
     // The record: a row per card, with the activation SSM issued for it.
-    let rows = succeed(
-        piprov()
-            .args(["station", "record", "--json", "--record"])
-            .arg(&record),
-    );
-    let rows: Vec<serde_json::Value> = serde_json::from_slice(&rows.stdout).unwrap();
+    let rows = record_rows(&record);
     let done: Vec<&serde_json::Value> = rows.iter().filter(|r| r["result"] == "done").collect();
     assert_eq!(done.len(), 3, "{rows:#?}");
     let issued: Vec<String> = ssm
@@ -396,15 +416,8 @@ fn a_bench_writes_every_card_put_in_and_remembers_each() {
     .iter()
     .enumerate()
     {
-        let copy = dir.path().join(format!("check{i}.img"));
-        std::fs::copy(card, &copy).unwrap();
-        std::fs::File::options()
-            .write(true)
-            .open(&copy)
-            .unwrap()
-            .set_len(len)
-            .unwrap();
-        assert_card_holds(&copy, &image, &format!("bench-{}", i + 1), dir.path());
+        let hostname = format!("bench-{}", i + 1);
+        assert_card_in_reader_holds(card, &image, &hostname, &dir);
     }
 }
 
@@ -589,15 +602,7 @@ fn a_card_pulled_or_stopped_mid_write_is_either_done_or_plainly_no_card() {
         late_before,
         "no card starts after the stop"
     );
-    let finished = dir.path().join("finished.img");
-    std::fs::copy(&readers[1].backing, &finished).unwrap();
-    std::fs::File::options()
-        .write(true)
-        .open(&finished)
-        .unwrap()
-        .set_len(len)
-        .unwrap();
-    assert_card_holds(&finished, &image, "bench-2", dir.path());
+    assert_card_in_reader_holds(&readers[1].backing, &image, "bench-2", &dir);
 
     // A second run; two signals mid-write: the card is stopped and erased.
     // (Readers named by --match that hold a card at the start are written.)
@@ -621,12 +626,7 @@ fn a_card_pulled_or_stopped_mid_write_is_either_done_or_plainly_no_card() {
     );
     assert_no_partition_table(&readers[2].backing, len + (8 << 20));
 
-    let rows = succeed(
-        piprov()
-            .args(["station", "record", "--json", "--record"])
-            .arg(&record),
-    );
-    let rows: Vec<serde_json::Value> = serde_json::from_slice(&rows.stdout).unwrap();
+    let rows = record_rows(&record);
     let results: Vec<&str> = rows.iter().map(|r| r["result"].as_str().unwrap()).collect();
     assert_eq!(results, ["failed", "done", "failed"], "{rows:#?}");
     assert!(rows.iter().all(|r| r["finished"].is_string()), "{rows:#?}");
