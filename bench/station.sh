@@ -35,15 +35,7 @@ trap cleanup EXIT
 
 . scripts/local-ssm.sh
 local_ssm "$work"
-cat >"$work/bench.toml" <<'RECIPE'
-name = "bench"
-region = "eu-west-1"
-iam_role = "SSMServiceRole"
-
-[activation]
-source = "embedded"
-expires = "2h"
-RECIPE
+bench_recipe "$work/bench.toml"
 
 card_bytes=$(( $(stat -c %s "$img") + (64 << 20) ))
 for n in 1 2 3 4; do

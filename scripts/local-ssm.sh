@@ -5,6 +5,8 @@
 #
 #   . scripts/local-ssm.sh; local_ssm DIR   sets ssm_pid and endpoint; the
 #                                           cache goes to DIR/cache
+#   bench_recipe FILE                       a recipe whose cards each get
+#                                           their own activation from it
 local_ssm() {
     python3 tests/support/ssm_stub.py "$1/ssm.port" "$1/ssm.log" 0 3600 &
     # shellcheck disable=SC2034 # read by the scripts that source this
@@ -14,4 +16,16 @@ local_ssm() {
     export AWS_ENDPOINT_URL="$endpoint" AWS_REGION=eu-west-1 AWS_EC2_METADATA_DISABLED=true \
         AWS_ACCESS_KEY_ID=AKIAEXAMPLEEXAMPLE00 AWS_SECRET_ACCESS_KEY=secretsecretsecretsecretsecretsecret0000 \
         AWS_CONFIG_FILE=/dev/null AWS_SHARED_CREDENTIALS_FILE=/dev/null PIPROV_CACHE_DIR="$1/cache"
+}
+
+bench_recipe() {
+    cat >"$1" <<'RECIPE'
+name = "bench"
+region = "eu-west-1"
+iam_role = "SSMServiceRole"
+
+[activation]
+source = "embedded"
+expires = "2h"
+RECIPE
 }

@@ -32,15 +32,7 @@ trap cleanup EXIT
 
 echo "== a golden image and a bench recipe"
 tests/fixtures/make-image.sh --variant golden --size 256 "$demo/golden.img"
-cat >"$demo/bench.toml" <<'RECIPE'
-name = "bench"
-region = "eu-west-1"
-iam_role = "SSMServiceRole"
-
-[activation]
-source = "embedded"
-expires = "2h"
-RECIPE
+bench_recipe "$demo/bench.toml"
 
 echo "== three card readers (loop devices, empty: no card in them)"
 reader() { # N: a reader over an empty file
