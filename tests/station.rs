@@ -369,6 +369,7 @@ fn a_bench_writes_every_card_put_in_and_remembers_each() {
     );
 
     // The record: a row per card, with the activation SSM issued for it.
+    let unread = sha256_of(&record);
     let rows = record_rows(&record);
     let done: Vec<&serde_json::Value> = rows.iter().filter(|r| r["result"] == "done").collect();
     assert_eq!(done.len(), 3, "{rows:#?}");
@@ -407,6 +408,11 @@ fn a_bench_writes_every_card_put_in_and_remembers_each() {
         .filter(|f| f["flag"] == "never_registered")
         .collect();
     assert_eq!(never.len(), 3, "{report:#}");
+    assert_eq!(
+        sha256_of(&record),
+        unread,
+        "printing and reconciling the record change nothing in it"
+    );
     // Each card holds the image, stamped as itself.
     for (i, card) in [
         card1,

@@ -77,7 +77,7 @@ fn cards_in_record(path: &Path) -> Result<Vec<MadeCard>> {
     if !path.exists() {
         bail!("no station record at {}", path.display());
     }
-    let rows = Record::open(path)?.rows()?;
+    let rows = Record::read(path)?;
     Ok(rows
         .into_iter()
         .filter(|row| row.result == "done")

@@ -669,7 +669,7 @@ pub fn print_record(path: &Path, format: RecordFormat) -> Result<()> {
     if !path.exists() {
         bail!("no station record at {}", path.display());
     }
-    let rows = Record::open(path)?.rows()?;
+    let rows = Record::read(path)?;
     let mut out = std::io::stdout().lock();
     use std::io::Write;
     match format {

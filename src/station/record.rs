@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use anyhow::{Context, Result};
-use rusqlite::{Connection, params};
+use rusqlite::{Connection, OpenFlags, params};
 use serde::Serialize;
 
 /// One card's row.
@@ -78,14 +78,7 @@ impl Record {
         db.execute_batch(SCHEMA)
             .with_context(|| format!("preparing the station record {}", path.display()))?;
         // A record begun by an earlier version lacks the newer columns.
-        let has_withdrawn: bool = db
-            .query_row(
-                "SELECT COUNT(*) FROM pragma_table_info('cards') WHERE name = 'activation_withdrawn'",
-                [],
-                |r| r.get::<_, i64>(0),
-            )
-            .map(|n| n > 0)?;
-        if !has_withdrawn {
+        if !has_withdrawn_column(&db)? {
             db.execute_batch(
                 "ALTER TABLE cards ADD COLUMN activation_withdrawn INTEGER NOT NULL DEFAULT 0",
             )
@@ -128,10 +121,27 @@ impl Record {
         Ok(())
     }
 
-    pub fn rows(&self) -> Result<Vec<Row>> {
+    /// The rows of the record at `path`, opened read-only: printing or
+    /// reconciling a record changes nothing in it (an older record is read as
+    /// it is, its missing columns as their defaults).
+    pub fn read(path: &Path) -> Result<Vec<Row>> {
+        let db = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .with_context(|| format!("opening the station record {}", path.display()))?;
+        db.busy_timeout(std::time::Duration::from_secs(10))?;
+        let columns = if has_withdrawn_column(&db)
+            .with_context(|| format!("reading the station record {}", path.display()))?
+        {
+            COLUMNS.to_string()
+        } else {
+            COLUMNS.replace("activation_withdrawn", "0 AS activation_withdrawn")
+        };
+        Self { db }.select(&columns)
+    }
+
+    fn select(&self, columns: &str) -> Result<Vec<Row>> {
         let mut query = self
             .db
-            .prepare(&format!("SELECT {COLUMNS} FROM cards ORDER BY id"))?;
+            .prepare(&format!("SELECT {columns} FROM cards ORDER BY id"))?;
         let rows = query.query_map([], |r| {
             Ok(Row {
                 id: r.get(0)?,
@@ -156,5 +166,49 @@ impl Record {
         })?;
         rows.collect::<rusqlite::Result<Vec<_>>>()
             .context("reading the station record")
+    }
+}
+
+fn has_withdrawn_column(db: &Connection) -> Result<bool> {
+    let n: i64 = db.query_row(
+        "SELECT COUNT(*) FROM pragma_table_info('cards') WHERE name = 'activation_withdrawn'",
+        [],
+        |r| r.get(0),
+    )?;
+    Ok(n > 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A record begun before `activation_withdrawn` existed is read as it is:
+    /// the column reads false, and the file is left byte for byte.
+    #[test]
+    fn an_older_record_is_read_without_being_changed() {
+        let dir = tempfile::TempDir::new().unwrap();
+        let path = dir.path().join("old.db");
+        let old_schema =
+            SCHEMA.replace(",\n    activation_withdrawn INTEGER NOT NULL DEFAULT 0", "");
+        assert_ne!(old_schema, SCHEMA);
+        let db = Connection::open(&path).unwrap();
+        db.execute_batch(&old_schema).unwrap();
+        db.execute(
+            "INSERT INTO cards (run, device, size, image_sha256, started, bytes, verified, result) \
+             VALUES ('r', '/dev/sdb', 1, 'abc', 't', 0, 0, 'done')",
+            [],
+        )
+        .unwrap();
+        drop(db);
+        let digest = |p: &Path| {
+            use sha2::Digest;
+            crate::hex::hex(&sha2::Sha256::digest(std::fs::read(p).unwrap()))
+        };
+        let before = digest(&path);
+        let rows = Record::read(&path).unwrap();
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].device, "/dev/sdb");
+        assert!(!rows[0].activation_withdrawn);
+        assert_eq!(digest(&path), before, "left as it was");
     }
 }
