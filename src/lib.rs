@@ -4,6 +4,7 @@ pub mod account;
 #[cfg(feature = "broker")]
 pub mod broker;
 pub mod cache;
+pub mod cancel;
 pub mod cli;
 pub mod cmdline;
 pub mod digest;

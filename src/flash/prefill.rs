@@ -175,8 +175,13 @@ fn card(
         Ok(()) => return Ok(()),
         Err(e) => e,
     };
-    let interrupted = cancel.load(Ordering::Relaxed).then_some(false);
-    Err(erase_after(target, &erase_set, error, interrupted))
+    let error = if cancel.load(Ordering::Relaxed) {
+        // The decode stopped because it was told to.
+        crate::cancel::Interrupted::when("before the card was complete").into()
+    } else {
+        error
+    };
+    Err(erase_after(target, &erase_set, error))
 }
 
 fn write_pieces(target: &Target, rx: Receiver<Msg>, written: &(dyn Fn(u64) + Sync)) -> Result<()> {

@@ -12,9 +12,7 @@ use std::sync::atomic::AtomicBool;
 use anyhow::{Context, Result, bail};
 use sha2::{Digest, Sha256};
 
-use crate::digest::{
-    Cancelled, check, hash_reader, raw_hash_cached, raw_hash_remembered, read_up_to,
-};
+use crate::digest::{check, hash_reader, raw_hash_cached, raw_hash_remembered, read_up_to};
 use crate::hex::hex;
 use crate::progress::Progress;
 
@@ -396,7 +394,7 @@ impl Entry {
             Ok(done) => done,
             Err(e) => {
                 let _ = std::fs::remove_file(&self.partial);
-                if e.downcast_ref::<Cancelled>().is_some()
+                if crate::cancel::is_interrupted(&e)
                     || e.downcast_ref::<NotADiskImage>().is_some()
                     || e.downcast_ref::<TooLarge>().is_some()
                 {

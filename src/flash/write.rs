@@ -20,6 +20,7 @@ use sha2::{Digest, Sha256};
 
 use super::map::Extents;
 use super::target::Target;
+use crate::cancel::Interrupted;
 use crate::image::Overlay;
 
 /// O_DIRECT writes of 16 MiB keep a card's queue busy: with 4 MiB, --full was
@@ -231,50 +232,29 @@ pub struct Outcome {
     pub verified: bool,
 }
 
-#[derive(Debug)]
-pub struct InterruptedError {
-    /// The whole image was on the card; the read-back was cut short.
-    pub(super) written: bool,
-    /// Why the card's partition table could not be erased, if it could not.
-    pub(super) not_erased: Option<String>,
-}
-
-impl std::fmt::Display for InterruptedError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(if self.written {
-            "interrupted while verifying: the card is not verified"
-        } else {
-            "interrupted before the card was complete"
-        })?;
-        match &self.not_erased {
-            None => f.write_str(&format!("; {ERASED}")),
-            Some(why) => write!(f, "; {} ({why}): do not use this card", NOT_ERASED),
-        }
-    }
-}
-
-/// A card that failed, and what it was left as.
-#[derive(Debug)]
+/// A card that failed or was interrupted: what it is left as, over why.
+#[derive(Debug, thiserror::Error)]
+#[error("{left}")]
 pub(super) struct Failed {
-    pub(super) cause: String,
     /// `ERASED`, or why it could not be.
-    pub(super) left: String,
+    left: String,
+    #[source]
+    cause: anyhow::Error,
 }
-
-impl std::fmt::Display for Failed {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}; {}", self.cause, self.left)
-    }
-}
-
-impl std::error::Error for Failed {}
 
 /// What a failed card is left as.
-const ERASED: &str = "its partition table is erased: the card holds no partition table and \
-                      will not boot (flash it again)";
-const NOT_ERASED: &str = "and its partition table could not be erased";
+const ERASED: &str = "the card holds no partition table and will not boot (flash it again)";
+const NOT_ERASED: &str = "its partition table could not be erased";
 
-impl std::error::Error for InterruptedError {}
+/// The interrupt of a card whose whole image was written or not.
+fn interrupted(written: bool) -> anyhow::Error {
+    Interrupted::when(if written {
+        "while verifying: the card is not verified"
+    } else {
+        "before the card was complete"
+    })
+    .into()
+}
 
 /// How the cards are written.
 #[derive(Debug, Clone, Copy)]
@@ -374,9 +354,10 @@ pub(super) fn join_cards<T>(
 fn explain<T>(read: &Result<()>, card: Result<T>, cancel: &AtomicBool) -> Result<T> {
     match (read, card) {
         (Err(e), Err(card)) if !cancel.load(Ordering::Relaxed) => {
+            // The reader's error is every card's cause: each gets its words.
             Err(match card.downcast::<Failed>() {
                 Ok(failed) => anyhow!(Failed {
-                    cause: format!("{e:#}"),
+                    cause: anyhow!("{e:#}"),
                     ..failed
                 }),
                 Err(card) => card,
@@ -551,10 +532,7 @@ fn card(
         Ok(outcome) => return Ok(outcome),
         Err(e) => e,
     };
-    let interrupted = error
-        .downcast_ref::<InterruptedError>()
-        .map(|interrupted| interrupted.written);
-    Err(erase_after(target, &erase_set, error, interrupted))
+    Err(erase_after(target, &erase_set, error))
 }
 
 /// Before a card's first write: a file emptied, a device's old tables erased
@@ -567,29 +545,19 @@ pub(super) fn start_card(target: &Target, erase_set: &Extents) -> Result<()> {
     Ok(())
 }
 
-/// A card that failed (`interrupted`: stopped by Ctrl-C, with whether the whole
-/// image was on it) gets its tables erased again; the error says what it is
-/// left as.
+/// A card that failed or was interrupted gets its tables erased again; the
+/// error says what it is left as, over its cause.
 pub(super) fn erase_after(
     target: &Target,
     erase_set: &Extents,
     error: anyhow::Error,
-    interrupted: Option<bool>,
 ) -> anyhow::Error {
-    let erased = erase(target, erase_set).map_err(|e| format!("{e:#}"));
-    if let Some(written) = interrupted {
-        return anyhow!(InterruptedError {
-            written,
-            not_erased: erased.err(),
-        });
-    }
-    anyhow!(Failed {
-        cause: format!("{error:#}"),
-        left: match erased {
-            Ok(()) => ERASED.to_string(),
-            Err(why) => format!("{NOT_ERASED} ({why}): do not use this card"),
-        },
-    })
+    let left = match erase(target, erase_set) {
+        Ok(()) => ERASED.to_string(),
+        // One chain holds one cause: the erase's own failure is told in words.
+        Err(why) => format!("{NOT_ERASED} ({why:#}): do not use this card"),
+    };
+    anyhow!(Failed { left, cause: error })
 }
 
 /// Writes zeroes over `set` and flushes them to the card.
@@ -630,10 +598,7 @@ fn write_and_verify(
     let path = target.info.path.display().to_string();
     let ended_early = |written| {
         if cancel.load(Ordering::Relaxed) {
-            anyhow!(InterruptedError {
-                written,
-                not_erased: None,
-            })
+            interrupted(written)
         } else {
             anyhow!("the image could not be read to the end")
         }
@@ -938,10 +903,9 @@ mod tests {
             &cancel,
         );
         let error = results.into_iter().next().unwrap().unwrap_err();
+        assert!(crate::cancel::is_interrupted(&error), "{error:#}");
         assert!(
-            error
-                .downcast_ref::<InterruptedError>()
-                .is_some_and(|e| e.written),
+            format!("{error:#}").contains("while verifying: the card is not verified"),
             "{error:#}"
         );
         assert_erased(&cards[0], &format!("{error:#}"));
