@@ -209,11 +209,10 @@ impl<D: Read + Write + Seek + Debug + 'static> Image<D> {
 
     fn open_boot(&self, journal: Option<Journal>) -> Result<BootFs<D>> {
         let partition = self.boot_partition()?;
-        BootFs::open(self.slice(partition), journal).map_err(|e| {
-            anyhow!(
-                "partition {} (type {}) does not hold a readable FAT filesystem: {e:#}",
-                partition.number,
-                partition.type_id
+        BootFs::open(self.slice(partition), journal).with_context(|| {
+            format!(
+                "partition {} (type {}) does not hold a readable FAT filesystem",
+                partition.number, partition.type_id
             )
         })
     }

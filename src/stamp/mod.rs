@@ -122,13 +122,18 @@ pub fn stamp(config: &StampConfig) -> Result<Outcome> {
     let Some(issued) = issued else {
         return result;
     };
-    if let Err(e) = &result {
+    if let Err(e) = result {
         let id = issued.id().to_string();
+        // The stamp's error stays the cause; what became of the activation is
+        // said around it (a second failure in words: a chain has one cause).
         return Err(match issued.withdraw() {
-            Ok(()) => anyhow::anyhow!("{e:#} (its activation {id} was deleted again)"),
-            Err(d) => anyhow::anyhow!(
-                "{e:#}; deleting its activation {id} failed too: {d:#} (delete it with `piprov activation delete {id}`)"
-            ),
+            Ok(()) => e.context(format!(
+                "the image is not stamped, and its activation {id} was deleted again"
+            )),
+            Err(d) => e.context(format!(
+                "the image is not stamped, and deleting its activation {id} failed too: {d:#} \
+                 (delete it with `piprov activation delete {id}`)"
+            )),
         });
     }
     issued.keep();
