@@ -23,8 +23,10 @@ station-demo: deps build
 lint: deps
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --all-targets -- -D warnings
-	# The workstation tool alone, without the servers (cargo features).
+	# The workstation tool alone, and with each server alone (cargo features).
 	$(CARGO) clippy --no-default-features --lib --bins -- -D warnings
+	$(CARGO) clippy --no-default-features --features broker --lib --bins -- -D warnings
+	$(CARGO) clippy --no-default-features --features station --lib --bins -- -D warnings
 	shellcheck -x -s sh tests/fixtures/*.sh bench/*.sh tests/e2e/*.sh tests/standins/* scripts/*.sh $(wildcard firstboot/*.sh)
 
 # Every test, with a private PostgreSQL server up (scripts/with-postgres.sh);

@@ -18,6 +18,8 @@ pub mod progress;
 pub mod recipe;
 pub mod region;
 pub mod runtime;
+#[cfg(feature = "sql")]
+pub mod sql;
 pub mod ssm;
 pub mod stamp;
 #[cfg(feature = "station")]

@@ -17,6 +17,98 @@ use common::ssm_endpoint::SsmEndpoint;
 use common::*;
 use tempfile::TempDir;
 
+/// Two benches on one PostgreSQL record, each writing its cards' rows and
+/// then their outcomes at the same time: the record holds every row of both,
+/// each as last written, under ids of its own; `station record` prints them.
+#[test]
+fn two_benches_keep_one_record_in_postgres() {
+    use piprov::station::record::{Place, Record, Row};
+    let Some(postgres) = common::postgres::server() else {
+        return;
+    };
+    let url = postgres.new_database();
+    let at: Place = url.parse().unwrap();
+    let benches: Vec<_> = ["bench-a", "bench-b"]
+        .into_iter()
+        .map(|run| {
+            let at = at.clone();
+            std::thread::spawn(move || {
+                // Each bench opens (and so prepares) the record itself.
+                let record = Record::open(&at).unwrap();
+                for number in 1..=20u32 {
+                    let mut row = Row {
+                        run: run.into(),
+                        number: Some(number),
+                        hostname: Some(format!("{run}-{number}")),
+                        device: format!("/dev/sd{number}"),
+                        size: 8 << 30,
+                        image_sha256: "ab".repeat(32),
+                        started: "2026-12-06T00:00:00Z".into(),
+                        result: "writing".into(),
+                        ..Row::default()
+                    };
+                    record.put(&mut row).unwrap();
+                    row.result = "done".into();
+                    row.verified = true;
+                    row.bytes = u64::from(number) << 30;
+                    row.finished = Some("2026-12-06T00:05:00Z".into());
+                    record.put(&mut row).unwrap();
+                }
+            })
+        })
+        .collect();
+    for bench in benches {
+        bench.join().unwrap();
+    }
+    let rows = record_rows(Path::new(&url));
+    assert_eq!(rows.len(), 40, "{rows:#?}");
+    for run in ["bench-a", "bench-b"] {
+        let mut numbers: Vec<u64> = rows
+            .iter()
+            .filter(|r| r["run"] == run)
+            .map(|r| r["number"].as_u64().unwrap())
+            .collect();
+        numbers.sort();
+        assert_eq!(numbers, (1..=20).collect::<Vec<_>>(), "{run}");
+    }
+    for row in &rows {
+        assert_eq!(row["result"], "done", "{row}");
+        assert_eq!(row["verified"], true, "{row}");
+        let number = row["number"].as_u64().unwrap();
+        assert_eq!(row["bytes"].as_u64().unwrap(), number << 30, "{row}");
+        assert_eq!(row["size"].as_u64().unwrap(), 8 << 30, "{row}");
+    }
+    // A password in the URL is never shown, in the output or an error.
+    let secret = "s3cret-pw";
+    let with_password = url.replacen("piprov@", &format!("piprov:{secret}@"), 1);
+    assert_ne!(with_password, url);
+    let printed = succeed(
+        piprov()
+            .args(["station", "record", "--record"])
+            .arg(&with_password),
+    );
+    let gone = with_password.replace("piprov_test_", "piprov_gone_");
+    let failed = piprov()
+        .args(["station", "record", "--record"])
+        .arg(&gone)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&failed.stderr);
+    assert!(!failed.status.success());
+    assert!(
+        stderr.contains("piprov_gone_"),
+        "the record is named: {stderr}"
+    );
+    for out in [
+        &printed.stdout,
+        &printed.stderr,
+        &failed.stdout,
+        &failed.stderr,
+    ] {
+        assert!(!String::from_utf8_lossy(out).contains(secret));
+    }
+}
+
 struct Station {
     child: Child,
     lines: mpsc::Receiver<serde_json::Value>,
@@ -546,7 +638,12 @@ fn a_card_pulled_or_stopped_mid_write_is_either_done_or_plainly_no_card() {
     let image = fixture("golden", &dir);
     let len = std::fs::metadata(&image).unwrap().len();
     let recipe = embedded_recipe(dir.path());
-    let record = dir.path().join("station.db");
+    // Two runs keep one record in PostgreSQL, as benches sharing one do (the
+    // URL passed where a path goes: --record takes either).
+    let record = match common::postgres::server() {
+        Some(postgres) => PathBuf::from(postgres.new_database()),
+        None => dir.path().join("station.db"),
+    };
     let readers: Vec<Reader> = (1..=3)
         .map(|i| Reader::new(&dir, &format!("slow{i}")))
         .collect();

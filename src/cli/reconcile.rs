@@ -73,11 +73,9 @@ pub fn run(
 /// The cards a station record says were written (`done`).
 #[cfg(feature = "station")]
 fn cards_in_record(path: &Path) -> Result<Vec<MadeCard>> {
-    use crate::station::record::Record;
-    if !path.exists() {
-        bail!("no station record at {}", path.display());
-    }
-    let rows = Record::read(path)?;
+    use crate::station::record::{Place, Record};
+    let at: Place = path.to_string_lossy().parse().map_err(anyhow::Error::msg)?;
+    let rows = Record::read(&at)?;
     Ok(rows
         .into_iter()
         .filter(|row| row.result == "done")
@@ -92,10 +90,9 @@ fn cards_in_record(path: &Path) -> Result<Vec<MadeCard>> {
 }
 
 #[cfg(not(feature = "station"))]
-fn cards_in_record(path: &Path) -> Result<Vec<MadeCard>> {
+fn cards_in_record(_: &Path) -> Result<Vec<MadeCard>> {
     bail!(
-        "{} is a station record, and this piprov was built without the station (cargo \
-         feature `station`): give --manifest, or use a piprov built with it",
-        path.display()
+        "--record names a station record, and this piprov was built without the station \
+         (cargo feature `station`): give --manifest, or use a piprov built with it"
     )
 }

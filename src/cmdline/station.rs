@@ -6,14 +6,15 @@ use std::path::PathBuf;
 use clap::{Args, Subcommand};
 
 use super::AwsArgs;
+use crate::station::record::Place;
 
 #[derive(Debug, Subcommand)]
 pub enum StationAction {
     /// Print the station's record: one row per card
     Record {
-        /// The record (SQLite file)
-        #[arg(long, default_value = "station.db")]
-        record: PathBuf,
+        /// The record: an SQLite file, or a postgres:// URL
+        #[arg(long, value_name = "DB", default_value = "station.db")]
+        record: Place,
         /// Print JSON
         #[arg(long, conflicts_with = "csv")]
         json: bool,
@@ -45,9 +46,11 @@ pub struct StationConfig {
     /// Serve the bench's page and its JSON here (e.g. 127.0.0.1:8080); read-only
     #[arg(long, value_name = "ADDR")]
     pub listen: Option<SocketAddr>,
-    /// The record: an SQLite file, one row per card
+    /// The record, one row per card: an SQLite file, or a PostgreSQL database
+    /// (postgres://USER@HOST/DB; the password from the URL or PGPASSWORD) that
+    /// several benches share
     #[arg(long, value_name = "DB", default_value = "station.db")]
-    pub record: PathBuf,
+    pub record: Place,
     /// Only disks matching: a kernel name or /dev path glob (sd?, /dev/sd*), or a
     /// reader's stable path (/dev/disk/by-path/…); repeatable. A disk present at
     /// start is written only when named here

@@ -475,7 +475,7 @@ pub fn run(config: &StationConfig) -> Result<()> {
     }
     eprintln!(
         "piprov station: stopped; the record is in {}",
-        config.record.display()
+        config.record
     );
     if stopped > 0 {
         bail!(
@@ -665,11 +665,8 @@ fn start_card(
 }
 
 /// `piprov station record`: the rows, as a table, JSON or CSV.
-pub fn print_record(path: &Path, format: RecordFormat) -> Result<()> {
-    if !path.exists() {
-        bail!("no station record at {}", path.display());
-    }
-    let rows = Record::read(path)?;
+pub fn print_record(at: &record::Place, format: RecordFormat) -> Result<()> {
+    let rows = Record::read(at)?;
     let mut out = std::io::stdout().lock();
     use std::io::Write;
     match format {

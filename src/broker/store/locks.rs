@@ -5,8 +5,8 @@
 
 use anyhow::Result;
 
-use super::db::{Conn, Pool, args};
 use super::local_locks::{LocalGuard, SerialLocks};
+use crate::sql::db::{Conn, Pool, args};
 
 /// Held while a request works for one serial; [`SerialGuard::release`] ends it.
 pub enum SerialGuard {

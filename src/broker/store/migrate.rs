@@ -4,7 +4,7 @@
 
 use anyhow::{Context, Result, bail};
 
-use super::db::{Pool, args};
+use crate::sql::db::{Pool, args};
 
 /// (version, SQL) in order; SQLite's and PostgreSQL's lists keep step.
 const SQLITE: &[(i64, &str)] = &[
@@ -62,7 +62,7 @@ pub async fn run(pool: &Pool) -> Result<()> {
 
 /// A database from the first release has no device_policy column; later ones
 /// made before versioned migrations have it.
-async fn add_device_policy(tx: &mut super::db::Txn) -> Result<()> {
+async fn add_device_policy(tx: &mut crate::sql::db::Txn) -> Result<()> {
     let has = tx
         .query_opt(
             "SELECT COUNT(*) FROM pragma_table_info('tokens') WHERE name = 'device_policy'",

@@ -9,9 +9,7 @@
 //! db (one SQL text for both) → migrate (versioned, at open) → locks (one
 //! request per serial, across brokers) → this file (the records).
 
-mod db;
 mod local_locks;
-mod location;
 mod locks;
 mod migrate;
 
@@ -23,8 +21,8 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use super::device::{Device, DeviceKey, DevicePolicy};
-use db::{Pool, Row, Step, args};
-pub use location::{Location, is_postgres_url};
+use crate::sql::db::{self, Pool, Row, Step, args};
+pub use crate::sql::{Location, is_postgres_url};
 pub use locks::SerialGuard;
 
 pub fn now() -> i64 {

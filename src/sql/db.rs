@@ -69,7 +69,7 @@ impl From<Option<String>> for Param {
 /// The arguments of one statement, in placeholder order.
 macro_rules! args {
     ($($value:expr),* $(,)?) => {
-        vec![$($crate::broker::store::db::Param::from($value)),*]
+        vec![$($crate::sql::db::Param::from($value)),*]
     };
 }
 pub(crate) use args;
@@ -226,6 +226,8 @@ fn sqlite_placeholders(sql: &str) -> String {
 /// deadpool-sqlite's manager runs one on every checkout.
 pub struct SqliteManager {
     path: std::path::PathBuf,
+    /// Opened read-only: nothing in the file changes.
+    read_only: bool,
 }
 
 impl deadpool::managed::Manager for SqliteManager {
@@ -234,7 +236,14 @@ impl deadpool::managed::Manager for SqliteManager {
 
     async fn create(&self) -> Result<Self::Type, Self::Error> {
         let path = self.path.clone();
+        let read_only = self.read_only;
         SyncWrapper::new(Runtime::Tokio1, move || {
+            if read_only {
+                let flags = rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY;
+                let c = rusqlite::Connection::open_with_flags(path, flags)?;
+                c.busy_timeout(Duration::from_secs(10))?;
+                return Ok(c);
+            }
             let c = rusqlite::Connection::open(path)?;
             c.busy_timeout(Duration::from_secs(10))?;
             // secure_delete: a used code's sealed bytes are overwritten, not
@@ -307,7 +316,7 @@ fn restrict_to_owner(path: &Path) -> Result<()> {
         .append(true)
         .mode(0o600)
         .open(path)
-        .with_context(|| format!("creating the broker database {}", path.display()))?;
+        .with_context(|| format!("creating the database {}", path.display()))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
         .with_context(|| format!("making {} private", path.display()))
 }
@@ -328,13 +337,31 @@ impl Pool {
             conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))
         })
         .await?
-        .with_context(|| format!("opening the broker database {}", path.display()))?;
+        .with_context(|| format!("opening the database {}", path.display()))?;
         if mode != "wal" {
             bail!("{}: could not switch to WAL (got {mode})", path.display());
         }
         let manager = SqliteManager {
             path: path.to_path_buf(),
+            read_only: false,
         };
+        Self::sqlite_pool(manager, size)
+    }
+
+    /// An existing SQLite file, read-only: reading it changes nothing in it,
+    /// not even its journal mode.
+    pub fn sqlite_read_only(path: &Path) -> Result<Pool> {
+        if !path.is_file() {
+            bail!("{} is not there", path.display());
+        }
+        let manager = SqliteManager {
+            path: path.to_path_buf(),
+            read_only: true,
+        };
+        Self::sqlite_pool(manager, 1)
+    }
+
+    fn sqlite_pool(manager: SqliteManager, size: usize) -> Result<Pool> {
         let pool = SqlitePool::builder(manager)
             .max_size(size)
             .runtime(Runtime::Tokio1)
