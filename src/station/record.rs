@@ -89,7 +89,21 @@ pub struct Row {
 }
 
 pub struct Record {
-    pool: Pool,
+    /// Taken only by `drop`.
+    pool: Option<Pool>,
+}
+
+impl Drop for Record {
+    /// An SQLite connection closes on the runtime's blocking threads: the pool
+    /// is dropped inside the runtime.
+    fn drop(&mut self) {
+        if let Some(pool) = self.pool.take() {
+            let _ = block_on(async move {
+                drop(pool);
+                Ok(())
+            });
+        }
+    }
 }
 
 /// The table, in SQLite's words and PostgreSQL's; one name for both.
@@ -153,9 +167,13 @@ impl Record {
                 Place::Postgres(url) => postgres(url)?,
             };
             prepare(&pool).await?;
-            Ok(Self { pool })
+            Ok(Self { pool: Some(pool) })
         })
         .with_context(|| format!("opening the station record {at}"))
+    }
+
+    fn pool(&self) -> &Pool {
+        self.pool.as_ref().expect("taken only when dropped")
     }
 
     /// Writes a card's row, or its new state over the row written before.
@@ -186,7 +204,7 @@ impl Record {
                         "INSERT INTO cards ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, \
                          $9, $10, $11, $12, $13, $14, $15, $16, $17) RETURNING id"
                     );
-                    let made = self.pool.query_opt(&sql, values).await?;
+                    let made = self.pool().query_opt(&sql, values).await?;
                     row.id = Some(made.context("no id came back")?.int(0)?);
                 }
                 Some(id) => {
@@ -198,7 +216,7 @@ impl Record {
                     let sql = format!("UPDATE cards SET {} WHERE id = $18", sets.join(", "));
                     let mut values = values;
                     values.push(id.into());
-                    self.pool.execute(&sql, values).await?;
+                    self.pool().execute(&sql, values).await?;
                 }
             }
             Ok(())
