@@ -279,6 +279,15 @@ fn written_by(run: &str, dev: &Path) -> Option<String> {
     (stamp.station_run.as_deref() == Some(run)).then(|| stamp.hostname.unwrap_or_default())
 }
 
+/// Whether a card holding a done card's stamp is that card: when both
+/// identities are known they must match; without one, the stamp decides.
+fn same_card(recorded: Option<&str>, now: Option<&str>) -> bool {
+    match (recorded, now) {
+        (Some(recorded), Some(now)) => recorded == now,
+        _ => true,
+    }
+}
+
 /// What a card's worker says when it is done.
 struct Finished {
     row: Row,
@@ -346,6 +355,17 @@ pub fn run(config: &StationConfig) -> Result<()> {
         allow_large: false,
     };
     let (done_tx, done_rx) = mpsc::channel::<Finished>();
+    let bench = Bench {
+        config,
+        recipe: &recipe,
+        source: &source,
+        run: &run,
+        policy: &policy,
+        pattern: &pattern,
+        record: &record,
+        board: &board,
+        done: done_tx,
+    };
     // The medium last seen in each disk (written, refused or known): a
     // `change` that finds the same one (the kernel's own, after a write) is
     // not a new card. Events are read late, so a card pulled and another
@@ -412,19 +432,7 @@ pub fn run(config: &StationConfig) -> Result<()> {
             continue;
         }
         for name in std::mem::take(&mut candidates) {
-            let started = start_card(
-                config,
-                &recipe,
-                &source,
-                &run,
-                &policy,
-                &pattern,
-                number + 1,
-                &name,
-                &record,
-                &board,
-                &done_tx,
-            )?;
+            let started = bench.start_card(number + 1, &name)?;
             if let Some(started) = started {
                 number += 1;
                 writing.insert(name.clone(), started);
@@ -516,152 +524,174 @@ fn refresh(view: &mut CardView, progress: &Progress) -> bool {
     before != (view.state.clone(), view.percent, view.speed)
 }
 
-/// Checks a candidate and, when it passes, starts writing it on its own
-/// thread. Returns its view and its progress while it is being written.
-#[allow(clippy::too_many_arguments)]
-fn start_card(
-    config: &StationConfig,
-    recipe: &crate::recipe::LoadedRecipe,
-    source: &crate::flash::source::Source,
-    run: &str,
-    policy: &Policy,
-    pattern: &Option<String>,
-    number: u32,
-    name: &str,
-    record: &Record,
-    board: &Board,
-    done: &mpsc::Sender<Finished>,
-) -> Result<Option<(CardView, Arc<Progress>)>> {
-    let dev = PathBuf::from(format!("/dev/{name}"));
-    let info = target::probe(&dev);
-    let hostname = hostname_for(pattern.as_deref(), number);
-    let mut row = Row {
-        run: run.to_string(),
-        number: Some(number),
-        hostname: hostname.clone(),
-        device: dev.display().to_string(),
-        reader: reader_path(name),
-        identity: info.as_ref().ok().and_then(|i| identity(name, i)),
-        size: info.as_ref().map_or(0, |i| i.size),
-        image_sha256: source.sha256.clone(),
-        recipe: recipe.recipe.name.clone(),
-        started: now(),
-        result: "writing".into(),
-        ..Row::default()
-    };
-    let mut view = CardView {
-        id: next_view_id(),
-        number: Some(number),
-        device: row.device.clone(),
-        hostname: hostname.clone(),
-        state: "writing".into(),
-        reason: None,
-        activation_id: None,
-        activation_withdrawn: false,
-        bytes: 0,
-        percent: None,
-        speed: None,
-        started: row.started.clone(),
-        finished: None,
-    };
-    let refused = match &info {
-        Err(e) => Some(format!("{e:#}")),
-        Ok(info) => target::refusal(info, policy),
-    };
-    let already = if refused.is_none() && !config.again {
-        written_by(run, &dev)
-    } else {
-        None
-    };
-    if let Some(why) = refused.or(already.map(|h| {
-        format!("written by this station run already ({h}); remove it, or run with --again")
-    })) {
-        let state = if why.starts_with("written by") {
-            "already done"
-        } else {
-            "refused"
+/// What every card of a run is written with and reported to.
+struct Bench<'a> {
+    config: &'a StationConfig,
+    recipe: &'a crate::recipe::LoadedRecipe,
+    /// The decoded image, hashed.
+    source: &'a crate::flash::source::Source,
+    run: &'a str,
+    policy: &'a Policy,
+    /// The hostname pattern, `{number}` the card's number in the run.
+    pattern: &'a Option<String>,
+    record: &'a Record,
+    board: &'a Board,
+    /// Told when a card's writer ends.
+    done: mpsc::Sender<Finished>,
+}
+
+impl Bench<'_> {
+    /// Checks a candidate and, when it passes, starts writing it on its own
+    /// thread. Returns its view and its progress while it is being written.
+    fn start_card(&self, number: u32, name: &str) -> Result<Option<(CardView, Arc<Progress>)>> {
+        let Bench {
+            config,
+            recipe,
+            source,
+            run,
+            policy,
+            pattern,
+            record,
+            board,
+            done,
+        } = self;
+        let dev = PathBuf::from(format!("/dev/{name}"));
+        let info = target::probe(&dev);
+        let hostname = hostname_for(pattern.as_deref(), number);
+        let mut row = Row {
+            run: run.to_string(),
+            number: Some(number),
+            hostname: hostname.clone(),
+            device: dev.display().to_string(),
+            reader: reader_path(name),
+            identity: info.as_ref().ok().and_then(|i| identity(name, i)),
+            size: info.as_ref().map_or(0, |i| i.size),
+            image_sha256: source.sha256.clone(),
+            recipe: recipe.recipe.name.clone(),
+            started: now(),
+            result: "writing".into(),
+            ..Row::default()
         };
-        row.number = None;
-        row.hostname = None;
-        view.number = None;
-        view.hostname = None;
-        row.result = state.into();
-        row.reason = Some(why.clone());
-        row.finished = Some(now());
-        view.state = state.into();
-        view.reason = Some(why);
-        view.finished = row.finished.clone();
+        let mut view = CardView {
+            id: next_view_id(),
+            number: Some(number),
+            device: row.device.clone(),
+            hostname: hostname.clone(),
+            state: "writing".into(),
+            reason: None,
+            activation_id: None,
+            activation_withdrawn: false,
+            bytes: 0,
+            percent: None,
+            speed: None,
+            started: row.started.clone(),
+            finished: None,
+        };
+        let refused = match &info {
+            Err(e) => Some(format!("{e:#}")),
+            Ok(info) => target::refusal(info, policy),
+        };
+        let already = if refused.is_none() && !config.again {
+            // The stamp says which card of this run it holds; a card of its
+            // own identity (CID, reader serial) is that card, one of another
+            // is a copy of it (dd), which must get an identity of its own.
+            written_by(run, &dev).filter(|hostname| {
+                let recorded = record.identity_of(run, hostname).ok().flatten();
+                same_card(recorded.as_deref(), row.identity.as_deref())
+            })
+        } else {
+            None
+        };
+        if let Some(why) = refused.or(already.map(|h| {
+            format!("written by this station run already ({h}); remove it, or run with --again")
+        })) {
+            let state = if why.starts_with("written by") {
+                "already done"
+            } else {
+                "refused"
+            };
+            row.number = None;
+            row.hostname = None;
+            view.number = None;
+            view.hostname = None;
+            row.result = state.into();
+            row.reason = Some(why.clone());
+            row.finished = Some(now());
+            view.state = state.into();
+            view.reason = Some(why);
+            view.finished = row.finished.clone();
+            record.put(&mut row)?;
+            board.show(&view);
+            return Ok(None);
+        }
         record.put(&mut row)?;
         board.show(&view);
-        return Ok(None);
-    }
-    record.put(&mut row)?;
-    board.show(&view);
-    let flash_config = crate::cmdline::FlashConfig {
-        cards: vec![crate::flash::CardSpec {
-            device: dev.clone(),
-            hostname: hostname.clone(),
-            overrides: Vec::new(),
-        }],
-        station_run: Some(run.to_string()),
-        image: source.path.clone(),
-        targets: vec![dev],
-        targets_file: None,
-        recipe: Some(config.recipe().to_path_buf()),
-        hostname: None,
-        overrides: config.overrides.clone(),
-        full: false,
-        no_verify: false,
-        sha256: Some(source.sha256.clone()),
-        max_size: None,
-        as_is: false,
-        bmap: None,
-        no_bmap: false,
-        manifest: None,
-        yes: true,
-        allow_non_removable: config.allow_non_removable,
-        allow_large: false,
-        quiet: true,
-        json: false,
-        aws: config.aws.clone(),
-    };
-    let done = done.clone();
-    let progress = Arc::new(Progress::new(Mode::Quiet));
-    let watched = (view.clone(), progress.clone());
-    std::thread::spawn(move || {
-        let outcome = crate::flash::flash(&flash_config, &progress, &CANCEL_WRITES);
-        match outcome {
-            Ok(summary) => {
-                let card = &summary.cards[0];
-                let ok = card.result == crate::flash::CardResult::Ok;
-                row.activation_id = card.activation_id.clone();
-                row.activation_withdrawn = card.activation_deleted;
-                row.bytes = card.bytes_written;
-                row.verified = card.verified;
-                row.result = if ok { "done" } else { "failed" }.into();
-                row.reason = card.error.clone();
-            }
-            Err(e) => {
-                row.result = "failed".into();
-                row.reason = Some(format!("{e:#}"));
-            }
-        }
-        row.finished = Some(now());
-        view.state = if row.result == "done" {
-            "done".into()
-        } else {
-            "failed".into()
+        let flash_config = crate::cmdline::FlashConfig {
+            cards: vec![crate::flash::CardSpec {
+                device: dev.clone(),
+                hostname: hostname.clone(),
+                overrides: Vec::new(),
+            }],
+            station_run: Some(run.to_string()),
+            image: source.path.clone(),
+            targets: vec![dev],
+            targets_file: None,
+            recipe: Some(config.recipe().to_path_buf()),
+            hostname: None,
+            overrides: config.overrides.clone(),
+            full: false,
+            no_verify: false,
+            sha256: Some(source.sha256.clone()),
+            max_size: None,
+            as_is: false,
+            bmap: None,
+            no_bmap: false,
+            manifest: None,
+            yes: true,
+            allow_non_removable: config.allow_non_removable,
+            allow_large: false,
+            quiet: true,
+            json: false,
+            aws: config.aws.clone(),
         };
-        view.reason = row.reason.clone();
-        view.percent = None;
-        view.speed = None;
-        view.activation_id = row.activation_id.clone();
-        view.activation_withdrawn = row.activation_withdrawn;
-        view.bytes = row.bytes;
-        view.finished = row.finished.clone();
-        let _ = done.send(Finished { row, view });
-    });
-    Ok(Some(watched))
+        let done = done.clone();
+        let progress = Arc::new(Progress::new(Mode::Quiet));
+        let watched = (view.clone(), progress.clone());
+        std::thread::spawn(move || {
+            let outcome = crate::flash::flash(&flash_config, &progress, &CANCEL_WRITES);
+            match outcome {
+                Ok(summary) => {
+                    let card = &summary.cards[0];
+                    let ok = card.result == crate::flash::CardResult::Ok;
+                    row.activation_id = card.activation_id.clone();
+                    row.activation_withdrawn = card.activation_deleted;
+                    row.bytes = card.bytes_written;
+                    row.verified = card.verified;
+                    row.result = if ok { "done" } else { "failed" }.into();
+                    row.reason = card.error.clone();
+                }
+                Err(e) => {
+                    row.result = "failed".into();
+                    row.reason = Some(format!("{e:#}"));
+                }
+            }
+            row.finished = Some(now());
+            view.state = if row.result == "done" {
+                "done".into()
+            } else {
+                "failed".into()
+            };
+            view.reason = row.reason.clone();
+            view.percent = None;
+            view.speed = None;
+            view.activation_id = row.activation_id.clone();
+            view.activation_withdrawn = row.activation_withdrawn;
+            view.bytes = row.bytes;
+            view.finished = row.finished.clone();
+            let _ = done.send(Finished { row, view });
+        });
+        Ok(Some(watched))
+    }
 }
 
 /// `piprov station record`: the rows, as a table, JSON or CSV.
@@ -757,6 +787,32 @@ mod tests {
         assert!(wildcard("/dev/sd?", "/dev/sdc"));
         assert!(!wildcard("sd?", "sdab"));
         assert!(!wildcard("loop*", "sdb"));
+    }
+
+    /// A card put back is known by its stamp; a dd copy of a done card holds
+    /// the same stamp, and its own CID tells it apart: it is written anew.
+    #[test]
+    fn a_copy_of_a_done_card_is_not_taken_for_it() {
+        let dir = tempfile::TempDir::new().unwrap();
+        let record = Record::open(&record::Place::File(dir.path().join("r.db"))).unwrap();
+        let mut row = Row {
+            run: "run-1".into(),
+            hostname: Some("bench-1".into()),
+            identity: Some("cid:0353445344313647".into()),
+            result: "done".into(),
+            ..Row::default()
+        };
+        record.put(&mut row).unwrap();
+        let recorded = record.identity_of("run-1", "bench-1").unwrap();
+        assert_eq!(recorded.as_deref(), Some("cid:0353445344313647"));
+        assert!(same_card(recorded.as_deref(), Some("cid:0353445344313647")));
+        assert!(!same_card(
+            recorded.as_deref(),
+            Some("cid:03534453443136ff")
+        ));
+        // A reader that tells no identity: the stamp decides.
+        assert!(same_card(recorded.as_deref(), None));
+        assert_eq!(record.identity_of("run-2", "bench-1").unwrap(), None);
     }
 
     #[test]

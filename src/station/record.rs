@@ -224,6 +224,23 @@ impl Record {
         .context("writing the station record")
     }
 
+    /// The identity (CID, reader serial) recorded for the card of `run` done
+    /// as `hostname`: none when none was recorded, or no such card is done.
+    pub fn identity_of(&self, run: &str, hostname: &str) -> Result<Option<String>> {
+        block_on(async {
+            let row = self
+                .pool()
+                .query_opt(
+                    "SELECT identity FROM cards WHERE run = $1 AND hostname = $2 \
+                     AND result = 'done' ORDER BY id DESC LIMIT 1",
+                    args![run, hostname],
+                )
+                .await?;
+            row.map(|r| r.opt_text(0)).transpose().map(Option::flatten)
+        })
+        .context("reading the station record")
+    }
+
     /// The rows of the record at `at`. An SQLite file is opened read-only:
     /// printing or reconciling a record changes nothing in it (an older
     /// record is read as it is, its missing column as its default).
