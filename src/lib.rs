@@ -5,6 +5,7 @@ pub mod account;
 pub mod broker;
 pub mod cache;
 pub mod cancel;
+pub mod capture;
 pub mod cli;
 pub mod cmdline;
 pub mod digest;

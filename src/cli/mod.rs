@@ -66,6 +66,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         #[cfg(feature = "station")]
         Command::Station(args) => station(args),
         Command::Flash(config) => flash(config.validated()?),
+        Command::Capture(config) => capture(&config),
         Command::Stamp(config) => stamp(&config),
         Command::Unstamp(config) => unstamp(&config),
     }
@@ -236,6 +237,57 @@ fn print_outcome(outcome: &crate::stamp::Outcome, json: bool) -> Result<ExitCode
         _ => {}
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn capture(config: &crate::cmdline::CaptureConfig) -> Result<ExitCode> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+    let _ = ctrlc::set_handler(|| INTERRUPTED.store(true, Ordering::Relaxed));
+    let progress = crate::progress::Progress::new(if config.json {
+        crate::progress::Mode::Quiet
+    } else {
+        crate::progress::Mode::Bars
+    });
+    let (summary, report) = crate::capture::capture(
+        &crate::capture::CaptureConfig {
+            source: &config.source,
+            output: &config.output,
+            shrink: !config.no_shrink,
+        },
+        &progress,
+        &INTERRUPTED,
+    )?;
+    let mut stdout = std::io::stdout().lock();
+    if config.json {
+        let out = serde_json::json!({"summary": summary, "audit": report});
+        serde_json::to_writer_pretty(&mut stdout, &out).map_err(std::io::Error::from)?;
+        writeln!(stdout)?;
+    } else {
+        writeln!(
+            stdout,
+            "{}: {} read of {}, image {} → {}{}, archive {} ({}), {:.1} s\nsha256 {}\nbmap {}\n",
+            summary.output,
+            crate::units::size(summary.bytes_read),
+            crate::units::size(summary.image_bytes_before),
+            crate::units::size(summary.image_bytes_before),
+            crate::units::size(summary.image_bytes_after),
+            summary
+                .shrunk_partition
+                .map(|n| format!(" (partition {n} shrunk)"))
+                .unwrap_or_default(),
+            crate::units::size(summary.archive_bytes),
+            summary.format,
+            summary.seconds,
+            summary.sha256,
+            summary.bmap,
+        )?;
+        write!(stdout, "{}", crate::inspect::render_text(&report))?;
+    }
+    Ok(ExitCode::from(if report.is_risky() {
+        exit::RISKY
+    } else {
+        exit::OK
+    }))
 }
 
 fn inspect(config: &InspectConfig) -> Result<ExitCode> {

@@ -20,6 +20,22 @@ pub struct InspectConfig {
     pub json: bool,
 }
 
+/// What `piprov capture` reads, and what it makes.
+#[derive(Debug, clap::Args)]
+pub struct CaptureConfig {
+    /// The set-up Pi's card (block device, opened read-only) or an image file
+    pub source: PathBuf,
+    /// The archive to make: NAME.img.xz, NAME.img.zst, NAME.img.gz or NAME.img
+    /// (the format follows the name); NAME.img.bmap and OUT.sha256 beside it
+    pub output: PathBuf,
+    /// Keep the card's geometry: do not shrink the root filesystem
+    #[arg(long)]
+    pub no_shrink: bool,
+    /// Print the summary (and the audit) as JSON
+    #[arg(long)]
+    pub json: bool,
+}
+
 /// What `piprov stamp` writes, and where from.
 #[derive(Debug, clap::Args)]
 pub struct StampConfig {

@@ -81,6 +81,28 @@ pub enum Command {
         after_help = "Examples:\n  piprov inspect golden.img\n  piprov inspect --json /dev/sdb | jq .findings"
     )]
     Inspect(InspectConfig),
+    /// Capture a set-up Pi's card as a small golden archive, reading only what is used
+    #[command(
+        long_about = "Capture a set-up Pi's card as a small golden archive, reading only what \
+        is used.\n\n\
+        Reads what the card's filesystems use (FAT clusters, ext4 blocks in use, everything \
+        outside the partitions) and writes holes for the rest, so old deleted data on the card \
+        never reaches the archive. The last partition's ext4 is checked (e2fsck -f) and shrunk \
+        to its used size plus a margin (resize2fs, on a temporary copy: no root, no mount), its \
+        end moved in the partition table (MBR or GPT) and the image cut there; a card flashed \
+        from it grows back on its first boot. SRC is opened read-only and refused while \
+        mounted. OUT's name picks the format: .img.xz (multi-threaded), .img.zst, .img.gz or \
+        .img (sparse); NAME.img.bmap (bmaptool's format, with checksums) and OUT.sha256 are \
+        written beside it. Everything goes to temporary names first: a capture that fails or \
+        is interrupted leaves no OUT. At the end, the captured image's audit (as inspect).\n\n\
+        Exit status: 0 captured, no risky findings; 1 captured, with risky findings (flash it \
+        with --recipe); 2 error, nothing written.",
+        after_help = "Examples:\n\
+            \x20\x20piprov capture /dev/sdb golden.img.xz\n\
+            \x20\x20piprov capture /dev/sdb golden.img.zst --no-shrink\n\
+            \x20\x20piprov capture pi.img golden.img --json | jq .summary"
+    )]
+    Capture(CaptureConfig),
     /// Put the first-boot unit and this card's settings on an image's boot partition
     #[command(
         long_about = "Put the first-boot unit and this card's settings on an image's boot partition.\n\n\

@@ -1,0 +1,240 @@
+//! The captured image written as OUT's extension asks: xz (multi-threaded,
+//! in blocks, so `flash` decodes it on every core), zstd, gzip, or a sparse
+//! `.img`. The image's map says where its data is; the rest goes in as zeroes
+//! (a hole in a `.img`). The archive's SHA-256 is taken as it is written.
+
+use std::fs::File;
+use std::io::Write;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::Path;
+use std::sync::atomic::AtomicBool;
+
+use anyhow::{Context, Result, bail};
+use sha2::{Digest, Sha256};
+
+use crate::cancel;
+use crate::flash::map::Extents;
+use crate::hex::hex;
+use crate::progress::Progress;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Xz,
+    Zst,
+    Gz,
+    Img,
+}
+
+impl Format {
+    /// By OUT's name: `.img.xz`, `.img.zst`, `.img.gz` or `.img`.
+    pub fn of(output: &Path) -> Result<Format> {
+        let name = output.to_string_lossy();
+        Ok(if name.ends_with(".xz") {
+            Format::Xz
+        } else if name.ends_with(".zst") {
+            Format::Zst
+        } else if name.ends_with(".gz") {
+            Format::Gz
+        } else if name.ends_with(".img") {
+            Format::Img
+        } else {
+            bail!(
+                "{}: name the archive .img.xz, .img.zst, .img.gz or .img (the format follows the name)",
+                output.display()
+            )
+        })
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Format::Xz => "xz",
+            Format::Zst => "zstd",
+            Format::Gz => "gzip",
+            Format::Img => "raw",
+        }
+    }
+}
+
+pub struct Written {
+    pub bytes: u64,
+    pub sha256: String,
+}
+
+/// xz's default level, as `xz` itself uses.
+const XZ_PRESET: u32 = 6;
+const PIECE: usize = 4 << 20;
+
+pub fn write(
+    image: &Path,
+    data: &Extents,
+    len: u64,
+    format: Format,
+    out: &Path,
+    progress: &Progress,
+    cancel: &AtomicBool,
+) -> Result<Written> {
+    let source = File::open(image).with_context(|| format!("opening {}", image.display()))?;
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(out)
+        .with_context(|| format!("creating {}", out.display()))?;
+    let bar = progress.bytes(&format!("{} ", format.name()), len);
+    if format == Format::Img {
+        let written = sparse(&source, data, len, &file, &bar, cancel)?;
+        bar.finish_and_clear();
+        return Ok(written);
+    }
+    let hashing = Hashing::new(file);
+    let mut encoder: Box<dyn Finish> = match format {
+        Format::Xz => {
+            let threads = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
+            let stream = liblzma::stream::MtStreamBuilder::new()
+                .threads(threads)
+                .preset(XZ_PRESET)
+                .check(liblzma::stream::Check::Crc64)
+                .encoder()
+                .context("starting the xz encoder")?;
+            Box::new(liblzma::write::XzEncoder::new_stream(hashing, stream))
+        }
+        Format::Zst => Box::new(zstd::stream::write::Encoder::new(hashing, 3)?),
+        Format::Gz => Box::new(flate2::write::GzEncoder::new(
+            hashing,
+            flate2::Compression::default(),
+        )),
+        Format::Img => unreachable!("written sparse above"),
+    };
+    let zeroes = vec![0u8; PIECE];
+    let mut buf = vec![0u8; PIECE];
+    let mut at = 0;
+    for &(start, end) in data.ranges().iter().chain([&(len, len)]) {
+        let (start, end) = (start.min(len), end.min(len));
+        while at < start {
+            cancel::check(cancel)?;
+            let n = (start - at).min(PIECE as u64) as usize;
+            encoder.write_all(&zeroes[..n]).context("compressing")?;
+            at += n as u64;
+            bar.inc(n as u64);
+        }
+        while at < end {
+            cancel::check(cancel)?;
+            let n = (end - at).min(PIECE as u64) as usize;
+            source
+                .read_exact_at(&mut buf[..n], at)
+                .context("reading the captured image")?;
+            encoder.write_all(&buf[..n]).context("compressing")?;
+            at += n as u64;
+            bar.inc(n as u64);
+        }
+    }
+    let hashing = encoder.finish_into()?;
+    bar.finish_and_clear();
+    hashing.done()
+}
+
+/// A `.img`: the data at its offsets, holes between; hashed as the image reads.
+fn sparse(
+    source: &File,
+    data: &Extents,
+    len: u64,
+    out: &File,
+    bar: &indicatif::ProgressBar,
+    cancel: &AtomicBool,
+) -> Result<Written> {
+    let mut hasher = Sha256::new();
+    let zeroes = vec![0u8; PIECE];
+    let mut buf = vec![0u8; PIECE];
+    let mut at = 0;
+    for &(start, end) in data.ranges().iter().chain([&(len, len)]) {
+        let (start, end) = (start.min(len), end.min(len));
+        while at < start {
+            cancel::check(cancel)?;
+            let n = (start - at).min(PIECE as u64) as usize;
+            hasher.update(&zeroes[..n]);
+            at += n as u64;
+            bar.inc(n as u64);
+        }
+        while at < end {
+            cancel::check(cancel)?;
+            let n = (end - at).min(PIECE as u64) as usize;
+            source
+                .read_exact_at(&mut buf[..n], at)
+                .context("reading the captured image")?;
+            hasher.update(&buf[..n]);
+            if buf[..n].iter().any(|&b| b != 0) {
+                out.write_all_at(&buf[..n], at)
+                    .context("writing the image")?;
+            }
+            at += n as u64;
+            bar.inc(n as u64);
+        }
+    }
+    out.set_len(len).context("writing the image")?;
+    out.sync_all().context("flushing the image")?;
+    Ok(Written {
+        bytes: len,
+        sha256: hex(&hasher.finalize()),
+    })
+}
+
+/// The archive file, hashed and counted as the encoder writes it.
+struct Hashing {
+    file: File,
+    hasher: Sha256,
+    bytes: u64,
+}
+
+impl Hashing {
+    fn new(file: File) -> Self {
+        Self {
+            file,
+            hasher: Sha256::new(),
+            bytes: 0,
+        }
+    }
+
+    fn done(self) -> Result<Written> {
+        self.file.sync_all().context("flushing the archive")?;
+        Ok(Written {
+            bytes: self.bytes,
+            sha256: hex(&self.hasher.finalize()),
+        })
+    }
+}
+
+impl Write for Hashing {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.file.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.bytes += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.file.flush()
+    }
+}
+
+/// An encoder that ends its stream and gives back the file it wrote to.
+trait Finish: Write {
+    fn finish_into(self: Box<Self>) -> Result<Hashing>;
+}
+
+impl Finish for liblzma::write::XzEncoder<Hashing> {
+    fn finish_into(self: Box<Self>) -> Result<Hashing> {
+        (*self).finish().context("ending the xz stream")
+    }
+}
+
+impl Finish for zstd::stream::write::Encoder<'static, Hashing> {
+    fn finish_into(self: Box<Self>) -> Result<Hashing> {
+        (*self).finish().context("ending the zstd stream")
+    }
+}
+
+impl Finish for flate2::write::GzEncoder<Hashing> {
+    fn finish_into(self: Box<Self>) -> Result<Hashing> {
+        (*self).finish().context("ending the gzip stream")
+    }
+}
