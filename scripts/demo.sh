@@ -1,6 +1,7 @@
 #!/bin/sh
-# What piprov is for, end to end on this machine, without root: a golden image
-# taken from an already-registered Pi is audited, stamped and flashed to three
+# What piprov is for, end to end on this machine, without root: the card of a
+# Pi that was set up and already registered is captured as a golden archive
+# (read as an image file here; a card is /dev/sdX), audited, stamped and flashed to three
 # card images, each with its own activation from SSM (a local SSM-compatible
 # endpoint on loopback, the one the tests use). Each card's first boot runs: the
 # device scripts on the card's root, with the amazon-ssm-agent stand-in. A fourth
@@ -19,12 +20,19 @@ mkdir -p "$demo"
 local_ssm "$demo"
 trap 'kill "$ssm_pid" 2>/dev/null || true' EXIT
 
-echo "== the golden image: a Pi that was set up and registered, its card read back (demo/golden.img)"
-tests/fixtures/make-image.sh --variant registered --size 1024 "$demo/golden.img"
+echo "== a Pi that was set up and registered: its card (demo/pi-card.img; on a workstation, /dev/sdX)"
+tests/fixtures/make-image.sh --variant registered --size 1024 "$demo/pi-card.img"
 
 echo
-echo "== piprov inspect demo/golden.img: what every dd copy of it would share"
-"$piprov" inspect "$demo/golden.img" | grep -E '^(CRITICAL|WARNING)' || true
+echo "== piprov capture demo/pi-card.img demo/golden.img.xz: only what is used, the root shrunk"
+# Exit status 1: captured, and the audit has findings (this golden's are why piprov exists).
+"$piprov" capture "$demo/pi-card.img" "$demo/golden.img.xz" >"$demo/capture.txt" || [ $? -eq 1 ]
+sed -n '1,3p' "$demo/capture.txt"
+ls -l "$demo"/golden.img.* | awk '{print $5, $9}'
+
+echo
+echo "== piprov inspect demo/golden.img.xz: what every dd copy of it would share"
+"$piprov" inspect "$demo/golden.img.xz" | grep -E '^(CRITICAL|WARNING)' || true
 
 echo
 echo "== piprov flash: three cards, each stamped with its own activation (recipe demo/fleet.toml)"
@@ -38,7 +46,7 @@ hostname = "door-{serial}"
 source = "embedded"
 expires = "2h"
 RECIPE
-"$piprov" flash "$demo/golden.img" "$demo/card1.img" "$demo/card2.img" "$demo/card3.img" \
+"$piprov" flash "$demo/golden.img.xz" "$demo/card1.img" "$demo/card2.img" "$demo/card3.img" \
     --recipe "$demo/fleet.toml" --yes --quiet
 echo "3 cards written and verified; SSM now holds $(grep -c CreateActivation "$demo/ssm.log") single-use activations"
 
@@ -76,7 +84,7 @@ first_boot() {
 
 echo
 echo "== first boots: each card in its own Pi"
-unpack "$demo/golden.img" "$demo/golden"
+unpack "$demo/pi-card.img" "$demo/golden"
 for n in 1 2 3; do
     unpack "$demo/card$n.img" "$demo/card$n"
     plug "$demo/card$n" "10000000d3a0000$n" "dc:a6:32:00:00:0$n"
