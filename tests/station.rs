@@ -660,7 +660,11 @@ fn a_card_pulled_or_stopped_mid_write_is_either_done_or_plainly_no_card() {
     readers[0].insert(&card);
     wait_until_written(&readers[0], &card, 1 << 20);
     let live = progress_of(port, &readers[0].dev.dev);
-    assert_eq!(live["state"], "writing", "{live}");
+    // A loaded machine may read the feed once the card is being read back.
+    assert!(
+        live["state"] == "writing" || live["state"] == "verifying",
+        "{live}"
+    );
     let percent = live["percent"].as_u64().unwrap();
     assert!((1..100).contains(&percent), "{live}");
     assert!(live["speed"].as_u64().unwrap() > 0, "{live}");
