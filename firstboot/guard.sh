@@ -70,6 +70,49 @@ new_ssh_host_keys() {
     fi
 }
 
+# A card larger than the image it was written from (a captured golden is cut
+# after its root partition) gets the rest: the root partition grows to the
+# card's end, then its ext4 with it, online. cloud-init's growpart where the
+# image has it; else sfdisk (a GPT's backup header moved to the card's end
+# first) and partx to tell the kernel. Each half does nothing once done, so a
+# cut mid-way resumes; a card that cannot grow keeps working at its size.
+grow_root() {
+    part=${PIPROV_ROOT_PARTITION:-}
+    if [ -z "$part" ]; then
+        if [ -n "$ROOT" ]; then
+            log "grow: no root partition named under a test root: nothing to grow"
+            return 0
+        fi
+        part=$(findmnt -no SOURCE /) || { log "grow: cannot tell the root's device: not grown"; return 0; }
+    fi
+    sys=/sys/class/block/${part##*/}
+    if [ ! -r "$sys/partition" ]; then
+        log "grow: $part is not a partition: not grown"
+        return 0
+    fi
+    number=$(cat "$sys/partition")
+    disk=/dev/$(basename "$(readlink -f "$sys/..")")
+    if command -v growpart >/dev/null 2>&1; then
+        # Exit status 1: nothing to grow.
+        rc=0
+        growpart "$disk" "$number" >&2 || rc=$?
+        [ "$rc" -le 1 ] || { log "grow: growpart $disk $number failed ($rc): not grown"; return 0; }
+    else
+        if sfdisk -d "$disk" 2>/dev/null | grep -q '^label: gpt'; then
+            sfdisk --no-reread -q --relocate gpt-bak-std "$disk" >&2 ||
+                { log "grow: cannot move the GPT's backup header to the end of $disk: not grown"; return 0; }
+        fi
+        echo ', +' | sfdisk --no-reread --no-tell-kernel -q -N "$number" "$disk" >&2 ||
+            { log "grow: sfdisk could not grow partition $number of $disk: not grown"; return 0; }
+        partx -u -n "$number" "$disk" >&2 || { log "grow: the kernel did not take the new size of $part"; return 0; }
+    fi
+    # A cut here leaves the partition grown and its filesystem not: the next
+    # boot runs the step again, and only the filesystem has growing to do.
+    failpoint grow_partition
+    resize2fs "$part" >&2 || { log "grow: resize2fs $part failed: the filesystem keeps its size"; return 0; }
+    log "grow: $part fills $disk"
+}
+
 # Files no two machines should share: the contract's CLONE_STATE list, which
 # `piprov inspect` reports from the same source.
 forget_clone_state() {
@@ -320,6 +363,7 @@ main() {
     run_step stop_agent stop_agent
     run_step remember_previous remember_previous_instance
     run_step wipe_identity wipe_identity
+    run_step grow_root grow_root
     run_step new_machine_id new_machine_id
     run_step new_ssh_keys new_ssh_host_keys
     run_step forget_clone_state forget_clone_state

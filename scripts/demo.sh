@@ -28,7 +28,7 @@ echo "== piprov capture demo/pi-card.img demo/golden.img.xz: only what is used, 
 # Exit status 1: captured, and the audit has findings (this golden's are why piprov exists).
 "$piprov" capture "$demo/pi-card.img" "$demo/golden.img.xz" >"$demo/capture.txt" || [ $? -eq 1 ]
 sed -n '1,3p' "$demo/capture.txt"
-ls -l "$demo"/golden.img.* | awk '{print $5, $9}'
+stat -c '%s %n' "$demo"/golden.img.*
 
 echo
 echo "== piprov inspect demo/golden.img.xz: what every dd copy of it would share"

@@ -12,6 +12,7 @@ use common::card::{
     stamped_card,
 };
 use common::card_broker::{CardBroker, Certified};
+use common::disk::{Loop, loop_devices_usable, make_partition_node};
 use common::stub::logged_requests;
 use common::*;
 use tempfile::TempDir;
@@ -300,6 +301,7 @@ fn a_power_cut_after_any_step_resumes() {
         "stop_agent",
         "remember_previous",
         "wipe_identity",
+        "grow_root",
         "new_machine_id",
         "new_ssh_keys",
         "forget_clone_state",
@@ -356,10 +358,14 @@ fn a_power_cut_after_any_step_resumes() {
             );
         }
         let machine_id_after_cut = card.read("/etc/machine-id");
+        let machine_id_step = guard_steps
+            .iter()
+            .position(|s| *s == "new_machine_id")
+            .unwrap();
         let made_before_cut = guard_steps
             .iter()
             .position(|s| s == point)
-            .is_none_or(|i| i >= 3);
+            .is_none_or(|i| i >= machine_id_step);
         // The next boot: the guard, then registration.
         card.first_boot_after_install();
         assert_eq!(
@@ -389,6 +395,138 @@ fn a_power_cut_after_any_step_resumes() {
         assert_eq!(card.files_containing(SHARED_CODE), Vec::<String>::new());
         assert!(!card.exists("/etc/sudoers.d/010_pi-nopasswd"));
     }
+}
+
+/// A captured (shrunk) golden on a larger card: the guard grows the root
+/// partition to the card's end and its ext4 with it, online (mounted); a power
+/// cut between the two resumes on the next boot with only the filesystem to
+/// grow.
+#[test]
+fn a_card_larger_than_its_image_grows_to_fill_it() {
+    let dir = TempDir::new().unwrap();
+    if !loop_devices_usable(&dir) {
+        return;
+    }
+    let image = dir.path().join("pi.img");
+    build_image(&image, &["--variant", "registered", "--size", "512"]);
+    let recipe = shared_recipe(dir.path(), "");
+    stamp(&image, &recipe, &[]);
+    let golden = dir.path().join("golden.img");
+    let captured = piprov()
+        .arg("capture")
+        .arg(&image)
+        .arg(&golden)
+        .output()
+        .unwrap();
+    assert!(
+        matches!(captured.status.code(), Some(0 | 1)),
+        "{}",
+        stderr(&captured)
+    );
+    let small = std::fs::metadata(&golden).unwrap().len();
+    let card_len: u64 = 768 << 20;
+    assert!(small < card_len / 2, "the golden is shrunk: {small}");
+    let backing = dir.path().join("card.dev");
+    std::fs::File::create(&backing)
+        .unwrap()
+        .set_len(card_len)
+        .unwrap();
+    let copied = Command::new("dd")
+        .arg(format!("if={}", golden.display()))
+        .arg(format!("of={}", backing.display()))
+        .args(["bs=4M", "conv=notrunc,sparse", "status=none"])
+        .status()
+        .unwrap();
+    assert!(copied.success());
+    let disk = Loop::new(&backing, &["-P"]).unwrap();
+    let part = format!("{}p2", disk.dev);
+    make_partition_node(&part);
+    let mnt = dir.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    assert!(
+        Command::new("mount")
+            .arg(&part)
+            .arg(&mnt)
+            .status()
+            .unwrap()
+            .success()
+    );
+    let fs_bytes = || {
+        let out = Command::new("dumpe2fs")
+            .args(["-h", &part])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let field = |name: &str| -> u64 {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name))
+                .unwrap()
+                .trim()
+                .parse()
+                .unwrap()
+        };
+        field("Block count:") * field("Block size:")
+    };
+    let part_end = || {
+        let (start, size) = partition_extent(Path::new(&disk.dev), 2);
+        start + size
+    };
+    let before = fs_bytes();
+
+    let ssm = Ssm::new(&dir.path().join("ssm"));
+    ssm.add_activation(SHARED_ID, SHARED_CODE, 5, false);
+    let card = Card::from_image(&golden, dir.path(), "grown", &ssm);
+    card.plug_into(PI_A.0, PI_A.1);
+    assert!(card.install().status.success());
+    let device = [("PIPROV_ROOT_PARTITION", part.as_str())];
+    let cut = card.guard(&[device[0], ("PIPROV_FAILPOINT", "grow_partition")]);
+    assert!(!cut.status.success(), "the cut stops the guard");
+    assert!(
+        part_end() > card_len - (1 << 20),
+        "the partition grew first"
+    );
+    assert_eq!(
+        fs_bytes(),
+        before,
+        "the cut came before the filesystem grew"
+    );
+    let booted = card.guard(&device);
+    let _ = Command::new("umount").arg(&mnt).status();
+    assert!(booted.status.success(), "{}", stderr(&booted));
+    let grown = fs_bytes();
+    let (start, _) = partition_extent(Path::new(&disk.dev), 2);
+    assert!(part_end() > card_len - (1 << 20));
+    // Growing a mounted ext4 takes CAP_SYS_RESOURCE, which a container (CI)
+    // may lack: then the card must go on at its size, saying so (the VM boots
+    // have it).
+    if !has_capability(24) {
+        assert_eq!(grown, before);
+        assert!(
+            stderr(&booted).contains("the filesystem keeps its size"),
+            "{}",
+            stderr(&booted)
+        );
+        eprintln!("no CAP_SYS_RESOURCE here: the online resize is left to the VM boots");
+        return;
+    }
+    assert!(
+        grown > before && grown + (4 << 20) >= card_len - start,
+        "the root fills the card: {before} → {grown} of {}: {}",
+        card_len - start,
+        stderr(&booted)
+    );
+    assert!(stderr(&booted).contains("fills"), "{}", stderr(&booted));
+}
+
+/// Whether this process holds capability `bit` (its effective set).
+fn has_capability(bit: u32) -> bool {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let effective = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .unwrap()
+        .trim();
+    u64::from_str_radix(effective, 16).unwrap() & (1 << bit) != 0
 }
 
 trait Resume {

@@ -45,6 +45,28 @@ impl Format {
         })
     }
 
+    /// A level the compressor takes, refused before anything is read.
+    pub fn check_level(self, level: Option<u32>) -> Result<()> {
+        let Some(level) = level else {
+            return Ok(());
+        };
+        let range = match self {
+            Format::Xz => 0..=9,
+            Format::Zst => 1..=19,
+            Format::Gz => 1..=9,
+            Format::Img => bail!("--level is for a compressed archive, not a .img"),
+        };
+        if !range.contains(&level) {
+            bail!(
+                "--level {level}: {} takes {} to {}",
+                self.name(),
+                range.start(),
+                range.end()
+            );
+        }
+        Ok(())
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Format::Xz => "xz",
@@ -64,15 +86,26 @@ pub struct Written {
 const XZ_PRESET: u32 = 6;
 const PIECE: usize = 4 << 20;
 
+/// The captured image: the file, where its data lies, its length.
+pub struct Captured<'a> {
+    pub path: &'a Path,
+    pub data: &'a Extents,
+    pub len: u64,
+}
+
 pub fn write(
-    image: &Path,
-    data: &Extents,
-    len: u64,
+    captured: &Captured<'_>,
     format: Format,
+    level: Option<u32>,
     out: &Path,
     progress: &Progress,
     cancel: &AtomicBool,
 ) -> Result<Written> {
+    let Captured {
+        path: image,
+        data,
+        len,
+    } = *captured;
     let source = File::open(image).with_context(|| format!("opening {}", image.display()))?;
     let file = std::fs::OpenOptions::new()
         .write(true)
@@ -92,16 +125,19 @@ pub fn write(
             let threads = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
             let stream = liblzma::stream::MtStreamBuilder::new()
                 .threads(threads)
-                .preset(XZ_PRESET)
+                .preset(level.unwrap_or(XZ_PRESET))
                 .check(liblzma::stream::Check::Crc64)
                 .encoder()
                 .context("starting the xz encoder")?;
             Box::new(liblzma::write::XzEncoder::new_stream(hashing, stream))
         }
-        Format::Zst => Box::new(zstd::stream::write::Encoder::new(hashing, 3)?),
+        Format::Zst => Box::new(zstd::stream::write::Encoder::new(
+            hashing,
+            level.map_or(3, |l| l as i32),
+        )?),
         Format::Gz => Box::new(flate2::write::GzEncoder::new(
             hashing,
-            flate2::Compression::default(),
+            level.map_or(flate2::Compression::default(), flate2::Compression::new),
         )),
         Format::Img => unreachable!("written sparse above"),
     };

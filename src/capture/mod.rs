@@ -27,7 +27,7 @@ use crate::flash::map;
 use crate::flash::target;
 use crate::image::Image;
 use crate::progress::Progress;
-pub use archive::Format;
+pub use archive::{Captured, Format};
 
 /// What a capture made.
 #[derive(Debug, Serialize)]
@@ -54,6 +54,8 @@ pub struct CaptureConfig<'a> {
     pub source: &'a Path,
     pub output: &'a Path,
     pub shrink: bool,
+    /// The compressor's level; its own default when none.
+    pub level: Option<u32>,
 }
 
 /// Captures `config.source` into `config.output`. `cancel` is the caller's
@@ -65,6 +67,7 @@ pub fn capture(
 ) -> Result<(Summary, crate::inspect::Report)> {
     let started = Instant::now();
     let format = Format::of(config.output)?;
+    format.check_level(config.level)?;
     let source = open_source(config.source)?;
     let image = Image::from_disk(source.try_clone()?)
         .with_context(|| format!("reading {}", config.source.display()))?;
@@ -129,11 +132,15 @@ pub fn capture(
         .context("auditing the captured image")?;
     drop(captured);
     let archive_path = work.path("archive");
+    let captured = archive::Captured {
+        path: &image_path,
+        data: &data,
+        len: after,
+    };
     let written = archive::write(
-        &image_path,
-        &data,
-        after,
+        &captured,
         format,
+        config.level,
         &archive_path,
         progress,
         cancel,

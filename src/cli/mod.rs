@@ -253,6 +253,7 @@ fn capture(config: &crate::cmdline::CaptureConfig) -> Result<ExitCode> {
             source: &config.source,
             output: &config.output,
             shrink: !config.no_shrink,
+            level: config.level,
         },
         &progress,
         &INTERRUPTED,

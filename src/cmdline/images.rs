@@ -31,6 +31,10 @@ pub struct CaptureConfig {
     /// Keep the card's geometry: do not shrink the root filesystem
     #[arg(long)]
     pub no_shrink: bool,
+    /// Compression level, as the compressor's own -N (xz 0-9, default 6; zstd
+    /// 1-19, default 3; gzip 1-9, default 6)
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(0..=19))]
+    pub level: Option<u32>,
     /// Print the summary (and the audit) as JSON
     #[arg(long)]
     pub json: bool,
