@@ -219,3 +219,6 @@ row "piprov flash, 4 cards" card four one per
 
 # The station at card speed: its own readers and throttle (bench/station.sh).
 sh bench/station.sh "$img"
+
+# Capture from a card-speed card against dd | xz (bench/capture.sh).
+sh bench/capture.sh "$work"
