@@ -378,3 +378,48 @@ fn a_damaged_source_is_named_and_nothing_is_made() {
     assert!(stderr.contains("partition 2"), "{stderr}");
     assert_nothing_left(dir.path(), "golden");
 }
+
+/// `--stamp`: the captured image is stamped in the same run (the audit shows
+/// the stamp) and ready to flash; a recipe that will not do is refused before
+/// the card is read, and nothing is made.
+#[test]
+fn a_capture_stamped_in_the_same_run_is_ready_to_flash() {
+    let dir = TempDir::new().unwrap();
+    let image = fixture("registered", &dir);
+    let recipe = common::card::shared_recipe(dir.path(), "");
+    let out = dir.path().join("stamped.img");
+    let (code, json, stderr) = capture(&[
+        "--json",
+        "--stamp",
+        recipe.to_str().unwrap(),
+        "--hostname",
+        "door-{serial}",
+        image.to_str().unwrap(),
+        out.to_str().unwrap(),
+    ]);
+    assert!(matches!(code, Some(0 | 1)), "{stderr}");
+    assert!(
+        json["summary"]["stamped_changes"].as_u64().unwrap() > 0,
+        "{json}"
+    );
+    let stamp = &json["audit"]["stamp"];
+    assert_eq!(stamp["activation"]["id"], common::card::SHARED_ID, "{json}");
+    assert_eq!(inspect_json(&out)["stamp"], *stamp);
+
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        "name = \"x\"\nregion = \"nowhere-1\"\n[activation]\nsource = \"nope\"\n",
+    )
+    .unwrap();
+    let again = dir.path().join("again.img.xz");
+    let (code, _, stderr) = capture(&[
+        "--stamp",
+        bad.to_str().unwrap(),
+        image.to_str().unwrap(),
+        again.to_str().unwrap(),
+    ]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("bad.toml"), "{stderr}");
+    assert_nothing_left(dir.path(), "again");
+}

@@ -44,6 +44,8 @@ pub struct Summary {
     pub image_bytes_after: u64,
     /// The partition shrunk, if one was.
     pub shrunk_partition: Option<u32>,
+    /// With --stamp: how many files the stamp changed.
+    pub stamped_changes: Option<usize>,
     pub archive_bytes: u64,
     pub sha256: String,
     pub bmap: String,
@@ -56,6 +58,8 @@ pub struct CaptureConfig<'a> {
     pub shrink: bool,
     /// The compressor's level; its own default when none.
     pub level: Option<u32>,
+    /// Stamp the captured image so (its `image` is the one being captured).
+    pub stamp: Option<crate::cmdline::StampConfig>,
 }
 
 /// Captures `config.source` into `config.output`. `cancel` is the caller's
@@ -68,6 +72,11 @@ pub fn capture(
     let started = Instant::now();
     let format = Format::of(config.output)?;
     format.check_level(config.level)?;
+    if let Some(stamp) = &config.stamp {
+        // A recipe that will not do is refused before the card is read.
+        let recipe = crate::recipe::load(&stamp.recipe, &stamp.overrides)?;
+        crate::stamp::CardSettings::from_recipe(&recipe, stamp.hostname.as_deref(), None)?;
+    }
     let source = open_source(config.source)?;
     let image = Image::from_disk(source.try_clone()?)
         .with_context(|| format!("reading {}", config.source.display()))?;
@@ -124,6 +133,17 @@ pub fn capture(
         None => None,
     };
     let after = shrunk.map_or(before, |(_, len)| len);
+    let stamped = match &config.stamp {
+        Some(stamp) => {
+            let stamp = crate::cmdline::StampConfig {
+                image: image_path.clone(),
+                ..stamp.clone()
+            };
+            let outcome = crate::stamp::stamp(&stamp).context("stamping the captured image")?;
+            Some(outcome.changes.len())
+        }
+        None => None,
+    };
     // The captured image's own map: the archive holds its data, holes elsewhere.
     let captured = Image::open(&image_path).context("reading the captured image")?;
     let data = map::compute(&captured).context("mapping the captured image")?;
@@ -172,6 +192,7 @@ pub fn capture(
         image_bytes_before: before,
         image_bytes_after: after,
         shrunk_partition: shrunk.map(|(n, _)| n),
+        stamped_changes: stamped,
         archive_bytes: written.bytes,
         sha256: written.sha256,
         bmap: bmap_final.display().to_string(),

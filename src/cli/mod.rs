@@ -254,6 +254,7 @@ fn capture(config: &crate::cmdline::CaptureConfig) -> Result<ExitCode> {
             output: &config.output,
             shrink: !config.no_shrink,
             level: config.level,
+            stamp: config.stamping(std::path::Path::new("")),
         },
         &progress,
         &INTERRUPTED,

@@ -35,13 +35,40 @@ pub struct CaptureConfig {
     /// 1-19, default 3; gzip 1-9, default 6)
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(0..=19))]
     pub level: Option<u32>,
+    /// Stamp the captured image with this recipe (as `piprov stamp`), ready to flash
+    #[arg(long, value_name = "RECIPE")]
+    pub stamp: Option<PathBuf>,
+    /// With --stamp: the hostname or pattern ({serial}, {mac}, {number})
+    #[arg(long, requires = "stamp")]
+    pub hostname: Option<String>,
+    /// With --stamp: override a recipe setting (repeatable)
+    #[arg(long = "set", value_name = "KEY=VALUE", requires = "stamp")]
+    pub overrides: Vec<String>,
     /// Print the summary (and the audit) as JSON
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub aws: AwsArgs,
+}
+
+impl CaptureConfig {
+    /// `--stamp` as `piprov stamp` takes it, for the image `image`.
+    pub fn stamping(&self, image: &std::path::Path) -> Option<StampConfig> {
+        Some(StampConfig {
+            image: image.to_path_buf(),
+            recipe: self.stamp.clone()?,
+            hostname: self.hostname.clone(),
+            number: None,
+            overrides: self.overrides.clone(),
+            dry_run: false,
+            json: false,
+            aws: self.aws.clone(),
+        })
+    }
 }
 
 /// What `piprov stamp` writes, and where from.
-#[derive(Debug, clap::Args)]
+#[derive(Debug, Clone, clap::Args)]
 pub struct StampConfig {
     /// Image file or block device
     pub image: PathBuf,
