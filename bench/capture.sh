@@ -26,14 +26,17 @@ card=$work/capture-card.img
 if [ ! -f "$card" ]; then
     echo "building $card"
     tests/fixtures/make-image.sh --variant golden --size 4096 --customize '
-        mkdir -p "$root/usr/lib" "$root/usr/share"
+        mkdir -p "$root/usr/lib" "$root/usr/share" "$root/var/cache/apt/archives"
         cp -a /usr/lib/x86_64-linux-gnu "$root/usr/lib/"
         cp -a /usr/share/doc /usr/share/locale "$root/usr/share/"' "$card.tmp"
     start=$(sfdisk -J "$card.tmp" | sed -n 's/.*"start": *\([0-9]*\).*/\1/p' | sed -n 2p)
     part=$work/capture-root.part
     dd if="$card.tmp" of="$part" bs=512 skip="$start" status=none conv=sparse
     head -c 500000000 /dev/urandom >"$work/old.deb"
+    # debugfs says what failed on stderr but exits 0: the file must be there.
     debugfs -w -R "write $work/old.deb /var/cache/apt/archives/old.deb" "$part" >/dev/null
+    debugfs -R "stat /var/cache/apt/archives/old.deb" "$part" 2>/dev/null | grep -q 'Size: 500000000' ||
+        { echo "the old data did not reach the card's root" >&2; exit 1; }
     debugfs -w -R "rm /var/cache/apt/archives/old.deb" "$part" >/dev/null
     dd if="$part" of="$card.tmp" bs=512 seek="$start" conv=notrunc,sparse status=none
     rm -f "$part" "$work/old.deb"
