@@ -141,29 +141,12 @@ pub fn write(
         )),
         Format::Img => unreachable!("written sparse above"),
     };
-    let zeroes = vec![0u8; PIECE];
-    let mut buf = vec![0u8; PIECE];
-    let mut at = 0;
-    for &(start, end) in data.ranges().iter().chain([&(len, len)]) {
-        let (start, end) = (start.min(len), end.min(len));
-        while at < start {
-            cancel::check(cancel)?;
-            let n = (start - at).min(PIECE as u64) as usize;
-            encoder.write_all(&zeroes[..n]).context("compressing")?;
-            at += n as u64;
-            bar.inc(n as u64);
-        }
-        while at < end {
-            cancel::check(cancel)?;
-            let n = (end - at).min(PIECE as u64) as usize;
-            source
-                .read_exact_at(&mut buf[..n], at)
-                .context("reading the captured image")?;
-            encoder.write_all(&buf[..n]).context("compressing")?;
-            at += n as u64;
-            bar.inc(n as u64);
-        }
-    }
+    walk(&source, data, len, &bar, cancel, |piece| {
+        let bytes = match piece {
+            Piece::Zeroes(bytes) | Piece::Data(_, bytes) => bytes,
+        };
+        encoder.write_all(bytes).context("compressing")
+    })?;
     let hashing = encoder.finish_into()?;
     bar.finish_and_clear();
     hashing.done()
@@ -179,6 +162,42 @@ fn sparse(
     cancel: &AtomicBool,
 ) -> Result<Written> {
     let mut hasher = Sha256::new();
+    walk(source, data, len, bar, cancel, |piece| {
+        match piece {
+            Piece::Zeroes(bytes) => hasher.update(bytes),
+            Piece::Data(at, bytes) => {
+                hasher.update(bytes);
+                if bytes.iter().any(|&b| b != 0) {
+                    out.write_all_at(bytes, at).context("writing the image")?;
+                }
+            }
+        }
+        Ok(())
+    })?;
+    out.set_len(len).context("writing the image")?;
+    out.sync_all().context("flushing the image")?;
+    Ok(Written {
+        bytes: len,
+        sha256: hex(&hasher.finalize()),
+    })
+}
+
+/// A piece of the captured image, in order: zeroes where the map names no
+/// data, else the data read at its offset.
+enum Piece<'a> {
+    Zeroes(&'a [u8]),
+    Data(u64, &'a [u8]),
+}
+
+/// The image's first `len` bytes, piece by piece, to `each`.
+fn walk(
+    source: &File,
+    data: &Extents,
+    len: u64,
+    bar: &indicatif::ProgressBar,
+    cancel: &AtomicBool,
+    mut each: impl FnMut(Piece<'_>) -> Result<()>,
+) -> Result<()> {
     let zeroes = vec![0u8; PIECE];
     let mut buf = vec![0u8; PIECE];
     let mut at = 0;
@@ -187,7 +206,7 @@ fn sparse(
         while at < start {
             cancel::check(cancel)?;
             let n = (start - at).min(PIECE as u64) as usize;
-            hasher.update(&zeroes[..n]);
+            each(Piece::Zeroes(&zeroes[..n]))?;
             at += n as u64;
             bar.inc(n as u64);
         }
@@ -197,21 +216,12 @@ fn sparse(
             source
                 .read_exact_at(&mut buf[..n], at)
                 .context("reading the captured image")?;
-            hasher.update(&buf[..n]);
-            if buf[..n].iter().any(|&b| b != 0) {
-                out.write_all_at(&buf[..n], at)
-                    .context("writing the image")?;
-            }
+            each(Piece::Data(at, &buf[..n]))?;
             at += n as u64;
             bar.inc(n as u64);
         }
     }
-    out.set_len(len).context("writing the image")?;
-    out.sync_all().context("flushing the image")?;
-    Ok(Written {
-        bytes: len,
-        sha256: hex(&hasher.finalize()),
-    })
+    Ok(())
 }
 
 /// The archive file, hashed and counted as the encoder writes it.

@@ -67,12 +67,15 @@ pub fn shrink(
     if target < blocks {
         run(
             Command::new("resize2fs").arg(root).arg(target.to_string()),
+            None,
             &format!("shrinking {what}"),
         )?;
     }
     cancel::check(cancel)?;
     let (blocks, block_size) = blocks_of(root)?;
-    let fs_len = blocks * block_size;
+    let fs_len = blocks
+        .checked_mul(block_size)
+        .context("the shrunk filesystem gives a size past 2^64 bytes")?;
     let part_len = fs_len.div_ceil(MIB) * MIB;
     if part_len >= part.len {
         // Nothing to gain: the copy goes back as it is.
@@ -143,7 +146,7 @@ fn cut(image: &Path, part: &Part, part_len: u64, new_len: u64) -> Result<()> {
         .with_context(|| format!("opening {}", image.display()))?;
     file.set_len(new_len)
         .context("cutting the image after its last partition")?;
-    run_with_input(
+    run(
         Command::new("sfdisk")
             .args([
                 "--no-reread",
@@ -155,7 +158,7 @@ fn cut(image: &Path, part: &Part, part_len: u64, new_len: u64) -> Result<()> {
                 "never",
             ])
             .arg(image),
-        &(table.join("\n") + "\n"),
+        Some(&(table.join("\n") + "\n")),
         "writing the partition table with the partition's new end",
     )?;
     file.write_all_at(&head, 0)
@@ -301,34 +304,26 @@ fn data_runs(file: &File, len: u64) -> Result<Vec<(u64, u64)>> {
     Ok(runs)
 }
 
-fn run(command: &mut Command, what: &str) -> Result<()> {
-    let out = command
-        .stdin(Stdio::null())
-        .output()
-        .with_context(|| format!("{what}: running {:?}", command.get_program()))?;
-    if !out.status.success() {
-        bail!(
-            "{what}: {:?} failed: {}",
-            command.get_program(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
-}
-
-fn run_with_input(command: &mut Command, input: &str, what: &str) -> Result<()> {
+/// Runs `command` (with `input` on its stdin); its stderr is the error.
+fn run(command: &mut Command, input: Option<&str>, what: &str) -> Result<()> {
     use std::io::Write;
     let mut child = command
-        .stdin(Stdio::piped())
+        .stdin(if input.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .with_context(|| format!("{what}: running {:?}", command.get_program()))?;
-    child
-        .stdin
-        .take()
-        .expect("piped")
-        .write_all(input.as_bytes())?;
+    if let Some(input) = input {
+        child
+            .stdin
+            .take()
+            .expect("piped")
+            .write_all(input.as_bytes())?;
+    }
     let out = child.wait_with_output()?;
     if !out.status.success() {
         bail!(
