@@ -165,6 +165,14 @@ fn a_used_card_is_captured_small_clean_and_whole() {
         "read only what is used: {summary}"
     );
     assert!(json["audit"]["findings"].is_array(), "{json}");
+    // One xz block per span of the shrunk image (12 MiB at -3, 24 MiB at -6).
+    let blocks = &summary["xz_blocks"];
+    assert_eq!(
+        blocks["total"].as_u64().unwrap(),
+        after.div_ceil(24 << 20),
+        "{summary}"
+    );
+    assert!(blocks["made_ahead"].as_u64().unwrap() <= blocks["total"].as_u64().unwrap());
 
     // The archive's hash, as sha256sum checks it.
     let checked = Command::new("sha256sum")

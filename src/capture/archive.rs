@@ -1,5 +1,5 @@
-//! The captured image written as OUT's extension asks: xz (multi-threaded,
-//! in blocks, so `flash` decodes it on every core), zstd, gzip, or a sparse
+//! The captured image written as OUT's extension asks: xz (in blocks, on every
+//! core, begun while the card was read: `spans`), zstd, gzip, or a sparse
 //! `.img`. The image's map says where its data is; the rest goes in as zeroes
 //! (a hole in a `.img`). The archive's SHA-256 is taken as it is written.
 
@@ -16,6 +16,8 @@ use crate::cancel;
 use crate::flash::map::Extents;
 use crate::hex::hex;
 use crate::progress::Progress;
+
+use super::spans::Spans;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {
@@ -80,10 +82,12 @@ impl Format {
 pub struct Written {
     pub bytes: u64,
     pub sha256: String,
+    /// xz: how its blocks were made.
+    pub blocks: Option<super::spans::Blocks>,
 }
 
 /// xz's default level, as `xz` itself uses.
-const XZ_PRESET: u32 = 6;
+pub const XZ_PRESET: u32 = 6;
 const PIECE: usize = 4 << 20;
 
 /// The captured image: the file, where its data lies, its length.
@@ -93,10 +97,12 @@ pub struct Captured<'a> {
     pub len: u64,
 }
 
+/// Writes the archive. `spans`: the xz blocks made so far (xz only).
 pub fn write(
     captured: &Captured<'_>,
     format: Format,
     level: Option<u32>,
+    spans: Option<&Spans>,
     out: &Path,
     progress: &Progress,
     cancel: &AtomicBool,
@@ -120,17 +126,15 @@ pub fn write(
         return Ok(written);
     }
     let hashing = Hashing::new(file);
+    if format == Format::Xz {
+        let spans = spans.context("xz without its spans")?;
+        let (hashing, blocks) = spans.write(&source, data, len, hashing, &bar, cancel)?;
+        bar.finish_and_clear();
+        let mut written = hashing.done()?;
+        written.blocks = Some(blocks);
+        return Ok(written);
+    }
     let mut encoder: Box<dyn Finish> = match format {
-        Format::Xz => {
-            let threads = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
-            let stream = liblzma::stream::MtStreamBuilder::new()
-                .threads(threads)
-                .preset(level.unwrap_or(XZ_PRESET))
-                .check(liblzma::stream::Check::Crc64)
-                .encoder()
-                .context("starting the xz encoder")?;
-            Box::new(liblzma::write::XzEncoder::new_stream(hashing, stream))
-        }
         Format::Zst => Box::new(zstd::stream::write::Encoder::new(
             hashing,
             level.map_or(3, |l| l as i32),
@@ -139,7 +143,7 @@ pub fn write(
             hashing,
             level.map_or(flate2::Compression::default(), flate2::Compression::new),
         )),
-        Format::Img => unreachable!("written sparse above"),
+        Format::Img | Format::Xz => unreachable!("written above"),
     };
     walk(&source, data, len, &bar, cancel, |piece| {
         let bytes = match piece {
@@ -179,6 +183,7 @@ fn sparse(
     Ok(Written {
         bytes: len,
         sha256: hex(&hasher.finalize()),
+        blocks: None,
     })
 }
 
@@ -245,6 +250,7 @@ impl Hashing {
         Ok(Written {
             bytes: self.bytes,
             sha256: hex(&self.hasher.finalize()),
+            blocks: None,
         })
     }
 }
@@ -265,12 +271,6 @@ impl Write for Hashing {
 /// An encoder that ends its stream and gives back the file it wrote to.
 trait Finish: Write {
     fn finish_into(self: Box<Self>) -> Result<Hashing>;
-}
-
-impl Finish for liblzma::write::XzEncoder<Hashing> {
-    fn finish_into(self: Box<Self>) -> Result<Hashing> {
-        (*self).finish().context("ending the xz stream")
-    }
 }
 
 impl Finish for zstd::stream::write::Encoder<'static, Hashing> {

@@ -12,6 +12,8 @@
 mod archive;
 mod bmap_out;
 mod shrink;
+mod spans;
+mod xz_blocks;
 
 use std::fs::File;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
@@ -47,6 +49,9 @@ pub struct Summary {
     /// With --stamp: how many files the stamp changed.
     pub stamped_changes: Option<usize>,
     pub archive_bytes: u64,
+    /// xz: its blocks, and how many were compressed while the card was read
+    /// or the root shrunk.
+    pub xz_blocks: Option<spans::Blocks>,
     pub sha256: String,
     pub bmap: String,
     pub seconds: f64,
@@ -94,13 +99,36 @@ pub fn capture(
     // shrink goes to a file of its own, which e2fsprogs works on.
     let image_path = work.path("image.img");
     let root_path = work.path("root.ext4");
-    let bytes_read = {
-        let bar = progress.bytes("read", used.bytes());
-        let out = new_sparse(&image_path, before)?;
-        let root_out = match &root {
-            Some(part) => Some((part, new_sparse(&root_path, part.len)?)),
-            None => None,
+    let out = new_sparse(&image_path, before)?;
+    let root_out = match &root {
+        Some(part) => Some((part, new_sparse(&root_path, part.len)?)),
+        None => None,
+    };
+    // xz starts on what has been read while the card is read and the root shrunk.
+    let spans = match format {
+        Format::Xz => Some(spans::Spans::new(
+            config.level.unwrap_or(archive::XZ_PRESET),
+            &work.path("blocks"),
+        )?),
+        _ => None,
+    };
+    let ahead = spans.as_ref().map(|spans| {
+        let layout = spans::Layout {
+            image: &out,
+            root: root_out
+                .as_ref()
+                .map(|(part, file)| (part.start, part.len, file)),
         };
+        spans::Ahead::new(spans, layout, before)
+    });
+    let (bytes_read, shrunk) = std::thread::scope(|scope| -> Result<_> {
+        let _stop = ahead.as_ref().map(spans::StopOnDrop);
+        if let Some(ahead) = &ahead {
+            for _ in 0..ahead.threads() {
+                scope.spawn(|| ahead.run(cancel));
+            }
+        }
+        let bar = progress.bytes("read", used.bytes());
         let mut read = 0;
         let mut buf = vec![0u8; 4 << 20];
         for &(start, end) in used.ranges() {
@@ -118,20 +146,26 @@ pub fn capture(
                 at += n as u64;
                 read += n as u64;
                 bar.inc(n as u64);
+                if let Some(ahead) = &ahead {
+                    ahead.ready(at);
+                }
             }
         }
         bar.finish_and_clear();
-        read
-    };
-    drop(image);
-    let shrunk = match &root {
-        Some(part) => {
-            progress.say("checking and shrinking the root filesystem (e2fsck, resize2fs)");
-            let new_len = shrink::shrink(&image_path, &root_path, part, config.source, cancel)?;
-            Some((part.number, new_len))
+        if let Some(ahead) = &ahead {
+            ahead.ready(before);
         }
-        None => None,
-    };
+        let shrunk = match &root {
+            Some(part) => {
+                progress.say("checking and shrinking the root filesystem (e2fsck, resize2fs)");
+                let new_len = shrink::shrink(&image_path, &root_path, part, config.source, cancel)?;
+                Some((part.number, new_len))
+            }
+            None => None,
+        };
+        Ok((read, shrunk))
+    })?;
+    drop((image, root_out, out));
     let after = shrunk.map_or(before, |(_, len)| len);
     let stamped = match &config.stamp {
         Some(stamp) => {
@@ -161,6 +195,7 @@ pub fn capture(
         &captured,
         format,
         config.level,
+        spans.as_ref(),
         &archive_path,
         progress,
         cancel,
@@ -194,6 +229,7 @@ pub fn capture(
         shrunk_partition: shrunk.map(|(n, _)| n),
         stamped_changes: stamped,
         archive_bytes: written.bytes,
+        xz_blocks: written.blocks,
         sha256: written.sha256,
         bmap: bmap_final.display().to_string(),
         seconds: started.elapsed().as_secs_f64(),

@@ -91,7 +91,8 @@ pub enum Command {
         to its used size plus a margin (resize2fs, on a temporary copy: no root, no mount), its \
         end moved in the partition table (MBR or GPT) and the image cut there; a card flashed \
         from it grows back on its first boot. SRC is opened read-only and refused while \
-        mounted. OUT's name picks the format: .img.xz (multi-threaded), .img.zst, .img.gz or \
+        mounted. OUT's name picks the format: .img.xz (on every core, begun while the card is read), \
+        .img.zst, .img.gz or \
         .img (sparse); NAME.img.bmap (bmaptool's format, with checksums) and OUT.sha256 are \
         written beside it. Everything goes to temporary names first: a capture that fails or \
         is interrupted leaves no OUT. At the end, the captured image's audit (as inspect).\n\n\
