@@ -81,5 +81,6 @@ printf '%-40s %10d %10s %12d\n' "piprov capture --level $LEVEL" "$t_piprov" \
     "$(awk -v a="$t_dd" -v b="$t_piprov" 'BEGIN{printf "%.2f", a / b}')" "$(size "$work/cap-piprov.img.xz")"
 printf '%-40s %10d %10s\n' "limit: max(read $read_bytes B, xz CPU/cores)" "$limit" \
     "$(awk -v a="$t_piprov" -v b="$limit" 'BEGIN{printf "this/limit %.2f", a / b}')"
-ahead=$(tr -d ' \n' <"$work/cap-summary.json" | sed -n 's/.*"xz_blocks":{"total":\([0-9]*\),"made_ahead":\([0-9]*\)}.*/\2 of \1/p')
-echo "xz blocks compressed while the card was read or the root shrunk, and kept: $ahead"
+blocks=$(tr -d ' \n' <"$work/cap-summary.json" | sed -n 's/.*"xz_blocks":{\([^}]*\)}.*/\1/p')
+field() { echo "$blocks" | sed -n "s/.*\"$1\":\([0-9]*\).*/\1/p"; }
+echo "xz blocks compressed while the card was read or the root shrunk, and kept: $(field made_ahead) of $(field total)"
