@@ -1,7 +1,9 @@
 //! End to end: cards booted in virtual machines (`make e2e`; ignored by `cargo
 //! test`). An arm64 Debian image laid out like Raspberry Pi OS is built with
 //! debootstrap (tests/e2e/), registered once as a golden taken from a working
-//! Pi, stamped, flashed to three cards; each card boots in its own simulated Pi
+//! Pi, captured (shrunk to what it uses and stamped in the same run, as
+//! `piprov capture --stamp` does), flashed to three cards larger than the
+//! captured image; each card boots in its own simulated Pi
 //! (tests/e2e/board.rs: the kernel, initramfs and stamped cmdline.txt from the
 //! FAT partition, the board's serial in its device tree). Card 1 is then copied
 //! byte for byte and booted in a fourth Pi, booted again in its own, and in its
@@ -19,7 +21,7 @@ use std::process::Command;
 use board::{Board, Qemu, boot_file};
 use common::broker::BrokerProcess;
 use common::ssm_endpoint::SsmEndpoint;
-use common::{inspect_json, succeed};
+use common::{inspect_json, partition_extent, succeed};
 use tempfile::TempDir;
 
 const GUEST_HOST: &str = "10.0.2.2";
@@ -137,14 +139,123 @@ fn endpoint_and_broker(d: &Path, token_args: &[&str]) -> (SsmEndpoint, BrokerPro
     (ssm, broker, token)
 }
 
-fn stamp(ssm: &SsmEndpoint, image: &Path, recipe: &Path) {
+/// The virtual cards: larger than the golden's card, as the next cards bought
+/// usually are, and far larger than its captured image.
+const CARD_BYTES: u64 = 3 << 30;
+
+/// The golden captured as a fleet's golden is (`piprov capture --stamp`): its
+/// root shrunk to what it uses, stamped with `recipe`, in a zstd archive (xz's
+/// CPU time would be wasted here). Returns the archive.
+fn capture_stamped(ssm: &SsmEndpoint, golden: &Path, recipe: &Path, d: &Path) -> PathBuf {
+    let name = golden.file_stem().unwrap().to_str().unwrap();
+    let archive = d.join(format!("{name}-captured.img.zst"));
+    let out = ssm
+        .piprov()
+        .args(["capture", "--json", "--stamp"])
+        .arg(recipe)
+        .arg(golden)
+        .arg(&archive)
+        .output()
+        .unwrap();
+    // Exit 1: the audit names the hazards the golden carries (the guard's work).
+    assert!(
+        matches!(out.status.code(), Some(0 | 1)),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary = &serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()["summary"];
+    let after = summary["image_bytes_after"].as_u64().unwrap();
+    assert_eq!(summary["shrunk_partition"], 2, "{summary}");
+    assert!(
+        after < summary["image_bytes_before"].as_u64().unwrap() && after < CARD_BYTES / 2,
+        "{summary}"
+    );
+    eprintln!(
+        "e2e: {} captured: {} MiB shrunk to {} MiB, archive {} MiB",
+        golden.display(),
+        summary["image_bytes_before"].as_u64().unwrap() >> 20,
+        after >> 20,
+        summary["archive_bytes"].as_u64().unwrap() >> 20
+    );
+    archive
+}
+
+/// Flashes `archive` to each card, then gives each its card's size: a file
+/// target ends where the image does, a card goes on.
+fn flash_to_larger_cards(ssm: &SsmEndpoint, archive: &Path, cards: &[&PathBuf]) {
     succeed(
         ssm.piprov()
-            .arg("stamp")
-            .arg(image)
-            .arg("--recipe")
-            .arg(recipe),
+            .arg("flash")
+            .arg(archive)
+            .args(cards)
+            .args(["--yes", "--quiet"]),
     );
+    for card in cards {
+        let file = std::fs::OpenOptions::new().write(true).open(card).unwrap();
+        assert!(file.metadata().unwrap().len() < CARD_BYTES);
+        file.set_len(CARD_BYTES).unwrap();
+    }
+}
+
+/// After its first boot the card's root fills it: the guest's lsblk and df
+/// (the `e2e-grow:` line its last boot printed) and the ext4 superblock on the card.
+fn assert_root_fills_card(card: &Path, d: &Path, name: &str) {
+    let line = (0..3)
+        .rev()
+        .filter_map(|round| std::fs::read(d.join(format!("{name}-{round}.serial.log"))).ok())
+        .find_map(|log| {
+            String::from_utf8_lossy(&log)
+                .lines()
+                .rev()
+                .find_map(|l| l.split_once("e2e-grow: ").map(|(_, rest)| rest.to_string()))
+        })
+        .unwrap_or_else(|| panic!("{name}: no e2e-grow line in its serial logs"));
+    let numbers: Vec<u64> = line
+        .split_whitespace()
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    let [disk, partition, filesystem] = numbers[..] else {
+        panic!("{name}: {line}")
+    };
+    let (start, len) = partition_extent(card, 2);
+    eprintln!(
+        "e2e: {name}: disk {disk} B, root partition {partition} B at {start}, root filesystem (df) {filesystem} B"
+    );
+    assert_eq!(disk, CARD_BYTES, "{name}: {line}");
+    assert_eq!(
+        partition, len,
+        "{name}: the guest and the card's table agree"
+    );
+    assert!(
+        start + partition + (1 << 20) >= CARD_BYTES,
+        "{name}: the root partition ends before the card does: {line}"
+    );
+    // df leaves out the filesystem's own metadata (inode tables, journal).
+    assert!(filesystem > partition / 10 * 9, "{name}: {line}");
+    let block_bytes = ext4_bytes(card, start);
+    // resize2fs may leave off a last sliver too small for a block group's metadata.
+    assert!(
+        block_bytes <= partition && partition - block_bytes < 1 << 20,
+        "{name}: the ext4 holds {block_bytes} B of its {partition} B partition"
+    );
+}
+
+/// An ext4's size from its superblock (1024 bytes into the partition).
+fn ext4_bytes(card: &Path, start: u64) -> u64 {
+    use std::os::unix::fs::FileExt;
+    let mut sb = [0u8; 1024];
+    std::fs::File::open(card)
+        .unwrap()
+        .read_exact_at(&mut sb, start + 1024)
+        .unwrap();
+    let le32 = |at: usize| u64::from(u32::from_le_bytes(sb[at..at + 4].try_into().unwrap()));
+    assert_eq!(&sb[0x38..0x3a], &[0x53, 0xef], "an ext4 superblock");
+    let high = if le32(0x60) & 0x80 != 0 {
+        le32(0x150)
+    } else {
+        0
+    };
+    ((high << 32) | le32(0x4)) << (10 + le32(0x18))
 }
 
 /// The broker recipe every e2e card is stamped with (`extra`: more top-level
@@ -216,17 +327,11 @@ fn cloned_cards_boot_with_distinct_identities() {
 
     let (golden, golden_id, golden_report) = golden_image(d, &ssm, "bookworm");
 
-    // Stamp the golden, flash it to three cards.
+    // Capture the golden stamped, flash it to three cards.
     let recipe = broker_recipe(d, &broker, &token, "", "device_key = true\n");
-    stamp(&ssm, &golden, &recipe);
+    let archive = capture_stamped(&ssm, &golden, &recipe, d);
     let cards: Vec<PathBuf> = (1..=4).map(|i| d.join(format!("card{i}.img"))).collect();
-    succeed(
-        ssm.piprov()
-            .arg("flash")
-            .arg(&golden)
-            .args(&cards[..3])
-            .args(["--yes", "--quiet"]),
-    );
+    flash_to_larger_cards(&ssm, &archive, &cards[..3].iter().collect::<Vec<_>>());
 
     let qemu = Qemu::new(d);
     let boards: Vec<Board> = (1..=4)
@@ -273,6 +378,9 @@ fn cloned_cards_boot_with_distinct_identities() {
         );
     }
 
+    for (i, card) in cards.iter().enumerate() {
+        assert_root_fills_card(card, d, &format!("card{}", i + 1));
+    }
     let reports: Vec<serde_json::Value> = cards.iter().map(|c| inspect_json(c)).collect();
     let field =
         |r: &serde_json::Value, path: &[&str]| path.iter().fold(r.clone(), |v, k| v[*k].clone());
@@ -403,21 +511,14 @@ fn trixie_cards_first_boot_through_cloud_init_and_fail_closed() {
     let (ssm, broker, token) = endpoint_and_broker(d, &[]);
     let (golden, golden_id, _) = golden_image(d, &ssm, "trixie");
     let recipe = broker_recipe(d, &broker, &token, "hook = \"cloud-init\"\n", "");
-    stamp(&ssm, &golden, &recipe);
-    let user_data = String::from_utf8(boot_file(&golden, "user-data")).unwrap();
-    assert!(user_data.contains("#cloud-boothook"), "{user_data}");
+    let archive = capture_stamped(&ssm, &golden, &recipe, d);
     let cards: Vec<PathBuf> = ["a", "copy", "crash"]
         .iter()
         .map(|n| d.join(format!("trixie-{n}.img")))
         .collect();
-    succeed(
-        ssm.piprov()
-            .arg("flash")
-            .arg(&golden)
-            .arg(&cards[0])
-            .arg(&cards[2])
-            .args(["--yes", "--quiet"]),
-    );
+    flash_to_larger_cards(&ssm, &archive, &[&cards[0], &cards[2]]);
+    let user_data = String::from_utf8(boot_file(&cards[0], "user-data")).unwrap();
+    assert!(user_data.contains("#cloud-boothook"), "{user_data}");
     // The third card's guard dies after wiping the identity, as in a crash.
     let failpoint = d.join("e2e-failpoint");
     std::fs::write(&failpoint, "PIPROV_FAILPOINT=wipe_identity\n").unwrap();
@@ -461,6 +562,9 @@ fn trixie_cards_first_boot_through_cloud_init_and_fail_closed() {
         crash.as_secs_f64()
     );
 
+    for (card, name) in cards[..2].iter().zip(["trixie-a", "trixie-copy"]) {
+        assert_root_fills_card(card, d, name);
+    }
     let reports: Vec<serde_json::Value> = cards.iter().map(|c| inspect_json(c)).collect();
     let mut ids = BTreeSet::new();
     for (i, r) in reports[..2].iter().enumerate() {

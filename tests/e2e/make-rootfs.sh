@@ -10,15 +10,17 @@
 #   make-rootfs.sh CACHE_DIR [SUITE]      prints the tarball's path
 #
 # SUITE: bookworm (default; Pi OS Bookworm first-boots through systemd.run) or
-# trixie (with cloud-init, as Pi OS Trixie first-boots through it).
+# trixie (with cloud-init, as Pi OS Trixie first-boots through it). Each has
+# what its Pi OS has to grow a card's root: e2fsprogs, and fdisk (bookworm) or
+# cloud-init's growpart (trixie, cloud-guest-utils).
 set -eu
 cache=$1
 suite=${2:-bookworm}
 arch=arm64
-packages=systemd,systemd-sysv,udev,dbus,sudo,openssh-server,curl,openssl,iproute2,linux-image-$arch
+packages=systemd,systemd-sysv,udev,dbus,sudo,openssh-server,curl,openssl,iproute2,e2fsprogs,linux-image-$arch
 case $suite in
-    bookworm) ;;
-    trixie) packages=$packages,cloud-init ;;
+    bookworm) packages=$packages,fdisk ;;
+    trixie) packages=$packages,cloud-init,cloud-guest-utils ;;
     *) echo "make-rootfs.sh: unknown suite $suite" >&2; exit 2 ;;
 esac
 # The key covers this script too: how the tree is made is part of what it is.

@@ -111,6 +111,15 @@ for _ in $(seq 1 150); do
     [ -e /boot/firmware/piprov-stamp.json ] || break
     sleep 1
 done
+# What the card's disk and root are now, for the test (a captured image grows
+# to fill the card on its first boot): the guest's own lsblk and df.
+part=$(findmnt -no SOURCE /)
+disk=/dev/$(lsblk -ndo PKNAME "$part")
+{
+    lsblk -b -o NAME,SIZE,TYPE,MOUNTPOINTS "$disk"
+    df -B1 /
+    echo "e2e-grow: disk $(lsblk -bdno SIZE "$disk") root-partition $(lsblk -bdno SIZE "$part") root-fs $(df -B1 --output=size / | tail -n 1)"
+} >/dev/console 2>&1 || true
 sync
 systemctl poweroff
 SETTLE
